@@ -1,0 +1,80 @@
+"""The DSPex exception tree.
+
+Every error DSPex raises derives from :class:`DSPexError`. The two branches say
+what the caller should do with it::
+
+    DSPexError
+    ├── ConfigError                  settings cannot be used (bad value, missing file)
+    ├── RetryableError               try again later, back off, break the circuit
+    │   ├── BrokerUnavailable        no broker answered in time
+    │   └── RegistryUnavailable      schema registry 5xx / unreachable
+    └── PermanentError               dead-letter the record, commit, move on
+        ├── SerdeError               a record cannot be encoded or decoded
+        │   ├── SchemaNotFound       unknown fingerprint / schema id / schema name
+        │   └── CorruptRecord        garbage, truncated or mis-framed bytes
+        ├── SchemaError              an .avsc is invalid, or a change breaks compatibility
+        ├── TopicConfigError         a topic exists with a config that differs from the catalog
+        └── LocalBrokerError         the local KRaft broker cannot be resolved, formatted or started
+
+Foreign exceptions (fastavro, struct, confluent-kafka, subprocess) are mapped
+once, where they are caught, with ``raise X(...) from exc``. Messages name the
+thing: topic, partition, offset, schema, field, path.
+"""
+
+from __future__ import annotations
+
+
+class DSPexError(Exception):
+    """Root of every error DSPex raises."""
+
+
+class ConfigError(DSPexError):
+    """Settings that cannot be used: a bad value, an unreadable settings file."""
+
+
+class RetryableError(DSPexError):
+    """A transient failure: the same call may succeed later."""
+
+
+class BrokerUnavailable(RetryableError):
+    """No Kafka broker answered within the timeout."""
+
+
+class RegistryUnavailable(RetryableError):
+    """The schema registry could not be reached or answered with a server error."""
+
+
+class PermanentError(DSPexError):
+    """A failure that retrying cannot fix: dead-letter it and move on."""
+
+
+class SerdeError(PermanentError):
+    """A record could not be encoded or decoded.
+
+    ``topic`` names where the bytes came from or were going (``None`` when unknown).
+    """
+
+    def __init__(self, message: str, *, topic: str | None = None) -> None:
+        self.topic = topic
+        where = f"topic={topic}: " if topic else ""
+        super().__init__(f"{where}{message}")
+
+
+class SchemaNotFound(SerdeError):
+    """The bytes name a schema (fingerprint or registry id) this process does not know."""
+
+
+class CorruptRecord(SerdeError):
+    """The bytes are not a well-framed Avro record of the expected schema."""
+
+
+class SchemaError(PermanentError):
+    """An Avro schema is invalid or a change to it breaks backward compatibility."""
+
+
+class TopicConfigError(PermanentError):
+    """A topic exists with partitions or configs that differ from the catalog."""
+
+
+class LocalBrokerError(PermanentError):
+    """The local KRaft broker could not be resolved, formatted, started or stopped."""

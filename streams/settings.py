@@ -1,0 +1,218 @@
+"""DSPex settings: one frozen model, built once at process start and passed down.
+
+Sources, highest priority first: explicit arguments, ``DSPEX_*`` environment
+variables (nested with ``__``, e.g. ``DSPEX_KAFKA__SECURITY_PROTOCOL``),
+``KAFKA_BOOTSTRAP_SERVERS``, then an optional TOML settings file named by
+``DSPEX_SETTINGS_FILE`` or passed to :func:`load_settings`. Nothing else in
+DSPex reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from streams.errors import ConfigError
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
+def _env_path(var: str) -> Path | None:
+    value = os.environ.get(var)
+    return Path(value) if value else None
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    base = os.environ.get(var)
+    return Path(base) if base else Path.home() / fallback
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """How to reach the cluster. ``bootstrap_servers=None`` means the local broker."""
+
+    bootstrap_servers: str | None = None
+    client_id: str = "dspex"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+
+    def to_librdkafka(self, bootstrap_servers: str | None = None) -> dict[str, str]:
+        """Dotted librdkafka keys for confluent-kafka clients (secrets revealed here only)."""
+        servers = bootstrap_servers or self.bootstrap_servers
+        if not servers:
+            raise ConfigError("no bootstrap servers: set KAFKA_BOOTSTRAP_SERVERS or start a broker")
+        conf = {
+            "bootstrap.servers": servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        optional: dict[str, str | Path | SecretStr | None] = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password,
+        }
+        for key, value in optional.items():
+            if isinstance(value, SecretStr):
+                conf[key] = value.get_secret_value()
+            elif value is not None:
+                conf[key] = str(value)
+        return conf
+
+
+class SchemaRegistrySettings(_Section):
+    """Confluent-compatible schema registry. No URL: Avro single-object encoding."""
+
+    url: str | None = None
+    basic_auth_user_info: SecretStr | None = None
+
+    def to_client_conf(self) -> dict[str, str]:
+        """Configuration for confluent-kafka's ``SchemaRegistryClient``."""
+        if not self.url:
+            raise ConfigError("schema_registry.url is not set")
+        conf = {"url": self.url}
+        if self.basic_auth_user_info is not None:
+            conf["basic.auth.user.info"] = self.basic_auth_user_info.get_secret_value()
+        return conf
+
+
+class TopicSettings(_Section):
+    """Topic naming and sizing; per-topic defaults live in the catalog (streams/topics.py)."""
+
+    prefix: str = "dspex."
+    replication_factor: int = Field(default=1, ge=1)
+    partitions: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("partitions")
+    @classmethod
+    def _positive(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {name: n for name, n in value.items() if n < 1}
+        if bad:
+            raise ValueError(f"partition counts must be >= 1, got {bad}")
+        return value
+
+
+class PoolSettings(_Section):
+    """One worker pool (a consumer group): processes and in-flight requests per process."""
+
+    processes: int = Field(default=1, ge=0)
+    in_flight: int = Field(default=1, ge=1)
+
+
+class GeneralPoolSettings(PoolSettings):
+    """General pool: many concurrent I/O-bound LM calls per process."""
+
+    processes: int = Field(default=2, ge=0)
+    in_flight: int = Field(default=32, ge=1)
+
+
+class PoolsSettings(_Section):
+    """The three worker pools named in the design; a partial override keeps the other defaults."""
+
+    general: GeneralPoolSettings = GeneralPoolSettings()
+    optimizer: PoolSettings = PoolSettings()
+    gpu: PoolSettings = PoolSettings()
+
+
+class LocalBrokerSettings(_Section):
+    """The single-node KRaft broker DSPex runs from Apache Kafka's jars when none is configured."""
+
+    kafka_version: str = "4.1.2"
+    port: int = Field(default=9092, ge=1, le=65535)
+    controller_port: int = Field(default=9093, ge=1, le=65535)
+    heap: str = "512m"
+    cache_dir: Path = Field(default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache") / "dspex")
+    data_dir: Path = Field(
+        default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "dspex" / "broker"
+    )
+    start_timeout_s: float = Field(default=90.0, gt=0)
+    # The JDK convention (mvn honours it too): $JAVA_HOME/bin/java when set, else java on PATH.
+    java_home: Path | None = Field(default_factory=lambda: _env_path("JAVA_HOME"))
+
+
+class Settings(BaseSettings):
+    """Everything a DSPex process needs to know, in one frozen object."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DSPEX_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    pools: PoolsSettings = Field(default_factory=PoolsSettings)
+    local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _KafkaBootstrapEnv(settings_cls),
+            TomlConfigSettingsSource(settings_cls),
+        )
+
+
+class _KafkaBootstrapEnv(PydanticBaseSettingsSource):
+    """Honours the conventional ``KAFKA_BOOTSTRAP_SERVERS`` variable."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        return {"kafka": {"bootstrap_servers": servers}} if servers else {}
+
+
+def load_settings(settings_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the process's settings; errors name the offending field and its source.
+
+    ``settings_file`` (else ``DSPEX_SETTINGS_FILE``) is a TOML file with one table
+    per section (``[kafka]``, ``[topics]``, ...); environment variables override it.
+    """
+    path = settings_file or _env_path("DSPEX_SETTINGS_FILE")
+    cls: type[Settings] = Settings
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"settings file not found: {path}")
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+        cls = type("Settings", (Settings,), {"model_config": config, "__doc__": Settings.__doc__})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc}") from exc

@@ -1,0 +1,171 @@
+"""The topic catalog: every DSPex topic with its partitions, cleanup policy and retention.
+
+Names are relative (``requests``); the configured prefix (default ``dspex.``)
+makes them physical (``dspex.requests``). The catalog is the single place that
+says what a topic is for and how Kafka should keep it; ``streams.admin``
+creates and checks topics from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streams.errors import ConfigError
+from streams.settings import TopicSettings
+
+DAY_MS = 24 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic as the design defines it."""
+
+    name: str
+    schema: str
+    key: str
+    partitions: int
+    cleanup_policy: str
+    retention_ms: int | None = None
+    doc: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def configs(self) -> dict[str, str]:
+        """Topic-level Kafka configs this spec pins (compared against the live topic)."""
+        conf = {"cleanup.policy": self.cleanup_policy, **self.extra}
+        if self.retention_ms is not None:
+            conf["retention.ms"] = str(self.retention_ms)
+        return conf
+
+
+def _delete(name: str, schema: str, key: str, partitions: int, days: int, doc: str) -> TopicSpec:
+    return TopicSpec(name, schema, key, partitions, "delete", days * DAY_MS, doc)
+
+
+def _compact(name: str, schema: str, key: str, partitions: int, doc: str) -> TopicSpec:
+    # Compacted topics are the system of record: keep the latest value per key forever,
+    # and compact promptly so a restarting process replays little.
+    extra = {"min.cleanable.dirty.ratio": "0.1", "segment.ms": str(DAY_MS)}
+    return TopicSpec(name, schema, key, partitions, "compact", None, doc, extra)
+
+
+CATALOG: tuple[TopicSpec, ...] = (
+    _delete(
+        "requests",
+        "Request",
+        "session id, else request id",
+        6,
+        7,
+        "Requests from applications; the router consumes them.",
+    ),
+    _delete(
+        "pool.general",
+        "Request",
+        "same as requests",
+        6,
+        7,
+        "Routed requests for the general worker pool (I/O-bound LM calls).",
+    ),
+    _delete(
+        "pool.optimizer",
+        "Request",
+        "same as requests",
+        3,
+        7,
+        "Routed requests for the optimizer pool (long optimizer jobs).",
+    ),
+    _delete(
+        "pool.gpu",
+        "Request",
+        "same as requests",
+        3,
+        7,
+        "Routed requests for the gpu pool (locally hosted models).",
+    ),
+    _delete(
+        "responses",
+        "Response",
+        "request id",
+        6,
+        1,
+        "Streamed response chunks (seq, final) back to clients.",
+    ),
+    _delete(
+        "executions", "Execution", "request id", 6, 30, "One record per execution: the audit log."
+    ),
+    _compact(
+        "programs",
+        "ProgramVersion",
+        "program id",
+        3,
+        "Program versions (signature, module type, DSPy JSON state).",
+    ),
+    _compact(
+        "variables", "VariableUpdate", "variable name", 3, "Latest value of each shared variable."
+    ),
+    _delete(
+        "telemetry",
+        "Telemetry",
+        "program id",
+        6,
+        7,
+        "Per-execution measurements and worker health.",
+    ),
+    _compact(
+        "routing",
+        "RoutingTable",
+        "program id",
+        3,
+        "Current routing table per program, published by the learning agent.",
+    ),
+    _delete(
+        "metrics",
+        "MetricSnapshot",
+        "metric name",
+        3,
+        7,
+        "Windowed aggregates that dashboards read.",
+    ),
+    _delete(
+        "dlq",
+        "DeadLetter",
+        "original key",
+        3,
+        30,
+        "Dead letters: anything that could not be decoded, validated or executed.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The catalog resolved against settings: prefix and partition overrides applied."""
+
+    settings: TopicSettings
+
+    def __post_init__(self) -> None:
+        known = {s.name for s in CATALOG}
+        unknown = sorted(set(self.settings.partitions) - known)
+        if unknown:
+            raise ConfigError(
+                f"topics.partitions names unknown topics {unknown}; known: {sorted(known)}"
+            )
+
+    def name(self, short: str) -> str:
+        """Physical topic name for a catalog entry, e.g. ``requests`` -> ``dspex.requests``."""
+        self.spec(short)
+        return f"{self.settings.prefix}{short}"
+
+    def spec(self, short: str) -> TopicSpec:
+        """The catalog entry with this settings' partition override applied."""
+        for spec in CATALOG:
+            if spec.name == short:
+                override = self.settings.partitions.get(short)
+                if override is None:
+                    return spec
+                return TopicSpec(**{**spec.__dict__, "partitions": override})
+        known = ", ".join(s.name for s in CATALOG)
+        raise KeyError(f"unknown topic {short!r}; the catalog has: {known}")
+
+    def all(self) -> list[tuple[str, TopicSpec]]:
+        """Every (physical name, spec) pair in catalog order."""
+        return [(self.name(s.name), self.spec(s.name)) for s in CATALOG]

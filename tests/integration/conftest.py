@@ -1,0 +1,63 @@
+"""Integration fixtures: one real broker per session, fresh uuid-named topics per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from streams import kafka
+from streams.admin import TopicReport, ensure_topics
+from streams.settings import Settings, load_settings
+from streams.topics import Topics
+from tests.integration.brokers import any_broker
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[str]:
+    with any_broker(tmp_path_factory.mktemp("kafka")) as (bootstrap, source):
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter:
+            reporter.write_line(f"\nintegration broker: {bootstrap} ({source})")
+        yield bootstrap
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str) -> Settings:
+    """Settings pointing at the session broker with a topic prefix unique to this test."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    return load_settings(kafka={"bootstrap_servers": kafka_bootstrap}, topics={"prefix": prefix})
+
+
+@pytest.fixture
+def admin(settings: Settings) -> AdminClient:
+    return kafka.admin_client(settings)
+
+
+@pytest.fixture
+def create_topics(
+    settings: Settings, admin: AdminClient
+) -> Iterator[Callable[[], list[TopicReport]]]:
+    """Factory: create the catalog's topics under this test's prefix; delete them afterwards."""
+    topics = Topics(settings.topics)
+
+    def create() -> list[TopicReport]:
+        return ensure_topics(admin, topics.all())
+
+    yield create
+    names = [name for name, _ in topics.all()]
+    existing = set(admin.list_topics(timeout=10).topics)
+    doomed = [n for n in names if n in existing]
+    if doomed:
+        for future in admin.delete_topics(doomed, operation_timeout=30).values():
+            future.result()

@@ -1,0 +1,54 @@
+"""The topic catalog: what the design lists, with prefix and overrides applied."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.errors import ConfigError
+from streams.settings import TopicSettings
+from streams.topics import CATALOG, Topics
+
+DESIGN_TOPICS = {
+    "requests",
+    "pool.general",
+    "pool.optimizer",
+    "pool.gpu",
+    "responses",
+    "executions",
+    "programs",
+    "variables",
+    "telemetry",
+    "routing",
+    "metrics",
+    "dlq",
+}
+
+
+def test_catalog_is_the_design_table() -> None:
+    assert {spec.name for spec in CATALOG} == DESIGN_TOPICS
+    compacted = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact"}
+    assert compacted == {"programs", "variables", "routing"}
+
+
+def test_compacted_topics_keep_values_forever_and_delete_topics_expire() -> None:
+    for spec in CATALOG:
+        conf = spec.configs()
+        if spec.cleanup_policy == "compact":
+            assert "retention.ms" not in conf
+        else:
+            assert int(conf["retention.ms"]) > 0
+
+
+def test_prefix_and_partition_override() -> None:
+    topics = Topics(TopicSettings(prefix="acme.", partitions={"requests": 24}))
+    assert topics.name("requests") == "acme.requests"
+    assert topics.spec("requests").partitions == 24
+    assert topics.spec("responses").partitions == 6
+    assert all(name.startswith("acme.") for name, _ in topics.all())
+
+
+def test_unknown_names_are_refused() -> None:
+    with pytest.raises(ConfigError, match="requets"):
+        Topics(TopicSettings(partitions={"requets": 3}))
+    with pytest.raises(KeyError, match="unknown topic"):
+        Topics(TopicSettings()).name("nope")
