@@ -13,6 +13,8 @@ what the caller should do with it::
         │   ├── SchemaNotFound       unknown fingerprint / schema id / schema name
         │   └── CorruptRecord        garbage, truncated or mis-framed bytes
         ├── SchemaError              an .avsc is invalid, or a change breaks compatibility
+        ├── InvalidRequest           a request that must not run (field + reason)
+        ├── ProgramError             a program could not be built or its LM output not parsed
         ├── TopicConfigError         a topic exists with a config that differs from the catalog
         └── LocalBrokerError         the local KRaft broker cannot be resolved, formatted or started
 
@@ -70,6 +72,24 @@ class CorruptRecord(SerdeError):
 
 class SchemaError(PermanentError):
     """An Avro schema is invalid or a change to it breaks backward compatibility."""
+
+
+class InvalidRequest(PermanentError):
+    """A request that must not reach a worker: bad signature, unknown module, bad input...
+
+    ``field`` names the offending request field (``signature``, ``inputs.question``, ...).
+    """
+
+    def __init__(self, field: str, reason: str, *, request_id: str | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.request_id = request_id
+        where = f"request_id={request_id} " if request_id else ""
+        super().__init__(f"{where}field={field}: {reason}")
+
+
+class ProgramError(PermanentError):
+    """A program could not be built from its spec, or its LM output could not be parsed."""
 
 
 class TopicConfigError(PermanentError):

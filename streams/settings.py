@@ -136,6 +136,46 @@ class PoolsSettings(_Section):
     gpu: PoolSettings = PoolSettings()
 
 
+class LMBackend(_Section):
+    """One LM backend a variant can name.
+
+    ``model`` is any LiteLLM model string (``openai/gpt-4o-mini``), or one of DSPex's own:
+    ``dspex/echo`` (a deterministic *simulation* for tests and demos: each output field
+    echoes the inputs) and ``dspex/llama-cpp`` (a local GGUF model, ``model_path``).
+    """
+
+    model: str
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    model_path: Path | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=512, ge=1)
+
+
+def _default_backends() -> dict[str, LMBackend]:
+    return {"echo": LMBackend(model="dspex/echo"), "local": LMBackend(model="dspex/llama-cpp")}
+
+
+class LMSettings(_Section):
+    """LM backends by variant name, and which variant each pool uses by default."""
+
+    backends: dict[str, LMBackend] = Field(default_factory=_default_backends)
+    default_variant: str = "echo"
+    pool_variants: dict[str, str] = Field(default_factory=dict)
+
+    def variant_for_pool(self, pool: str) -> str:
+        """The static default variant for ``pool`` (before any routing table exists)."""
+        return self.pool_variants.get(pool, self.default_variant)
+
+
+class RouterSettings(_Section):
+    """The router agent: validation limits and the result cache."""
+
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    cache_enabled: bool = True
+    default_pool: Literal["general", "optimizer", "gpu"] = "general"
+
+
 class LocalBrokerSettings(_Section):
     """The single-node KRaft broker DSPex runs from Apache Kafka's jars when none is configured."""
 
@@ -166,6 +206,8 @@ class Settings(BaseSettings):
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     pools: PoolsSettings = Field(default_factory=PoolsSettings)
+    lm: LMSettings = Field(default_factory=LMSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
