@@ -6,6 +6,7 @@ guarantees (idempotence, acks=all) and security settings are decided once.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
@@ -14,6 +15,8 @@ from confluent_kafka.admin import AdminClient
 from streams.broker import local_bootstrap
 from streams.errors import BrokerUnavailable, ConfigError
 from streams.settings import Settings
+
+_librdkafka_logger = logging.getLogger("librdkafka")
 
 
 def bootstrap_servers(settings: Settings) -> str:
@@ -32,6 +35,8 @@ def bootstrap_servers(settings: Settings) -> str:
 def client_conf(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """librdkafka configuration for this cluster, with ``overrides`` (dotted keys) on top."""
     conf: dict[str, Any] = settings.kafka.to_librdkafka(bootstrap_servers(settings))
+    # librdkafka's own log lines go through Python logging, so one config governs them all.
+    conf["logger"] = _librdkafka_logger
     conf.update(overrides)
     return conf
 

@@ -1,0 +1,49 @@
+"""The CLI against a real broker: `dspex tail` decodes records and reports bad ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+from schemas.samples import sample
+from streams import kafka
+from streams.admin import TopicReport
+from streams.serde import make_serde
+from streams.settings import Settings
+from streams.topics import Topics
+
+
+def test_tail_prints_decoded_records_and_names_undecodable_ones(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    create_topics()
+    topic = Topics(settings.topics).name("dlq")
+    record = sample("DeadLetter")
+    producer = kafka.producer(settings)
+    producer.produce(
+        topic,
+        key=b"good",
+        value=make_serde(settings).encode("DeadLetter", record, topic=topic),
+        partition=0,
+    )
+    producer.produce(topic, key=b"bad", value=b"not avro", partition=0)
+    assert producer.flush(30) == 0
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+    }
+    cmd = [sys.executable, "-m", "streams", "tail", "dlq", "--from-beginning", "--max", "2"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    good, bad = (json.loads(line) for line in run.stdout.splitlines())
+    assert good["key"] == "good"
+    assert good["schema"] == "DeadLetter"
+    assert good["value"]["error_message"] == record["error_message"]
+    assert bad["key"] == "bad"
+    assert bad["offset"] == 1
+    assert f"topic={topic}" in bad["error"]
+    assert "bad magic" in bad["error"]
