@@ -5,9 +5,12 @@ what the caller should do with it::
 
     DSPexError
     ├── ConfigError                  settings cannot be used (bad value, missing file)
+    ├── RequestFailed                a request's final response was not "ok" (streams.client)
+    ├── ClientClosed                 the client was closed while a request waited (streams.client)
     ├── RetryableError               try again later, back off, break the circuit
     │   ├── BrokerUnavailable        no broker answered in time
-    │   └── RegistryUnavailable      schema registry 5xx / unreachable
+    │   ├── RegistryUnavailable      schema registry 5xx / unreachable
+    │   └── RequestTimeout           no final response by the deadline (streams.client)
     └── PermanentError               dead-letter the record, commit, move on
         ├── SerdeError               a record cannot be encoded or decoded
         │   ├── SchemaNotFound       unknown fingerprint / schema id / schema name

@@ -1,0 +1,112 @@
+"""Program versions for ``publish_program``: the record, and the latest version on the topic.
+
+The programs topic is compacted and keyed by program id, so the latest version
+of a program is found by reading every partition from its start to its current
+end (a compacted topic may have holes in its offsets: positions, not offsets,
+say when a partition is done).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+
+from streams import kafka
+from streams._listener import watermarks
+from streams.errors import BrokerUnavailable, DSPexError
+from streams.serde import Serde
+from streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def program_version_record(
+    program_id: str,
+    signature: str,
+    *,
+    version: int,
+    parent_version: int | None,
+    module_type: str,
+    state_json: str | None,
+    module_config_json: str,
+    tools: Iterable[str],
+    metric: str | None,
+    description: str | None,
+    created_by: str,
+) -> dict[str, Any]:
+    """A ProgramVersion record ready for the serde."""
+    now = datetime.now(UTC)
+    return {
+        "program_id": program_id,
+        "version": version,
+        "signature": signature,
+        "module_type": module_type,
+        "module_config_json": module_config_json,
+        "state_json": state_json or "{}",
+        "tools": list(tools),
+        "metric": metric,
+        "score": None,
+        "description": description or "",
+        "parent_version": parent_version,
+        "created_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+        "created_by": created_by,
+    }
+
+
+def latest_version(
+    settings: Settings, serde: Serde, topic: str, program_id: str, timeout_s: float = 10.0
+) -> int:
+    """The highest version of ``program_id`` on the programs topic; 0 when there is none."""
+    consumer = kafka.consumer(settings, f"dspex-programs-{uuid.uuid4().hex}")
+    try:
+        return _scan(consumer, serde, topic, program_id, timeout_s)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"topic={topic}: cannot read program versions: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def _scan(consumer: Consumer, serde: Serde, topic: str, program_id: str, timeout_s: float) -> int:
+    ends = _non_empty_ends(consumer, topic, timeout_s)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    key = program_id.encode()
+    latest = 0
+    give_up = time.monotonic() + timeout_s
+    while ends:
+        if time.monotonic() > give_up:
+            raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
+        message = consumer.poll(0.2)
+        if message is not None and message.error() is None and message.key() == key:
+            latest = max(latest, _version(serde, topic, message))
+        _drop_finished(consumer, topic, ends)
+    return latest
+
+
+def _non_empty_ends(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, int]:
+    marks = watermarks(consumer, topic, timeout_s)
+    return {partition: high for partition, (low, high) in marks.items() if high > low}
+
+
+def _drop_finished(consumer: Consumer, topic: str, ends: dict[int, int]) -> None:
+    positions = consumer.position([TopicPartition(topic, p) for p in ends])
+    for tp in positions:
+        if tp.offset >= ends[tp.partition]:
+            del ends[tp.partition]
+
+
+def _version(serde: Serde, topic: str, message: Message) -> int:
+    value = message.value()
+    if not value:  # a tombstone
+        return 0
+    try:
+        return int(serde.decode(value, topic=topic, expect="ProgramVersion").record["version"])
+    except DSPexError as exc:
+        where = f"topic={topic} partition={message.partition()} offset={message.offset()}"
+        logger.warning("skipping undecodable program version %s: %s", where, exc)
+        return 0
