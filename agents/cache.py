@@ -1,0 +1,172 @@
+"""The router's result cache: which requests may be answered from it, and under which key.
+
+Only deterministic requests are cached: the cache is enabled, the request
+allows it (``cache`` true) and the effective temperature is exactly 0 — the
+request's ``temperature`` variable, else the variant's, else the variant's
+backend setting (an unknown backend is not deterministic). Modules that sample
+by design (``BestOfN``, ``Refine`` run at temperature 1.0) are never cached.
+
+The key is a SHA-256 over canonical JSON of the resolved program (id, version,
+signature, module, config, state, tools), the inputs, the effective variables
+and the variant (name, model, module type): equal requests hash equally
+whatever the JSON spacing or map order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from agents.routing import Route
+from streams.settings import LMSettings
+
+NONDETERMINISTIC_MODULES = frozenset({"BestOfN", "Refine"})
+
+
+class CacheStore(Protocol):
+    """Where cached outputs live (a faust Table in the router, a dict in tests)."""
+
+    def get(self, key: str, default: None = None) -> str | None: ...
+    def __setitem__(self, key: str, value: str) -> None: ...
+
+
+def effective_variables(route: Route, request: Mapping[str, Any]) -> dict[str, str]:
+    """The variant's variables overridden by the request's own."""
+    return {**route.variables, **(request.get("variables") or {})}
+
+
+def is_cacheable(
+    request: Mapping[str, Any], program: Mapping[str, Any], route: Route, lm: LMSettings
+) -> bool:
+    """True when the request may be answered from, and stored in, the result cache."""
+    if not request.get("cache", True):
+        return False
+    module = route.module_type or program.get("module_type")
+    if module in NONDETERMINISTIC_MODULES:
+        return False
+    return effective_temperature(effective_variables(route, request), route, lm) == 0.0
+
+
+def effective_temperature(
+    variables: Mapping[str, str], route: Route, lm: LMSettings
+) -> float | None:
+    """The sampling temperature the worker will use; ``None`` when it cannot be known."""
+    if "temperature" in variables:
+        return _number(variables["temperature"])
+    backend = lm.backends.get(route.variant)
+    if backend is None or (route.model is not None and route.model != backend.model):
+        return None
+    return backend.temperature
+
+
+def cache_key(
+    program: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    variables: Mapping[str, str],
+    route: Route,
+) -> str:
+    """``sha256:<hex>`` naming one deterministic (program, inputs, variables, variant)."""
+    material = {
+        "program": {
+            "id": program.get("program_id"),
+            "version": program.get("program_version"),
+            "signature": program.get("signature"),
+            "module_type": program.get("module_type"),
+            "module_config": _canonical_value(program.get("module_config_json")),
+            "state": program.get("state_json"),
+            "tools": sorted(program.get("tools") or []),
+        },
+        "inputs": {k: _canonical_value(v) for k, v in inputs.items()},
+        "variables": {k: _canonical_value(v) for k, v in variables.items()},
+        "variant": [route.variant, route.model, route.module_type],
+    }
+    digest = hashlib.sha256(_canonical(material).encode("utf-8")).hexdigest()
+    return f"sha256:{digest}"
+
+
+class PendingRequests:
+    """request_id -> cache key of forwarded cacheable requests, bounded (oldest dropped).
+
+    Losing an entry (restart, overflow) only costs one cache fill, so it stays in memory.
+    """
+
+    def __init__(self, max_size: int = 100_000) -> None:
+        self._max = max_size
+        self._entries: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, request_id: str, key: str) -> None:
+        """Note that ``request_id``'s final ok answer should be stored under ``key``."""
+        self._entries[request_id] = key
+        self._entries.move_to_end(request_id)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def pop(self, request_id: str) -> str | None:
+        """Forget ``request_id``; its cache key if it was remembered."""
+        return self._entries.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def encode_outputs(outputs: Mapping[str, str]) -> str:
+    """A cache value: the final outputs map as canonical JSON."""
+    return _canonical(dict(outputs))
+
+
+def decode_outputs(value: str) -> dict[str, str] | None:
+    """The outputs map stored by :func:`encode_outputs`; ``None`` for a damaged entry."""
+    try:
+        outputs = json.loads(value)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(outputs, dict) or not all(isinstance(v, str) for v in outputs.values()):
+        return None
+    return outputs
+
+
+def cached_response(
+    request_id: str, outputs: Mapping[str, str], program: Mapping[str, Any], now_ms: int
+) -> dict[str, Any]:
+    """The one final ``Response`` chunk the router answers a cache hit with (no pool)."""
+    return {
+        "request_id": request_id,
+        "seq": 0,
+        "final": True,
+        "status": "ok",
+        "delta": "",
+        "outputs": dict(outputs),
+        "error": None,
+        "cached": True,
+        "program_id": program.get("program_id"),
+        "program_version": program.get("program_version"),
+        "pool": None,
+        "produced_at": now_ms,
+    }
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _canonical_value(text: str | None) -> Any:
+    """A JSON-encoded value parsed (so spacing and key order vanish), else tagged raw."""
+    if text is None:
+        return None
+    try:
+        return {"json": json.loads(text)}
+    except ValueError:
+        return {"raw": text}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

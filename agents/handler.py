@@ -1,0 +1,257 @@
+"""One pool message, start to finish: decode, dedupe, check the deadline, run, answer, audit.
+
+:meth:`RequestHandler.handle` turns one consumed message into its records —
+Response chunks, the final Response, the Execution audit record, Telemetry, a
+DeadLetter when something failed — and returns only once the broker has
+acknowledged every one of them, so the caller may then count the offset as done.
+A bad message never raises out of it; only a broker that will not take the
+answers does (:class:`~agents.publisher.DeliveryFailed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from agents import records
+from agents.execution import Executor, Outcome, classify, remaining_seconds
+from agents.offsets import RecentIds
+from agents.publisher import DeliveryFailed, Publisher
+from agents.records import ErrorInfo, Origin, Result
+from streams.errors import SerdeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """Physical topic names the worker writes to."""
+
+    responses: str
+    executions: str
+    telemetry: str
+    dlq: str
+
+
+class _Replies:
+    """The Response chunks of one request, in order, with their delivery futures."""
+
+    def __init__(self, publisher: Publisher, topic: str, request: Mapping[str, Any], pool: str):
+        self._publisher = publisher
+        self.topic = topic
+        self._request = request
+        self._pool = pool
+        self.seq = 0
+        self.pending: list[asyncio.Future[None]] = []
+
+    async def chunk(self, delta: str) -> None:
+        record = records.chunk_response(self._request, self.seq, delta, self._pool)
+        self.seq += 1
+        await self._send("Response", record)
+
+    async def final(self, result: Result) -> None:
+        await self._send(
+            "Response", records.final_response(self._request, result, self.seq, self._pool)
+        )
+
+    async def _send(self, schema: str, record: Mapping[str, Any]) -> None:
+        key = self._request["request_id"]
+        self.pending.append(await self._publisher.send(self.topic, key, schema, record))
+
+
+class RequestHandler:
+    """Answers pool messages through an :class:`Executor`, at most ``in_flight`` running at once."""
+
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        publisher: Publisher,
+        serde: Any,
+        destinations: Destinations,
+        pool: str,
+        worker_id: str,
+        in_flight: int,
+        recent: RecentIds | None = None,
+    ) -> None:
+        self._executor = executor
+        self._publisher = publisher
+        self._serde = serde
+        self._to = destinations
+        self._pool = pool
+        self._worker_id = worker_id
+        self._slots = asyncio.Semaphore(in_flight)
+        self._recent = recent if recent is not None else RecentIds()
+        self._active: dict[str, asyncio.Future[None]] = {}
+        self.delivering = 0
+        """Requests answered and waiting only for the broker's acknowledgements."""
+
+    @property
+    def component(self) -> str:
+        return f"worker.{self._pool}"
+
+    async def handle(self, origin: Origin) -> None:
+        """Process one message; returns once all its records are acknowledged.
+
+        Raises only :class:`DeliveryFailed` (the broker will not take our records);
+        any other surprise is logged and dead-lettered so one message cannot stop a pool.
+        """
+        try:
+            await self._handle(origin)
+        except (DeliveryFailed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            logger.exception("unexpected failure %s", origin.describe())
+            error = ErrorInfo(type(exc).__name__, str(exc) or repr(exc), None, "worker", False)
+            await self._dead_letter(origin, error, None)
+
+    async def _handle(self, origin: Origin) -> None:
+        received_at = records.now()
+        try:
+            decoded = self._serde.decode(origin.value or b"", topic=origin.topic, expect="Request")
+        except SerdeError as exc:
+            logger.warning("undecodable request %s error=%s", origin.describe(), exc)
+            error = ErrorInfo(type(exc).__name__, str(exc), None, "decode", False)
+            await self._dead_letter(origin, error, None)
+            return
+        await self._dedupe_and_answer(origin, decoded.record, received_at)
+
+    async def _dedupe_and_answer(
+        self, origin: Origin, request: dict[str, Any], received_at: datetime
+    ) -> None:
+        request_id: str = request["request_id"]
+        if self._recent.seen(request_id):
+            logger.info("skipping answered request %s request_id=%s", origin.describe(), request_id)
+            return
+        running = self._active.get(request_id)
+        if running is not None:  # the same request twice in a row: answer once
+            await asyncio.shield(running)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._active[request_id] = done
+        try:
+            await self._answer(origin, request, received_at)
+            self._recent.add(request_id)
+        finally:
+            del self._active[request_id]
+            done.set_result(None)
+
+    async def _answer(self, origin: Origin, request: dict[str, Any], received_at: datetime) -> None:
+        replies = _Replies(
+            self._publisher, request.get("reply_topic") or self._to.responses, request, self._pool
+        )
+        async with self._slots:
+            result = await self._run(origin, request, replies, received_at)
+        await replies.final(result)
+        pending = [*replies.pending, *(await self._audit(origin, request, result))]
+        await self._await_delivery(origin, request, replies.topic, pending)
+
+    async def _run(
+        self, origin: Origin, request: dict[str, Any], replies: _Replies, received_at: datetime
+    ) -> Result:
+        started_at = records.now()
+        remaining = remaining_seconds(request, started_at)
+        if remaining is not None and remaining <= 0:
+            error = ErrorInfo("DeadlineExceeded", _expired(request, remaining), None, "queue")
+            return Result("timeout", received_at, started_at, started_at, error=error)
+        on_chunk = replies.chunk if request.get("stream") else None
+        try:
+            outcome = await asyncio.wait_for(self._executor.execute(request, on_chunk), remaining)
+        except Exception as exc:
+            return self._failed(origin, request, exc, received_at, started_at)
+        return _succeeded(outcome, received_at, started_at)
+
+    def _failed(
+        self,
+        origin: Origin,
+        request: Mapping[str, Any],
+        exc: Exception,
+        received_at: datetime,
+        started_at: datetime,
+    ) -> Result:
+        failure = classify(exc)
+        level = logging.WARNING if failure.dead_letter else logging.INFO
+        logger.log(
+            level,
+            "execution failed %s request_id=%s status=%s error=%s: %s",
+            origin.describe(),
+            request["request_id"],
+            failure.status,
+            failure.error.error_class,
+            failure.error.message,
+        )
+        return Result(failure.status, received_at, started_at, records.now(), error=failure.error)
+
+    async def _audit(
+        self, origin: Origin, request: Mapping[str, Any], result: Result
+    ) -> list[asyncio.Future[None]]:
+        """Execution and Telemetry for every answered request, a DeadLetter for errors."""
+        request_id = request["request_id"]
+        execution = records.execution(request, result, worker_id=self._worker_id, pool=self._pool)
+        measured = records.telemetry(request, result, worker_id=self._worker_id, pool=self._pool)
+        telemetry_key = request.get("program_id") or request_id
+        sent = [
+            await self._publisher.send(self._to.executions, request_id, "Execution", execution),
+            await self._publisher.send(self._to.telemetry, telemetry_key, "Telemetry", measured),
+        ]
+        if result.status == "error" and result.error is not None:
+            sent.append(await self._send_dead_letter(origin, result.error, request_id))
+        return sent
+
+    async def _await_delivery(
+        self,
+        origin: Origin,
+        request: Mapping[str, Any],
+        reply_topic: str,
+        pending: list[asyncio.Future[None]],
+    ) -> None:
+        self.delivering += 1
+        try:
+            results = await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            self.delivering -= 1
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if not failures:
+            return
+        first = failures[0]
+        is_reply = isinstance(first, DeliveryFailed) and first.topic == reply_topic
+        if is_reply and reply_topic != self._to.responses and len(failures) == 1:
+            # the client named a topic we cannot write to: its request is bad, not the broker
+            error = ErrorInfo("DeliveryFailed", str(first), "reply_topic", "produce", False)
+            await self._dead_letter(origin, error, request["request_id"])
+            return
+        raise first
+
+    async def _dead_letter(self, origin: Origin, error: ErrorInfo, request_id: str | None) -> None:
+        delivered = await self._send_dead_letter(origin, error, request_id)
+        await delivered
+
+    async def _send_dead_letter(
+        self, origin: Origin, error: ErrorInfo, request_id: str | None
+    ) -> asyncio.Future[None]:
+        record = records.dead_letter(origin, error, component=self.component, request_id=request_id)
+        return await self._publisher.send(self._to.dlq, origin.key, "DeadLetter", record)
+
+
+def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) -> Result:
+    return Result(
+        "ok",
+        received_at,
+        started_at,
+        records.now(),
+        outputs=outcome.outputs,
+        usage=outcome.usage,
+        trace=outcome.trace,
+        program_version=outcome.program_version,
+    )
+
+
+def _expired(request: Mapping[str, Any], remaining: float) -> str:
+    return (
+        f"request_id={request['request_id']}: deadline {request['deadline_at'].isoformat()} "
+        f"passed {-remaining:.3f}s before the request could start"
+    )

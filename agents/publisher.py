@@ -1,0 +1,82 @@
+"""Producing a worker's records and knowing when the broker has them.
+
+:meth:`Publisher.send` encodes and produces one record and returns a future
+that resolves when the broker acknowledges it (the delivery report) or fails
+with :class:`DeliveryFailed`. The worker commits a request's offset only once
+every future of that request has resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from streams.errors import RetryableError
+from streams.serde import Serde
+
+logger = logging.getLogger(__name__)
+
+_FULL_QUEUE_BACKOFF_S = 0.005
+
+
+class DeliveryFailed(RetryableError):
+    """The broker did not acknowledge a record (librdkafka gave up on it)."""
+
+    def __init__(self, topic: str, error: KafkaError) -> None:
+        self.topic = topic
+        self.error = error
+        super().__init__(f"topic={topic}: delivery failed: {error.str()}")
+
+
+class Publisher:
+    """An idempotent producer wrapped for asyncio: produce now, await the acknowledgement."""
+
+    def __init__(self, producer: Producer, serde: Serde, loop: asyncio.AbstractEventLoop) -> None:
+        self._producer = producer
+        self._serde = serde
+        self._loop = loop
+
+    async def send(
+        self, topic: str, key: str | bytes | None, schema: str, record: Mapping[str, Any]
+    ) -> asyncio.Future[None]:
+        """Produce ``record`` as ``schema`` to ``topic``; the future resolves on delivery."""
+        value = self._serde.encode(schema, record, topic=topic)
+        delivered: asyncio.Future[None] = self._loop.create_future()
+        callback = partial(self._on_delivery, delivered, topic)
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=callback)
+                return delivered
+            except BufferError:  # local queue full: let deliveries drain, then try again
+                self._producer.poll(0)
+                await asyncio.sleep(_FULL_QUEUE_BACKOFF_S)
+
+    def poll(self) -> int:
+        """Serve delivery reports (call often, from the event loop)."""
+        served: int = self._producer.poll(0)
+        return served
+
+    async def flush(self, timeout_s: float) -> int:
+        """Wait (in a thread) until every record is delivered; returns how many are left."""
+        left: int = await asyncio.to_thread(self._producer.flush, timeout_s)
+        return left
+
+    def _on_delivery(
+        self, delivered: asyncio.Future[None], topic: str, err: KafkaError | None, _: Message
+    ) -> None:
+        # flush() serves reports from a worker thread: always hand over to the loop's thread
+        self._loop.call_soon_threadsafe(_settle, delivered, topic, err)
+
+
+def _settle(delivered: asyncio.Future[None], topic: str, err: KafkaError | None) -> None:
+    if delivered.done():
+        return
+    if err is None:
+        delivered.set_result(None)
+    else:
+        delivered.set_exception(DeliveryFailed(topic, err))

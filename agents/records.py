@@ -1,0 +1,267 @@
+"""The records a pool worker writes, built as plain dicts shaped by ``schemas/*.avsc``.
+
+Pure functions: a request, what happened to it and a clock reading in, one
+Response / Execution / Telemetry / DeadLetter record out. The worker encodes
+them with the serde and produces them; tests encode them to prove they match
+the contract.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from confluent_kafka import Message
+
+Record = dict[str, Any]
+
+
+def now() -> datetime:
+    """The current UTC time at millisecond precision (what timestamp-millis keeps)."""
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def millis_between(start: datetime, end: datetime) -> float:
+    """Milliseconds from ``start`` to ``end`` (never negative: clocks of two hosts drift)."""
+    return max(0.0, (end - start).total_seconds() * 1000.0)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a request failed, as the ``ErrorInfo`` record carries it."""
+
+    error_class: str
+    message: str
+    field: str | None = None
+    stage: str | None = None
+    retryable: bool = False
+
+    def record(self) -> Record:
+        return {
+            "error_class": self.error_class,
+            "message": self.message,
+            "field": self.field,
+            "stage": self.stage,
+            "retryable": self.retryable,
+        }
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one request: outputs or an error, tokens, trace and timings."""
+
+    status: str  # "ok" | "error" | "timeout"
+    received_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    usage: tuple[int, int, int] = (0, 0, 0)
+    trace: Sequence[Mapping[str, Any]] | None = None
+    program_version: int | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def run_ms(self) -> float:
+        return millis_between(self.started_at, self.finished_at)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a consumed message came from: enough to dead-letter it byte for byte."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes | None]] = ()
+    timestamp_ms: int | None = None
+
+    def describe(self) -> str:
+        return f"topic={self.topic} partition={self.partition} offset={self.offset}"
+
+    @classmethod
+    def from_message(cls, message: Message) -> Origin:
+        """The origin of a consumed confluent-kafka message."""
+        _, timestamp = message.timestamp()
+        return cls(
+            topic=message.topic() or "",
+            partition=_int(message.partition()),
+            offset=_int(message.offset()),
+            key=message.key(),
+            value=message.value(),
+            headers=tuple(_headers(message)),
+            timestamp_ms=timestamp if timestamp > 0 else None,
+        )
+
+
+def _int(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _headers(message: Message) -> Iterator[tuple[str, bytes | None]]:
+    # a consumed message's headers are a list of (key, value) pairs; the stubs allow more
+    pairs = cast("list[tuple[str, str | bytes | None]]", message.headers() or [])
+    for key, value in pairs:
+        yield key, value.encode() if isinstance(value, str) else value
+
+
+def encode_outputs(outputs: Mapping[str, Any]) -> dict[str, str]:
+    """Output values as the contract carries them: JSON text per field."""
+    return {name: json.dumps(value, default=str) for name, value in outputs.items()}
+
+
+def chunk_response(request: Mapping[str, Any], seq: int, delta: str, pool: str) -> Record:
+    """A non-final streamed chunk (status "progress") carrying ``delta`` text."""
+    return {
+        **_response_head(request, pool, None),
+        "seq": seq,
+        "final": False,
+        "status": "progress",
+        "delta": delta,
+        "outputs": None,
+        "error": None,
+    }
+
+
+def final_response(request: Mapping[str, Any], result: Result, seq: int, pool: str) -> Record:
+    """The one final chunk: outputs when ``result`` is ok, else its error."""
+    ok = result.status == "ok"
+    return {
+        **_response_head(request, pool, result.program_version),
+        "seq": seq,
+        "final": True,
+        "status": result.status,
+        "delta": "",
+        "outputs": encode_outputs(result.outputs) if ok else None,
+        "error": None if ok or result.error is None else result.error.record(),
+    }
+
+
+def _response_head(request: Mapping[str, Any], pool: str, version: int | None) -> Record:
+    return {
+        "request_id": request["request_id"],
+        "cached": False,
+        "program_id": request.get("program_id"),
+        "program_version": version if version is not None else request.get("program_version"),
+        "pool": pool,
+        "produced_at": now(),
+    }
+
+
+def execution(
+    request: Mapping[str, Any], result: Result, *, worker_id: str, pool: str, attempt: int = 1
+) -> Record:
+    """The audit record of one attempt to run ``request``."""
+    route = request.get("route")
+    return {
+        "request_id": request["request_id"],
+        "program_id": request.get("program_id"),
+        "program_version": _version(request, result),
+        "signature": request.get("signature") or "",
+        "module_type": _module_type(request),
+        "inputs": dict(request.get("inputs") or {}),
+        "outputs": encode_outputs(result.outputs) if result.status == "ok" else {},
+        "variables": dict(request.get("variables") or {}),
+        "trace_json": None if result.trace is None else json.dumps(list(result.trace), default=str),
+        "route": dict(route) if route else None,
+        "timings": _timings(request, result),
+        "usage": _usage(result.usage),
+        "cost_usd": None,
+        "error": result.error.record() if result.error else None,
+        "worker_id": worker_id,
+        "pool": pool,
+        "attempt": attempt,
+        "metadata": dict(request.get("metadata") or {}),
+    }
+
+
+def _version(request: Mapping[str, Any], result: Result) -> int | None:
+    if result.program_version is not None:
+        return result.program_version
+    version: int | None = request.get("program_version")
+    return version
+
+
+def _module_type(request: Mapping[str, Any]) -> str:
+    route = request.get("route") or {}
+    return str(request.get("module_type") or route.get("module_type") or "Predict")
+
+
+def _timings(request: Mapping[str, Any], result: Result) -> Record:
+    return {
+        "received_at": result.received_at,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "queue_wait_ms": queue_wait_ms(request, result),
+        "run_ms": result.run_ms,
+    }
+
+
+def queue_wait_ms(request: Mapping[str, Any], result: Result) -> float:
+    """Milliseconds from the request's creation to the start of its execution."""
+    created: datetime = request["created_at"]
+    return millis_between(created, result.started_at)
+
+
+def _usage(usage: tuple[int, int, int]) -> Record:
+    prompt, completion, total = usage
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def telemetry(request: Mapping[str, Any], result: Result, *, worker_id: str, pool: str) -> Record:
+    """The "execution" measurement the learning agent learns from."""
+    route = request.get("route") or {}
+    return {
+        "kind": "execution",
+        "request_id": request["request_id"],
+        "program_id": request.get("program_id"),
+        "program_version": _version(request, result),
+        "pool": pool,
+        "variant": route.get("variant"),
+        "worker_id": worker_id,
+        "emitted_at": now(),
+        # the contract defines latency end to end: created_at to the final response
+        "latency_ms": millis_between(request["created_at"], result.finished_at),
+        "queue_wait_ms": queue_wait_ms(request, result),
+        "prompt_tokens": result.usage[0],
+        "completion_tokens": result.usage[1],
+        "cost_usd": None,
+        "success": result.status == "ok",
+        "error_class": result.error.error_class if result.error else None,
+        "cache_hit": False,
+        "quality": None,
+        "health": None,
+    }
+
+
+def dead_letter(
+    origin: Origin,
+    error: ErrorInfo,
+    *,
+    component: str,
+    request_id: str | None = None,
+    attempts: int = 1,
+) -> Record:
+    """A DeadLetter keeping the original message's exact bytes, for inspection and replay."""
+    return {
+        "original_topic": origin.topic,
+        "original_partition": origin.partition,
+        "original_offset": origin.offset,
+        "original_timestamp": origin.timestamp_ms,
+        "original_key": origin.key,
+        "original_value": origin.value,
+        "original_headers": [{"key": k, "value": v} for k, v in origin.headers],
+        "error_class": error.error_class,
+        "error_message": error.message,
+        "stage": error.stage or "execute",
+        "attempts": attempts,
+        "failed_at": now(),
+        "request_id": request_id,
+        "component": component,
+    }

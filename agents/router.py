@@ -1,0 +1,422 @@
+"""The router agent: validates every request, answers from the cache or forwards it to a pool.
+
+:class:`RequestHandler` is the whole decision for one record, free of faust:
+bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
+it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
+requests keep their order into the pool topics), one on ``responses`` that
+fills the changelog-backed ``cache`` table — plus a :class:`CompactedReader`
+that materializes the ``programs`` and ``routing`` topics for every instance.
+
+Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
+(stage ``decode``); a rejected request becomes a DeadLetter *and* one final
+error Response (stage ``validate``, or ``route`` with status ``timeout`` for a
+passed deadline). Start it with ``make_router(settings).run()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from agents.cache import (
+    CacheStore,
+    PendingRequests,
+    cache_key,
+    cached_response,
+    decode_outputs,
+    effective_variables,
+    encode_outputs,
+    is_cacheable,
+)
+from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog, ssl_context
+from agents.deadletter import Failure, Original, dead_letter, error_response
+from agents.routing import (
+    DeadlineExceeded,
+    ProgramResolver,
+    ProgramsResolver,
+    RouteChooser,
+    check_request,
+    reply_topic,
+)
+from streams import kafka
+from streams.errors import ConfigError, CorruptRecord, InvalidRequest, PermanentError, SerdeError
+from streams.serde import Serde, make_serde
+from streams.settings import KafkaSettings, Settings
+from streams.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+COMPONENT = "router"
+READY_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record the router produces: already-encoded value bytes for a topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes | None]] = ()
+
+
+class RequestHandler:
+    """Turns one ``requests`` record into the records to produce; never raises."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        serde: Serde,
+        *,
+        programs: ProgramCatalog,
+        routing: RoutingCatalog,
+        resolver: ProgramResolver,
+        cache: CacheStore,
+        chooser: RouteChooser | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._serde = serde
+        self._topics = Topics(settings.topics)
+        self._own_topics = [name for name, _ in self._topics.all()]
+        self._programs = programs
+        self._routing = routing
+        self._resolver = resolver
+        self._cache = cache
+        self._chooser = chooser or RouteChooser(settings.lm, settings.router.default_pool)
+        self._clock = clock
+        self.pending = PendingRequests()
+
+    def now_ms(self) -> int:
+        """The handler's clock in UTC epoch milliseconds."""
+        return int(self._clock() * 1000)
+
+    def handle_request(self, original: Original) -> list[Outgoing]:
+        """Decode, check, resolve, validate, then answer from the cache or forward."""
+        now = self.now_ms()
+        try:
+            request = self._decode(original, "Request")
+        except SerdeError as exc:
+            logger.warning("undecodable request %s error=%s", original.where(), exc)
+            return [self._dead_letter(original, Failure.from_exception(exc, "decode"), None, now)]
+        try:
+            return self._route(original, request, now)
+        except DeadlineExceeded as exc:
+            return self._reject(
+                original, request, Failure.from_exception(exc, "route", status="timeout"), now
+            )
+        except PermanentError as exc:
+            return self._reject(original, request, Failure.from_exception(exc, "validate"), now)
+        except Exception as exc:  # a bug must not stop the stream: reject and keep going
+            logger.exception(
+                "routing failed %s request_id=%s", original.where(), request.get("request_id")
+            )
+            return self._reject(original, request, Failure.from_exception(exc, "route"), now)
+
+    def handle_response(self, original: Original) -> None:
+        """Store a forwarded cacheable request's final ok outputs in the cache."""
+        try:
+            response = self._decode(original, "Response")
+        except SerdeError as exc:
+            logger.debug("ignoring undecodable response %s error=%s", original.where(), exc)
+            return
+        if not response["final"]:
+            return
+        key = self.pending.pop(response["request_id"])
+        if key is None or response["status"] != "ok" or response["cached"]:
+            return
+        if response["outputs"] is not None:
+            self._cache[key] = encode_outputs(response["outputs"])
+
+    def _decode(self, original: Original, schema: str) -> Record:
+        if original.value is None:
+            raise CorruptRecord(
+                "tombstone (null value) where a record was expected", topic=original.topic
+            )
+        return self._serde.decode(original.value, topic=original.topic, expect=schema).record
+
+    def _route(self, original: Original, request: Record, now: int) -> list[Outgoing]:
+        self._check_size(len(original.value or b""), "request")
+        check_request(request, now, self._own_topics)
+        program_id = request.get("program_id")
+        registered = None
+        if program_id is not None:
+            registered = self._programs.resolve(program_id, request.get("program_version"))
+        program = self._resolver.resolve(request, registered)
+        route = self._chooser.choose(request, self._routing.table_for(program_id))
+        variables = effective_variables(route, request)
+        key = None
+        if self._settings.router.cache_enabled and is_cacheable(
+            request, program, route, self._settings.lm
+        ):
+            key = cache_key(program, request.get("inputs") or {}, variables, route)
+            hit = self._cached(request, program, key, now)
+            if hit is not None:
+                return [hit]
+        forwarded = {**request, **program, "variables": variables, "route": route.record(now, key)}
+        return [self._forward(original, forwarded, route.pool, key)]
+
+    def _forward(
+        self, original: Original, forwarded: Record, pool: str, key: str | None
+    ) -> Outgoing:
+        topic = self._topics.name(f"pool.{pool}")
+        value = self._serde.encode("Request", forwarded, topic=topic)
+        self._check_size(len(value), "state_json")
+        if key is not None:
+            self.pending.remember(forwarded["request_id"], key)
+        return Outgoing(topic, original.key, value, original.headers)
+
+    def _cached(self, request: Record, program: Record, key: str, now: int) -> Outgoing | None:
+        stored = self._cache.get(key)
+        outputs = decode_outputs(stored) if stored is not None else None
+        if outputs is None:
+            return None
+        response = cached_response(request["request_id"], outputs, program, now)
+        return self._response(request, response)
+
+    def _check_size(self, size: int, field: str) -> None:
+        limit = self._settings.router.max_request_bytes
+        if size > limit:
+            raise InvalidRequest(
+                field, f"record is {size} bytes, over router.max_request_bytes={limit}"
+            )
+
+    def _reject(
+        self, original: Original, request: Record, failure: Failure, now: int
+    ) -> list[Outgoing]:
+        request_id = str(request.get("request_id") or "")
+        logger.info(
+            "rejected request %s request_id=%s stage=%s field=%s error=%s",
+            original.where(),
+            request_id,
+            failure.stage,
+            failure.field,
+            failure.message,
+        )
+        program = {
+            "program_id": request.get("program_id"),
+            "program_version": request.get("program_version"),
+        }
+        response = error_response(request_id, failure, produced_at_ms=now, program=program)
+        return [
+            self._response(request, response),
+            self._dead_letter(original, failure, request_id or None, now),
+        ]
+
+    def _response(self, request: Record, response: Record) -> Outgoing:
+        topic = reply_topic(request, self._own_topics) or self._topics.name("responses")
+        value = self._serde.encode("Response", response, topic=topic)
+        return Outgoing(topic, response["request_id"].encode("utf-8"), value)
+
+    def _dead_letter(
+        self, original: Original, failure: Failure, request_id: str | None, now: int
+    ) -> Outgoing:
+        topic = self._topics.name("dlq")
+        record = dead_letter(
+            original, failure, component=COMPONENT, failed_at_ms=now, request_id=request_id
+        )
+        return Outgoing(topic, original.key, self._serde.encode("DeadLetter", record, topic=topic))
+
+
+class RouterApp:
+    """The router as a faust app plus the compacted-topic reader; start/stop or ``run()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        app_id: str,
+        resolver: ProgramResolver,
+        chooser: RouteChooser | None = None,
+    ) -> None:
+        self.settings = settings
+        topics = Topics(settings.topics)
+        serde = make_serde(settings)
+        bootstrap = kafka.bootstrap_servers(settings)
+        self._topics = topics
+        self.app: Any = _faust_app(settings, app_id, bootstrap)
+        self.programs = ProgramCatalog()
+        self.routing = RoutingCatalog()
+        self.reader = CompactedReader(
+            bootstrap,
+            settings.kafka,
+            serde,
+            {
+                topics.name("programs"): ("ProgramVersion", self.programs.apply),
+                topics.name("routing"): ("RoutingTable", self.routing.apply),
+            },
+        )
+        # Written only by the responses agent (concurrency 1); its changelog partition is
+        # the responses partition being processed, so the partition counts must match.
+        self.cache: Any = self.app.Table(
+            "cache", key_type=str, value_type=str, partitions=topics.spec("responses").partitions
+        )
+        self.handler = RequestHandler(
+            settings,
+            serde,
+            programs=self.programs,
+            routing=self.routing,
+            resolver=resolver,
+            cache=self.cache,
+            chooser=chooser,
+        )
+        self._add_agents()
+
+    def _add_agents(self) -> None:
+        requests = self._raw_topic("requests")
+        responses = self._raw_topic("responses")
+        self.app.agent(requests, name="route", concurrency=1)(self._route_agent)
+        self.app.agent(responses, name="fill-cache", concurrency=1)(self._cache_agent)
+
+    def _raw_topic(self, short: str) -> Any:
+        return self.app.topic(
+            self._topics.name(short), key_serializer="raw", value_serializer="raw"
+        )
+
+    async def _route_agent(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                for out in self.handler.handle_request(_original(event.message)):
+                    await self._send(out)
+            except Exception:  # never let one record stop the agent
+                logger.exception("dropping request %s", _original(event.message).where())
+
+    async def _cache_agent(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                self.handler.handle_response(_original(event.message))
+            except Exception:  # the cache is an optimisation: never stop on it
+                logger.exception("cache fill failed %s", _original(event.message).where())
+
+    async def _send(self, out: Outgoing) -> None:
+        headers = list(out.headers) or None
+        # Sent before the event is acked; faust flushes the producer before committing offsets.
+        send = self.app.producer.send(out.topic, out.key, out.value, None, None, headers)
+        try:
+            # A reply topic that does not exist would block on metadata for minutes.
+            await asyncio.wait_for(send, SEND_TIMEOUT_S)
+        except TimeoutError:
+            logger.error("send timed out topic=%s (does the topic exist?)", out.topic)
+
+    async def start(self) -> None:
+        """Check the topics, load programs and routing tables, then start consuming."""
+        partitions = await asyncio.to_thread(self._check_topics)
+        await self.reader.start(partitions)
+        try:
+            await asyncio.wait_for(self.reader.ready.wait(), READY_TIMEOUT_S)
+        except TimeoutError as exc:
+            await self.reader.stop()
+            raise ConfigError(
+                f"router: programs/routing topics not read within {READY_TIMEOUT_S}s"
+            ) from exc
+        await self.app.start()
+
+    async def stop(self) -> None:
+        """Stop consuming (committing what was processed) and stop the reader."""
+        await self.app.stop()
+        await self.reader.stop()
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (the ``python -m agents router`` entry point)."""
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await self.start()
+        try:
+            crashed = asyncio.ensure_future(self.app.wait_until_stopped())
+            await asyncio.wait(
+                [asyncio.ensure_future(stopping.wait()), crashed],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            await self.stop()
+
+    def _check_topics(self) -> dict[str, int]:
+        """Partition counts of the live topics; every catalog topic must exist."""
+        admin = kafka.admin_client(self.settings)
+        live = admin.list_topics(timeout=10).topics
+        missing = [name for name, _ in self._topics.all() if name not in live]
+        if missing:
+            raise ConfigError(
+                f"router: topics missing: {', '.join(missing)}; run `dspex topics create`"
+            )
+        return {name: len(meta.partitions) for name, meta in live.items()}
+
+
+def make_router(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    resolver: ProgramResolver | None = None,
+    chooser: RouteChooser | None = None,
+) -> RouterApp:
+    """The router for ``settings``; ``app_id`` (faust id and consumer group) defaults to
+    ``<prefix>router``; ``resolver`` defaults to ``agents.programs``."""
+    return RouterApp(
+        settings,
+        app_id=app_id or f"{settings.topics.prefix}router",
+        resolver=resolver or ProgramsResolver(),
+        chooser=chooser,
+    )
+
+
+def _faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
+    return faust.App(
+        app_id,
+        broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
+        broker_credentials=_faust_credentials(settings.kafka),
+        broker_client_id=settings.kafka.client_id,
+        store="memory://",
+        web_enabled=False,
+        autodiscover=False,
+        topic_replication_factor=settings.topics.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+    )
+
+
+def _faust_credentials(settings: KafkaSettings) -> Any:
+    protocol = settings.security_protocol
+    context = ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None
+    if protocol.startswith("SASL"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=password,
+            mechanism=settings.sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+
+
+def _original(message: Any) -> Original:
+    timestamp = getattr(message, "timestamp", None)
+    return Original(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(timestamp * 1000) if timestamp is not None else None,
+        key=message.key,
+        value=message.value,
+        headers=_headers(message.headers),
+    )
+
+
+def _headers(headers: Any) -> tuple[tuple[str, bytes | None], ...]:
+    if not headers:
+        return ()
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(k), v) for k, v in items)

@@ -1,0 +1,219 @@
+"""The router agent against a real broker: forwarding, rejection, live programs, the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from agents.router import RouterApp, make_router
+from streams import kafka
+from streams.serde import make_serde
+from streams.settings import Settings
+from streams.topics import Topics
+
+WATCHED = ("pool.general", "pool.gpu", "responses", "dlq")
+
+
+class Collector:
+    """Reads the router's output topics in a thread and keeps every decoded record."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topics = Topics(settings.topics)
+        self.serde = make_serde(settings)
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self._consumer = kafka.consumer(settings, f"collector-{uuid.uuid4().hex}")
+        self._consumer.subscribe([self.topics.name(t) for t in WATCHED])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._consumer.poll(0.1)
+            if message is None or message.error():
+                continue
+            topic, value = str(message.topic()), bytes(message.value() or b"")
+            record = self.serde.decode(value, topic=topic).record
+            short = topic.removeprefix(self.topics.settings.prefix)
+            self.records.append((short, record))
+        self._consumer.close()
+
+    def on(self, topic: str, request_id: str) -> list[dict[str, Any]]:
+        return [r for t, r in self.records if t == topic and r.get("request_id") == request_id]
+
+    async def wait(self, topic: str, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        await until(lambda: bool(self.on(topic, request_id)), timeout_s, f"{request_id} {topic}")
+        return self.on(topic, request_id)[0]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class Client:
+    """Produces encoded records to the test's topics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topics = Topics(settings.topics)
+        self.serde = make_serde(settings)
+        self.producer = kafka.producer(settings)
+
+    def raw(self, short: str, key: bytes | None, value: bytes) -> None:
+        self.producer.produce(self.topics.name(short), key=key, value=value)
+        self.producer.flush(10)
+
+    def send(self, short: str, schema: str, key: str, record: dict[str, Any]) -> None:
+        value = self.serde.encode(schema, record, topic=self.topics.name(short))
+        self.raw(short, key.encode(), value)
+
+    def request(self, **fields: Any) -> dict[str, Any]:
+        record = {
+            "request_id": str(uuid.uuid4()),
+            "created_at": int(time.time() * 1000),
+            "signature": "question -> answer",
+            "inputs": {"question": json.dumps("What is the capital of France?")},
+            **fields,
+        }
+        self.send("requests", "Request", record["request_id"], record)
+        return record
+
+
+@pytest.fixture
+async def router(
+    settings: Settings, create_topics: Callable[[], object]
+) -> AsyncIterator[RouterApp]:
+    create_topics()
+    app_id = f"{settings.topics.prefix}router-{uuid.uuid4().hex[:8]}"
+    app = make_router(settings, app_id=app_id)
+    await app.start()
+    yield app
+    await app.stop()
+    admin = kafka.admin_client(settings)
+    internal = [t for t in admin.list_topics(timeout=10).topics if t.startswith(app_id)]
+    if internal:
+        for future in admin.delete_topics(internal, operation_timeout=30).values():
+            future.result()
+
+
+@pytest.fixture
+def collector(settings: Settings) -> Any:
+    collector = Collector(settings)
+    yield collector
+    collector.close()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Client:
+    return Client(settings)
+
+
+async def test_forwards_valid_and_rejects_invalid_without_stalling(
+    router: RouterApp, collector: Collector, client: Client
+) -> None:
+    valid = client.request()
+    gpu = client.request(pool_hint="gpu")
+    client.raw("requests", b"junk-key", b"\x00\x01 definitely not avro")
+    invalid = client.request(inputs={})
+    after = client.request()
+
+    forwarded = await collector.wait("pool.general", valid["request_id"])
+    assert forwarded["route"]["pool"] == "general" and forwarded["route"]["reason"] == "static"
+    assert forwarded["route"]["variant"] == "echo" and forwarded["route"]["model"] == "dspex/echo"
+    assert (forwarded["signature"], forwarded["module_type"]) == ("question -> answer", "Predict")
+    assert (await collector.wait("pool.gpu", gpu["request_id"]))["route"]["reason"] == "hint"
+
+    await until(
+        lambda: any(t == "dlq" and r["stage"] == "decode" for t, r in collector.records),
+        30,
+        "decode dead letter",
+    )
+    letter = next(r for t, r in collector.records if t == "dlq" and r["stage"] == "decode")
+    assert letter["original_value"] == b"\x00\x01 definitely not avro"
+    assert letter["original_key"] == b"junk-key" and letter["component"] == "router"
+
+    response = await collector.wait("responses", invalid["request_id"])
+    assert response["status"] == "error" and response["error"]["field"] == "inputs.question"
+    assert (await collector.wait("dlq", invalid["request_id"]))["stage"] == "validate"
+    assert not collector.on("pool.general", invalid["request_id"])
+    await collector.wait("pool.general", after["request_id"])
+
+
+async def test_programs_published_mid_run_take_effect(
+    router: RouterApp, collector: Collector, client: Client
+) -> None:
+    unknown = client.request(program_id="support.answer", signature=None)
+    response = await collector.wait("responses", unknown["request_id"])
+    assert response["error"]["field"] == "program_id"
+
+    for version in (1, 2):
+        client.send("programs", "ProgramVersion", "support.answer", program_version(version))
+        await until(_has_version(router, version), 30, f"program version {version}")
+        request = client.request(program_id="support.answer", signature=None)
+        forwarded = await collector.wait("pool.general", request["request_id"])
+        assert forwarded["program_version"] == version
+        assert forwarded["signature"] == "question -> answer"
+        assert forwarded["state_json"] == json.dumps({"version": version})
+
+
+def _has_version(router: RouterApp, version: int) -> Callable[[], bool]:
+    return lambda: _latest(router) == version
+
+
+def _latest(router: RouterApp) -> int | None:
+    try:
+        version: int = router.programs.resolve("support.answer", None)["version"]
+    except Exception:
+        return None
+    return version
+
+
+def program_version(version: int) -> dict[str, Any]:
+    return {
+        "program_id": "support.answer",
+        "version": version,
+        "signature": "question -> answer",
+        "module_type": "Predict",
+        "state_json": json.dumps({"version": version}),
+        "created_at": int(time.time() * 1000),
+    }
+
+
+async def test_final_ok_response_is_cached_and_served_without_a_pool(
+    router: RouterApp, collector: Collector, client: Client
+) -> None:
+    first = client.request()
+    forwarded = await collector.wait("pool.general", first["request_id"])
+    key = forwarded["route"]["cache_key"]
+    assert key
+    worker_answer = {
+        "request_id": first["request_id"],
+        "status": "ok",
+        "outputs": {"answer": json.dumps("Paris")},
+        "pool": "general",
+        "produced_at": int(time.time() * 1000),
+    }
+    client.send("responses", "Response", first["request_id"], worker_answer)
+    await until(lambda: router.cache.get(key) is not None, 30, "cache fill")
+
+    second = client.request()
+    answer = await collector.wait("responses", second["request_id"])
+    assert answer["cached"] is True and answer["outputs"] == {"answer": json.dumps("Paris")}
+    assert answer["pool"] is None and answer["status"] == "ok"
+    uncached = client.request(cache=False)
+    await collector.wait("pool.general", uncached["request_id"])
+    assert not collector.on("pool.general", second["request_id"])

@@ -1,0 +1,386 @@
+"""Router decisions without a broker: routing, cache rules, rejections, the request pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from agents.cache import cache_key, effective_variables, is_cacheable
+from agents.catalog import ProgramCatalog, RoutingCatalog
+from agents.deadletter import Failure, Original, dead_letter, error_response
+from agents.router import RequestHandler
+from agents.routing import (
+    DeadlineExceeded,
+    ProgramsResolver,
+    Route,
+    RouteChooser,
+    check_request,
+)
+from streams.errors import InvalidRequest
+from streams.serde import make_serde
+from streams.settings import LMBackend, LMSettings, Settings
+
+NOW_MS = 1_800_000_000_000
+SETTINGS = Settings(
+    lm=LMSettings(
+        backends={
+            "echo": LMBackend(model="dspex/echo"),
+            "local": LMBackend(model="dspex/llama-cpp"),
+            "hot": LMBackend(model="openai/gpt-4o-mini", temperature=0.7),
+        },
+        pool_variants={"gpu": "local"},
+    )
+)
+SERDE = make_serde(SETTINGS)
+
+
+def request(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "request_id": str(uuid.uuid4()),
+        "created_at": NOW_MS,
+        "signature": "question -> answer",
+        "inputs": {"question": json.dumps("What is 2+2?")},
+    }
+    return {**base, **fields}
+
+
+def table(*variants: dict[str, Any], program_id: str = "p", version: int = 3) -> dict[str, Any]:
+    return {"program_id": program_id, "version": version, "variants": list(variants)}
+
+
+def variant(name: str, weight: float, pool: str = "general", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "weight": weight, "pool": pool, "variables": {}, **extra}
+
+
+def chooser(seed: int = 7) -> RouteChooser:
+    return RouteChooser(SETTINGS.lm, "general", random.Random(seed))
+
+
+# --- routing decisions ---------------------------------------------------------------
+
+
+def test_static_route_uses_default_pool_and_its_variant() -> None:
+    route = chooser().choose(request(), None)
+    assert (route.pool, route.variant, route.reason) == ("general", "echo", "static")
+    assert route.model == "dspex/echo" and route.table_version is None
+
+
+def test_pool_hint_wins_and_takes_that_pools_static_variant() -> None:
+    route = chooser().choose(request(pool_hint="gpu"), None)
+    assert (route.pool, route.variant, route.reason) == ("gpu", "local", "hint")
+    assert route.model == "dspex/llama-cpp"
+
+
+def test_table_samples_variants_by_weight() -> None:
+    routes = table(variant("a", 3.0), variant("b", 1.0, pool="gpu", model="m/b"))
+    pick = chooser()
+    counts = {"a": 0, "b": 0}
+    for _ in range(4000):
+        counts[pick.choose(request(), routes).variant] += 1
+    assert 0.70 < counts["a"] / 4000 < 0.80
+    route = next(r for r in (pick.choose(request(), routes) for _ in range(50)) if r.variant == "b")
+    assert (route.pool, route.model, route.reason, route.table_version) == (
+        "gpu",
+        "m/b",
+        "table",
+        3,
+    )
+
+
+def test_hint_restricts_table_to_variants_of_that_pool() -> None:
+    routes = table(variant("a", 5.0), variant("g", 1.0, pool="gpu"))
+    for _ in range(50):
+        route = chooser().choose(request(pool_hint="gpu"), routes)
+        assert (route.pool, route.variant, route.reason) == ("gpu", "g", "hint")
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [0.0, 0.0],
+        [math.nan, -1.0],
+        [math.inf, -math.inf],
+        [-0.5, 0.0],
+    ],
+)
+def test_unusable_weights_fall_back_to_static_with_one_warning(
+    weights: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = table(*(variant(f"v{i}", w) for i, w in enumerate(weights)))
+    pick = chooser()
+    for _ in range(5):
+        route = pick.choose(request(), routes)
+        assert (route.pool, route.variant, route.reason) == ("general", "echo", "fallback")
+    warnings = [r for r in caplog.records if "routing table unusable" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_bad_variants_are_skipped_but_good_ones_still_route() -> None:
+    routes = table(
+        variant("nan", math.nan),
+        variant("neg", -3.0),
+        variant("nowhere", 1.0, pool="moon"),
+        variant("good", 1e308),
+        variant("good2", 1e308),
+    )
+    for _ in range(20):
+        route = chooser().choose(request(), routes)
+        assert route.variant in {"good", "good2"} and route.reason == "table"
+
+
+def test_catalog_prefers_program_table_then_default() -> None:
+    catalog = RoutingCatalog()
+    catalog.apply("*", table(variant("d", 1.0), program_id="*"))
+    catalog.apply("p", table(variant("own", 1.0)))
+    assert catalog.table_for("p")["variants"][0]["name"] == "own"  # type: ignore[index]
+    assert catalog.table_for("q")["program_id"] == "*"  # type: ignore[index]
+    assert catalog.table_for(None)["program_id"] == "*"  # type: ignore[index]
+    catalog.apply("p", None)
+    assert catalog.table_for("p")["program_id"] == "*"  # type: ignore[index]
+
+
+def test_program_catalog_resolves_latest_or_named_version() -> None:
+    catalog = ProgramCatalog()
+    for version in (1, 2):
+        catalog.apply("p", {"program_id": "p", "version": version, "signature": "a -> b"})
+    assert catalog.resolve("p", None)["version"] == 2
+    assert catalog.resolve("p", 1)["version"] == 1
+    with pytest.raises(InvalidRequest) as info:
+        catalog.resolve("p", 9)
+    assert info.value.field == "program_version"
+    with pytest.raises(InvalidRequest) as info:
+        catalog.resolve("nope", None)
+    assert info.value.field == "program_id"
+
+
+# --- request checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"pool_hint": "tpu"}, "pool_hint"),
+        ({"deadline_at": -5}, "deadline_at"),
+        ({"deadline_at": NOW_MS + 30 * 24 * 3600 * 1000}, "deadline_at"),
+        ({"reply_topic": "dspex.pool.gpu"}, "reply_topic"),
+        ({"reply_topic": "bad topic!"}, "reply_topic"),
+        ({"request_id": ""}, "request_id"),
+    ],
+)
+def test_check_request_names_the_field(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        check_request(request(**fields), NOW_MS, ["dspex.pool.gpu", "dspex.responses"])
+    assert info.value.field == field
+    assert not isinstance(info.value, DeadlineExceeded)
+
+
+def test_passed_deadline_is_a_timeout() -> None:
+    with pytest.raises(DeadlineExceeded):
+        check_request(request(deadline_at=NOW_MS - 1), NOW_MS, [])
+    check_request(request(deadline_at=NOW_MS + 1000, reply_topic="app.replies"), NOW_MS, [])
+
+
+# --- cache rules ---------------------------------------------------------------------
+
+PROGRAM = {"program_id": None, "program_version": None, "signature": "q -> a"}
+ECHO = Route("general", "echo", "static", model="dspex/echo")
+
+
+def test_cache_key_ignores_json_spacing_and_map_order() -> None:
+    one = cache_key(PROGRAM, {"a": '{"x": 1, "y": [1, 2]}', "b": '"s"'}, {"k": "1"}, ECHO)
+    two = cache_key(PROGRAM, {"b": '"s"', "a": '{"y":[1,2],"x":1}'}, {"k": " 1 "}, ECHO)
+    assert one == two and one.startswith("sha256:")
+
+
+def test_cache_key_changes_with_inputs_variables_variant_and_program() -> None:
+    base = cache_key(PROGRAM, {"a": '"x"'}, {}, ECHO)
+    assert base != cache_key(PROGRAM, {"a": '"y"'}, {}, ECHO)
+    assert base != cache_key(PROGRAM, {"a": '"x"'}, {"k": "1"}, ECHO)
+    assert base != cache_key(PROGRAM, {"a": '"x"'}, {}, Route("general", "local", "static"))
+    assert base != cache_key({**PROGRAM, "program_version": 2}, {"a": '"x"'}, {}, ECHO)
+    assert base != cache_key({**PROGRAM, "state_json": "{}"}, {"a": '"x"'}, {}, ECHO)
+
+
+@pytest.mark.parametrize(
+    ("fields", "route", "expected"),
+    [
+        ({}, ECHO, True),
+        ({"cache": False}, ECHO, False),
+        ({"variables": {"temperature": "0.3"}}, ECHO, False),
+        ({"variables": {"temperature": "0"}}, ECHO, True),
+        ({"variables": {"temperature": "warm"}}, ECHO, False),
+        ({}, Route("general", "hot", "table", model="openai/gpt-4o-mini"), False),
+        ({"variables": {"temperature": "0"}}, Route("general", "hot", "table"), True),
+        ({}, Route("general", "unknown-variant", "table"), False),
+        ({}, Route("general", "echo", "table", model="other/model"), False),
+        ({"module_type": "BestOfN"}, ECHO, False),
+    ],
+)
+def test_only_deterministic_requests_are_cacheable(
+    fields: dict[str, Any], route: Route, expected: bool
+) -> None:
+    req = request(**fields)
+    program = {**PROGRAM, "module_type": req.get("module_type") or "Predict"}
+    assert is_cacheable(req, program, route, SETTINGS.lm) is expected
+
+
+def test_request_variables_override_variant_variables() -> None:
+    route = Route("general", "echo", "table", variables={"temperature": "0.9", "k": "1"})
+    assert effective_variables(route, request(variables={"temperature": "0"})) == {
+        "temperature": "0",
+        "k": "1",
+    }
+
+
+# --- rejection records ---------------------------------------------------------------
+
+
+def test_rejection_records_are_valid_avro() -> None:
+    failure = Failure.from_exception(InvalidRequest("inputs.question", "missing input"), "validate")
+    original = Original("dspex.requests", 2, 41, NOW_MS, b"k", b"\x00garbage", (("h", b"v"),))
+    letter = dead_letter(original, failure, component="router", failed_at_ms=NOW_MS, request_id="r")
+    response = error_response("r", failure, produced_at_ms=NOW_MS)
+    back = SERDE.decode(SERDE.encode("DeadLetter", letter, topic="t"), topic="t").record
+    assert back["original_value"] == b"\x00garbage" and back["original_headers"][0]["key"] == "h"
+    assert (back["stage"], back["error_class"], back["component"]) == (
+        "validate",
+        "InvalidRequest",
+        "router",
+    )
+    decoded = SERDE.decode(SERDE.encode("Response", response, topic="t"), topic="t").record
+    assert decoded["error"]["field"] == "inputs.question" and decoded["final"] is True
+    assert (decoded["status"], decoded["seq"], decoded["error"]["retryable"]) == ("error", 0, False)
+
+
+# --- the request pipeline ------------------------------------------------------------
+
+
+class FakeResolver:
+    """Stands in for agents.programs: inline signatures need a ``question`` input."""
+
+    def resolve(self, request: Mapping[str, Any], registered: Mapping[str, Any] | None) -> Any:
+        if "question" not in (request.get("inputs") or {}):
+            raise InvalidRequest("inputs.question", "missing input")
+        base = registered or {}
+        return {
+            "program_id": request.get("program_id"),
+            "program_version": base.get("version"),
+            "signature": request.get("signature") or base.get("signature"),
+            "module_type": request.get("module_type") or base.get("module_type") or "Predict",
+            "module_config_json": "{}",
+            "state_json": base.get("state_json"),
+            "tools": [],
+        }
+
+
+def handler(cache: dict[str, str] | None = None) -> RequestHandler:
+    return RequestHandler(
+        SETTINGS,
+        SERDE,
+        programs=ProgramCatalog(),
+        routing=RoutingCatalog(),
+        resolver=FakeResolver(),
+        cache=cache if cache is not None else {},
+        chooser=chooser(),
+        clock=lambda: NOW_MS / 1000,
+    )
+
+
+def incoming(record: dict[str, Any] | None = None, raw: bytes | None = None) -> Original:
+    value = raw if raw is not None else SERDE.encode("Request", record or {}, topic="t")
+    return Original("dspex.requests", 0, 7, NOW_MS, b"key", value)
+
+
+def decode(value: bytes) -> dict[str, Any]:
+    return SERDE.decode(value, topic="t").record
+
+
+def test_valid_request_is_forwarded_with_route_and_program() -> None:
+    out = handler().handle_request(incoming(request(pool_hint="gpu")))
+    assert [o.topic for o in out] == ["dspex.pool.gpu"] and out[0].key == b"key"
+    forwarded = decode(out[0].value)
+    assert forwarded["route"]["pool"] == "gpu" and forwarded["route"]["reason"] == "hint"
+    assert (forwarded["signature"], forwarded["module_type"]) == ("question -> answer", "Predict")
+
+
+def test_garbage_becomes_a_dead_letter_only() -> None:
+    out = handler().handle_request(incoming(raw=b"\xc3\x01not avro at all"))
+    assert [o.topic for o in out] == ["dspex.dlq"]
+    letter = decode(out[0].value)
+    assert letter["stage"] == "decode" and letter["original_value"] == b"\xc3\x01not avro at all"
+    assert letter["original_offset"] == 7 and letter["request_id"] is None
+
+
+def test_invalid_request_gets_error_response_and_dead_letter() -> None:
+    req = request(inputs={}, reply_topic="app.replies")
+    out = handler().handle_request(incoming(req))
+    assert [o.topic for o in out] == ["app.replies", "dspex.dlq"]
+    response = decode(out[0].value)
+    assert response["error"]["field"] == "inputs.question" and response["status"] == "error"
+    assert out[0].key == req["request_id"].encode()
+    assert decode(out[1].value)["request_id"] == req["request_id"]
+
+
+def test_expired_and_oversized_requests_are_rejected() -> None:
+    out = handler().handle_request(incoming(request(deadline_at=NOW_MS - 1)))
+    response = decode(out[0].value)
+    assert (response["status"], response["error"]["stage"]) == ("timeout", "route")
+    big = request(inputs={"question": json.dumps("x" * 1_100_000)})
+    response = decode(handler().handle_request(incoming(big))[0].value)
+    assert response["error"]["field"] == "request" and response["status"] == "error"
+
+
+def test_final_ok_response_fills_cache_and_next_identical_request_hits() -> None:
+    cache: dict[str, str] = {}
+    router = handler(cache)
+    first = request()
+    forwarded = decode(router.handle_request(incoming(first))[0].value)
+    assert forwarded["route"]["cache_key"] and len(router.pending) == 1
+    answer = {
+        "request_id": first["request_id"],
+        "status": "ok",
+        "outputs": {"answer": '"4"'},
+        "pool": "general",
+        "produced_at": NOW_MS,
+    }
+    response_bytes = SERDE.encode("Response", answer, topic="t")
+    router.handle_response(Original("dspex.responses", 0, 0, value=response_bytes))
+    assert list(cache) == [forwarded["route"]["cache_key"]]
+    out = router.handle_request(incoming(request(inputs=first["inputs"])))
+    assert [o.topic for o in out] == ["dspex.responses"]
+    hit = decode(out[0].value)
+    assert hit["cached"] is True and hit["outputs"] == {"answer": '"4"'} and hit["pool"] is None
+
+
+def test_resolver_crash_is_rejected_not_raised() -> None:
+    class Broken(FakeResolver):
+        def resolve(self, request: Mapping[str, Any], registered: Any) -> Any:
+            raise RuntimeError("boom")
+
+    router = handler()
+    router._resolver = Broken()
+    out = router.handle_request(incoming(request()))
+    assert [o.topic for o in out] == ["dspex.responses", "dspex.dlq"]
+    assert decode(out[0].value)["error"]["error_class"] == "RuntimeError"
+
+
+def test_programs_resolver_uses_agents_programs() -> None:
+    resolver = ProgramsResolver()
+    fields = resolver.resolve(request(), None)
+    assert fields["signature"] == "question -> answer" and fields["module_type"] == "Predict"
+    with pytest.raises(InvalidRequest) as info:
+        resolver.resolve(request(inputs={}), None)
+    assert info.value.field == "inputs.question"
+    registered = {"program_id": "p", "version": 4, "signature": "q -> a", "module_type": "Predict"}
+    embedded = resolver.resolve(request(program_id="p", inputs={"q": '"x"'}), registered)
+    assert (embedded["program_id"], embedded["program_version"], embedded["signature"]) == (
+        "p",
+        4,
+        "q -> a",
+    )

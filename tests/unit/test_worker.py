@@ -1,0 +1,421 @@
+"""The worker's records, failure classes and per-message pipeline, without a broker.
+
+Records are proven valid by encoding them with the real serde; the pipeline
+(``RequestHandler``) runs against a fake producer whose delivery reports the
+test controls, and a fake executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from agents import records
+from agents.execution import Outcome, TokenUsage, backend_overrides, classify, remaining_seconds
+from agents.handler import Destinations, RequestHandler
+from agents.publisher import DeliveryFailed, Publisher
+from agents.records import ErrorInfo, Origin, Result
+from schemas.samples import sample
+from streams.errors import (
+    BrokerUnavailable,
+    CorruptRecord,
+    InvalidRequest,
+    ProgramError,
+)
+from streams.serde import SingleObjectSerde
+
+POOL_TOPIC = "dspex.pool.general"
+TO = Destinations("dspex.responses", "dspex.executions", "dspex.telemetry", "dspex.dlq")
+SERDE = SingleObjectSerde()
+
+
+def _request(**changes: Any) -> dict[str, Any]:
+    request = sample("Request")
+    request.update(
+        program_id=None,
+        signature="question -> answer",
+        stream=False,
+        inputs={"question": json.dumps("What is 2 + 2?")},
+        variables={},
+    )
+    request["route"]["pool"] = "general"
+    request.update(changes)
+    return request
+
+
+def _origin(request: Mapping[str, Any] | None = None, value: bytes | None = None) -> Origin:
+    data = value if value is not None else SERDE.encode("Request", request or {}, topic=POOL_TOPIC)
+    return Origin(POOL_TOPIC, 2, 41, b"key", data, (("trace", b"abc"),), 1_700_000_000_000)
+
+
+def _result(status: str = "ok", error: ErrorInfo | None = None) -> Result:
+    t = records.now()
+    return Result(
+        status,
+        t,
+        t + timedelta(milliseconds=5),
+        t + timedelta(milliseconds=25),
+        outputs={"answer": "4", "confidence": 0.9} if status == "ok" else {},
+        usage=(10, 2, 12),
+        trace=[{"predictor": "predict", "inputs": {}, "outputs": {"answer": "4"}}],
+        program_version=None,
+        error=error,
+    )
+
+
+def _roundtrip(schema: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    decoded = SERDE.decode(SERDE.encode(schema, record, topic="t"), topic="t", expect=schema)
+    return decoded.record
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+def test_final_response_carries_json_outputs() -> None:
+    request = _request()
+    record = _roundtrip("Response", records.final_response(request, _result(), 3, "general"))
+    assert record["request_id"] == request["request_id"]
+    assert (record["seq"], record["final"], record["status"]) == (3, True, "ok")
+    assert record["outputs"] == {"answer": '"4"', "confidence": "0.9"}
+    assert record["error"] is None
+    assert (record["pool"], record["cached"]) == ("general", False)
+
+
+def test_error_response_carries_the_error_and_no_outputs() -> None:
+    error = ErrorInfo("ProgramError", "cannot parse", None, "execute", False)
+    record = _roundtrip(
+        "Response", records.final_response(_request(), _result("error", error), 0, "general")
+    )
+    assert record["status"] == "error"
+    assert record["outputs"] is None
+    assert record["error"] == {
+        "error_class": "ProgramError",
+        "message": "cannot parse",
+        "field": None,
+        "stage": "execute",
+        "retryable": False,
+    }
+
+
+def test_chunk_response_is_a_progress_chunk() -> None:
+    record = _roundtrip("Response", records.chunk_response(_request(), 1, "Par", "general"))
+    assert (record["seq"], record["final"], record["status"], record["delta"]) == (
+        1,
+        False,
+        "progress",
+        "Par",
+    )
+
+
+def test_execution_record_has_timings_usage_and_route() -> None:
+    request = _request(metadata={"tenant": "acme"})
+    result = _result()
+    record = _roundtrip(
+        "Execution", records.execution(request, result, worker_id="w1", pool="general")
+    )
+    assert record["signature"] == "question -> answer"
+    assert record["module_type"] == "ChainOfThought"  # from the route
+    assert record["inputs"] == request["inputs"]
+    assert record["outputs"]["answer"] == '"4"'
+    assert json.loads(record["trace_json"])[0]["predictor"] == "predict"
+    assert record["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
+    assert record["timings"]["run_ms"] == pytest.approx(20.0)
+    assert record["timings"]["queue_wait_ms"] >= 0
+    assert record["route"]["pool"] == "general"
+    assert (record["worker_id"], record["pool"], record["attempt"]) == ("w1", "general", 1)
+    assert record["metadata"] == {"tenant": "acme"}
+
+
+def test_telemetry_record_measures_the_execution() -> None:
+    request = _request()
+    record = _roundtrip(
+        "Telemetry", records.telemetry(request, _result(), worker_id="w1", pool="general")
+    )
+    assert record["kind"] == "execution"
+    assert record["variant"] == request["route"]["variant"]
+    assert record["success"] is True
+    assert record["error_class"] is None
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (10, 2)
+    assert record["latency_ms"] >= record["queue_wait_ms"]
+
+
+def test_telemetry_of_a_failure() -> None:
+    error = ErrorInfo("TimeoutError", "too slow", None, "execute")
+    record = _roundtrip(
+        "Telemetry",
+        records.telemetry(_request(), _result("timeout", error), worker_id="w", pool="general"),
+    )
+    assert record["success"] is False
+    assert record["error_class"] == "TimeoutError"
+
+
+def test_dead_letter_keeps_the_original_bytes() -> None:
+    origin = _origin(value=b"\x00garbage")
+    error = ErrorInfo("CorruptRecord", "bad bytes", None, "decode")
+    record = _roundtrip(
+        "DeadLetter", records.dead_letter(origin, error, component="worker.general")
+    )
+    assert record["original_value"] == b"\x00garbage"
+    assert record["original_key"] == b"key"
+    assert (record["original_partition"], record["original_offset"]) == (2, 41)
+    assert record["original_headers"] == [{"key": "trace", "value": b"abc"}]
+    assert (record["stage"], record["component"]) == ("decode", "worker.general")
+
+
+def test_outputs_are_encoded_as_json_per_field() -> None:
+    assert records.encode_outputs({"a": "x", "b": [1, 2], "c": None}) == {
+        "a": '"x"',
+        "b": "[1, 2]",
+        "c": "null",
+    }
+
+
+# -- classify and helpers -----------------------------------------------------------------
+
+
+def test_classify_timeout_is_a_final_timeout_not_dead_lettered() -> None:
+    failure = classify(TimeoutError())
+    assert failure.status == "timeout"
+    assert not failure.dead_letter
+    assert failure.error.stage == "execute"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [ProgramError("bad output"), InvalidRequest("inputs.question", "missing"), ValueError("boom")],
+)
+def test_classify_permanent_errors(exc: Exception) -> None:
+    failure = classify(exc)
+    assert failure.status == "error"
+    assert failure.dead_letter
+    assert failure.error.retryable is False
+    assert failure.error.error_class == type(exc).__name__
+
+
+def test_classify_names_the_invalid_field() -> None:
+    assert classify(InvalidRequest("inputs.question", "missing")).error.field == "inputs.question"
+
+
+def test_classify_retryable_errors() -> None:
+    assert classify(BrokerUnavailable("down")).error.retryable is True
+
+
+def test_classify_dspy_transient_lm_errors_are_retryable() -> None:
+    from dspy.utils import exceptions
+
+    assert classify(exceptions.LMRateLimitError("slow down")).error.retryable is True
+
+
+def test_remaining_seconds() -> None:
+    request = _request()
+    assert remaining_seconds({**request, "deadline_at": None}) is None
+    assert 0 < (remaining_seconds(request) or 0) <= 30
+    assert (
+        remaining_seconds({**request, "deadline_at": records.now() - timedelta(seconds=1)}) or 0
+    ) < 0
+
+
+def test_backend_overrides_from_variables() -> None:
+    assert backend_overrides({}) == {}
+    assert backend_overrides({"temperature": "0.7", "max_tokens": "64", "x": "1"}) == {
+        "temperature": 0.7,
+        "max_tokens": 64,
+    }
+    with pytest.raises(InvalidRequest, match=r"variables\.temperature"):
+        backend_overrides({"temperature": '"hot"'})
+
+
+# -- the pipeline -------------------------------------------------------------------------
+
+
+class FakeProducer:
+    """Records what is produced; delivery reports arrive on poll(), failing for ``fail_topics``."""
+
+    def __init__(self, fail_topics: tuple[str, ...] = ()) -> None:
+        self.produced: list[tuple[str, Any, bytes]] = []
+        self._reports: list[tuple[Callable[..., None], str]] = []
+        self._fail = fail_topics
+
+    def produce(self, topic: str, value: bytes, key: Any, on_delivery: Callable[..., None]) -> None:
+        self.produced.append((topic, key, value))
+        self._reports.append((on_delivery, topic))
+
+    def poll(self, _: float = 0) -> int:
+        reports, self._reports = self._reports, []
+        for callback, topic in reports:
+            callback(_KafkaError() if topic in self._fail else None, None)
+        return len(reports)
+
+    def flush(self, _: float = 0) -> int:
+        self.poll()
+        return 0
+
+    def records(self, topic: str) -> list[dict[str, Any]]:
+        return [SERDE.decode(v, topic=t).record for t, _, v in self.produced if t == topic]
+
+
+class _KafkaError:
+    def str(self) -> str:
+        return "Broker: Unknown topic or partition"
+
+
+class FakeExecutor:
+    def __init__(
+        self, behave: Callable[[Mapping[str, Any], Any], Awaitable[Outcome]] | None = None
+    ):
+        self.calls = 0
+        self._behave = behave
+
+    async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        self.calls += 1
+        if self._behave is not None:
+            return await self._behave(request, on_chunk)
+        question = json.loads(request["inputs"]["question"])
+        return Outcome({"answer": f"echo: {question}"}, TokenUsage(3, 4, 7), [], None)
+
+
+async def _pipeline(
+    executor: FakeExecutor, producer: FakeProducer, *origins: Origin
+) -> RequestHandler:
+    loop = asyncio.get_running_loop()
+    publisher = Publisher(producer, SERDE, loop)  # type: ignore[arg-type]
+    handler = RequestHandler(
+        executor=executor,
+        publisher=publisher,
+        serde=SERDE,
+        destinations=TO,
+        pool="general",
+        worker_id="w1",
+        in_flight=4,
+    )
+    await _run_handler(handler, publisher, *origins)
+    return handler
+
+
+async def _run_handler(handler: RequestHandler, publisher: Publisher, *origins: Origin) -> None:
+    async def serve() -> None:
+        while True:
+            publisher.poll()
+            await asyncio.sleep(0.001)
+
+    server = asyncio.create_task(serve())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(handler.handle(o) for o in origins)), 5)
+    finally:
+        server.cancel()
+
+
+async def test_a_request_is_answered_audited_and_measured() -> None:
+    request = _request()
+    producer = FakeProducer()
+    await _pipeline(FakeExecutor(), producer, _origin(request))
+    (response,) = producer.records(TO.responses)
+    assert response["status"] == "ok"
+    assert response["outputs"] == {"answer": json.dumps("echo: What is 2 + 2?")}
+    assert len(producer.records(TO.executions)) == 1
+    assert len(producer.records(TO.telemetry)) == 1
+    assert producer.records(TO.dlq) == []
+    keys = {key for _, key, _ in producer.produced}
+    assert keys == {request["request_id"]}  # telemetry keys by program id, else request id
+
+
+async def test_a_reply_topic_replaces_the_responses_topic() -> None:
+    producer = FakeProducer()
+    await _pipeline(FakeExecutor(), producer, _origin(_request(reply_topic="app.replies")))
+    assert len(producer.records("app.replies")) == 1
+    assert producer.records(TO.responses) == []
+
+
+async def test_streaming_produces_ordered_chunks_then_the_final() -> None:
+    async def stream(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        for piece in ("Pa", "ri", "s"):
+            await on_chunk(piece)
+        return Outcome({"answer": "Paris"})
+
+    producer = FakeProducer()
+    await _pipeline(FakeExecutor(stream), producer, _origin(_request(stream=True)))
+    chunks = producer.records(TO.responses)
+    assert [(c["seq"], c["final"], c["delta"]) for c in chunks] == [
+        (0, False, "Pa"),
+        (1, False, "ri"),
+        (2, False, "s"),
+        (3, True, ""),
+    ]
+
+
+async def test_undecodable_bytes_are_dead_lettered() -> None:
+    producer = FakeProducer()
+    await _pipeline(FakeExecutor(), producer, _origin(value=b"\xc3\x01garbage"))
+    (letter,) = producer.records(TO.dlq)
+    assert letter["stage"] == "decode"
+    assert letter["error_class"] == CorruptRecord.__name__
+    assert letter["original_value"] == b"\xc3\x01garbage"
+    assert producer.records(TO.responses) == []
+
+
+async def test_an_expired_deadline_answers_timeout_without_running() -> None:
+    executor = FakeExecutor()
+    producer = FakeProducer()
+    late = _request(deadline_at=records.now() - timedelta(seconds=1))
+    await _pipeline(executor, producer, _origin(late))
+    assert executor.calls == 0
+    (response,) = producer.records(TO.responses)
+    assert response["status"] == "timeout"
+    assert response["error"]["error_class"] == "DeadlineExceeded"
+    assert producer.records(TO.telemetry)[0]["success"] is False
+    assert producer.records(TO.dlq) == []
+
+
+async def test_a_slow_program_times_out_at_the_deadline() -> None:
+    async def slow(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    producer = FakeProducer()
+    soon = _request(deadline_at=records.now() + timedelta(milliseconds=50))
+    await _pipeline(FakeExecutor(slow), producer, _origin(soon))
+    (response,) = producer.records(TO.responses)
+    assert response["status"] == "timeout"
+
+
+async def test_a_failing_program_is_answered_with_an_error_and_dead_lettered() -> None:
+    async def broken(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        raise InvalidRequest("inputs.question", "must not be empty")
+
+    producer = FakeProducer()
+    await _pipeline(FakeExecutor(broken), producer, _origin(_request()))
+    (response,) = producer.records(TO.responses)
+    assert response["status"] == "error"
+    assert response["error"]["field"] == "inputs.question"
+    assert response["error"]["stage"] == "execute"
+    assert producer.records(TO.executions)[0]["error"]["error_class"] == "InvalidRequest"
+    assert producer.records(TO.dlq)[0]["stage"] == "execute"
+
+
+async def test_the_same_request_twice_is_answered_once() -> None:
+    request = _request()
+    executor = FakeExecutor()
+    producer = FakeProducer()
+    handler = await _pipeline(executor, producer, _origin(request), _origin(request))
+    publisher = handler._publisher
+    await _run_handler(handler, publisher, _origin(request))  # a later redelivery too
+    assert executor.calls == 1
+    assert len(producer.records(TO.responses)) == 1
+
+
+async def test_a_broker_that_refuses_our_topics_raises_delivery_failed() -> None:
+    producer = FakeProducer(fail_topics=(TO.executions,))
+    with pytest.raises(DeliveryFailed, match=r"dspex\.executions"):
+        await _pipeline(FakeExecutor(), producer, _origin(_request()))
+
+
+async def test_an_unwritable_reply_topic_is_dead_lettered() -> None:
+    producer = FakeProducer(fail_topics=("app.missing",))
+    await _pipeline(FakeExecutor(), producer, _origin(_request(reply_topic="app.missing")))
+    (letter,) = producer.records(TO.dlq)
+    assert letter["stage"] == "produce"
