@@ -63,29 +63,52 @@ def latest_version(
     settings: Settings, serde: Serde, topic: str, program_id: str, timeout_s: float = 10.0
 ) -> int:
     """The highest version of ``program_id`` on the programs topic; 0 when there is none."""
+    versions = read_versions(settings, serde, topic, timeout_s, program_id=program_id)
+    return max((int(r["version"]) for r in versions.get(program_id, [])), default=0)
+
+
+def read_versions(
+    settings: Settings,
+    serde: Serde,
+    topic: str,
+    timeout_s: float = 10.0,
+    *,
+    program_id: str | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every ProgramVersion still on the topic, per program id, oldest version first.
+
+    Compaction keeps only the latest record per program id, so older versions
+    show up only until the log cleaner has run.
+    """
     consumer = kafka.consumer(settings, f"dspex-programs-{uuid.uuid4().hex}")
     try:
-        return _scan(consumer, serde, topic, program_id, timeout_s)
+        found: dict[str, list[dict[str, Any]]] = {}
+        key = program_id.encode() if program_id is not None else None
+        for record in _scan(consumer, serde, topic, key, timeout_s):
+            found.setdefault(record["program_id"], []).append(record)
     except KafkaException as exc:
         raise BrokerUnavailable(f"topic={topic}: cannot read program versions: {exc}") from exc
     finally:
         consumer.close()
+    return {pid: sorted(rs, key=lambda r: int(r["version"])) for pid, rs in found.items()}
 
 
-def _scan(consumer: Consumer, serde: Serde, topic: str, program_id: str, timeout_s: float) -> int:
+def _scan(
+    consumer: Consumer, serde: Serde, topic: str, key: bytes | None, timeout_s: float
+) -> Iterable[dict[str, Any]]:
     ends = _non_empty_ends(consumer, topic, timeout_s)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    key = program_id.encode()
-    latest = 0
     give_up = time.monotonic() + timeout_s
     while ends:
         if time.monotonic() > give_up:
             raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
         message = consumer.poll(0.2)
-        if message is not None and message.error() is None and message.key() == key:
-            latest = max(latest, _version(serde, topic, message))
+        if message is not None and message.error() is None:
+            if key is None or message.key() == key:
+                record = _decode(serde, topic, message)
+                if record is not None:
+                    yield record
         _drop_finished(consumer, topic, ends)
-    return latest
 
 
 def _non_empty_ends(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, int]:
@@ -100,13 +123,13 @@ def _drop_finished(consumer: Consumer, topic: str, ends: dict[int, int]) -> None
             del ends[tp.partition]
 
 
-def _version(serde: Serde, topic: str, message: Message) -> int:
+def _decode(serde: Serde, topic: str, message: Message) -> dict[str, Any] | None:
     value = message.value()
     if not value:  # a tombstone
-        return 0
+        return None
     try:
-        return int(serde.decode(value, topic=topic, expect="ProgramVersion").record["version"])
+        return serde.decode(value, topic=topic, expect="ProgramVersion").record
     except DSPexError as exc:
         where = f"topic={topic} partition={message.partition()} offset={message.offset()}"
         logger.warning("skipping undecodable program version %s: %s", where, exc)
-        return 0
+        return None

@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -161,7 +169,25 @@ class LMSettings(_Section):
 
     backends: dict[str, LMBackend] = Field(default_factory=_default_backends)
     default_variant: str = "echo"
-    pool_variants: dict[str, str] = Field(default_factory=dict)
+    # The gpu pool hosts the local model; the others default to the echo simulation
+    # until real backends are configured.
+    pool_variants: dict[str, str] = Field(default_factory=lambda: {"gpu": "local"})
+
+    @field_validator("backends")
+    @classmethod
+    def _keep_builtins(cls, value: dict[str, LMBackend]) -> dict[str, LMBackend]:
+        # Configuring one backend must not silently remove the built-in ones.
+        return {**_default_backends(), **value}
+
+    @model_validator(mode="after")
+    def _variants_exist(self) -> LMSettings:
+        named = {"default_variant": self.default_variant} | {
+            f"pool_variants.{pool}": v for pool, v in self.pool_variants.items()
+        }
+        unknown = {where: v for where, v in named.items() if v not in self.backends}
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; backends: {sorted(self.backends)}")
+        return self
 
     def variant_for_pool(self, pool: str) -> str:
         """The static default variant for ``pool`` (before any routing table exists)."""

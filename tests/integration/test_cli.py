@@ -47,3 +47,27 @@ def test_tail_prints_decoded_records_and_names_undecodable_ones(
     assert bad["offset"] == 1
     assert f"topic={topic}" in bad["error"]
     assert "bad magic" in bad["error"]
+
+
+def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    """The README's main job end to end: topics, router, three pools, a streamed answer.
+
+    ``create_topics`` is only here for its teardown: ``dspex up`` creates the topics.
+    """
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+        "DSPEX_POOLS__GENERAL__PROCESSES": "1",
+        "COLUMNS": "200",
+    }
+    cmd = [sys.executable, "-m", "streams", "up", "--once"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "answer: " in run.stdout
+    assert "status=ok pool=gpu" in run.stdout
+    for name in ("router", "general-1", "optimizer-1", "gpu-1"):
+        assert f"{name} stopped (code 0)" in run.stderr
+    print(run.stdout.split("demo", 1)[1])

@@ -90,3 +90,11 @@ def test_security_settings_reach_librdkafka_and_stay_secret() -> None:
 def test_no_bootstrap_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="KAFKA_BOOTSTRAP_SERVERS"):
         load_settings().kafka.to_librdkafka()
+
+
+def test_configured_backends_keep_the_builtin_ones_and_variants_must_exist() -> None:
+    settings = load_settings(lm={"backends": {"gpt": {"model": "openai/gpt-4o-mini"}}})
+    assert set(settings.lm.backends) == {"echo", "local", "gpt"}
+    assert settings.lm.variant_for_pool("gpu") == "local"
+    with pytest.raises(ConfigError, match=r"pool_variants\.general"):
+        load_settings(lm={"pool_variants": {"general": "nope"}})

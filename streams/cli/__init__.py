@@ -1,0 +1,29 @@
+"""The ``dspex`` command line: broker, topics, schemas, requests, programs and ``up``.
+
+Every command builds the settings once (``--settings FILE`` or the environment)
+and turns a DSPex error into one red line and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import schemas
+from streams.cli import (  # noqa: F401 - importing them registers their commands
+    cluster,
+    contract,
+    programs,
+    records,
+    up,
+)
+from streams.cli._app import app, err
+from streams.errors import DSPexError, SchemaError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point: DSPex errors become one clear line and exit code 1."""
+    try:
+        app()
+    except (DSPexError, SchemaError, schemas.SchemaContractError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise SystemExit(1) from None

@@ -1,0 +1,35 @@
+"""The ``dspex`` Typer application, its consoles and the settings every command shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from streams.logs import configure_logging
+from streams.settings import Settings, load_settings
+
+app = typer.Typer(help="DSPex: DSPy programs behind Apache Kafka.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    settings_file: Annotated[
+        Path | None,
+        typer.Option("--settings", help="TOML settings file (else DSPEX_SETTINGS_FILE)."),
+    ] = None,
+) -> None:
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    ctx.obj = settings
+    ctx.meta["settings_file"] = settings_file
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    settings: Settings = ctx.find_root().obj
+    return settings

@@ -1,0 +1,133 @@
+"""``dspex programs put|get|list`` and ``dspex submit``: programs and requests from a terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from streams.cli._app import app, err, out, settings_of
+from streams.client import Client, Program, RequestFailed
+from streams.errors import ConfigError
+from streams.serde import make_serde
+from streams.settings import Settings
+from streams.topics import Topics
+
+programs_app = typer.Typer(help="Program versions on the compacted programs topic.")
+app.add_typer(programs_app, name="programs")
+
+
+@programs_app.command("put")
+def programs_put(
+    ctx: typer.Context,
+    program_id: str,
+    signature: Annotated[str, typer.Argument(help='e.g. "question, context -> answer"')],
+    module_type: Annotated[str, typer.Option("--module")] = "Predict",
+    state: Annotated[Path | None, typer.Option(help="DSPy JSON state file (demos, ...)")] = None,
+    config: Annotated[str, typer.Option(help="Module config JSON, e.g. '{\"N\": 3}'")] = "{}",
+    tool: Annotated[list[str] | None, typer.Option(help="A registered tool (repeat).")] = None,
+    description: str | None = None,
+) -> None:
+    """Publish a new version of a program (the router validates it per request)."""
+    state_json = state.read_text() if state else None
+    with Client(settings_of(ctx)) as client:
+        version = client.publish_program(
+            program_id,
+            signature,
+            module_type=module_type,
+            state_json=state_json,
+            module_config_json=config,
+            tools=tuple(tool or ()),
+            description=description,
+        )
+    out.print(f"[green]published[/] {program_id} v{version}")
+
+
+@programs_app.command("list")
+def programs_list(ctx: typer.Context) -> None:
+    """The latest version of every program."""
+    table = Table("program", "version", "module", "signature", "created")
+    for pid, versions in sorted(_read(settings_of(ctx)).items()):
+        latest = versions[-1]
+        created = latest["created_at"].isoformat(timespec="seconds")
+        table.add_row(
+            pid, str(latest["version"]), latest["module_type"], latest["signature"], created
+        )
+    out.print(table)
+
+
+@programs_app.command("get")
+def programs_get(ctx: typer.Context, program_id: str) -> None:
+    """One program's latest version as JSON."""
+    versions = _read(settings_of(ctx)).get(program_id)
+    if not versions:
+        raise ConfigError(f"no program {program_id!r} on the programs topic")
+    out.print_json(json.dumps(versions[-1], default=str))
+
+
+def _read(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    from streams._programs import read_versions
+
+    topic = Topics(settings.topics).name("programs")
+    return read_versions(settings, make_serde(settings), topic)
+
+
+@app.command("submit")
+def submit(
+    ctx: typer.Context,
+    program: Annotated[str, typer.Argument(help="A registered program id, or a signature.")],
+    inputs: Annotated[list[str], typer.Argument(help="name=value pairs (value: JSON or text)")],
+    module_type: Annotated[str | None, typer.Option("--module")] = None,
+    pool: Annotated[str | None, typer.Option(help="Pool hint: general, optimizer, gpu.")] = None,
+    deadline: Annotated[float, typer.Option(help="Seconds.")] = 60.0,
+    stream: Annotated[bool, typer.Option(help="Print token chunks as they arrive.")] = True,
+    cache: bool = True,
+) -> None:
+    """Send one request and print the answer (streamed by default)."""
+    inline = "->" in program
+    target = Program.inline(program, module_type or "Predict") if inline else program
+    options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
+    with Client(settings_of(ctx)) as client:
+        if stream:
+            _stream(client, target, parse_inputs(inputs), options)
+        else:
+            try:
+                result = client.submit(target, parse_inputs(inputs), **options)
+            except RequestFailed as exc:
+                err.print(f"[red]{exc}[/]")
+                raise typer.Exit(1) from None
+            out.print_json(json.dumps(result.outputs))
+
+
+def _stream(client: Client, target: Program | str, inputs: dict[str, Any], options: Any) -> None:
+    for chunk in client.stream(target, inputs, **options):
+        if chunk.delta:
+            out.print(chunk.delta, end="", highlight=False)
+        if chunk.final:
+            out.print()
+            if chunk.status != "ok":
+                error = chunk.error or {}
+                err.print(
+                    f"[red]{chunk.status}[/] request_id={chunk.request_id} "
+                    f"field={error.get('field')} stage={error.get('stage')}: {error.get('message')}"
+                )
+                raise typer.Exit(1)
+            err.print(f"[dim]pool={chunk.pool} cached={chunk.cached}[/]")
+            out.print_json(json.dumps(chunk.outputs))
+
+
+def parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs; a value that parses as JSON is used as such, else as text."""
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"input {pair!r} is not name=value")
+        try:
+            inputs[name] = json.loads(value)
+        except json.JSONDecodeError:
+            inputs[name] = value
+    return inputs

@@ -1,0 +1,120 @@
+"""``dspex up`` (start and supervise everything) and ``dspex settings``."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from streams import kafka
+from streams.broker import LocalBroker
+from streams.cli._app import app, err, out, settings_of
+from streams.cli.cluster import create_topics, ensure_cluster, topics_table
+from streams.client import Client, Program
+from streams.errors import DSPexError
+from streams.settings import Settings
+from streams.supervisor import Supervisor
+
+POOLS = ("general", "optimizer", "gpu")
+DEMO_QUESTION = "What is the capital of France?"
+
+
+@app.command("settings")
+def show_settings(ctx: typer.Context) -> None:
+    """Print the effective settings (secrets masked)."""
+    out.print_json(settings_of(ctx).model_dump_json())
+
+
+@app.command("up")
+def up(
+    ctx: typer.Context,
+    agents: Annotated[bool, typer.Option(help="Start the router and the pools.")] = True,
+    demo: Annotated[bool, typer.Option(help="Stream one request through the gpu pool.")] = True,
+    once: Annotated[bool, typer.Option(help="Stop everything after the demo.")] = False,
+) -> None:
+    """Start everything: broker (unless a cluster is configured), topics, router, pools."""
+    settings = settings_of(ctx)
+    started = ensure_cluster(settings)
+    out.print(topics_table(create_topics(settings)))
+    out.print(f"[green bold]DSPex is up[/] on {kafka.bootstrap_servers(settings)}")
+    stop = _stop_on_signals()
+    if agents:
+        failed = _run_agents(settings, ctx.meta.get("settings_file"), stop, demo, once)
+    else:
+        out.print("no agents started (--no-agents); Ctrl-C stops.")
+        stop.wait()
+        failed = False
+    if started is not None:
+        LocalBroker(settings.local_broker).stop()
+        out.print("local broker stopped")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _run_agents(
+    settings: Settings, settings_file: Path | None, stop: threading.Event, demo: bool, once: bool
+) -> bool:
+    supervisor = Supervisor(
+        agent_commands(settings, settings_file), on_event=lambda line: err.print(f"[dim]{line}[/]")
+    )
+    runner = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor")
+    runner.start()
+    failed = False
+    try:
+        if demo:
+            failed = not run_demo(settings)
+        if once:
+            stop.set()
+        else:
+            out.print("Ctrl-C (or SIGTERM) drains in-flight work and stops everything.")
+    finally:
+        while runner.is_alive():
+            runner.join(0.5)
+    return failed
+
+
+def agent_commands(settings: Settings, settings_file: Path | None) -> dict[str, list[str]]:
+    """One command line per agent process: the router, then each pool's workers."""
+    extra = ["--settings", str(settings_file)] if settings_file else []
+    base = [sys.executable, "-m", "agents"]
+    commands = {"router": [*base, "router", *extra]}
+    for pool in POOLS:
+        for n in range(getattr(settings.pools, pool).processes):
+            commands[f"{pool}-{n + 1}"] = [*base, "worker", "--pool", pool, *extra]
+    return commands
+
+
+def run_demo(settings: Settings) -> bool:
+    """Stream one question through router and gpu pool (the local model); True when answered."""
+    out.print(f"\n[bold]demo[/] gpu pool, local model, streamed: {DEMO_QUESTION}")
+    try:
+        with Client(settings) as client:
+            program = Program.inline("question -> answer")
+            chunks = client.stream(
+                program, {"question": DEMO_QUESTION}, pool_hint="gpu", deadline_s=180, cache=False
+            )
+            for chunk in chunks:
+                if chunk.seq == 0:
+                    out.print("[bold]answer:[/] ", end="")
+                out.print(chunk.delta, end="", highlight=False)
+                if chunk.final:
+                    out.print(f"\n[dim]status={chunk.status} pool={chunk.pool}[/]")
+                    return chunk.status == "ok"
+    except DSPexError as exc:
+        err.print(f"\n[red]demo failed:[/] {exc}")
+    return False
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def _handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    return stop
