@@ -10,6 +10,7 @@ import schemas
 from streams.cli import (  # noqa: F401 - importing them registers their commands
     cluster,
     contract,
+    dlq,
     programs,
     records,
     up,

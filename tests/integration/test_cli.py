@@ -71,3 +71,70 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     for name in ("router", "general-1", "optimizer-1", "gpu-1"):
         assert f"{name} stopped (code 0)" in run.stderr
     print(run.stdout.split("demo", 1)[1])
+
+
+def test_dlq_list_and_replay_resubmit_the_original_bytes(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    create_topics()
+    topics = Topics(settings.topics)
+    serde = make_serde(settings)
+    request = sample("Request")
+    original = serde.encode("Request", request, topic=topics.name("requests"))
+    letters = [
+        {
+            **sample("DeadLetter"),
+            "original_topic": topics.name("requests"),
+            "original_key": b"k1",
+            "original_value": original,
+            "stage": "validate",
+            "request_id": request["request_id"],
+            "original_headers": [
+                {"key": "dspex-request-id", "value": request["request_id"].encode()}
+            ],
+        },
+        {**sample("DeadLetter"), "stage": "decode", "request_id": None},
+    ]
+    producer = kafka.producer(settings)
+    for letter in letters:
+        producer.produce(
+            topics.name("dlq"),
+            value=serde.encode("DeadLetter", letter, topic=topics.name("dlq")),
+            partition=0,
+        )
+    assert producer.flush(30) == 0
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+        "COLUMNS": "250",
+    }
+    base = [sys.executable, "-m", "streams", "dlq"]
+    listing = subprocess.run([*base, "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    assert request["request_id"] in listing.stdout
+    assert listing.stdout.count("dlq[0]@") == 2
+    replay = subprocess.run(
+        [*base, "replay", "--stage", "validate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "1 record(s) replayed" in replay.stdout
+
+    consumer = kafka.consumer(settings, f"t-{request['request_id']}")
+    consumer.subscribe([topics.name("requests")])
+    msg = None
+    for _ in range(60):
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            break
+    consumer.close()
+    assert msg is not None
+    assert msg.key() == b"k1"
+    assert msg.value() == original
+    headers = dict(msg.headers() or [])
+    assert headers["dspex-replay-of"] == b"dlq[0]@0"
+    assert headers["dspex-request-id"] == request["request_id"].encode()

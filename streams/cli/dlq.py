@@ -1,0 +1,167 @@
+"""``dspex dlq list|replay``: look into the dead-letter topic and re-submit what was fixed.
+
+Replay re-produces a dead letter's *original bytes* (key, value and headers, with a
+``dspex-replay-of`` header naming the dead letter) to its original topic, so the
+record goes through validation again exactly as first sent. It never edits a record.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from rich.table import Table
+
+from streams import kafka
+from streams.cli._app import app, err, out, settings_of
+from streams.errors import DSPexError
+from streams.serde import make_serde
+from streams.settings import Settings
+from streams.topics import Topics
+
+dlq_app = typer.Typer(help="The dead-letter topic: list and replay.")
+app.add_typer(dlq_app, name="dlq")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which dead letters a command applies to (all given conditions must hold)."""
+
+    stage: str | None = None
+    error_class: str | None = None
+    request_id: str | None = None
+    component: str | None = None
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        wanted = {
+            "stage": self.stage,
+            "error_class": self.error_class,
+            "request_id": self.request_id,
+            "component": self.component,
+        }
+        return all(v is None or record.get(k) == v for k, v in wanted.items())
+
+
+StageOpt = Annotated[str | None, typer.Option(help="decode, validate, route, execute, ...")]
+ClassOpt = Annotated[str | None, typer.Option("--error-class")]
+RequestOpt = Annotated[str | None, typer.Option("--request-id")]
+ComponentOpt = Annotated[str | None, typer.Option(help="router, worker, ...")]
+
+
+@dlq_app.command("list")
+def dlq_list(
+    ctx: typer.Context,
+    stage: StageOpt = None,
+    error_class: ClassOpt = None,
+    request_id: RequestOpt = None,
+    component: ComponentOpt = None,
+) -> None:
+    """Dead letters still on the topic, oldest first, with where they came from and why."""
+    table = Table("dlq offset", "failed", "stage", "error", "request id", "origin")
+    wanted = Filter(stage, error_class, request_id, component)
+    for where, record in read_dead_letters(settings_of(ctx), wanted):
+        origin = (
+            f"{record['original_topic']}[{record['original_partition']}]"
+            f"@{record['original_offset']}"
+        )
+        table.add_row(
+            where,
+            record["failed_at"].isoformat(timespec="seconds"),
+            record["stage"],
+            f"{record['error_class']}: {record['error_message']}",
+            record.get("request_id") or "-",
+            origin,
+        )
+    out.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ctx: typer.Context,
+    stage: StageOpt = None,
+    error_class: ClassOpt = None,
+    request_id: RequestOpt = None,
+    component: ComponentOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="Show what would be replayed.")] = False,
+) -> None:
+    """Re-produce the original bytes of the selected dead letters to their original topics."""
+    settings = settings_of(ctx)
+    wanted = Filter(stage, error_class, request_id, component)
+    if wanted == Filter():
+        raise typer.BadParameter("select what to replay (--stage, --error-class, --request-id...)")
+    producer = kafka.producer(settings)
+    replayed = 0
+    for where, record in read_dead_letters(settings, wanted):
+        if record.get("original_value") is None:
+            err.print(f"[yellow]skip {where}: no original value (a tombstone)[/]")
+            continue
+        out.print(
+            f"{'would replay' if dry_run else 'replay'} {where} -> {record['original_topic']}"
+        )
+        if not dry_run:
+            headers = [(h["key"], h["value"]) for h in record.get("original_headers") or []]
+            headers.append(("dspex-replay-of", where.encode()))
+            producer.produce(
+                record["original_topic"],
+                key=record.get("original_key"),
+                value=record["original_value"],
+                headers=headers,
+            )
+            replayed += 1
+    if producer.flush(30) != 0:
+        raise DSPexError("some replayed records were not acknowledged within 30 s")
+    out.print(f"{replayed} record(s) replayed" if not dry_run else "dry run: nothing produced")
+
+
+def read_dead_letters(
+    settings: Settings, wanted: Filter, timeout_s: float = 10.0
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``dlq[partition]@offset``, record) for matching dead letters, read to the current end."""
+    topic = Topics(settings.topics).name("dlq")
+    serde = make_serde(settings)
+    consumer = kafka.consumer(settings, f"dspex-dlq-{uuid.uuid4().hex}")
+    try:
+        ends = _ends(consumer, topic, timeout_s)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        give_up = time.monotonic() + timeout_s
+        while ends and time.monotonic() < give_up:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+            where = f"dlq[{partition}]@{offset}"
+            record = _decode(serde, topic, msg.value() or b"", where)
+            if record is not None and wanted.matches(record):
+                yield where, record
+            if offset + 1 >= ends[partition]:
+                del ends[partition]
+        if ends:
+            err.print(f"[yellow]{topic}: partitions {sorted(ends)} not read to the end[/]")
+    finally:
+        consumer.close()
+
+
+def _decode(serde: Any, topic: str, value: bytes, where: str) -> dict[str, Any] | None:
+    try:
+        record: dict[str, Any] = serde.decode(value, topic=topic, expect="DeadLetter").record
+    except DSPexError as exc:
+        err.print(f"[yellow]skip {where}: {exc}[/]")
+        return None
+    return record
+
+
+def _ends(consumer: Any, topic: str, timeout_s: float) -> dict[int, int]:
+    metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+    ends = {}
+    for partition in metadata.partitions:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=timeout_s
+        )
+        if high > low:
+            ends[partition] = high
+    return ends
