@@ -1,0 +1,273 @@
+"""The whole DSPex request path for an end-to-end test, as real processes.
+
+:class:`Stack` starts ``python -m agents router`` and one ``python -m agents worker
+--pool P`` per pool as subprocesses — exactly what ``dspex up`` supervises — with
+the test's settings passed through the environment, waits until each has joined
+its consumer group, and stops them with SIGTERM (SIGKILL after a timeout) however
+the test ends. :class:`Tail` reads topics from their current end with a consumer
+of its own, so a test can count what was really produced.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from streams import kafka
+from streams.serde import make_serde
+from streams.settings import Settings, load_settings
+from streams.topics import Topics
+
+POOLS = ("general", "optimizer", "gpu")
+REPO = Path(__file__).resolve().parents[2]
+
+_live: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:  # a backstop: the fixture's teardown normally stops them all
+    for process in list(_live):
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def agent_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``python -m agents`` build exactly ``settings``.
+
+    The test process's own environment is inherited (it built ``settings`` too); the
+    result is checked by loading settings from it, so a setting the test changed but
+    this function does not carry is an error here rather than a puzzle later.
+    """
+    env = dict(os.environ)
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+            "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+            "DSPEX_LM__POOL_VARIANTS": json.dumps(settings.lm.pool_variants),
+            "DSPEX_ROUTER__MAX_REQUEST_BYTES": str(settings.router.max_request_bytes),
+            "DSPEX_ROUTER__CACHE_ENABLED": json.dumps(settings.router.cache_enabled),
+            "DSPEX_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    with mock.patch.dict(os.environ, env, clear=True):
+        seen = load_settings().model_copy(update={"log_level": settings.log_level})
+    if seen.model_dump() != settings.model_dump():
+        raise AssertionError(f"agent_env does not carry every setting of {settings!r}")
+    return env
+
+
+class Stack:
+    """The router and one worker per pool in ``pools``, as subprocesses."""
+
+    def __init__(self, settings: Settings, pools: Sequence[str], log_dir: Path) -> None:
+        self.settings = settings
+        self.pools = tuple(pools)
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.exit_codes: dict[str, int] = {}
+        self.killed: list[str] = []
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """Consumer group per process name (the router's is its faust app id)."""
+        prefix = self.settings.topics.prefix
+        return {"router": f"{prefix}router"} | {p: f"{prefix}pool.{p}" for p in self.pools}
+
+    def start(self, ready_timeout_s: float = 90.0) -> None:
+        """Start every process, then wait until each one's consumer group is stable."""
+        env = agent_env(self.settings)
+        base = [sys.executable, "-m", "agents"]
+        commands = {"router": [*base, "router"]}
+        commands |= {pool: [*base, "worker", "--pool", pool] for pool in self.pools}
+        for name, argv in commands.items():
+            log = (self.log_dir / f"{name}.log").open("wb")
+            try:
+                process = subprocess.Popen(
+                    argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                )
+            finally:
+                log.close()
+            _live.add(process)
+            self.processes[name] = process
+        self._wait_ready(ready_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        admin = kafka.admin_client(self.settings)
+        waiting = dict(self.groups)
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"not ready after {timeout_s}s: {sorted(waiting)}\n{self.log_tails()}"
+                )
+            futures = admin.describe_consumer_groups(list(waiting.values()), request_timeout=5)
+            for name, group in list(waiting.items()):
+                if _stable_and_assigned(futures[group]):
+                    del waiting[name]
+            time.sleep(0.3)
+
+    def check_alive(self) -> None:
+        """Fail (with the logs) when a process exited while it should be serving."""
+        dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+        if dead:
+            raise AssertionError(f"agent process(es) exited: {dead}\n{self.log_tails()}")
+
+    def stop(self, timeout_s: float = 45.0) -> None:
+        """SIGTERM every process (they drain and commit), SIGKILL any that outlive the timeout."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name, process in self.processes.items():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.killed.append(name)
+                process.kill()
+                process.wait(10)
+            self.exit_codes[name] = process.returncode
+            _live.discard(process)
+
+    def log_tails(self, lines: int = 30) -> str:
+        """The last lines of every process's log, for failure messages."""
+        parts = []
+        for name in self.processes:
+            path = self.log_dir / f"{name}.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            tail = "\n".join(text.splitlines()[-lines:])
+            parts.append(f"--- {name} ({path}) ---\n{tail}")
+        return "\n".join(parts)
+
+    def log_text(self, name: str) -> str:
+        """One process's whole log."""
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+def _stable_and_assigned(described: Future[Any]) -> bool:
+    """Whether a described consumer group is stable with partitions assigned."""
+    try:
+        description = described.result()
+    except KafkaException:  # not known to the group coordinator yet
+        return False
+    assigned = [m for m in description.members if m.assignment.topic_partitions]
+    return bool(description.state.name == "STABLE" and assigned)
+
+
+class Tail:
+    """Reads topics from their end as of construction, decoding every record, in a thread.
+
+    ``records[short]`` holds ``(key, record)`` pairs per short topic name; a record the
+    serde cannot decode is kept as ``None`` (and counted in ``undecodable``).
+    """
+
+    def __init__(self, settings: Settings, shorts: Iterable[str]) -> None:
+        topics = Topics(settings.topics)
+        self._names = {topics.name(s): s for s in shorts}
+        self._serde = make_serde(settings)
+        self.records: dict[str, list[tuple[bytes | None, dict[str, Any] | None]]] = {
+            s: [] for s in self._names.values()
+        }
+        self._lock = threading.Lock()
+        self._consumer = kafka.consumer(settings, f"e2e-tail-{uuid.uuid4().hex}")
+        self._consumer.assign(_ends(self._consumer, self._names))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="e2e-tail", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(500, 0.1):
+                if message.error() is not None:
+                    continue
+                topic = str(message.topic())
+                try:
+                    record: dict[str, Any] | None = self._serde.decode(
+                        message.value() or b"", topic=topic
+                    ).record
+                except Exception:
+                    record = None
+                with self._lock:
+                    self.records[self._names[topic]].append((message.key(), record))
+
+    def of(self, short: str) -> list[dict[str, Any]]:
+        """The decoded records read so far from ``short``."""
+        with self._lock:
+            return [r for _, r in self.records[short] if r is not None]
+
+    def wait(self, check: Callable[[Tail], bool], timeout_s: float, what: str) -> None:
+        """Poll until ``check(self)``; an AssertionError naming ``what`` at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not check(self):
+            if time.monotonic() > deadline:
+                counts = {s: len(r) for s, r in self.records.items()}
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}: {counts}")
+            time.sleep(0.1)
+
+    def settle(self, seconds: float) -> None:
+        """Keep reading for ``seconds``: anything produced twice shows up by then."""
+        time.sleep(seconds)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+
+
+def _ends(consumer: Any, names: Mapping[str, str]) -> list[TopicPartition]:
+    assignment = []
+    for topic in names:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        for p in partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            assignment.append(TopicPartition(topic, p, high))
+    return assignment
+
+
+def end_offsets(settings: Settings, shorts: Iterable[str]) -> dict[str, int]:
+    """Sum of the high-water marks of each topic: how many records it ever received."""
+    topics = Topics(settings.topics)
+    consumer = kafka.consumer(settings, f"e2e-offsets-{uuid.uuid4().hex}")
+    try:
+        totals = {}
+        for short in shorts:
+            ends = _ends(consumer, {topics.name(short): short})
+            totals[short] = sum(tp.offset for tp in ends)
+        return totals
+    finally:
+        consumer.close()
+
+
+def wait_for_records(settings: Settings, topic: str, count: int, timeout_s: float) -> None:
+    """Until ``topic`` (any topic, by its full name) holds at least ``count`` records."""
+    consumer = kafka.consumer(settings, f"e2e-{uuid.uuid4().hex}")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            total = 0
+            for p in meta.partitions or {}:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                total += high - low
+            if total >= count:
+                return
+            assert time.monotonic() < deadline, f"{topic}: {total} records after {timeout_s}s"
+            time.sleep(0.2)
+    finally:
+        consumer.close()
