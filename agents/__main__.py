@@ -1,4 +1,4 @@
-"""``python -m agents router`` / ``python -m agents worker --pool NAME``: one agent process.
+"""``python -m agents router|learner`` / ``python -m agents worker --pool NAME``: one process.
 
 ``dspex up`` starts these through its supervisor; they can also be run (and scaled)
 by hand, by systemd or by Kubernetes. Settings come from the environment and
@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from agents import worker
+from agents.learner import make_learner
 from agents.router import make_router
 from streams.errors import DSPexError
 from streams.logs import configure_logging
@@ -29,6 +30,14 @@ def router(settings_file: SettingsFile = None) -> None:
     settings = load_settings(settings_file)
     configure_logging(settings.log_level)
     make_router(settings).run()
+
+
+@app.command("learner")
+def learner(settings_file: SettingsFile = None) -> None:
+    """The learning agent: telemetry in, routing tables out."""
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    make_learner(settings).run()
 
 
 @app.command("worker")

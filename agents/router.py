@@ -19,11 +19,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import faust
 
 from agents.cache import (
     CacheStore,
@@ -35,8 +33,9 @@ from agents.cache import (
     encode_outputs,
     is_cacheable,
 )
-from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog, ssl_context
+from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
+from agents.faustapp import faust_app, original_of
 from agents.routing import (
     DeadlineExceeded,
     ProgramResolver,
@@ -48,7 +47,7 @@ from agents.routing import (
 from streams import kafka
 from streams.errors import ConfigError, CorruptRecord, InvalidRequest, PermanentError, SerdeError
 from streams.serde import Serde, make_serde
-from streams.settings import KafkaSettings, Settings
+from streams.settings import Settings
 from streams.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -243,7 +242,7 @@ class RouterApp:
         serde = make_serde(settings)
         bootstrap = kafka.bootstrap_servers(settings)
         self._topics = topics
-        self.app: Any = _faust_app(settings, app_id, bootstrap)
+        self.app: Any = faust_app(settings, app_id, bootstrap)
         self.programs = ProgramCatalog()
         self.routing = RoutingCatalog()
         self.reader = CompactedReader(
@@ -285,17 +284,17 @@ class RouterApp:
     async def _route_agent(self, stream: Any) -> None:
         async for event in stream.events():
             try:
-                for out in self.handler.handle_request(_original(event.message)):
+                for out in self.handler.handle_request(original_of(event.message)):
                     await self._send(out)
             except Exception:  # never let one record stop the agent
-                logger.exception("dropping request %s", _original(event.message).where())
+                logger.exception("dropping request %s", original_of(event.message).where())
 
     async def _cache_agent(self, stream: Any) -> None:
         async for event in stream.events():
             try:
-                self.handler.handle_response(_original(event.message))
+                self.handler.handle_response(original_of(event.message))
             except Exception:  # the cache is an optimisation: never stop on it
-                logger.exception("cache fill failed %s", _original(event.message).where())
+                logger.exception("cache fill failed %s", original_of(event.message).where())
 
     async def _send(self, out: Outgoing) -> None:
         headers = list(out.headers) or None
@@ -371,52 +370,3 @@ def make_router(
         resolver=resolver or ProgramsResolver(),
         chooser=chooser,
     )
-
-
-def _faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
-    return faust.App(
-        app_id,
-        broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
-        broker_credentials=_faust_credentials(settings.kafka),
-        broker_client_id=settings.kafka.client_id,
-        store="memory://",
-        web_enabled=False,
-        autodiscover=False,
-        topic_replication_factor=settings.topics.replication_factor,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-    )
-
-
-def _faust_credentials(settings: KafkaSettings) -> Any:
-    protocol = settings.security_protocol
-    context = ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None
-    if protocol.startswith("SASL"):
-        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
-        return faust.SASLCredentials(
-            username=settings.sasl_username,
-            password=password,
-            mechanism=settings.sasl_mechanism or "PLAIN",
-            ssl_context=context,
-        )
-    return faust.SSLCredentials(context) if context is not None else None
-
-
-def _original(message: Any) -> Original:
-    timestamp = getattr(message, "timestamp", None)
-    return Original(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        timestamp_ms=int(timestamp * 1000) if timestamp is not None else None,
-        key=message.key,
-        value=message.value,
-        headers=_headers(message.headers),
-    )
-
-
-def _headers(headers: Any) -> tuple[tuple[str, bytes | None], ...]:
-    if not headers:
-        return ()
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    return tuple((str(k), v) for k, v in items)

@@ -202,6 +202,88 @@ class RouterSettings(_Section):
     default_pool: Literal["general", "optimizer", "gpu"] = "general"
 
 
+_PRESETS = {
+    "quality": (1.0, 0.0, 0.0),
+    "latency": (1.0, 1.0, 0.0),
+    "cost": (1.0, 0.0, 1.0),
+    "balanced": (1.0, 0.25, 0.25),
+}
+
+
+class Objective(_Section):
+    """What a program's weights optimize: utility = q*log2(reward) - l*log2(latency) - c*log2(cost).
+
+    ``reward`` is success times quality (quality 1 when absent). Preset weights
+    per ``kind`` can be overridden. A variant whose p95 latency or mean cost
+    breaks a constraint loses ``penalty`` (log2 units: 10 = 1024 times worse).
+    """
+
+    kind: Literal["quality", "latency", "cost", "balanced"] = "balanced"
+    quality_weight: float | None = Field(default=None, ge=0)
+    latency_weight: float | None = Field(default=None, ge=0)
+    cost_weight: float | None = Field(default=None, ge=0)
+    max_p95_ms: float | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    penalty: float = Field(default=10.0, ge=0)
+
+    def weights(self) -> tuple[float, float, float]:
+        """(quality, latency, cost) weights after overrides."""
+        q, lat, c = _PRESETS[self.kind]
+        pick = (self.quality_weight, self.latency_weight, self.cost_weight)
+        q, lat, c = (d if v is None else v for v, d in zip(pick, (q, lat, c), strict=True))
+        return q, lat, c
+
+    def label(self) -> str:
+        """The table's ``objective`` field: the kind, or a weighted expression."""
+        text: str = self.kind
+        if self.weights() != _PRESETS[self.kind]:
+            q, lat, c = self.weights()
+            text = f"{self.kind}(quality={q:g},latency={lat:g},cost={c:g})"
+        if self.max_p95_ms is not None:
+            text += f"; p95<={self.max_p95_ms:g}ms"
+        if self.max_cost_usd is not None:
+            text += f"; cost<={self.max_cost_usd:g}usd"
+        return text
+
+
+class BanditConfig(_Section):
+    """Knobs of the learner's statistics and decision (defaults suit ~1-100 requests/s)."""
+
+    half_life_s: float = Field(default=300.0, gt=0)
+    samples: int = Field(default=200, ge=10, le=10_000)
+    min_weight: float = Field(default=0.05, gt=0, le=0.5)
+    fast_window_events: int = Field(default=20, ge=2)
+    min_fast_events: float = Field(default=5.0, ge=1)
+    min_baseline_events: float = Field(default=20.0, ge=1)
+    error_jump: float = Field(default=0.25, gt=0, le=1)
+    error_ratio: float = Field(default=3.0, ge=1)
+    latency_ratio: float = Field(default=3.0, gt=1)
+    latency_jump_ms: float = Field(default=100.0, ge=0)
+    p95_min_count: float = Field(default=10.0, ge=1)
+    max_consumers: int = Field(default=16, ge=1)
+    target_utilization: float = Field(default=0.7, gt=0, le=1)
+
+
+class LearnerSettings(_Section):
+    """The learning agent: statistics, objectives per program, candidates, publishing."""
+
+    bandit: BanditConfig = Field(default_factory=BanditConfig)
+    # program id -> objective; "*" applies to programs without their own
+    objectives: dict[str, Objective] = Field(default_factory=lambda: {"*": Objective()})
+    # variant name -> pool offered to every program besides the variants seen in its
+    # telemetry and current table (each candidate keeps at least min_weight of traffic)
+    candidates: dict[str, str] = Field(default_factory=dict)
+    publish_interval_s: float = Field(default=1.0, gt=0)
+    material_change: float = Field(default=0.05, gt=0, lt=1)
+    # republish unchanged weights this often (while data arrives) so learned_from stays fresh
+    refresh_interval_s: float = Field(default=300.0, gt=0)
+    seed: int | None = None
+
+    def objective_for(self, program_id: str) -> Objective:
+        """The program's objective, else the ``*`` default."""
+        return self.objectives.get(program_id) or self.objectives.get("*") or Objective()
+
+
 class LocalBrokerSettings(_Section):
     """The single-node KRaft broker DSPex runs from Apache Kafka's jars when none is configured."""
 
@@ -234,6 +316,7 @@ class Settings(BaseSettings):
     pools: PoolsSettings = Field(default_factory=PoolsSettings)
     lm: LMSettings = Field(default_factory=LMSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 

@@ -1,0 +1,67 @@
+"""faust plumbing shared by DSPex's stream agents (router, learner): the app and its inputs.
+
+One place decides how a faust app connects (brokers, credentials, acks) and how a
+faust message is described for dead letters, so every agent behaves alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import faust
+
+from agents.catalog import ssl_context
+from agents.deadletter import Original
+from streams.settings import KafkaSettings, Settings
+
+
+def faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
+    """A faust app for a DSPex agent: in-memory stores, at-least-once, our security settings."""
+    return faust.App(
+        app_id,
+        broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
+        broker_credentials=_credentials(settings.kafka),
+        broker_client_id=settings.kafka.client_id,
+        store="memory://",
+        web_enabled=False,
+        autodiscover=False,
+        topic_replication_factor=settings.topics.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+    )
+
+
+def _credentials(settings: KafkaSettings) -> Any:
+    protocol = settings.security_protocol
+    context = ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None
+    if protocol.startswith("SASL"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=password,
+            mechanism=settings.sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+
+
+def original_of(message: Any) -> Original:
+    """Where a faust message came from, with its exact bytes (for dead letters)."""
+    timestamp = getattr(message, "timestamp", None)
+    return Original(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(timestamp * 1000) if timestamp is not None else None,
+        key=message.key,
+        value=message.value,
+        headers=_headers(message.headers),
+    )
+
+
+def _headers(headers: Any) -> tuple[tuple[str, bytes | None], ...]:
+    if not headers:
+        return ()
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(k), v) for k, v in items)

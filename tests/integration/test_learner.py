@@ -1,0 +1,273 @@
+"""The learning agent on a real broker: tables learned, versions kept, a restart, the router."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from agents.learner import LearnerApp, make_learner
+from agents.router import make_router
+from agents.routing import RouteChooser
+from agents.stats import ProgramStats
+from streams import kafka
+from streams.serde import make_serde
+from streams.settings import BanditConfig, LearnerSettings, Settings
+from streams.topics import Topics
+
+PROGRAM = "support.answer"
+WATCHED = ("routing", "pool.general", "pool.gpu")
+
+
+class Watcher:
+    """Reads the routing and pool topics in a thread and keeps every decoded record."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topics = Topics(settings.topics)
+        self.serde = make_serde(settings)
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self._consumer = kafka.consumer(settings, f"watcher-{uuid.uuid4().hex}")
+        self._consumer.subscribe([self.topics.name(t) for t in WATCHED])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._consumer.poll(0.1)
+            if message is None or message.error():
+                continue
+            topic = str(message.topic())
+            record = self.serde.decode(bytes(message.value() or b""), topic=topic).record
+            self.records.append((topic.removeprefix(self.topics.settings.prefix), record))
+        self._consumer.close()
+
+    def tables(self) -> list[dict[str, Any]]:
+        return [r for t, r in self.records if t == "routing" and r["program_id"] == PROGRAM]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Producer:
+    """Produces Telemetry (and a program) the way workers and clients do."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topics = Topics(settings.topics)
+        self.serde = make_serde(settings)
+        self.producer = kafka.producer(settings)
+        self.rng = random.Random(42)
+
+    def send(self, short: str, schema: str, key: str, record: dict[str, Any]) -> None:
+        topic = self.topics.name(short)
+        value = self.serde.encode(schema, record, topic=topic)
+        self.producer.produce(topic, key=key.encode(), value=value)
+
+    def telemetry(self, variant: str, pool: str, success_p: float, latency_ms: float) -> bool:
+        ok = self.rng.random() < success_p
+        record = {
+            "kind": "execution",
+            "request_id": str(uuid.uuid4()),
+            "program_id": PROGRAM,
+            "program_version": 1,
+            "pool": pool,
+            "variant": variant,
+            "worker_id": "test-worker",
+            "emitted_at": int(time.time() * 1000),
+            "latency_ms": latency_ms * self.rng.uniform(0.8, 1.2),
+            "queue_wait_ms": 1.0,
+            "success": ok,
+            "error_class": None if ok else "LMError",
+        }
+        self.send("telemetry", "Telemetry", PROGRAM, record)
+        return ok
+
+    def flush(self) -> None:
+        self.producer.flush(10)
+
+
+async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.1)
+    return result
+
+
+@pytest.fixture
+def watcher(settings: Settings) -> Any:
+    watcher = Watcher(settings)
+    yield watcher
+    watcher.close()
+
+
+@pytest.fixture
+async def app_ids(settings: Settings) -> AsyncIterator[list[str]]:
+    """Faust app ids the test uses; their internal topics are deleted afterwards."""
+    ids: list[str] = []
+    yield ids
+    admin = kafka.admin_client(settings)
+    internal = [t for t in admin.list_topics(timeout=10).topics if t.startswith(tuple(ids))]
+    if internal:
+        for future in admin.delete_topics(internal, operation_timeout=30).values():
+            future.result()
+
+
+def learner_settings(**overrides: Any) -> LearnerSettings:
+    bandit = BanditConfig(half_life_s=3_600.0)  # the test's data must not decay away
+    return LearnerSettings(bandit=bandit, seed=7, publish_interval_s=0.5, **overrides)
+
+
+def counts(table: dict[str, Any]) -> dict[str, float]:
+    return {row["variant"]: row["count"] for row in table["learned_from"]}
+
+
+def weights(table: dict[str, Any]) -> dict[str, float]:
+    return {variant["name"]: variant["weight"] for variant in table["variants"]}
+
+
+async def test_learns_a_table_and_rebuilds_statistics_after_restart(
+    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, app_ids: list[str]
+) -> None:
+    create_topics()
+    producer = Producer(settings)
+    for i in range(300):
+        good = i % 2 == 0
+        producer.telemetry("good" if good else "bad", "general", 0.95 if good else 0.5, 100.0)
+    producer.send("telemetry", "Telemetry", PROGRAM, {"kind": "health", "emitted_at": 0})
+    producer.producer.produce(Topics(settings.topics).name("telemetry"), b"junk", PROGRAM.encode())
+    producer.flush()
+    config = learner_settings(candidates={"good": "general", "bad": "general"})
+    app_id = f"{settings.topics.prefix}learner-{uuid.uuid4().hex[:8]}"
+    app_ids.append(app_id)
+
+    learner = make_learner(settings, app_id=app_id, learner_settings=config)
+    await learner.start()
+    try:
+        await until(lambda: _counted(learner) >= 299.0, 40, "300 events counted")
+        await asyncio.sleep(1.5)  # a last table, if the tail of the events moved weights
+        learned = watcher.tables()[-1]
+    finally:
+        await learner.stop()
+    versions = [t["version"] for t in watcher.tables()]
+    print(f"\nfirst run: 300 events -> versions {versions}, weights {weights(learned)}")
+    print(f"tables: {[(t['version'], weights(t), counts(t)) for t in watcher.tables()]}")
+    print(f"learned_from {counts(learned)}; reason: {learned['reason']}")
+    assert versions == list(range(1, len(versions) + 1))
+    assert weights(learned)["good"] >= 0.8 and weights(learned)["bad"] >= 0.05
+    assert learned["fallback"] == ["good", "bad"] and learned["pool_hints"] == {"general": 1}
+
+    for _ in range(20):
+        producer.telemetry("fresh", "general", 1.0, 100.0)
+    producer.flush()
+    restarted = make_learner(settings, app_id=app_id, learner_settings=config)
+    await restarted.start()
+    try:
+        after = await until(lambda: _with_variant(watcher, "fresh"), 40, "a table with fresh")
+    finally:
+        await restarted.stop()
+    print(f"after restart: version {after['version']}, learned_from {counts(after)}")
+    assert after["version"] == versions[-1] + 1
+    assert 140.0 <= counts(after)["good"] <= 151.0  # rebuilt, neither cold nor counted twice
+    assert weights(after)["good"] > weights(after)["bad"]
+
+
+def _counted(learner: LearnerApp) -> float:
+    stats = ProgramStats.from_json(learner.stats.get(PROGRAM))
+    return sum(arm.n for arm in stats.arms.values())
+
+
+def _with_variant(watcher: Watcher, variant: str) -> dict[str, Any] | None:
+    tables = [t for t in watcher.tables() if variant in weights(t)]
+    return tables[-1] if tables else None
+
+
+async def test_router_applies_the_learned_table(
+    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, app_ids: list[str]
+) -> None:
+    create_topics()
+    producer = Producer(settings)
+    producer.send("programs", "ProgramVersion", PROGRAM, _program())
+    for i in range(200):
+        if i % 2:
+            producer.telemetry("echo", "general", 0.98, 50.0)
+        else:
+            producer.telemetry("local", "gpu", 0.3, 2_000.0)
+    producer.flush()
+    prefix = settings.topics.prefix
+    app_ids.extend(
+        [f"{prefix}router-{uuid.uuid4().hex[:8]}", f"{prefix}learner-{uuid.uuid4().hex[:8]}"]
+    )
+    chooser = RouteChooser(settings.lm, "general", rng=random.Random(11))
+    router = make_router(settings, app_id=app_ids[0], chooser=chooser)
+    learner: LearnerApp = make_learner(
+        settings, app_id=app_ids[1], learner_settings=learner_settings()
+    )
+    await router.start()
+    await learner.start()
+    try:
+        await until(lambda: _counted(learner) >= 199.0, 40, "200 events counted")
+        await asyncio.sleep(1.5)
+        table = watcher.tables()[-1]
+        await until(lambda: _applied(router, table["version"]), 30, "the router applying it")
+        requests = [_request(producer) for _ in range(40)]
+        producer.flush()
+        routes = await until(lambda: _routes(watcher, requests), 40, "40 forwarded requests")
+    finally:
+        await learner.stop()
+        await router.stop()
+    by_variant = {v: sum(1 for r in routes if r["variant"] == v) for v in ("echo", "local")}
+    print(f"\ntable v{table['version']} weights {weights(table)}; 40 requests -> {by_variant}")
+    assert weights(table)["echo"] >= 0.9
+    assert all(
+        r["reason"] == "table" and r["routing_table_version"] >= table["version"] for r in routes
+    )
+    assert all(r["pool"] == ("general" if r["variant"] == "echo" else "gpu") for r in routes)
+    assert by_variant["echo"] >= 32
+
+
+def _applied(router: Any, version: int) -> bool:
+    table = router.routing.table_for(PROGRAM)
+    return table is not None and table["version"] >= version
+
+
+def _routes(watcher: Watcher, request_ids: list[str]) -> list[dict[str, Any]] | None:
+    wanted = set(request_ids)
+    routes = [
+        r["route"]
+        for t, r in watcher.records
+        if t.startswith("pool.") and r["request_id"] in wanted
+    ]
+    return routes if len(routes) >= len(wanted) else None
+
+
+def _request(producer: Producer) -> str:
+    request_id = str(uuid.uuid4())
+    record = {
+        "request_id": request_id,
+        "created_at": int(time.time() * 1000),
+        "program_id": PROGRAM,
+        "inputs": {"question": json.dumps("What is the capital of France?")},
+        "cache": False,
+    }
+    producer.send("requests", "Request", request_id, record)
+    return request_id
+
+
+def _program() -> dict[str, Any]:
+    return {
+        "program_id": PROGRAM,
+        "version": 1,
+        "signature": "question -> answer",
+        "module_type": "Predict",
+        "created_at": int(time.time() * 1000),
+    }
