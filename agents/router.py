@@ -19,7 +19,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from agents.deadletter import Failure, Original, dead_letter, error_response
 from agents.faustapp import faust_app, original_of
 from agents.routing import (
     DeadlineExceeded,
+    KnownTopics,
     ProgramResolver,
     ProgramsResolver,
     RouteChooser,
@@ -82,8 +83,10 @@ class RequestHandler:
         cache: CacheStore,
         chooser: RouteChooser | None = None,
         clock: Callable[[], float] = time.time,
+        existing_topics: Container[str] | None = None,
     ) -> None:
         self._settings = settings
+        self._existing = existing_topics
         self._serde = serde
         self._topics = Topics(settings.topics)
         self._own_topics = [name for name, _ in self._topics.all()]
@@ -145,7 +148,7 @@ class RequestHandler:
 
     def _route(self, original: Original, request: Record, now: int) -> list[Outgoing]:
         self._check_size(len(original.value or b""), "request")
-        check_request(request, now, self._own_topics)
+        check_request(request, now, self._own_topics, self._existing)
         program_id = request.get("program_id")
         registered = None
         if program_id is not None:
@@ -212,7 +215,9 @@ class RequestHandler:
         ]
 
     def _response(self, request: Record, response: Record) -> Outgoing:
-        topic = reply_topic(request, self._own_topics) or self._topics.name("responses")
+        topic = reply_topic(request, self._own_topics, self._existing) or self._topics.name(
+            "responses"
+        )
         value = self._serde.encode("Response", response, topic=topic)
         return Outgoing(topic, response["request_id"].encode("utf-8"), value)
 
@@ -242,6 +247,7 @@ class RouterApp:
         serde = make_serde(settings)
         bootstrap = kafka.bootstrap_servers(settings)
         self._topics = topics
+        self._admin = kafka.admin_client(settings)
         self.app: Any = faust_app(settings, app_id, bootstrap)
         self.programs = ProgramCatalog()
         self.routing = RoutingCatalog()
@@ -267,8 +273,12 @@ class RouterApp:
             resolver=resolver,
             cache=self.cache,
             chooser=chooser,
+            existing_topics=KnownTopics(self._list_topics),
         )
         self._add_agents()
+
+    def _list_topics(self) -> list[str]:
+        return list(self._admin.list_topics(timeout=5).topics)
 
     def _add_agents(self) -> None:
         requests = self._raw_topic("requests")
@@ -345,8 +355,7 @@ class RouterApp:
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
-        admin = kafka.admin_client(self.settings)
-        live = admin.list_topics(timeout=10).topics
+        live = self._admin.list_topics(timeout=10).topics
         missing = [name for name, _ in self._topics.all() if name not in live]
         if missing:
             raise ConfigError(

@@ -18,7 +18,8 @@ import logging
 import math
 import random
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,8 +102,16 @@ class Route:
         }
 
 
-def check_request(request: Mapping[str, Any], now_ms: int, topics: Sequence[str]) -> None:
-    """Checks that need no program: id, deadline sanity, pool hint, reply topic."""
+def check_request(
+    request: Mapping[str, Any],
+    now_ms: int,
+    topics: Sequence[str],
+    existing: Container[str] | None = None,
+) -> None:
+    """Checks that need no program: id, deadline sanity, pool hint, reply topic.
+
+    ``existing`` (when given) is the cluster's topics: a reply topic must be one of them.
+    """
     if not request.get("request_id"):
         raise InvalidRequest("request_id", "must be a non-empty string")
     _check_deadline(request.get("deadline_at"), now_ms)
@@ -111,7 +120,7 @@ def check_request(request: Mapping[str, Any], now_ms: int, topics: Sequence[str]
     hint = request.get("pool_hint")
     if hint is not None and hint not in POOLS:
         raise InvalidRequest("pool_hint", f"unknown pool {hint!r}; known: {', '.join(POOLS)}")
-    _check_reply_topic(request.get("reply_topic"), topics)
+    _check_reply_topic(request.get("reply_topic"), topics, existing)
 
 
 def deadline_passed(request: Mapping[str, Any], now_ms: int) -> bool:
@@ -130,17 +139,21 @@ def _check_deadline(value: Any, now_ms: int) -> None:
         raise InvalidRequest("deadline_at", "is more than 7 days ahead")
 
 
-def reply_topic(request: Mapping[str, Any], topics: Sequence[str]) -> str | None:
+def reply_topic(
+    request: Mapping[str, Any], topics: Sequence[str], existing: Container[str] | None = None
+) -> str | None:
     """The request's own reply topic when it is an acceptable one, else ``None``."""
     try:
-        _check_reply_topic(request.get("reply_topic"), topics)
+        _check_reply_topic(request.get("reply_topic"), topics, existing)
     except InvalidRequest:
         return None
     topic: str | None = request.get("reply_topic")
     return topic
 
 
-def _check_reply_topic(reply_topic: str | None, topics: Sequence[str]) -> None:
+def _check_reply_topic(
+    reply_topic: str | None, topics: Sequence[str], existing: Container[str] | None
+) -> None:
     if reply_topic is None:
         return
     if not _TOPIC_NAME.match(reply_topic):
@@ -148,6 +161,9 @@ def _check_reply_topic(reply_topic: str | None, topics: Sequence[str]) -> None:
     if reply_topic in topics:
         # Responses must never land on a request, pool or system-of-record topic.
         raise InvalidRequest("reply_topic", f"{reply_topic} is a DSPex topic, not a reply topic")
+    if existing is not None and reply_topic not in existing:
+        # Producing to it would block on metadata (and stall everyone's requests).
+        raise InvalidRequest("reply_topic", f"topic {reply_topic} does not exist: create it first")
 
 
 def to_ms(value: Any) -> int | None:
@@ -158,6 +174,34 @@ def to_ms(value: Any) -> int | None:
         return value
     millis: int = round(float(value.timestamp()) * 1000)
     return millis
+
+
+class KnownTopics:
+    """The cluster's topic names, cached; a miss refreshes them at most once per interval."""
+
+    def __init__(
+        self,
+        list_topics: Callable[[], Iterable[str]],
+        *,
+        min_refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._list = list_topics
+        self._min_refresh_s = min_refresh_s
+        self._clock = clock
+        self._names: frozenset[str] = frozenset()
+        self._refreshed_at = -math.inf
+
+    def __contains__(self, topic: object) -> bool:
+        if topic in self._names:
+            return True
+        if self._clock() - self._refreshed_at >= self._min_refresh_s:
+            self._refreshed_at = self._clock()
+            try:
+                self._names = frozenset(self._list())
+            except Exception:  # metadata unavailable: keep the last known names
+                logger.warning("cannot refresh the topic list", exc_info=True)
+        return topic in self._names
 
 
 class RouteChooser:

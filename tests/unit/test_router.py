@@ -17,10 +17,12 @@ from agents.deadletter import Failure, Original, dead_letter, error_response
 from agents.router import RequestHandler
 from agents.routing import (
     DeadlineExceeded,
+    KnownTopics,
     ProgramsResolver,
     Route,
     RouteChooser,
     check_request,
+    reply_topic,
 )
 from streams.errors import InvalidRequest
 from streams.serde import make_serde
@@ -384,3 +386,37 @@ def test_programs_resolver_uses_agents_programs() -> None:
         4,
         "q -> a",
     )
+
+
+def test_known_topics_refresh_on_a_miss_at_most_once_per_interval() -> None:
+    now = [0.0]
+    calls: list[int] = []
+    live = {"app.replies"}
+
+    def list_topics() -> set[str]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("metadata unavailable")
+        return set(live)
+
+    known = KnownTopics(list_topics, min_refresh_s=1.0, clock=lambda: now[0])
+    assert "app.replies" in known
+    assert "app.other" not in known  # a miss within the interval does not refresh again
+    assert len(calls) == 1
+    live.add("app.other")
+    now[0] = 1.5
+    assert "app.other" in known
+    now[0] = 3.0
+    assert "app.gone" not in known  # the refresh fails: the last known names stay
+    assert "app.other" in known
+    assert len(calls) == 3
+
+
+def test_a_reply_topic_that_does_not_exist_is_refused_not_waited_for() -> None:
+    request = {"request_id": "r1", "reply_topic": "app.missing"}
+    with pytest.raises(InvalidRequest) as exc:
+        check_request(request, 0, ["dspex.requests"], existing={"app.replies"})
+    assert exc.value.field == "reply_topic"
+    assert "does not exist" in exc.value.reason
+    assert reply_topic(request, ["dspex.requests"], existing={"app.replies"}) is None
+    check_request({**request, "reply_topic": "app.replies"}, 0, [], existing={"app.replies"})
