@@ -6,7 +6,9 @@ faust message is described for dead letters, so every agent behaves alike.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -18,12 +20,16 @@ from streams.settings import KafkaSettings, Settings
 
 def faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
     """A faust app for a DSPex agent: in-memory stores, at-least-once, our security settings."""
+    data_root = Path(tempfile.gettempdir()) / "dspex-faust"
+    data_root.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     return faust.App(
         app_id,
         broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
         broker_credentials=_credentials(settings.kafka),
         broker_client_id=settings.kafka.client_id,
         store="memory://",
+        # faust writes <app id>-data/ into the working directory by default.
+        datadir=str(data_root / "{conf.name}-data"),
         web_enabled=False,
         autodiscover=False,
         topic_replication_factor=settings.topics.replication_factor,

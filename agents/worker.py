@@ -136,7 +136,12 @@ class PoolWorker:
     # -- wiring ---------------------------------------------------------------------------
 
     def _subscribe(self) -> Consumer:
-        conf = {"client.id": self.worker_id}
+        session_ms = int(self._settings.reliability.session_timeout_s * 1000)
+        conf = {
+            "client.id": self.worker_id,
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(500, session_ms // 5),
+        }
         consumer = kafka.consumer(self._settings, self.group_id, **conf)
         consumer.subscribe(
             [self.topic],
@@ -197,9 +202,18 @@ class PoolWorker:
         return min(self.limit - running, 2 * self.limit - pending)
 
     async def _fetch(self, wanted: int) -> None:
-        consume = partial(self._consumer.consume, wanted, self._poll_timeout_s)
-        for message in await self._in_kafka_thread(consume):
+        # consume(n, t) returns only when n messages arrived or t passed: wait for one,
+        # then take what else is already fetched without waiting (else a lone request
+        # sits in the client for the whole poll timeout).
+        for message in await self._in_kafka_thread(partial(self._take, wanted)):
             self._dispatch(message)
+
+    def _take(self, wanted: int) -> list[Message]:
+        first: list[Message] = self._consumer.consume(1, self._poll_timeout_s)
+        if not first or wanted <= 1:
+            return first
+        rest: list[Message] = self._consumer.consume(wanted - 1, 0)
+        return [*first, *rest]
 
     async def _wait_for_a_slot(self) -> None:
         if not self._tasks:
