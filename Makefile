@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint unit integration lock clean
+.PHONY: up test lint unit integration bench tools lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,19 @@ up: $(STAMP)
 	$(BIN)/dspex up
 
 ## test: lint, type-check, then every unit and integration test against a real broker
-test: lint
+test: lint tools
 	$(BIN)/pytest --fail-on-skip
+
+## tools: system programs the tests drive (Prometheus scrapes the metrics exporter)
+tools:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "the tests need Prometheus: sudo apt-get install prometheus" >&2; exit 1; fi; }
+
+## bench: the benchmark suite (JSON report, PNG chart, table) into bench-results/
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""``python -m agents router|learner`` / ``python -m agents worker --pool NAME``: one process.
+"""``python -m agents router|learner|metrics|worker --pool NAME``: one agent process.
 
 ``dspex up`` starts these through its supervisor; they can also be run (and scaled)
 by hand, by systemd or by Kubernetes. Settings come from the environment and
@@ -15,6 +15,7 @@ import typer
 
 from agents import worker
 from agents.learner import make_learner
+from agents.metrics import make_metrics
 from agents.router import make_router
 from streams.errors import DSPexError
 from streams.logs import configure_logging
@@ -38,6 +39,14 @@ def learner(settings_file: SettingsFile = None) -> None:
     settings = load_settings(settings_file)
     configure_logging(settings.log_level)
     make_learner(settings).run()
+
+
+@app.command("metrics")
+def metrics(settings_file: SettingsFile = None) -> None:
+    """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    make_metrics(settings).run()
 
 
 @app.command("worker")

@@ -2,8 +2,9 @@
 
 The worker knows only :class:`Executor`; tests give it a fake, production gives
 it :class:`DSPyExecutor` (programs built from the request's data, LMs from the
-settings). :func:`classify` decides what a failure means for the client — the
-one place a later retry/circuit-breaker policy hooks in.
+settings, LM faults handled by :class:`~agents.faults.FaultPolicy`: retries,
+per-backend circuit breakers, fallback variants). :func:`classify` decides what
+a failure that got past all of that means for the client.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from pydantic import ValidationError
+
+from agents.faults import BackendsExhausted, BreakerBoard, FaultPolicy, RetryPolicy, is_retryable
 from agents.records import ErrorInfo
-from streams.errors import InvalidRequest, PermanentError, RetryableError
-from streams.settings import LMBackend, Settings
+from streams.errors import InvalidRequest
+from streams.settings import LMBackend, ReliabilitySettings, Settings
 
 if TYPE_CHECKING:
     from agents.programs import ProgramBuilder, ProgramSpec
@@ -45,6 +49,10 @@ class Outcome:
     usage: TokenUsage = field(default_factory=TokenUsage)
     trace: list[dict[str, Any]] = field(default_factory=list)
     program_version: int | None = None
+    variant: str | None = None
+    """The LM backend variant that answered (a fallback may differ from the route's)."""
+    breaker_state: str | None = None
+    """That variant's circuit breaker state afterwards; None when no breaker is used."""
 
 
 class Executor(Protocol):
@@ -62,6 +70,7 @@ class Failure:
     status: str  # "error" | "timeout"
     error: ErrorInfo
     dead_letter: bool
+    breaker_state: str | None = None
 
 
 def classify(exc: BaseException, *, stage: str = "execute") -> Failure:
@@ -79,20 +88,8 @@ def classify(exc: BaseException, *, stage: str = "execute") -> Failure:
     field_name = exc.field if isinstance(exc, InvalidRequest) else None
     retryable = is_retryable(exc)
     error = ErrorInfo(name, str(exc) or name, field_name, stage, retryable)
-    return Failure("error", error, True)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether the same request may succeed if run again later."""
-    if isinstance(exc, RetryableError):
-        return True
-    if isinstance(exc, PermanentError) or not isinstance(exc, Exception):
-        return False
-    if type(exc).__module__.startswith("dspy"):
-        from dspy.utils.exceptions import is_retryable_lm_error
-
-        return bool(is_retryable_lm_error(exc))
-    return False
+    state = exc.breaker_state if isinstance(exc, BackendsExhausted) else None
+    return Failure("error", error, True, state)
 
 
 def remaining_seconds(request: Mapping[str, Any], at: datetime | None = None) -> float | None:
@@ -114,9 +111,19 @@ def backend_overrides(variables: Mapping[str, str]) -> dict[str, Any]:
             continue
         try:
             overrides[name] = kind(json.loads(variables[name]))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidRequest(f"variables.{name}", f"not a JSON {kind.__name__}") from exc
+    _check_ranges(overrides)
     return overrides
+
+
+def _check_ranges(overrides: Mapping[str, Any]) -> None:
+    """The overrides within the bounds settings allow (NaN, infinity and 1e999 are not)."""
+    try:
+        LMBackend.model_validate({"model": "-", **overrides})
+    except ValidationError as exc:
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        raise InvalidRequest(f"variables.{where}", exc.errors()[0]["msg"]) from exc
 
 
 class DSPyExecutor:
@@ -124,60 +131,113 @@ class DSPyExecutor:
 
     The router embeds the resolved program in the pool record (signature,
     module type, state, config, tools, version), so nothing is looked up here.
+    LM calls go through ``faults`` (default: from ``settings.reliability``); ``lms``
+    pre-builds LMs by variant name (tests use it to plug in simulations).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        faults: FaultPolicy | None = None,
+        lms: Mapping[str, Any] | None = None,
+    ) -> None:
         from agents.programs import ProgramBuilder
         from agents.tools import default_tools
 
         self._settings = settings
         self._tools: ToolRegistry = default_tools()
         self._builder: ProgramBuilder = ProgramBuilder(self._tools)
-        self._lms: dict[str, Any] = {}
+        self._lms: dict[str, Any] = dict(lms or {})
+        self.faults = faults or fault_policy(settings.reliability)
 
     async def execute(self, request: Mapping[str, Any], on_chunk: ChunkCallback | None) -> Outcome:
-        """Validate inputs, build the module, run it within the request's deadline."""
-        from agents.programs import run, validate
+        """Validate inputs, build the module, run it on the first backend that answers."""
+        from agents.programs import RunResult, run, validate
 
         spec = _spec(request)
         inputs = validate(spec, request["inputs"], tools=self._tools)
         module = self._builder.build(spec)
-        lm = self._lm_for(request)
-        timeout = remaining_seconds(request)
-        result = await run(module, inputs, lm=lm, timeout_s=timeout, on_chunk=on_chunk)
+        overrides = backend_overrides(request.get("variables") or {})
+        gate = _ChunkGate(on_chunk)
+
+        async def attempt(variant: str) -> RunResult:
+            lm = self._lm_for(variant, overrides)
+            timeout = remaining_seconds(request)
+            return await run(module, inputs, lm=lm, timeout_s=timeout, on_chunk=gate.callback)
+
+        answered = await self.faults.run(
+            self.variants(request),
+            attempt,
+            time_left_s=remaining_seconds(request),
+            replayable=gate.replayable,
+            request_id=request.get("request_id"),
+        )
+        result = answered.value
         usage = TokenUsage(
             result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens
         )
         version = request.get("program_version")
-        return Outcome(dict(result.outputs), usage, list(result.trace), version)
+        trace = list(result.trace)
+        return Outcome(
+            dict(result.outputs), usage, trace, version, answered.variant, answered.breaker_state
+        )
 
-    def _lm_for(self, request: Mapping[str, Any]) -> Any:
-        variant = self._variant(request)
+    def variants(self, request: Mapping[str, Any]) -> list[str]:
+        """Backends to try in order: the route's, its configured fallbacks, the pool's default."""
+        route = request.get("route") or {}
+        backends = self._settings.lm.backends
+        default = self._settings.lm.variant_for_pool(route.get("pool") or "general")
+        first = route.get("variant")
+        chosen = [str(first)] if first in backends else []
+        if chosen:
+            chosen += self._settings.reliability.fallbacks.get(chosen[0], [])
+        chosen.append(default)
+        ordered = [v for v in dict.fromkeys(chosen) if v in backends]
+        if not ordered:
+            raise InvalidRequest("route.variant", f"no LM backend named {default!r}")
+        return ordered
+
+    def _lm_for(self, variant: str, overrides: Mapping[str, Any]) -> Any:
         backend = self._settings.lm.backends[variant]
-        overrides = backend_overrides(request.get("variables") or {})
         if overrides:  # a per-request copy only when the request changes the LM's settings
-            return self._build(backend.model_copy(update=overrides))
+            return self._build(backend.model_copy(update=dict(overrides)))
         if variant not in self._lms:
             self._lms[variant] = self._build(backend)
         return self._lms[variant]
-
-    def _variant(self, request: Mapping[str, Any]) -> str:
-        """The route's variant when it names a backend, else the pool's default variant."""
-        route = request.get("route") or {}
-        lm = self._settings.lm
-        variant = route.get("variant")
-        if variant in lm.backends:
-            return str(variant)
-        fallback = lm.variant_for_pool(route.get("pool") or "general")
-        if fallback not in lm.backends:
-            raise InvalidRequest("route.variant", f"no LM backend named {fallback!r}")
-        return fallback
 
     @staticmethod
     def _build(backend: LMBackend) -> Any:
         from agents.lms import build_lm
 
         return build_lm(backend)
+
+
+def fault_policy(reliability: ReliabilitySettings) -> FaultPolicy:
+    """The worker's LM fault policy as configured in ``settings.reliability``."""
+    retry = RetryPolicy(
+        reliability.retry_attempts, reliability.retry_base_s, reliability.retry_max_s
+    )
+    breakers = BreakerBoard(reliability.breaker_fail_max, reliability.breaker_reset_timeout_s)
+    return FaultPolicy(retry, breakers)
+
+
+class _ChunkGate:
+    """Passes streamed chunks on and remembers whether any reached the client."""
+
+    def __init__(self, on_chunk: ChunkCallback | None) -> None:
+        self._on_chunk = on_chunk
+        self.sent = False
+        self.callback = self._send if on_chunk is not None else None
+
+    async def _send(self, delta: str) -> None:
+        assert self._on_chunk is not None  # noqa: S101 - callback is None otherwise
+        self.sent = True
+        await self._on_chunk(delta)
+
+    def replayable(self) -> bool:
+        """A request whose output was partly streamed must not be run again."""
+        return not self.sent
 
 
 def _spec(request: Mapping[str, Any]) -> ProgramSpec:

@@ -184,7 +184,14 @@ class RequestHandler:
             failure.error.error_class,
             failure.error.message,
         )
-        return Result(failure.status, received_at, started_at, records.now(), error=failure.error)
+        return Result(
+            failure.status,
+            received_at,
+            started_at,
+            records.now(),
+            error=failure.error,
+            breaker_state=failure.breaker_state,
+        )
 
     async def _audit(
         self, origin: Origin, request: Mapping[str, Any], result: Result
@@ -192,7 +199,9 @@ class RequestHandler:
         """Execution and Telemetry for every answered request, a DeadLetter for errors."""
         request_id = request["request_id"]
         execution = records.execution(request, result, worker_id=self._worker_id, pool=self._pool)
-        measured = records.telemetry(request, result, worker_id=self._worker_id, pool=self._pool)
+        measured = records.telemetry(
+            request, result, worker_id=self._worker_id, pool=self._pool, in_flight=len(self._active)
+        )
         telemetry_key = request.get("program_id") or request_id
         sent = [
             await self._publisher.send(self._to.executions, request_id, "Execution", execution),
@@ -247,6 +256,8 @@ def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) ->
         usage=outcome.usage,
         trace=outcome.trace,
         program_version=outcome.program_version,
+        variant=outcome.variant,
+        breaker_state=outcome.breaker_state,
     )
 
 

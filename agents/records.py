@@ -64,6 +64,8 @@ class Result:
     trace: Sequence[Mapping[str, Any]] | None = None
     program_version: int | None = None
     error: ErrorInfo | None = None
+    variant: str | None = None  # the backend variant that answered, when not the route's
+    breaker_state: str | None = None  # its circuit breaker's state; None: no breaker involved
 
     @property
     def run_ms(self) -> float:
@@ -214,8 +216,19 @@ def _usage(usage: tuple[int, int, int]) -> Record:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
-def telemetry(request: Mapping[str, Any], result: Result, *, worker_id: str, pool: str) -> Record:
-    """The "execution" measurement the learning agent learns from."""
+def telemetry(
+    request: Mapping[str, Any],
+    result: Result,
+    *,
+    worker_id: str,
+    pool: str,
+    in_flight: int = 0,
+) -> Record:
+    """The "execution" measurement the learning agent learns from.
+
+    ``variant`` is the backend that answered (a fallback when the route's failed);
+    ``health`` carries its circuit breaker's state when a breaker was involved.
+    """
     route = request.get("route") or {}
     return {
         "kind": "execution",
@@ -223,7 +236,7 @@ def telemetry(request: Mapping[str, Any], result: Result, *, worker_id: str, poo
         "program_id": request.get("program_id"),
         "program_version": _version(request, result),
         "pool": pool,
-        "variant": route.get("variant"),
+        "variant": result.variant or route.get("variant"),
         "worker_id": worker_id,
         "emitted_at": now(),
         # the contract defines latency end to end: created_at to the final response
@@ -236,8 +249,14 @@ def telemetry(request: Mapping[str, Any], result: Result, *, worker_id: str, poo
         "error_class": result.error.error_class if result.error else None,
         "cache_hit": False,
         "quality": None,
-        "health": None,
+        "health": _health(result, in_flight),
     }
+
+
+def _health(result: Result, in_flight: int) -> Record | None:
+    if result.breaker_state is None:
+        return None
+    return {"in_flight": in_flight, "breaker_state": result.breaker_state, "memory_bytes": 0}
 
 
 def dead_letter(

@@ -284,6 +284,41 @@ class LearnerSettings(_Section):
         return self.objectives.get(program_id) or self.objectives.get("*") or Objective()
 
 
+class MetricsSettings(_Section):
+    """The metrics agent: tumbling windows over telemetry and its Prometheus exporter."""
+
+    window_s: float = Field(default=60.0, gt=0)
+    # how long after a window's end late telemetry is still counted in it
+    grace_s: float = Field(default=5.0, ge=0)
+    # latencies kept per window and series for exact percentiles (reservoir beyond that)
+    max_samples: int = Field(default=10_000, ge=10)
+    prometheus_port: int = Field(default=9464, ge=0, le=65535)  # 0 = no exporter
+    bind_host: str = "127.0.0.1"
+    routing_weights: bool = True  # follow the routing topic for dspex_routing_weight
+
+
+class ReliabilitySettings(_Section):
+    """LM fault handling in the workers: retries with backoff, circuit breakers, fallbacks.
+
+    ``retry_attempts`` counts LM calls per backend and request (the first one
+    included); backoff is exponential from ``retry_base_s`` up to ``retry_max_s``
+    with full jitter. A backend's breaker opens after ``breaker_fail_max``
+    consecutive transient failures and lets a trial call through after
+    ``breaker_reset_timeout_s``. ``fallbacks`` maps a variant to the variants to
+    try next, before the pool's default variant.
+    """
+
+    retry_attempts: int = Field(default=3, ge=1, le=20)
+    retry_base_s: float = Field(default=0.2, gt=0)
+    retry_max_s: float = Field(default=5.0, gt=0)
+    breaker_fail_max: int = Field(default=5, ge=1)
+    breaker_reset_timeout_s: float = Field(default=30.0, gt=0)
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    # how soon a worker that died without leaving (kill -9) loses its partitions;
+    # librdkafka's 45 s default would stall a dead worker's requests that long
+    session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+
+
 class LocalBrokerSettings(_Section):
     """The single-node KRaft broker DSPex runs from Apache Kafka's jars when none is configured."""
 
@@ -317,6 +352,8 @@ class Settings(BaseSettings):
     lm: LMSettings = Field(default_factory=LMSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 

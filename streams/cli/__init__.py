@@ -13,6 +13,7 @@ from streams.cli import (  # noqa: F401 - importing them registers their command
     dlq,
     programs,
     records,
+    top,
     up,
 )
 from streams.cli._app import app, err

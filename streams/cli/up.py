@@ -78,10 +78,10 @@ def _run_agents(
 
 
 def agent_commands(settings: Settings, settings_file: Path | None) -> dict[str, list[str]]:
-    """One command line per agent process: router, learner, then each pool's workers."""
+    """One command line per agent process: router, learner, metrics, then each pool's workers."""
     extra = ["--settings", str(settings_file)] if settings_file else []
     base = [sys.executable, "-m", "agents"]
-    commands = {"router": [*base, "router", *extra], "learner": [*base, "learner", *extra]}
+    commands = {name: [*base, name, *extra] for name in ("router", "learner", "metrics")}
     for pool in POOLS:
         for n in range(getattr(settings.pools, pool).processes):
             commands[f"{pool}-{n + 1}"] = [*base, "worker", "--pool", pool, *extra]

@@ -1,0 +1,254 @@
+"""The metrics agent without a broker: windows, snapshots, exporter, deploy configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]  # PyYAML: locked via dspy
+from prometheus_client import CollectorRegistry
+
+from agents.deadletter import Original
+from agents.metrics import Exporter, Metrics
+from agents.windows import Closed, Sample, Windows, percentile, snapshots
+from streams.cli.top import View
+from streams.serde import make_serde
+from streams.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+T0 = 1_700_000_040_000  # a window boundary for 60 s and 2 s windows
+
+
+def execution(**fields: Any) -> dict[str, Any]:
+    record = {
+        "kind": "execution",
+        "request_id": "r1",
+        "program_id": "qa",
+        "pool": "general",
+        "variant": "echo",
+        "emitted_at": T0,
+        "latency_ms": 100.0,
+        "queue_wait_ms": 10.0,
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "cost_usd": 0.001,
+        "success": True,
+    }
+    return {**record, **fields}
+
+
+def sample(**fields: Any) -> Sample:
+    made = Sample.of(execution(**fields))
+    assert made is not None
+    return made
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(100, 0, -1)]
+    assert [percentile(values, q) for q in (0.5, 0.95, 0.99, 1.0)] == [50.0, 95.0, 99.0, 100.0]
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) is None
+
+
+def test_a_closed_window_gives_counts_rates_and_percentiles() -> None:
+    windows = Windows(window_s=2, grace_s=0.5, max_samples=1000)
+    for i in range(1, 101):
+        windows.add(sample(latency_ms=float(i), success=i % 4 != 0), now_ms=T0 + 100)
+    windows.add(sample(pool="gpu", variant="local", program_id=None), now_ms=T0 + 100)
+    assert windows.close_due(T0 + 2_400) == []  # still within grace
+    (closed,) = windows.close_due(T0 + 2_500)
+    assert (closed.start_ms, closed.end_ms) == (T0, T0 + 2_000)
+    by_name = {(n, tuple(sorted(r["labels"].values()))): r for n, r in snapshots(closed, 2.0)}
+    qa = by_name[("requests", ("echo", "general", "qa"))]
+    assert qa["count"] == 100 and qa["rate_per_s"] == 50.0
+    assert (qa["latency_p50_ms"], qa["latency_p95_ms"], qa["latency_p99_ms"]) == (50, 95, 99)
+    assert qa["error_rate"] == 0.25 and qa["tokens"] == 500
+    assert math.isclose(qa["cost_usd"], 0.1)
+    inline = by_name[("requests", ("gpu", "inline", "local"))]
+    assert inline["count"] == 1
+    assert by_name[("pool.requests", ("general",))]["count"] == 100
+    wait = by_name[("queue_wait", ("echo", "general", "qa"))]
+    assert wait["latency_p95_ms"] == 10.0 and wait["error_rate"] == 0.0
+    assert len(windows) == 0
+
+
+def test_late_events_count_within_grace_and_are_refused_after() -> None:
+    windows = Windows(window_s=2, grace_s=0.5, max_samples=100)
+    assert windows.add(sample(emitted_at=T0 + 1_999), now_ms=T0 + 2_300)  # late, in grace
+    assert windows.add(sample(emitted_at=T0 + 2_100), now_ms=T0 + 2_300)  # next window
+    assert not windows.add(sample(emitted_at=T0 + 500), now_ms=T0 + 2_500)  # closed
+    first, second = windows.close_due(T0 + 10_000)
+    assert [b.count for b in first.buckets.values()] == [1]
+    assert second.start_ms == T0 + 2_000
+
+
+def test_a_future_timestamp_counts_as_now() -> None:
+    windows = Windows(window_s=2, grace_s=0, max_samples=100)
+    assert windows.add(sample(emitted_at=T0 + 3_600_000), now_ms=T0 + 100)
+    (closed,) = windows.close_due(T0 + 2_000)
+    assert closed.start_ms == T0
+
+
+def test_bad_values_are_left_out_of_the_aggregate_they_would_poison() -> None:
+    windows = Windows(window_s=2, grace_s=0, max_samples=100)
+    bad = [float("nan"), float("inf"), -5.0, None]
+    for value in bad:
+        windows.add(sample(latency_ms=value, queue_wait_ms=value, cost_usd=value), now_ms=T0 + 1)
+    windows.add(sample(prompt_tokens=-10, completion_tokens=4), now_ms=T0 + 1)
+    (closed,) = windows.close_due(T0 + 2_000)
+    (bucket,) = closed.buckets.values()
+    assert bucket.count == 5 and bucket.latencies.values == [100.0]
+    assert bucket.tokens == 4 * 5 + 4 and math.isclose(bucket.cost_usd, 0.001)
+
+
+def test_the_latency_reservoir_is_bounded() -> None:
+    windows = Windows(window_s=2, grace_s=0, max_samples=10)
+    for i in range(1000):
+        windows.add(sample(latency_ms=float(i)), now_ms=T0 + 1)
+    (closed,) = windows.close_due(T0 + 2_000)
+    (bucket,) = closed.buckets.values()
+    assert bucket.count == 1000 and len(bucket.latencies.values) == 10
+
+
+def settings(**metrics: Any) -> Settings:
+    return load_settings(metrics={"window_s": 2, "grace_s": 0.5, **metrics})
+
+
+class Clock:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> float:
+        return self.ms / 1000
+
+
+def test_snapshots_follow_the_contract_and_the_exporter_counts_in_seconds() -> None:
+    config, registry, clock = settings(), CollectorRegistry(), Clock(T0 + 100)
+    serde = make_serde(config)
+    metrics = Metrics(config, serde, Exporter(registry), clock=clock)
+    topic = metrics.metrics_topic.replace("metrics", "telemetry")
+    for good in (execution(), execution(success=False, error_class="LMError", latency_ms=3000.0)):
+        original = Original(topic, 0, 1, value=serde.encode("Telemetry", good, topic=topic))
+        assert metrics.take(original) == []
+    assert metrics.take(Original(topic, 0, 2, key=b"k", value=b"junk"))[0].topic.endswith("dlq")
+    assert not metrics.observe(execution(success=None))
+    assert not metrics.observe({"kind": "health", "emitted_at": T0})
+    clock.ms = T0 + 2_500
+    (closed,) = metrics.due()
+    outgoing = metrics.encode(closed) + metrics.lag_snapshots(closed, {"general": 7})
+    decoded = [serde.decode(o.value, topic=o.topic).record for o in outgoing]
+    assert [o.key for o in outgoing] == [b"requests", b"queue_wait", b"pool.requests", b"pool.lag"]
+    assert decoded[0]["count"] == 2 and decoded[0]["error_rate"] == 0.5
+    assert decoded[3]["value"] == 7.0 and decoded[3]["labels"] == {"pool": "general"}
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    series = {"program": "qa", "pool": "general", "variant": "echo"}
+    assert value("dspex_requests_total", **series, outcome="ok") == 1
+    assert value("dspex_requests_total", **series, outcome="error") == 1
+    assert value("dspex_request_latency_seconds_count", **series) == 2
+    assert value("dspex_request_latency_seconds_sum", **series) == 3.1
+    assert value("dspex_request_latency_seconds_bucket", **series, le="0.1") == 1
+    assert value("dspex_queue_wait_seconds_sum", **series) == 0.02
+    assert value("dspex_tokens_total", **series) == 10
+    assert math.isclose(value("dspex_cost_usd_total", **series) or 0, 0.002)
+    assert value("dspex_pool_lag_messages", pool="general") == 7
+    for reason in ("undecodable", "invalid"):
+        assert value("dspex_telemetry_dropped_total", reason=reason) == 1
+    clock.ms = T0 + 60_000
+    assert not metrics.observe(execution())  # its window closed long ago
+    assert value("dspex_telemetry_dropped_total", reason="late") == 1
+    assert value("dspex_requests_total", **series, outcome="ok") == 1
+
+
+def test_routing_weights_follow_the_tables() -> None:
+    registry = CollectorRegistry()
+    exporter = Exporter(registry)
+
+    def table(**weights: float) -> dict[str, Any]:
+        variants = [{"name": n, "weight": w, "pool": "general"} for n, w in weights.items()]
+        return {"program_id": "qa", "variants": variants}
+
+    exporter.apply_routing("qa", table(a=0.7, b=0.3))
+    exporter.apply_routing("qa", table(a=0.95, c=0.05))
+    weight = {
+        v: registry.get_sample_value("dspex_routing_weight", {"program": "qa", "variant": v})
+        for v in ("a", "b", "c")
+    }
+    assert weight == {"a": 0.95, "b": None, "c": 0.05}
+    exporter.apply_routing("qa", None)
+    assert (
+        registry.get_sample_value("dspex_routing_weight", {"program": "qa", "variant": "a"}) is None
+    )
+
+
+def test_metrics_settings_defaults_and_environment(monkeypatch: Any) -> None:
+    defaults = load_settings().metrics
+    assert (defaults.window_s, defaults.prometheus_port, defaults.bind_host) == (
+        60.0,
+        9464,
+        "127.0.0.1",
+    )
+    monkeypatch.setenv("DSPEX_METRICS__PROMETHEUS_PORT", "0")
+    assert load_settings().metrics.prometheus_port == 0
+
+
+def test_top_keeps_the_latest_window_per_pool() -> None:
+    view = View(pools=["general", "gpu"])
+    closed = Closed(T0, T0 + 2_000, {("qa", "general", "echo"): _bucket()})
+    for _name, record in snapshots(closed, 2.0):
+        view.take_snapshot(record)
+    older = {**dict(snapshots(closed, 2.0))["pool.requests"], "window_end": T0, "count": 0}
+    view.take_snapshot(older)
+    assert view.requests["general"]["count"] == 3
+
+
+def _bucket() -> Any:
+    windows = Windows(window_s=2, grace_s=0, max_samples=10)
+    for _ in range(3):
+        windows.add(sample(), now_ms=T0 + 1)
+    (closed,) = windows.close_due(T0 + 2_000)
+    return next(iter(closed.buckets.values()))
+
+
+EXPORTED = {
+    "dspex_requests_total",
+    "dspex_request_latency_seconds_bucket",
+    "dspex_queue_wait_seconds_bucket",
+    "dspex_tokens_total",
+    "dspex_cost_usd_total",
+    "dspex_pool_lag_messages",
+    "dspex_routing_weight",
+}
+
+
+def test_prometheus_scrapes_the_exporter() -> None:
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "dspex"]
+    assert job["static_configs"][0]["targets"] == ["dspex:9464"]
+
+
+def test_grafana_provisioning_and_dashboard_use_exported_metrics() -> None:
+    grafana = ROOT / "deploy/grafana"
+    source = yaml.safe_load((grafana / "provisioning/datasources/prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((grafana / "provisioning/dashboards/dspex.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboard = json.loads((grafana / "dashboards/dspex.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"dspex_[a-z_]+", e)}
+    assert used <= EXPORTED and {"dspex_pool_lag_messages", "dspex_cost_usd_total"} <= used
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for word in ("rate", "p50", "p95", "p99", "error", "tokens", "cost", "lag"):
+        assert word in titles
+
+
+def test_compose_brings_up_prometheus_and_grafana() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert compose["prometheus"]["image"].startswith("prom/prometheus")
+    assert compose["grafana"]["image"].startswith("grafana/grafana")
+    assert compose["dspex"]["environment"]["DSPEX_METRICS__BIND_HOST"] == "0.0.0.0"  # noqa: S104
