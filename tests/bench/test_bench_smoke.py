@@ -1,0 +1,58 @@
+"""The whole benchmark suite with ``--quick`` counts, so it never rots.
+
+It checks the report's structure only — every section present, every figure a
+positive number, the chart written — never timings: those belong to a full run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bench import run
+
+pytestmark = pytest.mark.integration
+
+SECTIONS = ("machine", "config", "serde", "in_process", "ceiling", "pipeline", "scaling")
+DERIVED = ("ratios", "targets", "saturated", "diagnostics", "cpu_ms_per_request")
+
+
+def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path) -> None:
+    code = run.main(["--quick", "--out", str(tmp_path), "--bootstrap", bench_bootstrap])
+
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for section in (*SECTIONS, *DERIVED):
+        assert report[section], section
+    assert_positive(report["serde"], "serde_us", "json_us", "serde_bytes")
+    for figure in ("sync_loop", "run_sequential", "run_concurrent"):
+        assert_positive(report["in_process"][figure], "per_s")
+    for ceiling in (report["ceiling"], report["ceiling"]["linger_5ms"]):
+        assert_positive(ceiling["saturation"], "per_s")
+        assert_positive(ceiling["paced"], "p50", "p99")
+    pipeline = report["pipeline"]
+    for phase in ("miss_saturation", "hit_saturation"):
+        assert_positive(pipeline[phase], "per_s")
+        assert_positive(pipeline[phase]["cpu_percent"], "router", "worker-1", "client")
+    for phase in ("miss_paced", "hit_paced"):
+        assert_positive(pipeline[phase], "p50", "p95", "p99")
+    assert set(pipeline["exit_codes"]) == {"router", "worker-1", "worker-2"}
+    assert [step["workers"] for step in report["scaling"]] == [1, 2]
+    assert all(step["per_s"] > 0 for step in report["scaling"])
+    assert set(report["targets"]) == {
+        "pipeline_over_in_process",
+        "overhead_p50_ms",
+        "overhead_p99_ms",
+        "cache_hit_per_s",
+    }
+    assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def assert_positive(figures: dict[str, Any], *names: str) -> None:
+    for name in names:
+        value = figures[name]
+        assert isinstance(value, int | float) and value > 0, (name, value)
