@@ -6,10 +6,12 @@ faust message is described for dead letters, so every agent behaves alike.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 
@@ -71,3 +73,34 @@ def _headers(headers: Any) -> tuple[tuple[str, bytes | None], ...]:
         return ()
     items = headers.items() if isinstance(headers, Mapping) else headers
     return tuple((str(k), v) for k, v in items)
+
+
+class ServedAgent(Protocol):
+    """A DSPex stream agent: a faust ``app`` plus its own start-up and shutdown."""
+
+    app: Any
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def serve_until_signalled(agent: ServedAgent) -> None:
+    """Run ``agent`` until SIGINT/SIGTERM or until its faust app stops, then stop it."""
+    asyncio.run(_serve(agent))
+
+
+async def _serve(agent: ServedAgent) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await agent.start()
+    try:
+        crashed = asyncio.ensure_future(agent.app.wait_until_stopped())
+        await asyncio.wait(
+            [asyncio.ensure_future(stopping.wait()), crashed],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        await agent.stop()

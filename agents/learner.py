@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from agents.bandit import (
 )
 from agents.catalog import CompactedReader, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter
-from agents.faustapp import faust_app, original_of
+from agents.faustapp import faust_app, original_of, serve_until_signalled
 from agents.router import Outgoing
 from agents.routing import to_ms
 from agents.stats import Observation, ProgramStats
@@ -321,22 +320,7 @@ class LearnerApp:
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m agents learner`` entry point)."""
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        await self.start()
-        try:
-            crashed = asyncio.ensure_future(self.app.wait_until_stopped())
-            await asyncio.wait(
-                [asyncio.ensure_future(stopping.wait()), crashed],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            await self.stop()
+        serve_until_signalled(self)
 
     def _check_topics(self) -> dict[str, int]:
         admin = kafka.admin_client(self.settings)

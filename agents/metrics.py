@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from agents.catalog import CompactedReader
 from agents.deadletter import Failure, Original, dead_letter
-from agents.faustapp import faust_app, original_of
+from agents.faustapp import faust_app, original_of, serve_until_signalled
 from agents.router import Outgoing
 from agents.windows import BadTelemetry, Closed, Sample, Windows, gauge, snapshots
 from streams import kafka
@@ -330,22 +329,7 @@ class MetricsApp:
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m agents metrics`` entry point)."""
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        await self.start()
-        try:
-            crashed = asyncio.ensure_future(self.app.wait_until_stopped())
-            await asyncio.wait(
-                [asyncio.ensure_future(stopping.wait()), crashed],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            await self.stop()
+        serve_until_signalled(self)
 
     def _check_topics(self) -> dict[str, int]:
         live = self._admin_client().list_topics(timeout=ADMIN_TIMEOUT_S).topics

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from agents.cache import (
 )
 from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
-from agents.faustapp import faust_app, original_of
+from agents.faustapp import faust_app, original_of, serve_until_signalled
 from agents.routing import (
     DeadlineExceeded,
     KnownTopics,
@@ -336,22 +335,7 @@ class RouterApp:
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m agents router`` entry point)."""
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        await self.start()
-        try:
-            crashed = asyncio.ensure_future(self.app.wait_until_stopped())
-            await asyncio.wait(
-                [asyncio.ensure_future(stopping.wait()), crashed],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            await self.stop()
+        serve_until_signalled(self)
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
