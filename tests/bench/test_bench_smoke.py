@@ -36,7 +36,10 @@ def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path
     pipeline = report["pipeline"]
     for phase in ("miss_saturation", "hit_saturation"):
         assert_positive(pipeline[phase], "per_s")
-        assert_positive(pipeline[phase]["cpu_percent"], "router", "worker-1", "client")
+        assert_positive(pipeline[phase]["cpu_percent"], "router", "client")
+    # Cache hits never reach a pool, so an idle worker may honestly read 0 CPU there.
+    assert_positive(pipeline["miss_saturation"]["cpu_percent"], "worker-1")
+    assert pipeline["hit_saturation"]["cpu_percent"]["worker-1"] >= 0
     for phase in ("miss_paced", "hit_paced"):
         assert_positive(pipeline[phase], "p50", "p95", "p99")
     assert set(pipeline["exit_codes"]) == {"router", "worker-1", "worker-2"}
