@@ -107,6 +107,14 @@ class BreakerBoard:
         breaker = self._breakers.get(variant)
         return pybreaker.STATE_CLOSED if breaker is None else str(breaker.current_state)
 
+    def worst_state(self) -> str:
+        """The most alarming state over every breaker: open, else half-open, else closed."""
+        states = {str(b.current_state) for b in self._breakers.values()}
+        for state in (pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN):
+            if state in states:
+                return str(state)
+        return str(pybreaker.STATE_CLOSED)
+
 
 @dataclass(frozen=True)
 class BackendFailure:

@@ -91,6 +91,10 @@ class RequestHandler:
         """Requests answered and waiting only for the broker's acknowledgements."""
 
     @property
+    def executor(self) -> Executor:
+        return self._executor
+
+    @property
     def component(self) -> str:
         return f"worker.{self._pool}"
 

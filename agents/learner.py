@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,23 @@ SEND_TIMEOUT_S = 10.0
 NEEDED_TOPICS = ("telemetry", "routing", "dlq")
 
 
+class RecentVariants:
+    """The variant that ran each recently answered request, oldest forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._variants: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, request_id: str, variant: str) -> None:
+        self._variants[request_id] = variant
+        self._variants.move_to_end(request_id)
+        while len(self._variants) > self._capacity:
+            self._variants.popitem(last=False)
+
+    def get(self, request_id: str) -> str | None:
+        return self._variants.get(request_id)
+
+
 @dataclass
 class _Published:
     """What this learner last decided and published for one program."""
@@ -76,6 +94,7 @@ class Learner:
     dirty: set[str] = field(default_factory=set)
     state: dict[str, _Published] = field(default_factory=dict)
     loads: dict[str, ProgramStats] = field(default_factory=dict)
+    answered: RecentVariants = field(default_factory=lambda: RecentVariants(100_000))
 
     def __post_init__(self) -> None:
         topics = Topics(self.settings.topics)
@@ -98,7 +117,12 @@ class Learner:
     def observe(self, record: Record) -> None:
         """Learn from one decoded Telemetry record (kinds other than execution are ignored)."""
         program_id = record.get("program_id")
-        if record.get("kind") != "execution" or not program_id or record.get("cache_hit"):
+        if not program_id or record.get("cache_hit"):
+            return
+        if record.get("kind") == "feedback":
+            self._feedback(program_id, record)
+            return
+        if record.get("kind") != "execution":
             return
         emitted = to_ms(record.get("emitted_at"))
         obs = Observation.of(
@@ -115,6 +139,38 @@ class Learner:
             return
         stats = ProgramStats.from_json(self.stats.get(program_id))
         stats.observe(obs, self.clock(), self.config.bandit)
+        self.stats[program_id] = stats.to_json()
+        self.dirty.add(program_id)
+        if record.get("request_id"):
+            self.answered.remember(str(record["request_id"]), obs.variant)
+
+    def _feedback(self, program_id: str, record: Record) -> None:
+        """A client's quality score for an answered request, credited to its variant.
+
+        The variant is the record's own, else the one this learner saw run the
+        request (feedback travels keyed by program id, so it meets the execution's
+        telemetry in the same partition, after it).
+        """
+        request_id = str(record.get("request_id") or "")
+        variant = record.get("variant") or self.answered.get(request_id)
+        emitted = to_ms(record.get("emitted_at"))
+        stats = ProgramStats.from_json(self.stats.get(program_id))
+        applied = isinstance(variant, str) and stats.feedback(
+            variant,
+            record.get("quality"),
+            None if emitted is None else emitted / 1000.0,
+            self.clock(),
+            self.config.bandit,
+        )
+        if not applied:
+            logger.info(
+                "ignoring feedback program_id=%s request_id=%s variant=%s quality=%s",
+                program_id,
+                request_id,
+                variant,
+                record.get("quality"),
+            )
+            return
         self.stats[program_id] = stats.to_json()
         self.dirty.add(program_id)
 

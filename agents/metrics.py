@@ -45,6 +45,7 @@ SEND_TIMEOUT_S = 10.0
 ADMIN_TIMEOUT_S = 10.0
 SERIES = ("program", "pool", "variant")
 # seconds: from a cached answer (ms) to a slow optimizer job (minutes)
+_BREAKER_LEVEL = {"open": 1.0, "half-open": 0.5, "closed": 0.0}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -90,7 +91,35 @@ class Exporter:
             ["reason"],
             registry=registry,
         )
+        worker = ["pool", "worker"]
+        self.in_flight = Gauge(
+            "dspex_worker_in_flight", "Requests a worker is running.", worker, registry=registry
+        )
+        self.memory = Gauge(
+            "dspex_worker_memory_bytes", "Resident memory of a worker.", worker, registry=registry
+        )
+        self.breaker_open = Gauge(
+            "dspex_worker_breaker_open",
+            "1 when one of the worker's LM circuit breakers is open, 0.5 half-open, 0 closed.",
+            worker,
+            registry=registry,
+        )
         self._variants: dict[str, set[str]] = {}
+        self._workers: dict[tuple[str, str], float] = {}
+
+    def observe_health(self, record: Record, now_s: float, forget_after_s: float) -> None:
+        """Set one worker's gauges; forget workers silent for ``forget_after_s``."""
+        sample = record.get("health") or {}
+        labels = (str(record.get("pool") or ""), str(record.get("worker_id") or ""))
+        self.in_flight.labels(*labels).set(max(0, int(sample.get("in_flight") or 0)))
+        self.memory.labels(*labels).set(max(0, int(sample.get("memory_bytes") or 0)))
+        state = sample.get("breaker_state")
+        self.breaker_open.labels(*labels).set(_BREAKER_LEVEL.get(str(state), 0.0))
+        self._workers[labels] = now_s
+        for gone in [w for w, seen in self._workers.items() if now_s - seen > forget_after_s]:
+            del self._workers[gone]
+            for series in (self.in_flight, self.memory, self.breaker_open):
+                series.remove(*gone)
 
     def observe(self, sample: Sample) -> None:
         """Count one execution."""
@@ -146,6 +175,10 @@ class Metrics:
 
     def observe(self, record: Record, original: Original | None = None) -> bool:
         """Count one decoded Telemetry record; ``False`` when it was not counted."""
+        if record.get("kind") == "health" and record.get("health") is not None:
+            forget = 5 * self.settings.metrics.worker_health_interval_s
+            self.exporter.observe_health(record, self.clock(), forget)
+            return True
         try:
             sample = Sample.of(record)
         except BadTelemetry as exc:

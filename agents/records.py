@@ -9,9 +9,11 @@ the contract.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -256,7 +258,50 @@ def telemetry(
 def _health(result: Result, in_flight: int) -> Record | None:
     if result.breaker_state is None:
         return None
-    return {"in_flight": in_flight, "breaker_state": result.breaker_state, "memory_bytes": 0}
+    return health_sample(in_flight, result.breaker_state)
+
+
+def health_sample(in_flight: int, breaker_state: str) -> Record:
+    """The Avro ``Health`` record: in-flight requests, breaker state, resident memory."""
+    return {"in_flight": in_flight, "breaker_state": breaker_state, "memory_bytes": rss_bytes()}
+
+
+def health(worker_id: str, pool: str, in_flight: int, breaker_state: str) -> Record:
+    """A worker's periodic Telemetry of kind ``health``."""
+    return {
+        "kind": "health",
+        "request_id": None,
+        "program_id": None,
+        "program_version": None,
+        "pool": pool,
+        "variant": None,
+        "worker_id": worker_id,
+        "emitted_at": now(),
+        "latency_ms": None,
+        "queue_wait_ms": None,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cost_usd": None,
+        "success": None,
+        "error_class": None,
+        "cache_hit": False,
+        "quality": None,
+        "health": health_sample(in_flight, breaker_state),
+    }
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return pages * _PAGE_BYTES
 
 
 def dead_letter(

@@ -137,6 +137,16 @@ class ArmStats:
             self.c_n, self.c_sum = self.c_n + 1.0, self.c_sum + obs.cost_usd
         self.demoted = _anomaly(self, cfg)
 
+    def feedback(self, quality: float, t: float, cfg: BanditConfig) -> None:
+        """A client's late quality score for one answered request of this arm.
+
+        The execution counted a full reward of 1 when it had no score; the
+        feedback replaces that 1 with ``quality`` and joins the quality mean.
+        """
+        self.decay_to(t, cfg.half_life_s)
+        self.reward = min(max(self.reward + quality - 1.0, 0.0), self.successes)
+        self.q_n, self.q_sum = self.q_n + 1.0, self.q_sum + quality
+
     def _latency(self, latency: float, service: float | None, keep: float) -> None:
         log = math.log(max(latency, 1e-3))
         self.lat_n += 1.0
@@ -259,6 +269,17 @@ class ProgramStats:
         arm = self.arms.setdefault(obs.variant, ArmStats(pool=obs.pool))
         arm.pool = obs.pool
         arm.observe(obs, t, cfg)
+
+    def feedback(
+        self, variant: str, quality: object, at_s: float | None, now_s: float, cfg: BanditConfig
+    ) -> bool:
+        """Apply a quality score to a known arm; False when it cannot teach anything."""
+        score = clean(quality, 0.0, 1.0)
+        arm = self.arms.get(variant)
+        if score is None or arm is None:
+            return False
+        arm.feedback(score, now_s if at_s is None else min(at_s, now_s), cfg)
+        return True
 
     def to_json(self) -> str:
         return json.dumps({name: arm.to_dict() for name, arm in self.arms.items()})

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from agents import records
 from agents.execution import DSPyExecutor, Executor
 from agents.handler import Destinations, RequestHandler
 from agents.offsets import OffsetTracker
@@ -119,6 +120,7 @@ class PoolWorker:
         background = [
             asyncio.create_task(self._commit_periodically()),
             asyncio.create_task(self._serve_deliveries()),
+            asyncio.create_task(self._report_health_periodically()),
         ]
         logger.info(
             "worker started worker_id=%s topic=%s group=%s",
@@ -289,6 +291,19 @@ class PoolWorker:
                 logger.warning("commit failed group=%s offsets=%s: %s", self.group_id, offsets, exc)
                 return
             self._tracker.committed(offsets)
+
+    async def _report_health_periodically(self) -> None:
+        """A ``health`` Telemetry record now and every ``metrics.worker_health_interval_s``."""
+        topic = Topics(self._settings.topics).name("telemetry")
+        while True:
+            faults = getattr(self._handler.executor, "faults", None)
+            breakers = faults.breakers.worst_state() if faults is not None else "closed"
+            sample = records.health(self.worker_id, self.pool, self.in_flight(), breakers)
+            try:
+                await (await self._publisher.send(topic, self.worker_id, "Telemetry", sample))
+            except Exception:  # health is best effort: never let it stop the worker
+                logger.warning("health sample not sent worker_id=%s", self.worker_id, exc_info=True)
+            await asyncio.sleep(self._settings.metrics.worker_health_interval_s)
 
     async def _serve_deliveries(self) -> None:
         while True:

@@ -19,6 +19,7 @@ from typing import Any, Unpack
 from confluent_kafka import KafkaError, Message, Producer
 
 from streams import kafka
+from streams._feedback import feedback_record
 from streams._listener import ReplyListener
 from streams._programs import latest_version, program_version_record
 from streams._replies import Chunk, ClientClosed, Dispatcher, Inbox, RequestFailed, Result
@@ -61,6 +62,7 @@ class AsyncClient:
         self._settings = settings
         self._requests_topic = topics.name("requests")
         self._programs_topic = topics.name("programs")
+        self._telemetry_topic = topics.name("telemetry")
         self.reply_topic = reply_topic
         self.listen_topic = reply_topic or topics.name("responses")
         self._grace_s = grace_s
@@ -229,6 +231,28 @@ class AsyncClient:
         await (await self._send(self._programs_topic, program_id.encode(), value, []))
         logger.info("published program_id=%s version=%s", program_id, record["version"])
         return int(record["version"])
+
+    async def send_feedback(
+        self,
+        request: Result | str,
+        quality: float,
+        *,
+        program_id: str | None = None,
+        variant: str | None = None,
+    ) -> None:
+        """Score an answered request's quality in [0, 1] for the learning agent.
+
+        ``request`` is the :class:`Result` (its program id is used) or a request id
+        with ``program_id``. Returns once the broker has the record.
+        """
+        await self.start()
+        request_id = request if isinstance(request, str) else request.request_id
+        if not isinstance(request, str):
+            program_id = program_id or request.program_id
+        record = feedback_record(request_id, quality, program_id=program_id or "", variant=variant)
+        topic = self._telemetry_topic
+        value = self._require_serde().encode("Telemetry", record, topic=topic)
+        await (await self._send(topic, str(record["program_id"]).encode(), value, []))
 
     async def _exchange(
         self,

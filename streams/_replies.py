@@ -54,6 +54,7 @@ class Chunk:
     cached: bool
     pool: str | None
     program_version: int | None = None
+    program_id: str | None = None
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Chunk:
@@ -70,6 +71,7 @@ class Chunk:
             cached=record["cached"],
             pool=record.get("pool"),
             program_version=record.get("program_version"),
+            program_id=record.get("program_id"),
         )
 
 
@@ -86,6 +88,7 @@ class Result:
     program_version: int | None
     chunks: int
     elapsed_s: float
+    program_id: str | None = None
 
     @classmethod
     def from_chunks(cls, chunks: list[Chunk], elapsed_s: float) -> Result:
@@ -101,6 +104,7 @@ class Result:
             program_version=final.program_version,
             chunks=len(chunks),
             elapsed_s=elapsed_s,
+            program_id=final.program_id,
         )
 
 

@@ -190,6 +190,18 @@ class Client:
         )
         return self._call(publish)
 
+    def send_feedback(
+        self,
+        request: Result | str,
+        quality: float,
+        *,
+        program_id: str | None = None,
+        variant: str | None = None,
+    ) -> None:
+        """Blocking :meth:`AsyncClient.send_feedback`."""
+        send = self._client.send_feedback(request, quality, program_id=program_id, variant=variant)
+        self._call(send)
+
     def close(self) -> None:
         """Close the AsyncClient, then stop the event-loop thread; idempotent."""
         if self._loop.is_closed():

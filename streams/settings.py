@@ -295,6 +295,8 @@ class MetricsSettings(_Section):
     prometheus_port: int = Field(default=9464, ge=0, le=65535)  # 0 = no exporter
     bind_host: str = "127.0.0.1"
     routing_weights: bool = True  # follow the routing topic for dspex_routing_weight
+    # how often each pool worker sends a health sample (in-flight, breakers, memory)
+    worker_health_interval_s: float = Field(default=10.0, gt=0)
 
 
 class ReliabilitySettings(_Section):
@@ -317,6 +319,25 @@ class ReliabilitySettings(_Section):
     # how soon a worker that died without leaving (kill -9) loses its partitions;
     # librdkafka's 45 s default would stall a dead worker's requests that long
     session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+
+
+class JobsSettings(_Section):
+    """Optimizer jobs: the optimizer pool's job runners (``python -m agents jobs``).
+
+    ``max_poll_interval_s`` is the runners' librdkafka ``max.poll.interval.ms``: a
+    job may run far longer (the runner pauses its partitions and keeps polling),
+    but it must be at least ``reliability.session_timeout_s``. ``compile_variant``
+    is the LM backend DSPy's optimizer calls while compiling (None: the optimizer
+    pool's variant); evaluations run on ``eval_pool`` through the router.
+    """
+
+    max_poll_interval_s: float = Field(default=300.0, ge=1.0, le=86_400.0)
+    compile_variant: str | None = None
+    eval_pool: Literal["general", "optimizer", "gpu"] = "general"
+    eval_deadline_s: float = Field(default=120.0, gt=0)
+    max_examples: int = Field(default=10_000, ge=1)
+    max_trials: int = Field(default=64, ge=1)
+    transaction_timeout_s: float = Field(default=60.0, ge=1.0)
 
 
 class LocalBrokerSettings(_Section):
@@ -354,6 +375,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 

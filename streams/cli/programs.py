@@ -11,7 +11,7 @@ from rich.table import Table
 
 from streams.cli._app import app, err, out, settings_of
 from streams.client import Client, Program, RequestFailed
-from streams.errors import ConfigError
+from streams.errors import ConfigError, InvalidRequest
 from streams.serde import make_serde
 from streams.settings import Settings
 from streams.topics import Topics
@@ -102,6 +102,24 @@ def submit(
             out.print_json(json.dumps(result.outputs))
 
 
+@app.command("feedback")
+def feedback(
+    ctx: typer.Context,
+    request_id: Annotated[str, typer.Argument(help="The answered request's id.")],
+    quality: Annotated[float, typer.Argument(help="Quality score in [0, 1].")],
+    program: Annotated[str, typer.Option("--program", help="The registered program id.")],
+    variant: Annotated[str | None, typer.Option(help="The variant that answered.")] = None,
+) -> None:
+    """Score an answer's quality; the learning agent credits the variant that ran it."""
+    with Client(settings_of(ctx)) as client:
+        try:
+            client.send_feedback(request_id, quality, program_id=program, variant=variant)
+        except InvalidRequest as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+    err.print(f"feedback {quality} for request_id={request_id} program={program} sent")
+
+
 def _stream(client: Client, target: Program | str, inputs: dict[str, Any], options: Any) -> None:
     for chunk in client.stream(target, inputs, **options):
         if chunk.delta:
@@ -115,7 +133,9 @@ def _stream(client: Client, target: Program | str, inputs: dict[str, Any], optio
                     f"field={error.get('field')} stage={error.get('stage')}: {error.get('message')}"
                 )
                 raise typer.Exit(1)
-            err.print(f"[dim]pool={chunk.pool} cached={chunk.cached}[/]")
+            err.print(
+                f"[dim]request_id={chunk.request_id} pool={chunk.pool} cached={chunk.cached}[/]"
+            )
             out.print_json(json.dumps(chunk.outputs))
 
 

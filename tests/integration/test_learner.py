@@ -18,6 +18,8 @@ from agents.router import make_router
 from agents.routing import RouteChooser
 from agents.stats import ProgramStats
 from streams import kafka
+from streams.client import Client
+from streams.errors import InvalidRequest
 from streams.serde import make_serde
 from streams.settings import BanditConfig, LearnerSettings, Settings
 from streams.topics import Topics
@@ -71,11 +73,18 @@ class Producer:
         value = self.serde.encode(schema, record, topic=topic)
         self.producer.produce(topic, key=key.encode(), value=value)
 
-    def telemetry(self, variant: str, pool: str, success_p: float, latency_ms: float) -> bool:
+    def telemetry(
+        self,
+        variant: str,
+        pool: str,
+        success_p: float,
+        latency_ms: float,
+        request_id: str | None = None,
+    ) -> bool:
         ok = self.rng.random() < success_p
         record = {
             "kind": "execution",
-            "request_id": str(uuid.uuid4()),
+            "request_id": request_id or str(uuid.uuid4()),
             "program_id": PROGRAM,
             "program_version": 1,
             "pool": pool,
@@ -179,6 +188,44 @@ async def test_learns_a_table_and_rebuilds_statistics_after_restart(
     assert after["version"] == versions[-1] + 1
     assert 140.0 <= counts(after)["good"] <= 151.0  # rebuilt, neither cold nor counted twice
     assert weights(after)["good"] > weights(after)["bad"]
+
+
+async def test_client_feedback_moves_traffic_to_the_better_answers(
+    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, app_ids: list[str]
+) -> None:
+    """Both variants always succeed; only the clients' quality scores tell them apart."""
+    create_topics()
+    producer = Producer(settings)
+    answered = [(f"req-{i}", "terse" if i % 2 else "thorough") for i in range(120)]
+    for request_id, variant in answered:
+        producer.telemetry(variant, "general", 1.0, 100.0, request_id=request_id)
+    producer.flush()
+    with Client(settings) as client:
+        for request_id, variant in answered:
+            client.send_feedback(request_id, 0.1 if variant == "terse" else 0.9, program_id=PROGRAM)
+        with pytest.raises(InvalidRequest, match="quality"):
+            client.send_feedback("req-0", 1.5, program_id=PROGRAM)
+    app_id = f"{settings.topics.prefix}learner-{uuid.uuid4().hex[:8]}"
+    app_ids.append(app_id)
+    config = learner_settings(candidates={"terse": "general", "thorough": "general"})
+    learner = make_learner(settings, app_id=app_id, learner_settings=config)
+    await learner.start()
+    try:
+        await until(lambda: _quality_seen(learner) >= 119.0, 40, "120 feedback records applied")
+        await asyncio.sleep(1.5)
+        table = watcher.tables()[-1]
+    finally:
+        await learner.stop()
+    quality = {row["variant"]: row["mean_quality"] for row in table["learned_from"]}
+    print(f"\nfeedback -> weights {weights(table)}, mean quality {quality}")
+    assert quality["terse"] == pytest.approx(0.1, abs=0.01)
+    assert quality["thorough"] == pytest.approx(0.9, abs=0.01)
+    assert weights(table)["thorough"] >= 0.8 and weights(table)["terse"] > 0
+
+
+def _quality_seen(learner: LearnerApp) -> float:
+    stats = ProgramStats.from_json(learner.stats.get(PROGRAM))
+    return sum(arm.q_n for arm in stats.arms.values())
 
 
 def _counted(learner: LearnerApp) -> float:

@@ -110,6 +110,13 @@ class Outputs:
     def finals(self) -> list[dict[str, Any]]:
         return [r for r in self.records["responses"] if r["final"]]
 
+    def measured(self) -> list[dict[str, Any]]:
+        """Telemetry of executions (workers also send periodic ``health`` records)."""
+        return [r for r in self.records["telemetry"] if r["kind"] == "execution"]
+
+    def health(self) -> list[dict[str, Any]]:
+        return [r for r in self.records["telemetry"] if r["kind"] == "health"]
+
     async def until(self, done: Callable[[Outputs], bool], timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while not done(self):
@@ -184,7 +191,7 @@ async def test_hundred_requests_answered_once_each_and_committed(
         async with running(_worker(settings, executor, group)):
             await out.until(lambda o: len(o.finals()) >= 100)
             elapsed = time.monotonic() - started
-            await out.until(lambda o: len(o.records["telemetry"]) >= 100)
+            await out.until(lambda o: len(o.measured()) >= 100)
             await out.settle(1.0)
     finals = Counter(r["request_id"] for r in out.finals())
     assert finals == Counter({r["request_id"]: 1 for r in requests})
@@ -192,7 +199,7 @@ async def test_hundred_requests_answered_once_each_and_committed(
     by_id = {r["request_id"]: r for r in out.finals()}
     assert by_id[requests[7]["request_id"]]["outputs"] == {"answer": json.dumps("echo: question 7")}
     assert Counter(r["request_id"] for r in out.records["executions"]) == finals
-    assert Counter(r["request_id"] for r in out.records["telemetry"]) == finals
+    assert Counter(r["request_id"] for r in out.measured()) == finals
     assert out.records["dlq"] == []
     _committed_equals_end(settings, group)
     stamps = sorted(r["produced_at"] for r in out.finals())
@@ -202,6 +209,23 @@ async def test_hundred_requests_answered_once_each_and_committed(
         f"incl. group join ({elapsed:.2f}s), {99 / spread:.0f} requests/s first to last answer; "
         f"peak concurrency {executor.peak}"
     )
+
+
+async def test_worker_reports_its_health_periodically(
+    settings: Settings, create_topics: CreateTopics
+) -> None:
+    create_topics()
+    settings = settings.model_copy(
+        update={"metrics": settings.metrics.model_copy(update={"worker_health_interval_s": 0.5})}
+    )
+    worker = _worker(settings, FakeExecutor(), _group())
+    async with outputs(settings) as out, running(worker):
+        await out.until(lambda o: len(o.health()) >= 3)
+    samples = out.health()
+    assert {r["worker_id"] for r in samples} == {worker.worker_id}
+    assert all(r["pool"] == "general" and r["request_id"] is None for r in samples)
+    assert all(r["health"]["memory_bytes"] > 10_000_000 for r in samples)  # a real RSS
+    assert all(r["health"]["breaker_state"] == "closed" for r in samples)
 
 
 async def test_streaming_request_gets_ordered_chunks_then_final(
@@ -242,7 +266,7 @@ async def test_expired_deadline_times_out_without_running(
     executor = FakeExecutor()
     async with outputs(settings) as out, running(_worker(settings, executor, _group())):
         _produce_requests(settings, [late])
-        await out.until(lambda o: len(o.finals()) == 1 and len(o.records["telemetry"]) == 1)
+        await out.until(lambda o: len(o.finals()) == 1 and len(o.measured()) == 1)
     (final,) = out.finals()
     assert final["status"] == "timeout"
     assert final["error"]["error_class"] == "DeadlineExceeded"

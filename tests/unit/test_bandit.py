@@ -256,3 +256,43 @@ def test_objective_labels() -> None:
     assert Objective(kind="quality").label() == "quality"
     mixed = Objective(kind="balanced", latency_weight=0.5, max_p95_ms=2000)
     assert mixed.label() == "balanced(quality=1,latency=0.5,cost=0.25); p95<=2000ms"
+
+
+def test_feedback_replaces_the_default_reward_with_the_score() -> None:
+    stats = ProgramStats()
+    t = 1_000.0
+    for i in range(200):
+        variant = "terse" if i % 2 else "thorough"
+        obs = Observation.of(variant, "general", t, True, 100.0)
+        assert obs is not None
+        stats.observe(obs, t, CFG)
+        score = 0.2 if variant == "terse" else 0.9
+        assert stats.feedback(variant, score, t, t, CFG)
+        t += 0.1
+    decision = decide(
+        stats,
+        {"terse": "general", "thorough": "general"},
+        QUALITY,
+        CFG,
+        random.Random(3),
+        t,
+        None,
+        (),
+    )
+    learned = {s["variant"]: s for s in decision.learned_from}
+    print(f"\nfeedback-only difference: weights={decision.weights}")
+    assert learned["terse"]["mean_quality"] == pytest.approx(0.2, abs=0.01)
+    assert learned["thorough"]["mean_quality"] == pytest.approx(0.9, abs=0.01)
+    assert decision.weights["thorough"] >= 0.8
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "0.5", None, True])
+def test_feedback_with_a_bad_score_or_unknown_variant_changes_nothing(bad: object) -> None:
+    stats = ProgramStats()
+    obs = Observation.of("a", "general", 10.0, True, 100.0)
+    assert obs is not None
+    stats.observe(obs, 10.0, CFG)
+    before = stats.to_json()
+    assert not stats.feedback("a", bad, 10.0, 10.0, CFG)
+    assert not stats.feedback("nobody", 0.5, 10.0, 10.0, CFG)
+    assert stats.to_json() == before

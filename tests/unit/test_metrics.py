@@ -186,6 +186,29 @@ def test_routing_weights_follow_the_tables() -> None:
     )
 
 
+def test_worker_health_sets_gauges_and_silent_workers_are_forgotten() -> None:
+    config, registry, clock = settings(), CollectorRegistry(), Clock(T0)
+    metrics = Metrics(config, make_serde(config), Exporter(registry), clock=clock)
+
+    def health(worker: str, in_flight: int, breaker: str) -> dict[str, Any]:
+        sample = {"in_flight": in_flight, "breaker_state": breaker, "memory_bytes": 50_000_000}
+        return {"kind": "health", "pool": "general", "worker_id": worker, "health": sample}
+
+    def value(name: str, worker: str) -> float | None:
+        return registry.get_sample_value(name, {"pool": "general", "worker": worker})
+
+    assert metrics.observe(health("w1", 3, "open"))
+    assert metrics.observe(health("w2", 0, "half-open"))
+    assert value("dspex_worker_in_flight", "w1") == 3
+    assert value("dspex_worker_memory_bytes", "w1") == 50_000_000
+    assert value("dspex_worker_breaker_open", "w1") == 1.0
+    assert value("dspex_worker_breaker_open", "w2") == 0.5
+    clock.ms += int(6 * config.metrics.worker_health_interval_s * 1000)
+    assert metrics.observe(health("w2", 1, "closed"))
+    assert value("dspex_worker_in_flight", "w1") is None  # w1 went silent: its series are gone
+    assert value("dspex_worker_breaker_open", "w2") == 0.0
+
+
 def test_metrics_settings_defaults_and_environment(monkeypatch: Any) -> None:
     defaults = load_settings().metrics
     assert (defaults.window_s, defaults.prometheus_port, defaults.bind_host) == (
@@ -223,6 +246,9 @@ EXPORTED = {
     "dspex_cost_usd_total",
     "dspex_pool_lag_messages",
     "dspex_routing_weight",
+    "dspex_worker_in_flight",
+    "dspex_worker_memory_bytes",
+    "dspex_worker_breaker_open",
 }
 
 
