@@ -56,6 +56,7 @@ Record = dict[str, Any]
 COMPONENT = "router"
 READY_TIMEOUT_S = 60.0
 SEND_TIMEOUT_S = 10.0
+SEND_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +275,7 @@ class RouterApp:
             chooser=chooser,
             existing_topics=KnownTopics(self._list_topics),
         )
+        self._acking: set[asyncio.Future[None]] = set()
         self._add_agents()
 
     def _list_topics(self) -> list[str]:
@@ -291,12 +293,24 @@ class RouterApp:
         )
 
     async def _route_agent(self, stream: Any) -> None:
-        async for event in stream.events():
+        # Acks are manual: a request's offset may be committed only once every record
+        # it caused (pool record, or error Response + DeadLetter) is on the broker.
+        # faust commits up to the first unacked offset, so sends stay pipelined.
+        manual = stream.noack()
+        async for event in manual.events():
+            original = original_of(event.message)
             try:
-                for out in self.handler.handle_request(original_of(event.message)):
-                    await self._send(out)
-            except Exception:  # never let one record stop the agent
-                logger.exception("dropping request %s", original_of(event.message).where())
+                outs = self.handler.handle_request(original)
+            except Exception:  # handle_request answers bad input itself: this is a bug
+                logger.exception("dropping request %s", original.where())
+                await manual.ack(event)  # redoing it would only hit the bug again
+                continue
+            delivered = [await self._send(out) for out in outs]
+            task = asyncio.ensure_future(
+                self._ack_when_delivered(manual, event, original, outs, delivered)
+            )
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
 
     async def _cache_agent(self, stream: Any) -> None:
         async for event in stream.events():
@@ -305,15 +319,59 @@ class RouterApp:
             except Exception:  # the cache is an optimisation: never stop on it
                 logger.exception("cache fill failed %s", original_of(event.message).where())
 
-    async def _send(self, out: Outgoing) -> None:
+    async def _send(self, out: Outgoing) -> asyncio.Future[Any]:
+        """Queue one record; the returned future resolves once the broker has it."""
         headers = list(out.headers) or None
-        # Sent before the event is acked; faust flushes the producer before committing offsets.
         send = self.app.producer.send(out.topic, out.key, out.value, None, None, headers)
         try:
             # A reply topic that does not exist would block on metadata for minutes.
-            await asyncio.wait_for(send, SEND_TIMEOUT_S)
-        except TimeoutError:
-            logger.error("send timed out topic=%s (does the topic exist?)", out.topic)
+            delivery: asyncio.Future[Any] = await asyncio.wait_for(send, SEND_TIMEOUT_S)
+        except Exception as exc:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(
+                exc
+                if not isinstance(exc, TimeoutError)
+                else TimeoutError(f"send to topic={out.topic} timed out after {SEND_TIMEOUT_S}s")
+            )
+            return failed
+        return delivery
+
+    async def _ack_when_delivered(
+        self,
+        stream: Any,
+        event: Any,
+        original: Original,
+        outs: list[Outgoing],
+        delivered: list[asyncio.Future[Any]],
+    ) -> None:
+        """Ack the request once its records are acknowledged; resend what failed first."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            results = await asyncio.gather(*delivered, return_exceptions=True)
+            failed = [
+                (o, r) for o, r in zip(outs, results, strict=True) if isinstance(r, BaseException)
+            ]
+            if not failed:
+                await stream.ack(event)
+                return
+            logger.warning(
+                "forwarding failed %s attempt=%d/%d topic=%s error=%s",
+                original.where(),
+                attempt,
+                SEND_ATTEMPTS,
+                failed[0][0].topic,
+                failed[0][1],
+            )
+            if attempt < SEND_ATTEMPTS:
+                await asyncio.sleep(min(2.0**attempt * 0.1, 5.0))
+                outs = [o for o, _ in failed]
+                delivered = [await self._send(o) for o in outs]
+        # Not acked: the committed offset stays before this request, so a restarted
+        # router routes it again (the consumer-group lag shows the stall meanwhile).
+        logger.error(
+            "request left unacked after %d attempts %s; it is redone when the router restarts",
+            SEND_ATTEMPTS,
+            original.where(),
+        )
 
     async def start(self) -> None:
         """Check the topics, load programs and routing tables, then start consuming."""

@@ -38,7 +38,11 @@ BATCHES, BATCH_SIZE, INTERVAL_S, KILL_AFTER_BATCH = 20, 20, 0.5, 8
 
 
 def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "agents", "worker", "--pool", "general"]
+    return _start_agent(settings, log, "worker", "--pool", "general")
+
+
+def _start_agent(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "agents", *args]
     with log.open("wb") as out:
         return subprocess.Popen(
             argv, env=agent_env(settings), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
@@ -130,3 +134,49 @@ async def test_kill_9_of_a_general_worker_under_load_loses_nothing(
     assert len(answered) == BATCHES * BATCH_SIZE
     assert set(finals) >= {r.request_id for _, r, _ in answered if isinstance(r, Result)}
     assert recovery_s < settings.reliability.session_timeout_s + 15
+
+
+async def test_kill_9_of_the_router_under_load_loses_nothing(
+    settings: Settings,
+    start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """The router is killed between batches and a new one takes over its consumer group.
+
+    Requests the dead router had read but not yet forwarded must be routed by its
+    successor: the router acks a request only once its pool record is on the broker.
+    """
+    settings = echo_settings(settings)
+    stack = start_stack(settings, ["general"])
+    victim = stack.processes["router"]
+    tail = Tail(settings, ["responses"])
+    async with AsyncClient(settings) as client:
+        tasks = []
+        for batch in range(BATCHES):
+            questions = [f"router {batch}.{n} {uuid.uuid4().hex[:6]}" for n in range(BATCH_SIZE)]
+            tasks += [asyncio.create_task(_timed(client, q)) for q in questions]
+            if batch == KILL_AFTER_BATCH:
+                await asyncio.sleep(0.05)  # let the router be mid-batch
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(10)
+                stack.processes["router"] = _start_agent(
+                    settings, tmp_path / "router2.log", "router"
+                )
+            await asyncio.sleep(INTERVAL_S)
+        outcomes = await asyncio.gather(*tasks)
+    tail.wait(lambda t: len([r for r in t.of("responses") if r["final"]]) >= 400, 30, "400")
+    tail.close()
+    stack.check_alive()
+
+    answered = [r for _, r, _ in outcomes if isinstance(r, Result)]
+    lost = [(q, repr(r)) for q, r, _ in outcomes if not isinstance(r, Result)]
+    wrong = [
+        q for q, r, _ in outcomes if isinstance(r, Result) and r.outputs != {"answer": f"echo: {q}"}
+    ]
+    print(
+        f"\nkill -9 of the router after batch {KILL_AFTER_BATCH}: sent {len(outcomes)}, "
+        f"answered {len(answered)}, lost {len(lost)}; victim exit {victim.returncode}"
+    )
+    assert victim.returncode == -signal.SIGKILL
+    assert lost == [] and wrong == []
+    assert len(answered) == BATCHES * BATCH_SIZE
