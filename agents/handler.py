@@ -11,7 +11,9 @@ answers does (:class:`~agents.publisher.DeliveryFailed`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -206,6 +208,7 @@ class RequestHandler:
         measured = records.telemetry(
             request, result, worker_id=self._worker_id, pool=self._pool, in_flight=len(self._active)
         )
+        measured["quality"] = score_against_gold(request, result)
         telemetry_key = request.get("program_id") or request_id
         sent = [
             await self._publisher.send(self._to.executions, request_id, "Execution", execution),
@@ -248,6 +251,36 @@ class RequestHandler:
     ) -> asyncio.Future[None]:
         record = records.dead_letter(origin, error, component=self.component, request_id=request_id)
         return await self._publisher.send(self._to.dlq, origin.key, "DeadLetter", record)
+
+
+GOLD, METRIC = "dspex.gold", "dspex.metric"
+
+
+def score_against_gold(request: Mapping[str, Any], result: Result) -> float | None:
+    """The metric's score of a successful answer when the request carries a gold answer.
+
+    ``metadata["dspex.gold"]`` is a JSON object of expected output fields;
+    ``metadata["dspex.metric"]`` names the metric (the router copies a registered
+    program's own metric there). Anything unusable is logged and scores nothing:
+    scoring never fails a request.
+    """
+    metadata = request.get("metadata") or {}
+    if result.status != "ok" or GOLD not in metadata:
+        return None
+    from agents.scoring import get_metric
+
+    try:
+        gold = json.loads(metadata[GOLD])
+        if not isinstance(gold, dict) or not gold:
+            raise ValueError("not a non-empty JSON object of output fields")
+        metric = get_metric(metadata.get(METRIC) or "exact_match")
+        score = float(metric(gold, dict(result.outputs)))
+    except Exception as exc:
+        logger.warning(
+            "not scored request_id=%s metadata.%s: %s", request.get("request_id"), GOLD, exc
+        )
+        return None
+    return score if math.isfinite(score) else None
 
 
 def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) -> Result:

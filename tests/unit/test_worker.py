@@ -17,7 +17,7 @@ import pytest
 
 from agents import records
 from agents.execution import Outcome, TokenUsage, backend_overrides, classify, remaining_seconds
-from agents.handler import Destinations, RequestHandler
+from agents.handler import Destinations, RequestHandler, score_against_gold
 from agents.publisher import DeliveryFailed, Publisher
 from agents.records import ErrorInfo, Origin, Result
 from schemas.samples import sample
@@ -419,3 +419,21 @@ async def test_an_unwritable_reply_topic_is_dead_lettered() -> None:
     await _pipeline(FakeExecutor(), producer, _origin(_request(reply_topic="app.missing")))
     (letter,) = producer.records(TO.dlq)
     assert letter["stage"] == "produce"
+
+
+def test_answers_with_a_gold_label_are_scored_by_the_named_metric() -> None:
+    t = records.now()
+    ok = Result("ok", t, t, t, outputs={"answer": "The Paris!"})
+
+    def scored(metadata: dict[str, str], result: Result = ok) -> float | None:
+        return score_against_gold({"request_id": "r", "metadata": metadata}, result)
+
+    assert scored({"dspex.gold": json.dumps({"answer": "the paris"})}) == 1.0  # exact_match
+    assert scored(
+        {"dspex.gold": json.dumps({"answer": "Paris, France"}), "dspex.metric": "f1"}
+    ) == (pytest.approx(0.5))
+    assert scored({}) is None
+    assert scored({"dspex.gold": json.dumps({"answer": "x"})}, Result("error", t, t, t)) is None
+    for bad in ({"dspex.gold": "not json"}, {"dspex.gold": "[1]"}, {"dspex.gold": "{}"}):
+        assert scored(bad) is None
+    assert scored({"dspex.gold": json.dumps({"answer": "x"}), "dspex.metric": "nope"}) is None
