@@ -91,6 +91,12 @@ class Exporter:
             ["reason"],
             registry=registry,
         )
+        self.recommended = Gauge(
+            "dspex_pool_recommended_consumers",
+            "Consumers per pool the learning agent recommends (KEDA scales on it).",
+            ["pool"],
+            registry=registry,
+        )
         worker = ["pool", "worker"]
         self.in_flight = Gauge(
             "dspex_worker_in_flight", "Requests a worker is running.", worker, registry=registry
@@ -141,6 +147,8 @@ class Exporter:
         for variant, weight in now.items():
             self.weight.labels(program, variant).set(weight)
         self._variants[program] = set(now)
+        for pool, consumers in ((table or {}).get("pool_hints") or {}).items():
+            self.recommended.labels(pool).set(consumers)  # the latest table's view of all load
 
 
 @dataclass

@@ -123,10 +123,28 @@ class TopicSettings(_Section):
 
 
 class PoolSettings(_Section):
-    """One worker pool (a consumer group): processes and in-flight requests per process."""
+    """One worker pool (a consumer group): processes and in-flight requests per process.
+
+    ``max_processes`` lets ``dspex up`` follow the learning agent's pool sizing
+    hints between ``processes`` and it; unset (or equal) keeps the pool fixed.
+    """
 
     processes: int = Field(default=1, ge=0)
     in_flight: int = Field(default=1, ge=1)
+    max_processes: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolSettings:
+        if self.max_processes is not None and self.max_processes < self.processes:
+            raise ValueError(
+                f"max_processes={self.max_processes} is below processes={self.processes}"
+            )
+        return self
+
+    @property
+    def most(self) -> int:
+        """The largest number of processes the pool may be scaled to."""
+        return self.processes if self.max_processes is None else self.max_processes
 
 
 class GeneralPoolSettings(PoolSettings):
@@ -134,6 +152,7 @@ class GeneralPoolSettings(PoolSettings):
 
     processes: int = Field(default=2, ge=0)
     in_flight: int = Field(default=32, ge=1)
+    max_processes: int | None = Field(default=4, ge=0)
 
 
 class PoolsSettings(_Section):
@@ -142,6 +161,8 @@ class PoolsSettings(_Section):
     general: GeneralPoolSettings = GeneralPoolSettings()
     optimizer: PoolSettings = PoolSettings()
     gpu: PoolSettings = PoolSettings()
+    # how often `dspex up` compares the pools with the learning agent's sizing hints
+    scale_check_s: float = Field(default=15.0, gt=0)
 
 
 class LMBackend(_Section):

@@ -45,6 +45,38 @@ class Supervisor:
         self.children = [Child(name, list(argv)) for name, argv in children.items()]
         self._on_event = on_event
         self._max_backoff_s = max_backoff_s
+        self._lock = threading.Lock()
+        self._retiring: list[Child] = []
+
+    def set_children(self, children: Mapping[str, Sequence[str]]) -> None:
+        """Change the set of children while running: new names start, dropped ones drain.
+
+        A dropped child gets SIGTERM (it finishes its in-flight work and commits)
+        and is not restarted; kept names keep their process.
+        """
+        with self._lock:
+            wanted = {name: list(argv) for name, argv in children.items()}
+            kept = [c for c in self.children if c.name in wanted]
+            for child in self.children:
+                if child.name not in wanted:
+                    self._retire(child)
+            known = {c.name for c in kept}
+            added = [Child(n, argv) for n, argv in wanted.items() if n not in known]
+            self.children = kept + added
+        for child in added:
+            self._on_event(f"{child.name} added")
+
+    def names(self) -> list[str]:
+        """The current children's names."""
+        with self._lock:
+            return [c.name for c in self.children]
+
+    def _retire(self, child: Child) -> None:
+        if child.process is not None and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+            self._retiring.append(child)
+        logger.info("process retired name=%s", child.name)
+        self._on_event(f"{child.name} retired")
 
     def run(self, stop: threading.Event, *, drain_timeout_s: float = 60.0) -> None:
         """Start every child, keep them alive until ``stop`` is set, then stop them all."""
@@ -56,7 +88,12 @@ class Supervisor:
             self.stop_all(drain_timeout_s)
 
     def _tend(self) -> None:
+        with self._lock:
+            self._tend_locked()
+
+    def _tend_locked(self) -> None:
         now = time.monotonic()
+        self._retiring = [c for c in self._retiring if c.process and c.process.poll() is None]
         for child in self.children:
             code = child.process.poll() if child.process else None
             if child.process is not None and code is None:
@@ -84,7 +121,9 @@ class Supervisor:
 
     def stop_all(self, timeout_s: float) -> None:
         """SIGTERM every child (they drain in-flight work), SIGKILL what outlives the timeout."""
-        running = [(c, c.process) for c in self.children if c.process and c.process.poll() is None]
+        with self._lock:
+            children = [*self.children, *self._retiring]
+        running = [(c, c.process) for c in children if c.process and c.process.poll() is None]
         for _, process in running:
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s

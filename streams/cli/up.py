@@ -5,12 +5,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from streams import kafka
+from streams.autoscale import POOLS, HintFollower, desired_processes, scalable
 from streams.broker import LocalBroker
 from streams.cli._app import app, err, out, settings_of
 from streams.cli.cluster import create_topics, ensure_cluster, topics_table
@@ -19,7 +21,6 @@ from streams.errors import DSPexError
 from streams.settings import Settings
 from streams.supervisor import Supervisor
 
-POOLS = ("general", "optimizer", "gpu")
 DEMO_QUESTION = "What is the capital of France?"
 
 
@@ -63,6 +64,14 @@ def _run_agents(
     )
     runner = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor")
     runner.start()
+    if scalable(settings.pools):
+        scaler = threading.Thread(
+            target=follow_pool_hints,
+            args=(settings, settings_file, supervisor, stop),
+            name="pool-scaler",
+            daemon=True,
+        )
+        scaler.start()
     failed = False
     try:
         if demo:
@@ -77,15 +86,46 @@ def _run_agents(
     return failed
 
 
-def agent_commands(settings: Settings, settings_file: Path | None) -> dict[str, list[str]]:
-    """One command line per agent process: router, learner, metrics, then each pool's workers."""
+def agent_commands(
+    settings: Settings, settings_file: Path | None, processes: Mapping[str, int] | None = None
+) -> dict[str, list[str]]:
+    """One command line per agent process: router, learner, metrics, then each pool's workers.
+
+    ``processes`` (workers per pool) defaults to each pool's configured ``processes``.
+    """
     extra = ["--settings", str(settings_file)] if settings_file else []
     base = [sys.executable, "-m", "agents"]
     commands = {name: [*base, name, *extra] for name in ("router", "learner", "metrics")}
     for pool in POOLS:
-        for n in range(getattr(settings.pools, pool).processes):
+        count = getattr(settings.pools, pool).processes if processes is None else processes[pool]
+        for n in range(count):
             commands[f"{pool}-{n + 1}"] = [*base, "worker", "--pool", pool, *extra]
     return commands
+
+
+def follow_pool_hints(
+    settings: Settings, settings_file: Path | None, supervisor: Supervisor, stop: threading.Event
+) -> None:
+    """Resize the pools to the learning agent's hints (within each pool's bounds) until ``stop``."""
+    follower = HintFollower(settings)
+    follower.start()
+    current = desired_processes({}, settings.pools)
+    try:
+        while not stop.wait(settings.pools.scale_check_s):
+            hints = follower.hints()
+            desired = desired_processes(hints, settings.pools)
+            if desired == current:
+                continue
+            changes = ", ".join(
+                f"{pool} {current[pool]} -> {desired[pool]}"
+                for pool in POOLS
+                if desired[pool] != current[pool]
+            )
+            err.print(f"[yellow]scaling pools[/] {changes} (learning agent hints {hints})")
+            supervisor.set_children(agent_commands(settings, settings_file, desired))
+            current = desired
+    finally:
+        follower.stop()
 
 
 def run_demo(settings: Settings) -> bool:

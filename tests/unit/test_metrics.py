@@ -174,7 +174,9 @@ def test_routing_weights_follow_the_tables() -> None:
         return {"program_id": "qa", "variants": variants}
 
     exporter.apply_routing("qa", table(a=0.7, b=0.3))
-    exporter.apply_routing("qa", table(a=0.95, c=0.05))
+    exporter.apply_routing("qa", {**table(a=0.95, c=0.05), "pool_hints": {"general": 3}})
+    hint = registry.get_sample_value("dspex_pool_recommended_consumers", {"pool": "general"})
+    assert hint == 3
     weight = {
         v: registry.get_sample_value("dspex_routing_weight", {"program": "qa", "variant": v})
         for v in ("a", "b", "c")
@@ -249,6 +251,7 @@ EXPORTED = {
     "dspex_worker_in_flight",
     "dspex_worker_memory_bytes",
     "dspex_worker_breaker_open",
+    "dspex_pool_recommended_consumers",
 }
 
 

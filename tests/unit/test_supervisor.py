@@ -39,3 +39,41 @@ def test_crashing_child_is_restarted_and_all_stop_cleanly() -> None:
     assert any(e == "drainer stopped (code 0)" for e in events)
     for child in sup.children:
         assert child.process is None or child.process.poll() is not None
+
+
+def test_children_can_be_added_and_retired_while_running() -> None:
+    events: list[str] = []
+    sup = Supervisor({"w-1": DRAINER}, on_event=events.append)
+    stop = threading.Event()
+    runner = threading.Thread(target=sup.run, args=(stop,), kwargs={"drain_timeout_s": 10})
+    runner.start()
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 20
+        while not any(text in e for e in events):
+            assert time.monotonic() < deadline, (text, events)
+            time.sleep(0.05)
+
+    try:
+        wait_for("w-1 started")
+        first = sup.children[0].process
+        sup.set_children({"w-1": DRAINER, "w-2": DRAINER, "w-3": DRAINER})
+        wait_for("w-3 started")
+        assert sup.names() == ["w-1", "w-2", "w-3"]
+        assert sup.children[0].process is first  # a kept child keeps its process
+        retired = sup.children[2].process
+        time.sleep(1.0)  # let it install its SIGTERM handler, as a real agent would have
+        sup.set_children({"w-1": DRAINER, "w-2": DRAINER})
+        wait_for("w-3 retired")
+        assert retired is not None and retired.wait(10) == 0  # drained on SIGTERM
+        time.sleep(1.0)  # a retired child is not restarted
+        assert not any("w-3 exited" in e for e in events)
+        assert sum("w-3 started" in e for e in events) == 1
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert {e for e in events if e.endswith("stopped (code 0)")} == {
+        "w-1 stopped (code 0)",
+        "w-2 stopped (code 0)",
+    }
