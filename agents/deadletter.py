@@ -20,6 +20,9 @@ Header = tuple[str, bytes | None]
 
 # Error messages are for people; a clipped message keeps a record small.
 _MAX_MESSAGE = 2000
+# An original larger than this is not embedded (the dead letter would exceed the
+# broker's 1 MB message limit and be lost); its coordinates say where it is.
+MAX_EMBEDDED_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +70,23 @@ def dead_letter(
     request_id: str | None = None,
     attempts: int = 1,
 ) -> Record:
-    """A ``DeadLetter`` record keeping ``original`` byte for byte."""
+    """A ``DeadLetter`` record keeping ``original`` byte for byte.
+
+    A value over :data:`MAX_EMBEDDED_BYTES` is left out (``original_value_omitted``)
+    so the dead letter itself still fits the broker; replay reads it from its
+    topic by coordinates.
+    """
+    value = original.value
+    omitted = value is not None and len(value) > MAX_EMBEDDED_BYTES
     return {
         "original_topic": original.topic,
         "original_partition": original.partition,
         "original_offset": original.offset,
         "original_timestamp": original.timestamp_ms,
         "original_key": original.key,
-        "original_value": original.value,
+        "original_value": None if omitted else value,
+        "original_value_bytes": -1 if value is None else len(value),
+        "original_value_omitted": omitted,
         "original_headers": [{"key": k, "value": v} for k, v in original.headers],
         "error_class": failure.error_class,
         "error_message": _clip(_message(failure)),

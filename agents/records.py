@@ -8,6 +8,7 @@ the contract.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+
+from agents import deadletter
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
@@ -169,10 +172,10 @@ def execution(
         "program_version": _version(request, result),
         "signature": request.get("signature") or "",
         "module_type": _module_type(request),
-        "inputs": dict(request.get("inputs") or {}),
-        "outputs": encode_outputs(result.outputs) if result.status == "ok" else {},
+        "inputs": _capped(request.get("inputs") or {}),
+        "outputs": _capped(encode_outputs(result.outputs)) if result.status == "ok" else {},
         "variables": dict(request.get("variables") or {}),
-        "trace_json": None if result.trace is None else json.dumps(list(result.trace), default=str),
+        "trace_json": None if result.trace is None else _trace(result.trace),
         "route": dict(route) if route else None,
         "timings": _timings(request, result),
         "usage": _usage(result.usage),
@@ -183,6 +186,32 @@ def execution(
         "attempt": attempt,
         "metadata": dict(request.get("metadata") or {}),
     }
+
+
+# The audit record must fit the broker's 1 MB message limit whatever the request
+# carried: larger values are replaced by a JSON stand-in naming their size and hash.
+AUDIT_VALUE_BYTES = 64 * 1024
+AUDIT_TRACE_BYTES = 256 * 1024
+
+
+def omitted(text: str) -> str:
+    """The JSON stand-in for a value too large for the audit log."""
+    data = text.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(data).hexdigest()
+    return json.dumps({"dspex.omitted": {"bytes": len(data), "sha256": digest}})
+
+
+def _capped(values: Mapping[str, str]) -> dict[str, str]:
+    return {k: v if _size(v) <= AUDIT_VALUE_BYTES else omitted(v) for k, v in values.items()}
+
+
+def _trace(trace: Sequence[Mapping[str, Any]]) -> str:
+    text = json.dumps(list(trace), default=str)
+    return text if _size(text) <= AUDIT_TRACE_BYTES else omitted(text)
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _version(request: Mapping[str, Any], result: Result) -> int | None:
@@ -313,19 +342,28 @@ def dead_letter(
     attempts: int = 1,
 ) -> Record:
     """A DeadLetter keeping the original message's exact bytes, for inspection and replay."""
-    return {
-        "original_topic": origin.topic,
-        "original_partition": origin.partition,
-        "original_offset": origin.offset,
-        "original_timestamp": origin.timestamp_ms,
-        "original_key": origin.key,
-        "original_value": origin.value,
-        "original_headers": [{"key": k, "value": v} for k, v in origin.headers],
-        "error_class": error.error_class,
-        "error_message": error.message,
-        "stage": error.stage or "execute",
-        "attempts": attempts,
-        "failed_at": now(),
-        "request_id": request_id,
-        "component": component,
-    }
+    original = deadletter.Original(
+        origin.topic,
+        origin.partition,
+        origin.offset,
+        origin.timestamp_ms,
+        origin.key,
+        origin.value,
+        tuple(origin.headers),
+    )
+    failure = deadletter.Failure(
+        error.error_class,
+        error.message,
+        error.stage or "execute",
+        error.field,
+        retryable=error.retryable,
+    )
+    failed_at = now()
+    return deadletter.dead_letter(
+        original,
+        failure,
+        component=component,
+        failed_at_ms=int(failed_at.timestamp() * 1000),
+        request_id=request_id,
+        attempts=attempts,
+    )

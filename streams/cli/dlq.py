@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -97,6 +97,12 @@ def dlq_replay(
     producer = kafka.producer(settings)
     replayed = 0
     for where, record in read_dead_letters(settings, wanted):
+        if record.get("original_value_omitted"):
+            try:
+                record["original_value"] = fetch_original(settings, record)
+            except DSPexError as exc:
+                err.print(f"[yellow]skip {where}: {exc}[/]")
+                continue
         if record.get("original_value") is None:
             err.print(f"[yellow]skip {where}: no original value (a tombstone)[/]")
             continue
@@ -116,6 +122,32 @@ def dlq_replay(
     if producer.flush(30) != 0:
         raise DSPexError("some replayed records were not acknowledged within 30 s")
     out.print(f"{replayed} record(s) replayed" if not dry_run else "dry run: nothing produced")
+
+
+def fetch_original(settings: Settings, record: Mapping[str, Any], timeout_s: float = 10.0) -> bytes:
+    """The value a dead letter left out (too large to embed), read back from its topic."""
+    topic, partition = record["original_topic"], record["original_partition"]
+    offset = record["original_offset"]
+    where = f"{topic}[{partition}]@{offset}"
+    consumer = kafka.consumer(settings, f"dspex-dlq-{uuid.uuid4().hex}")
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                raise DSPexError(f"{where}: {msg.error()}")
+            if msg.offset() != offset:
+                break  # the original is gone: retention deleted it
+            return bytes(msg.value() or b"")
+    finally:
+        consumer.close()
+    raise DSPexError(
+        f"the original value ({record.get('original_value_bytes')} bytes) was too large to "
+        f"embed and {where} no longer holds it"
+    )
 
 
 def read_dead_letters(

@@ -6,8 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
+from typing import Any
 
+from confluent_kafka import TopicPartition
+
+from agents.deadletter import Failure, Original, dead_letter
 from schemas.samples import sample
 from streams import kafka
 from streams.admin import TopicReport
@@ -138,3 +143,48 @@ def test_dlq_list_and_replay_resubmit_the_original_bytes(
     headers = dict(msg.headers() or [])
     assert headers["dspex-replay-of"] == b"dlq[0]@0"
     assert headers["dspex-request-id"] == request["request_id"].encode()
+
+
+def test_dlq_replay_reads_an_omitted_original_back_from_its_topic(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    create_topics()
+    topics = Topics(settings.topics)
+    serde = make_serde(settings)
+    requests = topics.name("requests")
+    big = b"\x00" * 600_000  # over what a dead letter embeds
+    producer = kafka.producer(settings)
+    delivered: list[Any] = []
+    producer.produce(requests, big, b"big", on_delivery=lambda err, msg: delivered.append(msg))
+    assert producer.flush(30) == 0
+    (msg,) = delivered
+    original = Original(requests, msg.partition(), msg.offset(), key=b"big", value=big)
+    failure = Failure("InvalidRequest", "too big", "validate", "inputs.question")
+    letter = dead_letter(original, failure, component="router", failed_at_ms=0, request_id="r-big")
+    assert letter["original_value_omitted"] and letter["original_value"] is None
+    dlq = topics.name("dlq")
+    producer.produce(dlq, serde.encode("DeadLetter", letter, topic=dlq), partition=0)
+    assert producer.flush(30) == 0
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+    }
+    replay = subprocess.run(
+        [sys.executable, "-m", "streams", "dlq", "replay", "--request-id", "r-big"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "1 record(s) replayed" in replay.stdout
+    consumer = kafka.consumer(settings, f"t-{uuid.uuid4().hex}")
+    consumer.assign([TopicPartition(requests, msg.partition(), msg.offset() + 1)])
+    replayed = None
+    for _ in range(60):
+        replayed = consumer.poll(0.5)
+        if replayed is not None and replayed.error() is None:
+            break
+    consumer.close()
+    assert replayed is not None and replayed.value() == big and replayed.key() == b"big"

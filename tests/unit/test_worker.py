@@ -437,3 +437,29 @@ def test_answers_with_a_gold_label_are_scored_by_the_named_metric() -> None:
     for bad in ({"dspex.gold": "not json"}, {"dspex.gold": "[1]"}, {"dspex.gold": "{}"}):
         assert scored(bad) is None
     assert scored({"dspex.gold": json.dumps({"answer": "x"}), "dspex.metric": "nope"}) is None
+
+
+def test_audit_and_dead_letters_stay_under_the_broker_limit_for_huge_requests() -> None:
+    t = records.now()
+    huge = json.dumps("z" * 900_000)
+    request = {**sample("Request"), "inputs": {"question": huge, "small": json.dumps("ok")}}
+    result = Result("ok", t, t, t, outputs={"answer": "y" * 900_000}, trace=[{"x": "w" * 400_000}])
+    execution = records.execution(request, result, worker_id="w", pool="general")
+    stand_in = json.loads(execution["inputs"]["question"])["dspex.omitted"]
+    assert stand_in["bytes"] == len(huge) and len(stand_in["sha256"]) == 64
+    assert execution["inputs"]["small"] == json.dumps("ok")
+    assert "dspex.omitted" in execution["outputs"]["answer"]
+    assert "dspex.omitted" in (execution["trace_json"] or "")
+    serde = SingleObjectSerde()
+    assert len(serde.encode("Execution", execution, topic="t")) < 10_000
+
+    origin = Origin("dspex.pool.general", 2, 17, b"k", b"v" * 600_000)
+    letter = records.dead_letter(origin, ErrorInfo("Boom", "m", None, "worker"), component="w")
+    assert letter["original_value"] is None and letter["original_value_omitted"]
+    assert letter["original_value_bytes"] == 600_000
+    assert (letter["original_partition"], letter["original_offset"]) == (2, 17)
+    small = records.dead_letter(
+        Origin("t", 0, 1, None, b"abc"), ErrorInfo("Boom", "m"), component="w"
+    )
+    assert small["original_value"] == b"abc" and not small["original_value_omitted"]
+    assert len(serde.encode("DeadLetter", letter, topic="t")) < 10_000
