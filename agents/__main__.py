@@ -1,4 +1,4 @@
-"""``python -m agents router|learner|metrics|worker --pool NAME``: one agent process.
+"""``python -m agents router|learner|metrics|worker --pool NAME|jobs``: one agent process.
 
 ``dspex up`` starts these through its supervisor; they can also be run (and scaled)
 by hand, by systemd or by Kubernetes. Settings come from the environment and
@@ -58,6 +58,14 @@ def pool_worker(
     if pool not in ("general", "optimizer", "gpu"):
         raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
     raise typer.Exit(worker.main(load_settings(settings_file), pool))
+
+
+@app.command("jobs")
+def job_runner(settings_file: SettingsFile = None) -> None:
+    """One optimizer-pool job runner: optimizer jobs from the jobs topic."""
+    from agents import jobs  # DSPy's optimizers load only in this process
+
+    raise typer.Exit(jobs.main(load_settings(settings_file)))
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 
 Only deterministic requests are cached: the cache is enabled, the request
 allows it (``cache`` true) and the effective temperature is exactly 0 — the
-request's ``temperature`` variable, else the variant's, else the variant's
-backend setting (an unknown backend is not deterministic). Modules that sample
-by design (``BestOfN``, ``Refine`` run at temperature 1.0) are never cached.
+effective ``temperature`` variable (the request's, else the variant's, else the
+shared one), else the variant's backend setting (an unknown backend is not
+deterministic). Modules that sample by design (``BestOfN``, ``Refine`` run at
+temperature 1.0) are never cached.
 
 The key is a SHA-256 over canonical JSON of the resolved program (id, version,
 signature, module, config, state, tools), the inputs, the effective variables
@@ -33,21 +34,32 @@ class CacheStore(Protocol):
     def __setitem__(self, key: str, value: str) -> None: ...
 
 
-def effective_variables(route: Route, request: Mapping[str, Any]) -> dict[str, str]:
-    """The variant's variables overridden by the request's own."""
-    return {**route.variables, **(request.get("variables") or {})}
+def effective_variables(
+    route: Route, request: Mapping[str, Any], shared: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Shared variables overridden by the variant's, overridden by the request's own."""
+    return {**(shared or {}), **route.variables, **(request.get("variables") or {})}
 
 
 def is_cacheable(
-    request: Mapping[str, Any], program: Mapping[str, Any], route: Route, lm: LMSettings
+    request: Mapping[str, Any],
+    program: Mapping[str, Any],
+    route: Route,
+    lm: LMSettings,
+    variables: Mapping[str, str] | None = None,
 ) -> bool:
-    """True when the request may be answered from, and stored in, the result cache."""
+    """True when the request may be answered from, and stored in, the result cache.
+
+    ``variables``: the effective variables (default: the variant's and the request's).
+    """
     if not request.get("cache", True):
         return False
     module = route.module_type or program.get("module_type")
     if module in NONDETERMINISTIC_MODULES:
         return False
-    return effective_temperature(effective_variables(route, request), route, lm) == 0.0
+    if variables is None:
+        variables = effective_variables(route, request)
+    return effective_temperature(variables, route, lm) == 0.0
 
 
 def effective_temperature(

@@ -1,4 +1,4 @@
-"""In-memory views of the compacted ``programs`` and ``routing`` topics.
+"""In-memory views of the compacted ``programs`` and ``routing`` topics, and their reader.
 
 Every router instance needs *all* programs and routing tables, and needs them
 again after a restart, so these topics are not read through the faust consumer
@@ -6,7 +6,8 @@ group (which would split partitions between instances and resume from committed
 offsets). :class:`CompactedReader` assigns every partition to a group-less
 aiokafka consumer, reads from the beginning, reports ready once it has caught up
 with the end offsets it saw at start, then keeps following: a new program
-version or routing table takes effect without a restart.
+version, routing table or variable (:mod:`agents.variables`) takes effect
+without a restart.
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
 from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 
-from streams.errors import InvalidRequest, SerdeError
+from agents.deadletter import Original
+from streams.errors import DSPexError, InvalidRequest, PermanentError, SerdeError
 from streams.serde import Serde
 from streams.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
-Apply = Callable[[str, Record | None], None]
+Apply = Callable[[str, Record | None], object]
+"""Takes one record (None: a tombstone); may return a PermanentError refusing it."""
+Refused = Callable[[Original, DSPexError, bool], Awaitable[None]]
+"""Told of a refused or undecodable record: (where it came from, why, reader is live)."""
 
 
 class ProgramCatalog:
@@ -122,12 +127,19 @@ class CompactedReader:
         kafka: KafkaSettings,
         serde: Serde,
         views: Mapping[str, tuple[str, Apply]],
+        *,
+        on_refused: Refused | None = None,
     ) -> None:
-        """``views`` maps a physical topic name to (schema name, apply function)."""
+        """``views`` maps a physical topic name to (schema name, apply function).
+
+        ``on_refused`` hears of every record a view refused or the serde could not
+        decode, with ``live`` false while the topics are still being replayed.
+        """
         self._bootstrap = bootstrap
         self._kafka = kafka
         self._serde = serde
         self._views = dict(views)
+        self._on_refused = on_refused
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -139,6 +151,9 @@ class CompactedReader:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # optimizer jobs publish programs and variables in transactions: a fenced
+            # job runner's aborted records must never be served
+            isolation_level="read_committed",
             **aiokafka_options(self._kafka),
         )
         await self._consumer.start()
@@ -163,7 +178,9 @@ class CompactedReader:
                 batches = await self._consumer.getmany(timeout_ms=200)
                 for messages in batches.values():
                     for message in messages:
-                        self._apply(message)
+                        refused = self._apply(message)
+                        if refused is not None:
+                            await self._report(message, refused)
                 if not self.ready.is_set() and await self._caught_up(tps, ends):
                     self.ready.set()
             except asyncio.CancelledError:
@@ -178,14 +195,14 @@ class CompactedReader:
                 return False
         return True
 
-    def _apply(self, message: Any) -> None:
+    def _apply(self, message: Any) -> DSPexError | None:
         schema, apply = self._views[message.topic]
         key = (message.key or b"").decode("utf-8", "replace")
         try:
             record = None
             if message.value is not None:
                 record = self._serde.decode(message.value, topic=message.topic, expect=schema)
-            apply(key, record.record if record is not None else None)
+            refused = apply(key, record.record if record is not None else None)
         except (SerdeError, KeyError, TypeError) as exc:
             logger.warning(
                 "skipping unreadable record topic=%s partition=%s offset=%s error=%s",
@@ -194,3 +211,32 @@ class CompactedReader:
                 message.offset,
                 exc,
             )
+            return exc if isinstance(exc, SerdeError) else None
+        if isinstance(refused, PermanentError):
+            logger.warning(
+                "refused record topic=%s partition=%s offset=%s key=%s error=%s",
+                message.topic,
+                message.partition,
+                message.offset,
+                key,
+                refused,
+            )
+            return refused
+        return None
+
+    async def _report(self, message: Any, error: DSPexError) -> None:
+        if self._on_refused is None:
+            return
+        original = Original(
+            message.topic,
+            message.partition,
+            message.offset,
+            message.timestamp,
+            message.key,
+            message.value,
+            tuple(message.headers or ()),
+        )
+        try:
+            await self._on_refused(original, error, self.ready.is_set())
+        except Exception:  # reporting must not stop the views from following
+            logger.exception("could not report refused record %s", original.where())

@@ -29,6 +29,7 @@ from streams.settings import LMBackend
 
 ECHO_MODEL = "dspex/echo"
 LLAMA_CPP_MODEL = "dspex/llama-cpp"
+SIM_PREFIX = "dspex/sim"  # agents.simulations: deterministic toy-task simulations
 
 _HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
@@ -44,6 +45,15 @@ def build_lm(backend: LMBackend, *, cache: bool = False) -> dspy.BaseLM:
         from agents.local_model import LlamaCppLM  # loads llama.cpp only where it is used
 
         return LlamaCppLM(backend, cache=cache)
+    if backend.model.startswith(SIM_PREFIX):  # dspex/sim?...: labelled simulations (tests, demos)
+        from agents.simulations import SimulatedLM
+
+        return SimulatedLM(
+            backend.model,
+            temperature=backend.temperature,
+            max_tokens=backend.max_tokens,
+            cache=cache,
+        )
     api_key = backend.api_key.get_secret_value() if backend.api_key else None
     return dspy.LM(
         backend.model,

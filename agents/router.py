@@ -5,12 +5,15 @@ bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
 it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
 requests keep their order into the pool topics), one on ``responses`` that
 fills the changelog-backed ``cache`` table — plus a :class:`CompactedReader`
-that materializes the ``programs`` and ``routing`` topics for every instance.
+that materializes the ``programs``, ``routing`` and ``variables`` topics for
+every instance (shared variables: :mod:`agents.variables`).
 
 Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
 (stage ``decode``); a rejected request becomes a DeadLetter *and* one final
 error Response (stage ``validate``, or ``route`` with status ``timeout`` for a
-passed deadline). Start it with ``make_router(settings).run()``.
+passed deadline); a refused variable update becomes a DeadLetter (stage
+``variables``) and the last good value stays. Start it with
+``make_router(settings).run()``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from agents.cache import (
     cache_key,
     cached_response,
     decode_outputs,
-    effective_variables,
     encode_outputs,
     is_cacheable,
 )
@@ -38,12 +40,14 @@ from agents.faustapp import faust_app, original_of, serve_until_signalled
 from agents.routing import (
     DeadlineExceeded,
     KnownTopics,
+    Overloaded,
     ProgramResolver,
     ProgramsResolver,
     RouteChooser,
     check_request,
     reply_topic,
 )
+from agents.variables import RefusedUpdates, SharedVariables
 from streams import kafka
 from streams.errors import ConfigError, CorruptRecord, InvalidRequest, PermanentError, SerdeError
 from streams.serde import Serde, make_serde
@@ -84,8 +88,10 @@ class RequestHandler:
         chooser: RouteChooser | None = None,
         clock: Callable[[], float] = time.time,
         existing_topics: Container[str] | None = None,
+        variables: SharedVariables | None = None,
     ) -> None:
         self._settings = settings
+        self._variables = variables or SharedVariables(settings.lm)
         self._existing = existing_topics
         self._serde = serde
         self._topics = Topics(settings.topics)
@@ -113,8 +119,9 @@ class RequestHandler:
         try:
             return self._route(original, request, now)
         except DeadlineExceeded as exc:
+            status = "overloaded" if isinstance(exc, Overloaded) else "timeout"
             return self._reject(
-                original, request, Failure.from_exception(exc, "route", status="timeout"), now
+                original, request, Failure.from_exception(exc, "route", status=status), now
             )
         except PermanentError as exc:
             return self._reject(original, request, Failure.from_exception(exc, "validate"), now)
@@ -153,18 +160,26 @@ class RequestHandler:
         registered = None
         if program_id is not None:
             registered = self._programs.resolve(program_id, request.get("program_version"))
-        program = self._resolver.resolve(request, registered)
-        route = self._chooser.choose(request, self._routing.table_for(program_id))
-        variables = effective_variables(route, request)
+        chosen = self._chooser.choose(request, self._routing.table_for(program_id))
+        steering = self._variables.steer(request, chosen, registered)
+        route = steering.route
+        program = self._resolver.resolve(steering.request, registered)
+        variables = self._variables.effective(steering, program.get("module_type"))
         key = None
         if self._settings.router.cache_enabled and is_cacheable(
-            request, program, route, self._settings.lm
+            request, program, route, self._settings.lm, variables
         ):
             key = cache_key(program, request.get("inputs") or {}, variables, route)
             hit = self._cached(request, program, key, now)
             if hit is not None:
                 return [hit]
-        forwarded = {**request, **program, "variables": variables, "route": route.record(now, key)}
+        forwarded = {
+            **request,
+            **program,
+            "variables": variables,
+            "route": route.record(now, key),
+            "metadata": with_program_metric(request, registered),
+        }
         return [self._forward(original, forwarded, route.pool, key)]
 
     def _forward(
@@ -231,6 +246,19 @@ class RequestHandler:
         return Outgoing(topic, original.key, self._serde.encode("DeadLetter", record, topic=topic))
 
 
+def with_program_metric(request: Record, registered: Record | None) -> dict[str, str]:
+    """The request's metadata, plus the registered program's metric for worker scoring.
+
+    A worker scores an answer whose request carries ``dspex.gold``; the metric is
+    the request's ``dspex.metric``, else the program's own (``ProgramVersion.metric``).
+    """
+    metadata = dict(request.get("metadata") or {})
+    metric = (registered or {}).get("metric")
+    if metric and "dspex.gold" in metadata:
+        metadata.setdefault("dspex.metric", str(metric))
+    return metadata
+
+
 class RouterApp:
     """The router as a faust app plus the compacted-topic reader; start/stop or ``run()``."""
 
@@ -251,6 +279,8 @@ class RouterApp:
         self.app: Any = faust_app(settings, app_id, bootstrap)
         self.programs = ProgramCatalog()
         self.routing = RoutingCatalog()
+        self.variables = SharedVariables(settings.lm)
+        self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
         self.reader = CompactedReader(
             bootstrap,
             settings.kafka,
@@ -258,7 +288,9 @@ class RouterApp:
             {
                 topics.name("programs"): ("ProgramVersion", self.programs.apply),
                 topics.name("routing"): ("RoutingTable", self.routing.apply),
+                topics.name("variables"): ("VariableUpdate", self.variables.apply),
             },
+            on_refused=self._refused,
         )
         # Written only by the responses agent (concurrency 1); its changelog partition is
         # the responses partition being processed, so the partition counts must match.
@@ -274,6 +306,7 @@ class RouterApp:
             cache=self.cache,
             chooser=chooser,
             existing_topics=KnownTopics(self._list_topics),
+            variables=self.variables,
         )
         self._acking: set[asyncio.Future[None]] = set()
         self._add_agents()
@@ -382,7 +415,7 @@ class RouterApp:
         except TimeoutError as exc:
             await self.reader.stop()
             raise ConfigError(
-                f"router: programs/routing topics not read within {READY_TIMEOUT_S}s"
+                f"router: programs/routing/variables topics not read within {READY_TIMEOUT_S}s"
             ) from exc
         await self.app.start()
 
@@ -390,6 +423,7 @@ class RouterApp:
         """Stop consuming (committing what was processed) and stop the reader."""
         await self.app.stop()
         await self.reader.stop()
+        await self._refused.flush()
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m agents router`` entry point)."""

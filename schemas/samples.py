@@ -173,6 +173,7 @@ def _variable_update() -> Record:
         "updated_by": "learning-agent-1",
         "source": "learning-agent",
         "reason": "lower temperature: +4% exact match over 900 executions",
+        "observers": [_PROGRAM],
     }
 
 
@@ -265,6 +266,8 @@ def _dead_letter() -> Record:
         "original_timestamp": _now() - timedelta(seconds=2),
         "original_key": b"session-3f2a",
         "original_value": b"\xc3\x01not-an-avro-record",
+        "original_value_bytes": 20,
+        "original_value_omitted": False,
         "original_headers": [{"key": "traceparent", "value": b"00-4bf92f35-01"}],
         "error_class": "CorruptRecord",
         "error_message": "topic=dspex.requests partition=3 offset=18442: unknown fingerprint",
@@ -276,10 +279,45 @@ def _dead_letter() -> Record:
     }
 
 
+def _optimization_job() -> Record:
+    examples = [
+        {"question": "What is the capital of France?", "context": "...", "answer": "Paris"},
+        {"question": "What is 2 + 2?", "context": "", "answer": "4"},
+    ]
+    return {
+        "job_id": str(uuid.uuid4()),
+        "created_at": _now(),
+        "program_id": _PROGRAM,
+        "program_version": 3,
+        "optimizer": "BootstrapFewShot",
+        "optimizer_config_json": _j({"max_bootstrapped_demos": 4, "max_labeled_demos": 4}),
+        "dataset_json": _j(examples),
+        "dataset_topic": None,
+        "val_fraction": 0.5,
+        "metric": "exact_match",
+        "search_json": _j({"temperature": {"min": 0, "max": 1, "steps": 3}}),
+        "reply_topic": None,
+        "requested_by": "alice",
+        "canary_weight": 0.1,
+    }
+
+
+def _job_control() -> Record:
+    return {
+        "job_id": str(uuid.uuid4()),
+        "action": "cancel",
+        "requested_at": _now(),
+        "requested_by": "alice",
+        "reason": "wrong dataset",
+    }
+
+
 _BUILDERS: dict[str, Callable[[], Record]] = {
     "DeadLetter": _dead_letter,
     "Execution": _execution,
+    "JobControl": _job_control,
     "MetricSnapshot": _metric_snapshot,
+    "OptimizationJob": _optimization_job,
     "ProgramVersion": _program_version,
     "Request": _request,
     "Response": _response,

@@ -11,14 +11,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from functools import partial
 from types import TracebackType
 from typing import Any, Unpack
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from streams import kafka
+from streams import _jobs, _variables, kafka
 from streams._feedback import feedback_record
 from streams._listener import ReplyListener
 from streams._programs import latest_version, program_version_record
@@ -253,6 +253,94 @@ class AsyncClient:
         topic = self._telemetry_topic
         value = self._require_serde().encode("Telemetry", record, topic=topic)
         await (await self._send(topic, str(record["program_id"]).encode(), value, []))
+
+    async def set_variable(
+        self, name: str, value: Any, **options: Unpack[_variables.VariableOptions]
+    ) -> dict[str, Any]:
+        """Validate and publish the next version of a shared variable; return its record.
+
+        An invalid value raises InvalidRequest naming the field and nothing is sent;
+        otherwise the update goes to ``variables`` and ``variables.history`` and this
+        returns once the broker has both. See ``docs/variables.md``.
+        """
+        await self.start()
+        serde = self._require_serde()
+        return await _variables.set_variable(
+            self._settings, serde, self._send, name, value, options
+        )
+
+    async def get_variable(
+        self, name: str, **scope: Unpack[_variables.VariableScope]
+    ) -> dict[str, Any] | None:
+        """The record in force for a variable (as the routers see it), or None."""
+        await self.start()
+        read = _variables.get_variable
+        return await asyncio.to_thread(read, self._settings, self._require_serde(), name, scope)
+
+    async def list_variables(self) -> list[dict[str, Any]]:
+        """Every variable's record in force, ordered by key."""
+        await self.start()
+        read = _variables.list_variables
+        return await asyncio.to_thread(read, self._settings, self._require_serde())
+
+    async def variable_history(
+        self, name: str, **scope: Unpack[_variables.VariableScope]
+    ) -> list[dict[str, Any]]:
+        """Every update of a variable on ``variables.history``, oldest first (all scopes
+        unless ``scope``/``program``/``module`` narrows it)."""
+        await self.start()
+        read = _variables.variable_history
+        return await asyncio.to_thread(read, self._settings, self._require_serde(), name, scope)
+
+    async def optimize(
+        self,
+        program_id: str,
+        *,
+        on_progress: Callable[[_jobs.JobProgress], object] | None = None,
+        timeout_s: float | None = None,
+        **job: Unpack[_jobs.JobOptions],
+    ) -> _jobs.JobResult:
+        """Run an optimizer job on a registered program; return how it ended.
+
+        ``on_progress`` gets each progress chunk (phase, trial, score, best). The
+        result's ``status`` is "ok", "cancelled" or "error"; RequestTimeout after
+        ``timeout_s`` (default 7 days) without an end. See ``docs/optimizer.md``.
+        """
+        await self.start()
+        record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
+        inbox = _jobs.open_inbox(self, record["job_id"], timeout_s)
+        try:
+            await _jobs.produce_job(self, record)
+            return await _jobs.wait_for_result(inbox, on_progress)
+        finally:
+            self._dispatcher.discard(record["job_id"])
+
+    async def submit_job(self, program_id: str, **job: Unpack[_jobs.JobOptions]) -> str:
+        """Queue an optimizer job without waiting; return its job id (see :meth:`follow_job`)."""
+        await self.start()
+        record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
+        await _jobs.produce_job(self, record)
+        return str(record["job_id"])
+
+    async def follow_job(
+        self, job_id: str, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[Chunk, None]:
+        """A job's chunks from now on, in arrival order, ending with its final one."""
+        await self.start()
+        inbox = _jobs.open_inbox(self, job_id, timeout_s)
+        try:
+            while True:
+                chunk = await inbox.next()
+                yield chunk
+                if chunk.final:
+                    return
+        finally:
+            self._dispatcher.discard(job_id)
+
+    async def cancel_job(self, job_id: str, *, requested_by: str = "", reason: str = "") -> None:
+        """Ask the job's runner to stop it; it ends with a final "cancelled" Response."""
+        await self.start()
+        await _jobs.produce_cancel(self, job_id, requested_by, reason)
 
     async def _exchange(
         self,

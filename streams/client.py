@@ -66,13 +66,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 from streams._async import DEFAULT_GRACE_S, AsyncClient
+from streams._jobs import JobOptions, JobProgress, JobResult
 from streams._replies import Chunk, ClientClosed, RequestFailed, RequestTimeout, Result
 from streams._requests import Program, RequestOptions
+from streams._variables import VariableOptions, VariableScope
 from streams.errors import DSPexError
 from streams.settings import Settings
 
@@ -81,11 +83,16 @@ __all__ = [
     "Chunk",
     "Client",
     "ClientClosed",
+    "JobOptions",
+    "JobProgress",
+    "JobResult",
     "Program",
     "RequestFailed",
     "RequestOptions",
     "RequestTimeout",
     "Result",
+    "VariableOptions",
+    "VariableScope",
 ]
 
 T = TypeVar("T")
@@ -201,6 +208,59 @@ class Client:
         """Blocking :meth:`AsyncClient.send_feedback`."""
         send = self._client.send_feedback(request, quality, program_id=program_id, variant=variant)
         self._call(send)
+
+    def set_variable(
+        self, name: str, value: Any, **options: Unpack[VariableOptions]
+    ) -> dict[str, Any]:
+        """Blocking :meth:`AsyncClient.set_variable`."""
+        return self._call(self._client.set_variable(name, value, **options))
+
+    def get_variable(self, name: str, **scope: Unpack[VariableScope]) -> dict[str, Any] | None:
+        """Blocking :meth:`AsyncClient.get_variable`."""
+        return self._call(self._client.get_variable(name, **scope))
+
+    def list_variables(self) -> list[dict[str, Any]]:
+        """Blocking :meth:`AsyncClient.list_variables`."""
+        return self._call(self._client.list_variables())
+
+    def variable_history(self, name: str, **scope: Unpack[VariableScope]) -> list[dict[str, Any]]:
+        """Blocking :meth:`AsyncClient.variable_history`."""
+        return self._call(self._client.variable_history(name, **scope))
+
+    def optimize(
+        self,
+        program_id: str,
+        *,
+        on_progress: Callable[[JobProgress], object] | None = None,
+        timeout_s: float | None = None,
+        **job: Unpack[JobOptions],
+    ) -> JobResult:
+        """Blocking :meth:`AsyncClient.optimize` (``on_progress`` runs on the client's loop)."""
+        run = self._client.optimize(program_id, on_progress=on_progress, timeout_s=timeout_s, **job)
+        return self._call(run)
+
+    def submit_job(self, program_id: str, **job: Unpack[JobOptions]) -> str:
+        """Blocking :meth:`AsyncClient.submit_job`."""
+        return self._call(self._client.submit_job(program_id, **job))
+
+    def follow_job(
+        self, job_id: str, *, timeout_s: float | None = None
+    ) -> Generator[Chunk, None, None]:
+        """Blocking :meth:`AsyncClient.follow_job`; ``close()`` it to leave early."""
+        chunks = self._client.follow_job(job_id, timeout_s=timeout_s)
+        try:
+            while True:
+                try:
+                    yield self._call(_anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._loop.is_closed():
+                self._call(chunks.aclose())
+
+    def cancel_job(self, job_id: str, *, requested_by: str = "", reason: str = "") -> None:
+        """Blocking :meth:`AsyncClient.cancel_job`."""
+        self._call(self._client.cancel_job(job_id, requested_by=requested_by, reason=reason))
 
     def close(self) -> None:
         """Close the AsyncClient, then stop the event-loop thread; idempotent."""

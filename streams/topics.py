@@ -100,7 +100,19 @@ CATALOG: tuple[TopicSpec, ...] = (
         "Program versions (signature, module type, DSPy JSON state).",
     ),
     _compact(
-        "variables", "VariableUpdate", "variable name", 3, "Latest value of each shared variable."
+        "variables",
+        "VariableUpdate",
+        "variable key: name | program/<program id>/<name> | module/<program id>/<module>/<name>",
+        3,
+        "Latest value of each shared variable; the router materializes it.",
+    ),
+    _delete(
+        "variables.history",
+        "VariableUpdate",
+        "variable key (as variables)",
+        3,
+        365,
+        "Every variable update with who and why: the variables' audit trail.",
     ),
     _delete(
         "telemetry",
@@ -132,6 +144,28 @@ CATALOG: tuple[TopicSpec, ...] = (
         3,
         30,
         "Dead letters: anything that could not be decoded, validated or executed.",
+    ),
+    _delete(
+        "jobs",
+        "OptimizationJob",
+        "job id",
+        3,
+        7,
+        "Optimizer jobs: the optimizer pool's job runners consume them (one job per member).",
+    ),
+    _compact(
+        "jobs.control",
+        "JobControl",
+        "job id",
+        3,
+        "Control requests for optimizer jobs (cancel), latest per job.",
+    ),
+    _compact(
+        "jobs.status",
+        "Response",
+        "job id",
+        3,
+        "The final Response of every finished optimizer job (completed, failed, cancelled).",
     ),
 )
 

@@ -1,4 +1,4 @@
-"""The ``dspex`` command line: broker, topics, schemas, requests, programs and ``up``.
+"""The ``dspex`` command line: broker, topics, schemas, requests, programs, variables, ``up``.
 
 Every command builds the settings once (``--settings FILE`` or the environment)
 and turns a DSPex error into one red line and exit code 1, never a traceback.
@@ -11,10 +11,12 @@ from streams.cli import (  # noqa: F401 - importing them registers their command
     cluster,
     contract,
     dlq,
+    optimize,
     programs,
     records,
     top,
     up,
+    variables,
 )
 from streams.cli._app import app, err
 from streams.errors import DSPexError, SchemaError

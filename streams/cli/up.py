@@ -89,7 +89,8 @@ def _run_agents(
 def agent_commands(
     settings: Settings, settings_file: Path | None, processes: Mapping[str, int] | None = None
 ) -> dict[str, list[str]]:
-    """One command line per agent process: router, learner, metrics, then each pool's workers.
+    """One command line per agent process: router, learner, metrics, each pool's workers, and
+    one optimizer-job runner (``jobs-N``) beside each optimizer-pool worker.
 
     ``processes`` (workers per pool) defaults to each pool's configured ``processes``.
     """
@@ -100,6 +101,8 @@ def agent_commands(
         count = getattr(settings.pools, pool).processes if processes is None else processes[pool]
         for n in range(count):
             commands[f"{pool}-{n + 1}"] = [*base, "worker", "--pool", pool, *extra]
+            if pool == "optimizer":  # each optimizer process also runs optimizer jobs
+                commands[f"jobs-{n + 1}"] = [*base, "jobs", *extra]
     return commands
 
 
@@ -111,7 +114,7 @@ def follow_pool_hints(
     follower.start()
     current = desired_processes({}, settings.pools)
     try:
-        while not stop.wait(settings.pools.scale_check_s):
+        while not stop.wait(settings.learner.hints_check_s):
             hints = follower.hints()
             desired = desired_processes(hints, settings.pools)
             if desired == current:

@@ -59,6 +59,17 @@ def agent_env(settings: Settings) -> dict[str, str]:
             "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
             "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
             "DSPEX_LM__POOL_VARIANTS": json.dumps(settings.lm.pool_variants),
+            "DSPEX_LM__DEFAULT_VARIANT": settings.lm.default_variant,
+            "DSPEX_POOLS": settings.pools.model_dump_json(),
+            "DSPEX_LEARNER": settings.learner.model_dump_json(),
+            "DSPEX_LM__BACKENDS": json.dumps(
+                {
+                    k: v.model_dump(mode="json", exclude_none=True)
+                    for k, v in settings.lm.backends.items()
+                }
+            ),
+            "DSPEX_JOBS": settings.jobs.model_dump_json(),
+            "DSPEX_RELIABILITY": settings.reliability.model_dump_json(),
             "DSPEX_ROUTER__MAX_REQUEST_BYTES": str(settings.router.max_request_bytes),
             "DSPEX_ROUTER__CACHE_ENABLED": json.dumps(settings.router.cache_enabled),
             "DSPEX_LOG_LEVEL": "INFO",

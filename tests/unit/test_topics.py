@@ -17,17 +17,21 @@ DESIGN_TOPICS = {
     "executions",
     "programs",
     "variables",
+    "variables.history",
     "telemetry",
     "routing",
     "metrics",
     "dlq",
+    "jobs",
+    "jobs.control",
+    "jobs.status",
 }
 
 
 def test_catalog_is_the_design_table() -> None:
     assert {spec.name for spec in CATALOG} == DESIGN_TOPICS
     compacted = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact"}
-    assert compacted == {"programs", "variables", "routing"}
+    assert compacted == {"programs", "variables", "routing", "jobs.control", "jobs.status"}
 
 
 def test_compacted_topics_keep_values_forever_and_delete_topics_expire() -> None:

@@ -1,0 +1,194 @@
+"""``dspex optimize run|cancel|follow|status``: optimizer jobs from a terminal."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+from streams._jobs import JobOptions, JobProgress, JobResult, job_status
+from streams.cli._app import app, err, out, settings_of
+from streams.client import Chunk, Client
+from streams.errors import ConfigError
+from streams.serde import make_serde
+from streams.settings import Settings
+
+optimize_app = typer.Typer(help="Optimizer jobs on the optimizer pool (docs/optimizer.md).")
+app.add_typer(optimize_app, name="optimize")
+
+
+@optimize_app.command("run")
+def optimize_run(
+    ctx: typer.Context,
+    program_id: Annotated[str, typer.Argument(help="The registered program to optimize.")],
+    metric: Annotated[str, typer.Option(help="exact_match, f1, contains, dspy:<name>.")],
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="BootstrapFewShot, MIPROv2, SIMBA, GEPA; omit to search only."),
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Examples: a .jsonl file (one object a line) or a JSON array."),
+    ] = None,
+    dataset_topic: Annotated[str | None, typer.Option(help="A topic of examples instead.")] = None,
+    search: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=LOW:HIGH[:STEPS] or NAME=A,B,... (repeat), e.g. temperature=0:1:3."
+        ),
+    ] = None,
+    config: Annotated[str, typer.Option(help="Optimizer settings JSON.")] = "{}",
+    version: Annotated[
+        int | None, typer.Option(help="Version to start from (default latest).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Examples held out for scoring.")] = 0.5,
+    canary: Annotated[float | None, typer.Option(help="Canary weight for the new version.")] = None,
+    follow: Annotated[bool, typer.Option(help="Show live progress until the job ends.")] = False,
+) -> None:
+    """Queue an optimizer job; with --follow, show its progress and result."""
+    options = JobOptions(
+        optimizer=optimizer,
+        optimizer_config=_object("--config", config),
+        metric=metric,
+        search=parse_search(search or []),
+        program_version=version,
+        val_fraction=val_fraction,
+        canary_weight=canary,
+        requested_by="dspex-cli",
+    )
+    if dataset is not None:
+        options["dataset"] = read_dataset(dataset)
+    else:
+        options["dataset_topic"] = dataset_topic
+    with Client(settings_of(ctx)) as client:
+        if not follow:
+            job_id = client.submit_job(program_id, **options)
+            out.print(f"[green]queued[/] job {job_id}  (dspex optimize follow {job_id})")
+            return
+        result = _run_with_bar(client, program_id, options)
+    _print_result(result)
+
+
+def _run_with_bar(client: Client, program_id: str, options: JobOptions) -> JobResult:
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best={task.fields[best]}"),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("queued", total=None, best="-")
+
+        def show(progress: JobProgress) -> None:
+            best = "-" if progress.best is None else f"{progress.best:.4f}"
+            text = f"{progress.phase} {progress.message}".strip()[:60]
+            bar.update(task, description=text, total=progress.trials or None, best=best)
+            bar.update(task, completed=progress.trial)
+
+        return client.optimize(program_id, on_progress=show, **options)
+
+
+def _print_result(result: JobResult) -> None:
+    if result.ok:
+        out.print(
+            f"[green]job {result.job_id} done[/]: score {result.score_before} -> "
+            f"{result.score_after}; program version {result.program_version}; "
+            f"variables {json.dumps(result.variables)}"
+        )
+        return
+    error = result.error or {}
+    err.print(f"[red]job {result.job_id} {result.status}[/]: {error.get('message')}")
+    raise typer.Exit(1)
+
+
+@optimize_app.command("cancel")
+def optimize_cancel(
+    ctx: typer.Context, job_id: str, reason: Annotated[str, typer.Option()] = ""
+) -> None:
+    """Ask the job's runner to stop it (it ends with a final "cancelled" Response)."""
+    with Client(settings_of(ctx)) as client:
+        client.cancel_job(job_id, requested_by="dspex-cli", reason=reason)
+    out.print(f"cancel requested for job {job_id}")
+
+
+@optimize_app.command("follow")
+def optimize_follow(ctx: typer.Context, job_id: str) -> None:
+    """Print a running job's progress from now until it ends."""
+    with Client(settings_of(ctx)) as client:
+        for chunk in client.follow_job(job_id):
+            if not chunk.final:
+                out.print(chunk.delta, end="", highlight=False)
+            else:
+                _print_result(JobResult.from_chunk(chunk))
+
+
+@optimize_app.command("status")
+def optimize_status(ctx: typer.Context, job_id: str) -> None:
+    """A finished job's final Response (from jobs.status) as JSON."""
+    final = _finished(settings_of(ctx), job_id)
+    if final is None:
+        raise ConfigError(f"job {job_id} has not finished (or is unknown)")
+    out.print_json(json.dumps(final, default=str))
+
+
+def _finished(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    record = job_status(settings, make_serde(settings), job_id)
+    return None if record is None else dataclasses.asdict(Chunk.from_record(record))
+
+
+def parse_search(pairs: list[str]) -> dict[str, Any]:
+    """``temperature=0:1:3`` -> a range; ``model=a,b`` -> choices (JSON values where they parse)."""
+    search: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, spec = pair.partition("=")
+        if not sep or not name or not spec:
+            raise ConfigError(f"--search {pair!r} is not NAME=LOW:HIGH[:STEPS] or NAME=A,B")
+        if ":" in spec:
+            parts = spec.split(":")
+            if len(parts) not in (2, 3):
+                raise ConfigError(f"--search {pair!r}: a range is LOW:HIGH or LOW:HIGH:STEPS")
+            bounds = [_value(part) for part in parts]
+            search[name] = dict(zip(("min", "max", "steps"), bounds, strict=False))
+        else:
+            search[name] = {"choices": [_value(part) for part in spec.split(",")]}
+    return search
+
+
+def read_dataset(path: Path) -> list[dict[str, Any]]:
+    """Examples from a .jsonl file (one object a line) or a JSON array."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc}") from exc
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"dataset {path}: not JSON lines or a JSON array: {exc}") from exc
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ConfigError(f"dataset {path}: every example must be a JSON object")
+    return rows
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _object(option: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option}: invalid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}: must be a JSON object")
+    return value
