@@ -37,6 +37,7 @@ def faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
         topic_replication_factor=settings.topics.replication_factor,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger=settings.kafka.linger_ms / 1000.0,
         # a killed agent's partitions move on after this, not faust's 60 s default
         broker_session_timeout=settings.reliability.session_timeout_s,
         broker_heartbeat_interval=max(0.5, settings.reliability.session_timeout_s / 5),

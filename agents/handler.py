@@ -24,6 +24,7 @@ from agents.execution import Executor, Outcome, classify, remaining_seconds
 from agents.offsets import RecentIds
 from agents.publisher import DeliveryFailed, Publisher
 from agents.records import ErrorInfo, Origin, Result
+from agents.routing import Overloaded, expired
 from streams.errors import SerdeError
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,10 @@ class RequestHandler:
         started_at = records.now()
         remaining = remaining_seconds(request, started_at)
         if remaining is not None and remaining <= 0:
-            error = ErrorInfo("DeadlineExceeded", _expired(request, remaining), None, "queue")
-            return Result("timeout", received_at, started_at, started_at, error=error)
+            reason = expired(request, int(started_at.timestamp() * 1000), "a worker")
+            status = "overloaded" if isinstance(reason, Overloaded) else "timeout"
+            error = ErrorInfo(type(reason).__name__, reason.reason, "deadline_at", "queue")
+            return Result(status, received_at, started_at, started_at, error=error)
         on_chunk = replies.chunk if request.get("stream") else None
         try:
             outcome = await asyncio.wait_for(self._executor.execute(request, on_chunk), remaining)
@@ -295,11 +298,4 @@ def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) ->
         program_version=outcome.program_version,
         variant=outcome.variant,
         breaker_state=outcome.breaker_state,
-    )
-
-
-def _expired(request: Mapping[str, Any], remaining: float) -> str:
-    return (
-        f"request_id={request['request_id']}: deadline {request['deadline_at'].isoformat()} "
-        f"passed {-remaining:.3f}s before the request could start"
     )

@@ -122,8 +122,8 @@ class Learner:
         if record.get("kind") == "feedback":
             self._feedback(program_id, record)
             return
-        if record.get("kind") != "execution":
-            return
+        if record.get("kind") != "execution" or record.get("error_class") == "Overloaded":
+            return  # an overloaded request never ran: it says nothing about its variant
         emitted = to_ms(record.get("emitted_at"))
         obs = Observation.of(
             record.get("variant"),

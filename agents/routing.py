@@ -41,6 +41,29 @@ class DeadlineExceeded(InvalidRequest):
     """The request's deadline passed before it could be routed: answered with "timeout"."""
 
 
+class Overloaded(DeadlineExceeded):
+    """The deadline passed while the request waited in Kafka: answered with "overloaded"."""
+
+
+def expired(request: Mapping[str, Any], now_ms: int, where: str) -> DeadlineExceeded:
+    """Why a request whose deadline passed before it started is not run.
+
+    Waiting in Kafka past a deadline that was still ahead when the request was
+    created means DSPex is behind: ``overloaded``. A deadline already past at
+    creation is the client's: ``timeout``.
+    """
+    deadline = to_ms(request.get("deadline_at")) or 0
+    created = to_ms(request.get("created_at"))
+    if created is not None and created < deadline:
+        waited = max(now_ms - created, 0)
+        return Overloaded(
+            "deadline_at",
+            f"waited {waited} ms for {where}; the deadline passed before it could start "
+            "(DSPex is overloaded: requests wait in Kafka)",
+        )
+    return DeadlineExceeded("deadline_at", f"the deadline had passed before {where}")
+
+
 class ProgramResolver(Protocol):
     """Resolves and validates a request's program: the seam to :mod:`agents.programs`."""
 
@@ -116,7 +139,7 @@ def check_request(
         raise InvalidRequest("request_id", "must be a non-empty string")
     _check_deadline(request.get("deadline_at"), now_ms)
     if deadline_passed(request, now_ms):
-        raise DeadlineExceeded("deadline_at", "the deadline passed before the request was routed")
+        raise expired(request, now_ms, "the router")
     hint = request.get("pool_hint")
     if hint is not None and hint not in POOLS:
         raise InvalidRequest("pool_hint", f"unknown pool {hint!r}; known: {', '.join(POOLS)}")

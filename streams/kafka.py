@@ -48,7 +48,7 @@ def admin_client(settings: Settings) -> AdminClient:
 
 def producer(settings: Settings, **overrides: Any) -> Producer:
     """An idempotent producer (acks=all): retries never duplicate or reorder a partition."""
-    defaults = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+    defaults = {"enable.idempotence": True, "acks": "all", "linger.ms": settings.kafka.linger_ms}
     return Producer(client_conf(settings, **{**defaults, **overrides}))
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,7 @@ from streams.errors import InvalidRequest
 from streams.serde import make_serde
 from streams.settings import BanditConfig, LearnerSettings, Settings
 from streams.topics import Topics
+from tests.integration.stack import REPO, agent_env
 
 PROGRAM = "support.answer"
 WATCHED = ("routing", "pool.general", "pool.gpu")
@@ -221,6 +226,66 @@ async def test_client_feedback_moves_traffic_to_the_better_answers(
     assert quality["terse"] == pytest.approx(0.1, abs=0.01)
     assert quality["thorough"] == pytest.approx(0.9, abs=0.01)
     assert weights(table)["thorough"] >= 0.8 and weights(table)["terse"] > 0
+
+
+async def test_kill_9_of_the_learner_rebuilds_its_statistics(
+    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, tmp_path: Path
+) -> None:
+    """A SIGKILLed learner's successor recovers the statistics from the changelog.
+
+    Counts must be neither cold (lost) nor doubled (telemetry re-read past the
+    committed offset on top of the recovered table), and the table versions go on.
+    """
+    create_topics()
+    settings = settings.model_copy(
+        update={"learner": learner_settings(candidates={"good": "general", "bad": "general"})}
+    )
+    producer = Producer(settings)
+    for i in range(300):
+        good = i % 2 == 0
+        producer.telemetry("good" if good else "bad", "general", 0.95 if good else 0.5, 100.0)
+    producer.flush()
+    argv = [sys.executable, "-m", "agents", "learner"]
+    env = agent_env(settings)
+
+    def start(log: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / log).open("wb") as out:
+            return subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def counted(table: dict[str, Any] | None) -> float:
+        return sum(counts(table).values()) if table else 0.0
+
+    victim = start("learner-1.log")
+    try:
+        first = await until(
+            lambda: next((t for t in watcher.tables()[::-1] if counted(t) >= 299.0), None),
+            90,
+            "a table learned from all 300 events",
+        )
+        await asyncio.sleep(4.0)  # past faust's commit interval (2.8 s)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        for _ in range(20):
+            producer.telemetry("fresh", "general", 1.0, 100.0)
+        producer.flush()
+        successor = start("learner-2.log")
+        try:
+            after = await until(lambda: _with_variant(watcher, "fresh"), 90, "a table with fresh")
+        finally:
+            successor.send_signal(signal.SIGTERM)
+            successor.wait(60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    print(
+        f"\nkill -9 of the learner: before v{first['version']} {counts(first)}; "
+        f"successor v{after['version']} {counts(after)}; successor exit {successor.returncode}"
+    )
+    assert victim.returncode == -signal.SIGKILL
+    assert after["version"] > first["version"]
+    assert 140.0 <= counts(after)["good"] <= 155.0  # rebuilt, neither cold nor counted twice
+    assert 0.0 < counts(after)["fresh"] <= 20.5
+    assert successor.returncode == 0
 
 
 def _quality_seen(learner: LearnerApp) -> float:

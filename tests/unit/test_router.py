@@ -14,10 +14,11 @@ import pytest
 from agents.cache import cache_key, effective_variables, is_cacheable
 from agents.catalog import ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
-from agents.router import RequestHandler
+from agents.router import RequestHandler, with_program_metric
 from agents.routing import (
     DeadlineExceeded,
     KnownTopics,
+    Overloaded,
     ProgramsResolver,
     Route,
     RouteChooser,
@@ -183,8 +184,15 @@ def test_check_request_names_the_field(fields: dict[str, Any], field: str) -> No
 
 
 def test_passed_deadline_is_a_timeout() -> None:
-    with pytest.raises(DeadlineExceeded):
-        check_request(request(deadline_at=NOW_MS - 1), NOW_MS, [])
+    with pytest.raises(DeadlineExceeded) as info:
+        check_request(request(deadline_at=NOW_MS - 1, created_at=NOW_MS), NOW_MS, [])
+    assert not isinstance(info.value, Overloaded)
+
+
+def test_a_deadline_that_passed_while_waiting_in_kafka_is_overload() -> None:
+    waited = request(created_at=NOW_MS - 5_000, deadline_at=NOW_MS - 1_000)
+    with pytest.raises(Overloaded, match="waited 5000 ms for the router"):
+        check_request(waited, NOW_MS, [])
     check_request(request(deadline_at=NOW_MS + 1000, reply_topic="app.replies"), NOW_MS, [])
 
 
@@ -420,3 +428,13 @@ def test_a_reply_topic_that_does_not_exist_is_refused_not_waited_for() -> None:
     assert "does not exist" in exc.value.reason
     assert reply_topic(request, ["dspex.requests"], existing={"app.replies"}) is None
     check_request({**request, "reply_topic": "app.replies"}, 0, [], existing={"app.replies"})
+
+
+def test_a_registered_programs_metric_travels_to_the_worker_with_a_gold_label() -> None:
+    gold = {"dspex.gold": '{"answer": "Paris"}'}
+    program = {"program_id": "qa", "metric": "f1"}
+    assert with_program_metric({"metadata": gold}, program) == {**gold, "dspex.metric": "f1"}
+    named = {**gold, "dspex.metric": "contains"}
+    assert with_program_metric({"metadata": named}, program) == named  # the request's wins
+    assert with_program_metric({"metadata": {"tenant": "a"}}, program) == {"tenant": "a"}
+    assert with_program_metric({"metadata": gold}, None) == gold

@@ -371,6 +371,22 @@ async def test_an_expired_deadline_answers_timeout_without_running() -> None:
     assert producer.records(TO.dlq) == []
 
 
+async def test_a_request_that_expired_waiting_in_the_pool_topic_answers_overloaded() -> None:
+    executor = FakeExecutor()
+    producer = FakeProducer()
+    waited = _request(
+        created_at=records.now() - timedelta(seconds=10),
+        deadline_at=records.now() - timedelta(seconds=1),
+    )
+    await _pipeline(executor, producer, _origin(waited))
+    assert executor.calls == 0
+    (response,) = producer.records(TO.responses)
+    assert response["status"] == "overloaded"
+    assert response["error"]["error_class"] == "Overloaded"
+    assert "waited" in response["error"]["message"] and response["error"]["stage"] == "queue"
+    assert producer.records(TO.telemetry)[0]["error_class"] == "Overloaded"
+
+
 async def test_a_slow_program_times_out_at_the_deadline() -> None:
     async def slow(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
         await asyncio.sleep(10)
