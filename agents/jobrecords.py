@@ -205,3 +205,50 @@ def variable_updates(
             )
         )
     return updates
+
+
+def canary_table(
+    program_id: str,
+    *,
+    parent: int,
+    version: int,
+    weight: float,
+    previous: Mapping[str, Any] | None,
+    job_id: str,
+    now_ms: int,
+) -> Record:
+    """A RoutingTable sending ``weight`` of the program's traffic to the new version.
+
+    Two variants, ``v<parent>`` and ``v<version>``, pin a program version each on
+    the pool the previous table used (else general); the learning agent continues
+    from this table, so it can move traffic between the versions from telemetry.
+    """
+    previous = previous or {}
+    pools = [v.get("pool") for v in previous.get("variants") or [] if v.get("pool")]
+    pool = str(pools[0]) if pools else "general"
+
+    def variant(number: int, share: float) -> Record:
+        return {
+            "name": f"v{number}",
+            "model": None,
+            "module_type": None,
+            "pool": pool,
+            "weight": share,
+            "variables": {},
+            "program_version": number,
+        }
+
+    return {
+        "program_id": program_id,
+        "version": int(previous.get("version") or 0) + 1,
+        "created_at": now_ms,
+        "objective": previous.get("objective") or "balanced",
+        "reason": (
+            f"canary: optimizer job {job_id} published version {version}; "
+            f"{weight:.0%} of traffic to it, the rest to its parent {parent}"
+        ),
+        "variants": [variant(parent, 1.0 - weight), variant(version, weight)],
+        "fallback": [],
+        "learned_from": [],
+        "pool_hints": dict(previous.get("pool_hints") or {}),
+    }

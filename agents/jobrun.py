@@ -300,6 +300,9 @@ class JobExecution:
             )
             version = int(record["version"])
             out.append(self._encode(topic, spec.program_id, "ProgramVersion", record))
+            weight = spec.canary_weight
+            if weight is not None and 0.0 < weight < 1.0 and record["parent_version"]:
+                out.append(self._canary(spec, int(record["parent_version"]), version, weight))
         if result.improved:
             out += self._variable_records(spec, result, store)
         outputs = jr.result_outputs(
@@ -312,6 +315,23 @@ class JobExecution:
         quality = result.score_after
         summary = f"{spec.metric_name} {result.score_before:.4f} -> {quality:.4f} version={version}"
         return JobOutcome("completed", [*out, *self._final(final, quality, True)], summary)
+
+    def _canary(self, spec: JobSpec, parent: int, version: int, weight: float) -> Outgoing:
+        """The routing table that canaries ``version`` beside ``parent``."""
+        topic = self._topics.name("routing")
+        found = read_compacted(
+            self._settings, self._serde, topic, "RoutingTable", key=spec.program_id
+        )
+        table = jr.canary_table(
+            spec.program_id,
+            parent=parent,
+            version=version,
+            weight=weight,
+            previous=latest_by_key(found).get(spec.program_id),
+            job_id=spec.job_id,
+            now_ms=int(time.time() * 1000),
+        )
+        return self._encode(topic, spec.program_id, "RoutingTable", table)
 
     def _variable_records(
         self, spec: JobSpec, result: OptimizationResult, store: VariableStore

@@ -271,7 +271,7 @@ class Learner:
 
 
 def _variant(name: str, weight: float, pool: str, earlier: Record | None) -> Record:
-    """One table variant; model, module type and variables carry over from the last table."""
+    """One table variant; model, module type, variables and program version carry over."""
     earlier = earlier or {}
     return {
         "name": name,
@@ -280,6 +280,7 @@ def _variant(name: str, weight: float, pool: str, earlier: Record | None) -> Rec
         "pool": pool,
         "weight": weight,
         "variables": dict(earlier.get("variables") or {}),
+        "program_version": earlier.get("program_version"),
     }
 
 

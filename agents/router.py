@@ -43,6 +43,7 @@ from agents.routing import (
     Overloaded,
     ProgramResolver,
     ProgramsResolver,
+    Route,
     RouteChooser,
     check_request,
     reply_topic,
@@ -157,10 +158,10 @@ class RequestHandler:
         self._check_size(len(original.value or b""), "request")
         check_request(request, now, self._own_topics, self._existing)
         program_id = request.get("program_id")
+        chosen = self._chooser.choose(request, self._routing.table_for(program_id))
         registered = None
         if program_id is not None:
-            registered = self._programs.resolve(program_id, request.get("program_version"))
-        chosen = self._chooser.choose(request, self._routing.table_for(program_id))
+            registered = self._registered(program_id, request.get("program_version"), chosen)
         steering = self._variables.steer(request, chosen, registered)
         route = steering.route
         program = self._resolver.resolve(steering.request, registered)
@@ -181,6 +182,22 @@ class RequestHandler:
             "metadata": with_program_metric(request, registered),
         }
         return [self._forward(original, forwarded, route.pool, key)]
+
+    def _registered(self, program_id: str, version: int | None, route: Route) -> Record:
+        """The program version to run: the request's, else the route's canary, else latest.
+
+        A canary version this router does not know (yet) falls back to the latest.
+        """
+        if version is None and route.program_version is not None:
+            try:
+                return self._programs.resolve(program_id, route.program_version)
+            except InvalidRequest:
+                logger.warning(
+                    "routing table names unknown program_id=%s version=%s; using the latest",
+                    program_id,
+                    route.program_version,
+                )
+        return self._programs.resolve(program_id, version)
 
     def _forward(
         self, original: Original, forwarded: Record, pool: str, key: str | None

@@ -110,6 +110,8 @@ class Route:
     module_type: str | None = None
     table_version: int | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
+    program_version: int | None = None
+    """The registered version the variant runs (a canary); None: the request's or latest."""
 
     def record(self, decided_at_ms: int, cache_key: str | None) -> Record:
         """The ``route`` field of a forwarded Request."""
@@ -268,6 +270,7 @@ class RouteChooser:
             module_type=variant.get("module_type"),
             table_version=table.get("version"),
             variables=dict(variant.get("variables") or {}),
+            program_version=variant.get("program_version"),
         )
 
     def _usable(self, table: Mapping[str, Any], hint: str | None) -> list[tuple[Record, float]]:

@@ -110,7 +110,12 @@ class SharedVariables:
             return route
         # The pool stays (hint, table or default); the table variant's own variables do not.
         return Route(
-            route.pool, str(variant), "variable", backend.model, table_version=route.table_version
+            route.pool,
+            str(variant),
+            "variable",
+            backend.model,
+            table_version=route.table_version,
+            program_version=route.program_version,
         )
 
     def _warn_once(self, value: str) -> None:

@@ -224,6 +224,7 @@ def _variant(name: str, model: str, module: str, weight: float) -> Record:
         "pool": "general",
         "weight": weight,
         "variables": {"temperature": _j(0.2)},
+        "program_version": None,
     }
 
 

@@ -14,12 +14,14 @@ see the printed figures.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from agents.txn import Completion
 from streams import kafka
 from streams._jobs import JobProgress
 from streams.admin import TopicReport
-from streams.client import AsyncClient
+from streams.client import AsyncClient, Result
 from streams.settings import Settings, load_settings
 from streams.topics import Topics
 from tests.integration.stack import REPO, Stack, Tail, _live, agent_env
@@ -178,6 +180,7 @@ def tails() -> Iterator[Callable[[Settings], Tail]]:
 
     def tail(settings: Settings) -> Tail:
         shorts = ["responses", "programs", "variables", "variables.history", "executions"]
+        shorts.append("routing")
         opened.append(Tail(settings, [*shorts, "jobs.status"]))
         return opened[-1]
 
@@ -227,6 +230,37 @@ async def test_bootstrap_few_shot_job_raises_the_metric_and_the_router_serves_th
     assert len(evaluations) == 2 * 4 and {r["pool"] for r in evaluations} == {"general"}
     served = [r for r in tail.of("executions") if r["program_id"] == "toy"]
     assert [r["program_version"] for r in served] == [2]
+
+
+async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_parent(
+    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+) -> None:
+    settings = sim_settings(settings, FEWSHOT)
+    start_optimizer(settings, 1)
+    tail = tails(settings)
+    async with AsyncClient(settings) as client:
+        assert await client.publish_program("toy", "word -> answer") == 1
+        result = await client.optimize(
+            "toy",
+            optimizer="BootstrapFewShot",
+            dataset=DATASET,
+            metric="exact_match",
+            canary_weight=0.5,
+            timeout_s=180,
+        )
+        assert result.ok and result.program_version == 2, result.error
+        tail.wait(lambda t: bool(t.of("routing")), 10, "the canary routing table")
+        await asyncio.sleep(1.0)  # the router follows the routing topic
+        answers = await client.submit_many(
+            [("toy", {"word": f"w{n}"}) for n in range(30)], cache=False
+        )
+    (table,) = tail.of("routing")
+    variants = {v["name"]: (v["program_version"], v["weight"]) for v in table["variants"]}
+    served = Counter(a.program_version for a in answers if isinstance(a, Result))
+    print(f"\ncanary table {variants}: 30 requests served by versions {dict(served)}")
+    assert variants == {"v1": (1, 0.5), "v2": (2, 0.5)}
+    assert result.job_id in table["reason"]
+    assert sum(served.values()) == 30 and set(served) == {1, 2}  # P(one side only) ~ 2e-9
 
 
 async def test_variable_search_publishes_the_better_temperature(

@@ -438,3 +438,19 @@ def test_a_registered_programs_metric_travels_to_the_worker_with_a_gold_label() 
     assert with_program_metric({"metadata": named}, program) == named  # the request's wins
     assert with_program_metric({"metadata": {"tenant": "a"}}, program) == {"tenant": "a"}
     assert with_program_metric({"metadata": gold}, None) == gold
+
+
+def test_a_canary_variant_pins_its_program_version() -> None:
+    table = {
+        "program_id": "qa",
+        "version": 3,
+        "variants": [
+            {"name": "v1", "pool": "general", "weight": 1.0, "program_version": 1},
+            {"name": "v2", "pool": "general", "weight": 1e-12, "program_version": 2},
+        ],
+    }
+    chooser = RouteChooser(LMSettings(), "general", rng=random.Random(1))
+    routes = [chooser.choose({"request_id": "r"}, table) for _ in range(20)]
+    assert {(r.variant, r.program_version) for r in routes} == {("v1", 1)}
+    plain = {**table, "variants": [{"name": "echo", "pool": "general", "weight": 1.0}]}
+    assert chooser.choose({"request_id": "r"}, plain).program_version is None
