@@ -190,6 +190,18 @@ def test_every_optimizer_of_the_installed_dspy_is_available_and_built() -> None:
 RUNNABLE = [
     ("SIMBA", {"bsize": 2, "num_candidates": 2, "max_steps": 1, "max_demos": 2}),
     ("GEPA", {"max_metric_calls": 20, "reflection_minibatch_size": 2}),
+    (
+        "MIPROv2",
+        {
+            "auto": None,
+            "num_candidates": 2,
+            "num_trials": 2,
+            "max_bootstrapped_demos": 1,
+            "max_labeled_demos": 2,
+            "minibatch": False,
+            "seed": 7,
+        },
+    ),
 ]
 
 
@@ -206,6 +218,14 @@ def test_simba_and_gepa_run_to_completion_on_the_simulation(
     # what is checked is that each runs through DSPex's compile path and exports state
     assert json.loads(result.candidate.state_json or "{}")["self"]["signature"]
     assert any(e.phase == "compile" for e in events)
+
+
+def test_miprov2_raises_the_metric_on_the_simulation() -> None:
+    config = dict(RUNNABLE)["MIPROv2"]
+    spec = spec_of(optimizer="MIPROv2", optimizer_config_json=json.dumps(config))
+    result, _ = optimize(spec, FEWSHOT)
+    # its few-shot candidates carry demonstrations, which the simulation needs
+    assert (result.score_before, result.score_after, result.improved) == (0.0, 1.0, True)
 
 
 @pytest.mark.parametrize(
