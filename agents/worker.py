@@ -44,6 +44,7 @@ from agents.offsets import OffsetTracker
 from agents.offsets import TopicPartition as TP
 from agents.publisher import Publisher
 from agents.records import Origin
+from agents.retry import RetryTopicPolicy
 from streams import kafka
 from streams.logs import configure_logging
 from streams.serde import make_serde
@@ -105,6 +106,10 @@ class PoolWorker:
         """Messages received and not yet finished (answered and acknowledged)."""
         return self._tracker.in_flight()
 
+    def running(self) -> int:
+        """Messages running or waiting to run: at most ``limit`` (see :meth:`_free_slots`)."""
+        return self._tracker.in_flight() - self._handler.delivering
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain, flush, commit and close.
 
@@ -164,6 +169,7 @@ class PoolWorker:
             executions=topics.name("executions"),
             telemetry=topics.name("telemetry"),
             dlq=topics.name("dlq"),
+            retry=topics.name("retry"),
         )
         return RequestHandler(
             executor=self._executor or DSPyExecutor(self._settings),
@@ -173,6 +179,7 @@ class PoolWorker:
             pool=self.pool,
             worker_id=self.worker_id,
             in_flight=self.limit,
+            retry_topic=RetryTopicPolicy.from_settings(self._settings.reliability),
         )
 
     # -- fetching -------------------------------------------------------------------------
@@ -200,8 +207,7 @@ class PoolWorker:
         most ``2 * limit`` messages are held in all, which bounds memory.
         """
         pending = self._tracker.in_flight()
-        running = pending - self._handler.delivering
-        return min(self.limit - running, 2 * self.limit - pending)
+        return min(self.limit - self.running(), 2 * self.limit - pending)
 
     async def _fetch(self, wanted: int) -> None:
         # consume(n, t) returns only when n messages arrived or t passed: wait for one,
@@ -298,7 +304,7 @@ class PoolWorker:
         while True:
             faults = getattr(self._handler.executor, "faults", None)
             breakers = faults.breakers.worst_state() if faults is not None else "closed"
-            sample = records.health(self.worker_id, self.pool, self.in_flight(), breakers)
+            sample = records.health(self.worker_id, self.pool, self.running(), breakers)
             try:
                 await (await self._publisher.send(topic, self.worker_id, "Telemetry", sample))
             except Exception:  # health is best effort: never let it stop the worker
