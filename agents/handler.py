@@ -6,6 +6,12 @@ DeadLetter when something failed — and returns only once the broker has
 acknowledged every one of them, so the caller may then count the offset as done.
 A bad message never raises out of it; only a broker that will not take the
 answers does (:class:`~agents.publisher.DeliveryFailed`).
+
+An attempt that failed transiently, before any chunk was streamed, goes to the
+``retry`` topic instead of being answered (:mod:`agents.retry`): the pool record's
+bytes unchanged, with the next attempt's headers, plus this attempt's Execution
+and Telemetry — no Response, no DeadLetter. The last attempt is answered as
+usual and its DeadLetter counts every attempt.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +30,7 @@ from agents.execution import Executor, Outcome, classify, remaining_seconds
 from agents.offsets import RecentIds
 from agents.publisher import DeliveryFailed, Publisher
 from agents.records import ErrorInfo, Origin, Result
+from agents.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
 from agents.routing import Overloaded, expired
 from streams.errors import SerdeError
 
@@ -38,6 +45,8 @@ class Destinations:
     executions: str
     telemetry: str
     dlq: str
+    retry: str | None = None
+    """The retry topic; None: failed attempts are answered at once (no retry topic)."""
 
 
 class _Replies:
@@ -80,6 +89,7 @@ class RequestHandler:
         worker_id: str,
         in_flight: int,
         recent: RecentIds | None = None,
+        retry_topic: RetryTopicPolicy | None = None,
     ) -> None:
         self._executor = executor
         self._publisher = publisher
@@ -89,6 +99,7 @@ class RequestHandler:
         self._worker_id = worker_id
         self._slots = asyncio.Semaphore(in_flight)
         self._recent = recent if recent is not None else RecentIds()
+        self._retry = retry_topic if destinations.retry is not None else None
         self._active: dict[str, asyncio.Future[None]] = {}
         self.delivering = 0
         """Requests answered and waiting only for the broker's acknowledgements."""
@@ -130,32 +141,73 @@ class RequestHandler:
     async def _dedupe_and_answer(
         self, origin: Origin, request: dict[str, Any], received_at: datetime
     ) -> None:
+        # An answered request is remembered by its id; an attempt handed to the retry
+        # topic by id and attempt, so its own redelivery is skipped but the retry is not.
         request_id: str = request["request_id"]
-        if self._recent.seen(request_id):
+        attempt = attempt_of(origin.headers)
+        handed_off = f"{request_id}#{attempt}"
+        if self._recent.seen(request_id) or self._recent.seen(handed_off):
             logger.info("skipping answered request %s request_id=%s", origin.describe(), request_id)
             return
-        running = self._active.get(request_id)
+        running = self._active.get(handed_off)
         if running is not None:  # the same request twice in a row: answer once
             await asyncio.shield(running)
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._active[request_id] = done
+        self._active[handed_off] = done
         try:
-            await self._answer(origin, request, received_at)
-            self._recent.add(request_id)
+            retried = await self._answer(origin, request, received_at, attempt)
+            self._recent.add(handed_off if retried else request_id)
         finally:
-            del self._active[request_id]
+            del self._active[handed_off]
             done.set_result(None)
 
-    async def _answer(self, origin: Origin, request: dict[str, Any], received_at: datetime) -> None:
+    async def _answer(
+        self, origin: Origin, request: dict[str, Any], received_at: datetime, attempt: int
+    ) -> bool:
+        """Run and answer one attempt; True when it went to the retry topic instead."""
         replies = _Replies(
             self._publisher, request.get("reply_topic") or self._to.responses, request, self._pool
         )
         async with self._slots:
             result = await self._run(origin, request, replies, received_at)
-        await replies.final(result)
-        pending = [*replies.pending, *(await self._audit(origin, request, result))]
+        retry = self._plan_retry(origin, request, result, streamed=replies.seq > 0)
+        if retry is None:
+            await replies.final(result)
+        pending = [
+            *replies.pending,
+            *(await self._audit(origin, request, result, attempt, final=retry is None)),
+        ]
+        if retry is not None:
+            pending.append(await self._send_retry(origin, request, retry))
         await self._await_delivery(origin, request, replies.topic, pending)
+        return retry is not None
+
+    def _plan_retry(
+        self, origin: Origin, request: Mapping[str, Any], result: Result, *, streamed: bool
+    ) -> Retry | None:
+        """The retry record's headers when this failed attempt goes round again, else None."""
+        if self._retry is None or result.status != "error":
+            return None
+        time_left = remaining_seconds(request)
+        return self._retry.plan(
+            origin.headers, self._pool, result.error, streamed=streamed, time_left_s=time_left
+        )
+
+    async def _send_retry(
+        self, origin: Origin, request: Mapping[str, Any], retry: Retry
+    ) -> asyncio.Future[None]:
+        """The pool record's bytes, unchanged, to ``retry`` with the next attempt's headers."""
+        assert self._to.retry is not None  # noqa: S101 - no retry policy without the topic
+        logger.info(
+            "retry via topic %s request_id=%s next_attempt=%d backoff_s=%s",
+            origin.describe(),
+            request["request_id"],
+            retry.attempt,
+            retry.backoff_s,
+        )
+        key, value = request["request_id"], origin.value or b""
+        return await self._publisher.send_bytes(self._to.retry, key, value, retry.headers)
 
     async def _run(
         self, origin: Origin, request: dict[str, Any], replies: _Replies, received_at: datetime
@@ -203,11 +255,19 @@ class RequestHandler:
         )
 
     async def _audit(
-        self, origin: Origin, request: Mapping[str, Any], result: Result
+        self,
+        origin: Origin,
+        request: Mapping[str, Any],
+        result: Result,
+        attempt: int = 1,
+        *,
+        final: bool = True,
     ) -> list[asyncio.Future[None]]:
-        """Execution and Telemetry for every answered request, a DeadLetter for errors."""
+        """Execution and Telemetry for every attempt, a DeadLetter for a final error."""
         request_id = request["request_id"]
-        execution = records.execution(request, result, worker_id=self._worker_id, pool=self._pool)
+        execution = records.execution(
+            request, result, worker_id=self._worker_id, pool=self._pool, attempt=attempt
+        )
         measured = records.telemetry(
             request, result, worker_id=self._worker_id, pool=self._pool, in_flight=len(self._active)
         )
@@ -217,8 +277,8 @@ class RequestHandler:
             await self._publisher.send(self._to.executions, request_id, "Execution", execution),
             await self._publisher.send(self._to.telemetry, telemetry_key, "Telemetry", measured),
         ]
-        if result.status == "error" and result.error is not None:
-            sent.append(await self._send_dead_letter(origin, result.error, request_id))
+        if final and result.status == "error" and result.error is not None:
+            sent.append(await self._send_dead_letter(origin, result.error, request_id, attempt))
         return sent
 
     async def _await_delivery(
@@ -250,9 +310,13 @@ class RequestHandler:
         await delivered
 
     async def _send_dead_letter(
-        self, origin: Origin, error: ErrorInfo, request_id: str | None
+        self, origin: Origin, error: ErrorInfo, request_id: str | None, attempts: int = 1
     ) -> asyncio.Future[None]:
-        record = records.dead_letter(origin, error, component=self.component, request_id=request_id)
+        # without the retry headers: a replayed dead letter starts again at attempt 1
+        first = replace(origin, headers=without_retry_headers(origin.headers))
+        record = records.dead_letter(
+            first, error, component=self.component, request_id=request_id, attempts=attempts
+        )
         return await self._publisher.send(self._to.dlq, origin.key, "DeadLetter", record)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -46,11 +46,22 @@ class Publisher:
     ) -> asyncio.Future[None]:
         """Produce ``record`` as ``schema`` to ``topic``; the future resolves on delivery."""
         value = self._serde.encode(schema, record, topic=topic)
+        return await self.send_bytes(topic, key, value)
+
+    async def send_bytes(
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> asyncio.Future[None]:
+        """Produce already-encoded ``value`` (and ``headers``); the future resolves on delivery."""
         delivered: asyncio.Future[None] = self._loop.create_future()
         callback = partial(self._on_delivery, delivered, topic)
+        extra: dict[str, Any] = {"headers": list(headers)} if headers else {}
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=callback)
+                self._producer.produce(topic, value, key, on_delivery=callback, **extra)
                 return delivered
             except BufferError:  # local queue full: let deliveries drain, then try again
                 self._producer.poll(0)

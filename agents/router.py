@@ -4,15 +4,18 @@
 bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
 it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
 requests keep their order into the pool topics), one on ``responses`` that
-fills the changelog-backed ``cache`` table — plus a :class:`CompactedReader`
-that materializes the ``programs``, ``routing`` and ``variables`` topics for
-every instance (shared variables: :mod:`agents.variables`).
+fills the changelog-backed ``cache`` table, one on ``retry`` (the retrier: sends
+each transiently failed request back to its pool once its backoff is over,
+:mod:`agents.retry`) — plus a :class:`CompactedReader` that materializes the
+``programs``, ``routing`` and ``variables`` topics for every instance (shared
+variables: :mod:`agents.variables`).
 
 Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
 (stage ``decode``); a rejected request becomes a DeadLetter *and* one final
 error Response (stage ``validate``, or ``route`` with status ``timeout`` for a
 passed deadline); a refused variable update becomes a DeadLetter (stage
-``variables``) and the last good value stays. Start it with
+``variables``) and the last good value stays; a retry record with a missing or
+bad retry header, or an unknown pool, becomes a DeadLetter (stage ``retry``). Start it with
 ``make_router(settings).run()``.
 """
 
@@ -37,6 +40,7 @@ from agents.cache import (
 from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
 from agents.faustapp import faust_app, original_of, serve_until_signalled
+from agents.retry import RETRY_POOL, retry_due
 from agents.routing import (
     DeadlineExceeded,
     KnownTopics,
@@ -103,6 +107,7 @@ class RequestHandler:
         self._cache = cache
         self._chooser = chooser or RouteChooser(settings.lm, settings.router.default_pool)
         self._clock = clock
+        self._max_retry_wait_s = max(settings.reliability.retry_topic_backoff_s)
         self.pending = PendingRequests()
 
     def now_ms(self) -> int:
@@ -146,6 +151,38 @@ class RequestHandler:
             return
         if response["outputs"] is not None:
             self._cache[key] = encode_outputs(response["outputs"])
+
+    def handle_retry(self, original: Original) -> tuple[float, list[Outgoing]]:
+        """A ``retry`` record: (seconds to wait, its pool record), else (0, its DeadLetter).
+
+        The record's bytes and headers go back to ``pool.<dspex-retry-pool>``
+        unchanged, once ``dspex-not-before`` has passed.
+        """
+        now = self.now_ms()
+        try:
+            due = retry_due(original.headers, now, self._max_retry_wait_s)
+            topic = self._pool_topic(due.pool)
+            if original.value is None:
+                raise InvalidRequest("value", "tombstone (null value) where a request was expected")
+        except InvalidRequest as exc:
+            logger.warning("bad retry record %s error=%s", original.where(), exc)
+            request_id = (original.key or b"").decode("utf-8", "replace") or None
+            failure = Failure.from_exception(exc, "retry")
+            return 0.0, [self._dead_letter(original, failure, request_id, now)]
+        logger.info(
+            "retry scheduled %s attempt=%d to=%s in_s=%.3f",
+            original.where(),
+            due.attempt,
+            topic,
+            due.delay_s,
+        )
+        return due.delay_s, [Outgoing(topic, original.key, original.value, original.headers)]
+
+    def _pool_topic(self, pool: str) -> str:
+        try:
+            return self._topics.name(f"pool.{pool}")
+        except KeyError:
+            raise InvalidRequest(f"headers.{RETRY_POOL}", f"unknown pool {pool!r}") from None
 
     def _decode(self, original: Original, schema: str) -> Record:
         if original.value is None:
@@ -326,6 +363,7 @@ class RouterApp:
             variables=self.variables,
         )
         self._acking: set[asyncio.Future[None]] = set()
+        self._retrying: set[asyncio.Future[None]] = set()
         self._add_agents()
 
     def _list_topics(self) -> list[str]:
@@ -336,6 +374,7 @@ class RouterApp:
         responses = self._raw_topic("responses")
         self.app.agent(requests, name="route", concurrency=1)(self._route_agent)
         self.app.agent(responses, name="fill-cache", concurrency=1)(self._cache_agent)
+        self.app.agent(self._raw_topic("retry"), name="retry", concurrency=1)(self._retry_agent)
 
     def _raw_topic(self, short: str) -> Any:
         return self.app.topic(
@@ -361,6 +400,34 @@ class RouterApp:
             )
             self._acking.add(task)
             task.add_done_callback(self._acking.discard)
+
+    async def _retry_agent(self, stream: Any) -> None:
+        # Manual acks, as in _route_agent. Each record waits for its not-before time in
+        # a task of its own, so a long backoff never holds up a shorter one behind it;
+        # the commit stays before every record not yet forwarded (kept in memory only:
+        # after a crash the next router reads them again from the committed offset).
+        # A rebalance or a graceful stop waits for them (faust's wait_empty).
+        manual = stream.noack()
+        async for event in manual.events():
+            original = original_of(event.message)
+            try:
+                delay_s, outs = self.handler.handle_retry(original)
+            except Exception:  # handle_retry dead-letters bad records itself: this is a bug
+                logger.exception("dropping retry record %s", original.where())
+                await manual.ack(event)
+                continue
+            task = asyncio.ensure_future(
+                self._forward_when_due(manual, event, original, outs, delay_s)
+            )
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+
+    async def _forward_when_due(
+        self, stream: Any, event: Any, original: Original, outs: list[Outgoing], delay_s: float
+    ) -> None:
+        await asyncio.sleep(delay_s)
+        delivered = [await self._send(out) for out in outs]
+        await self._ack_when_delivered(stream, event, original, outs, delivered)
 
     async def _cache_agent(self, stream: Any) -> None:
         async for event in stream.events():
@@ -437,7 +504,11 @@ class RouterApp:
         await self.app.start()
 
     async def stop(self) -> None:
-        """Stop consuming (committing what was processed) and stop the reader."""
+        """Stop consuming (committing what was processed) and stop the reader.
+
+        faust waits for every unacked record first, so retries still waiting are
+        forwarded on time before the router leaves (at most the longest backoff).
+        """
         await self.app.stop()
         await self.reader.stop()
         await self._refused.flush()

@@ -11,7 +11,12 @@ unless its configuration says it cannot:
   BootstrapFewShot's demos take a metric from 0 to 1;
 * ``max_temperature=X``: it answers right only at temperature <= X, so a search
   over ``temperature`` has one clearly better region;
-* ``delay=S``: every call takes S seconds (long-job tests).
+* ``delay=S``: every call takes S seconds (long-job tests);
+* ``fail=N``: the first N calls *in the process* (counted per option set, over
+  every copy of the LM) raise a SIMULATED provider outage — ``dspy.lm15``'s
+  ``ServerError`` (HTTP 503), which DSPy maps to its retryable
+  ``LMServerError`` — and later calls answer normally (retry-topic tests;
+  a huge N fails every call).
 
 A wrong answer is :data:`WRONG`. Options travel in the model string, e.g.
 ``dspex/sim?task=reverse&needs=demos&delay=0.5``; two backends with different
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from dspy.lm15 import (
     Message,
     Request,
     Response,
+    ServerError,
     StreamDeltaEvent,
     StreamEndEvent,
     StreamStartEvent,
@@ -63,15 +70,16 @@ class SimOptions:
     needs_demos: bool = False
     max_temperature: float | None = None
     delay_s: float = 0.0
+    fail: int = 0
 
     @classmethod
     def parse(cls, model: str) -> SimOptions:
-        """Options from ``dspex/sim?task=...&needs=demos&max_temperature=...&delay=...``."""
+        """Options from ``dspex/sim?task=...&needs=demos&max_temperature=...&delay=...&fail=N``."""
         base, _, query = model.partition("?")
         if base != SIM_MODEL:
             raise ConfigError(f"model {model!r} is not a {SIM_MODEL} simulation")
         options = dict(parse_qsl(query, strict_parsing=bool(query)))
-        unknown = sorted(set(options) - {"task", "needs", "max_temperature", "delay"})
+        unknown = sorted(set(options) - {"task", "needs", "max_temperature", "delay", "fail"})
         if unknown:
             raise ConfigError(f"model {model!r}: unknown option {unknown[0]!r}")
         task = options.get("task", "reverse")
@@ -86,9 +94,46 @@ class SimOptions:
                 needs_demos="needs" in options,
                 max_temperature=None if ceiling is None else float(ceiling),
                 delay_s=float(options.get("delay", 0.0)),
+                fail=_count(options.get("fail", "0")),
             )
         except ValueError as exc:
             raise ConfigError(f"model {model!r}: {exc}") from exc
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"fail must be >= 0, got {value}")
+    return value
+
+
+class _Outages:
+    """Calls so far per simulation in this process, for ``fail=N`` (a SIMULATED outage).
+
+    Process-wide on purpose: a worker builds a fresh LM per request that
+    overrides temperature or max_tokens, and "the first N calls" must still mean N.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the sync engine may run in DSPy's threads
+        self._calls: dict[SimOptions, int] = {}
+
+    def check(self, options: SimOptions) -> None:
+        """Raise the simulated provider error while this is one of the first ``fail`` calls."""
+        if not options.fail:
+            return
+        with self._lock:
+            call = self._calls.get(options, 0) + 1
+            self._calls[options] = call
+        if call <= options.fail:
+            raise ServerError(
+                f"SIMULATED outage of {SIM_MODEL}: call {call}, the first {options.fail} fail",
+                status=503,
+                provider="dspex-sim",
+            )
+
+
+_OUTAGES = _Outages()
 
 
 def is_simulation(model: str) -> bool:
@@ -123,6 +168,7 @@ class SimEngine:
     def complete(self, request: Request) -> Response:
         if self.options.delay_s:
             time.sleep(self.options.delay_s)
+        _OUTAGES.check(self.options)
         return self.answer(request)
 
     def answer(self, request: Request) -> Response:
@@ -160,6 +206,7 @@ class AsyncSimEngine:
     async def complete(self, request: Request) -> Response:
         if self.sync.options.delay_s:
             await asyncio.sleep(self.sync.options.delay_s)
+        _OUTAGES.check(self.sync.options)
         return self.sync.answer(request)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -333,6 +333,11 @@ class ReliabilitySettings(_Section):
     consecutive transient failures and lets a trial call through after
     ``breaker_reset_timeout_s``. ``fallbacks`` maps a variant to the variants to
     try next, before the pool's default variant.
+
+    A request that still fails with a retryable error goes round again through
+    the ``retry`` topic: ``retry_topic_attempts`` attempts in all (the first
+    included; 1 turns the retry topic off), waiting ``retry_topic_backoff_s[n-1]``
+    seconds before the nth retry (the last entry repeats).
     """
 
     retry_attempts: int = Field(default=3, ge=1, le=20)
@@ -344,6 +349,11 @@ class ReliabilitySettings(_Section):
     # how soon a worker that died without leaving (kill -9) loses its partitions;
     # librdkafka's 45 s default would stall a dead worker's requests that long
     session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+    retry_topic_attempts: int = Field(default=3, ge=1, le=20)
+    # at most a minute: a router's rebalance and graceful stop wait for its pending retries
+    retry_topic_backoff_s: tuple[Annotated[float, Field(ge=0.0, le=60.0)], ...] = Field(
+        default=(1.0, 5.0), min_length=1, max_length=20
+    )
 
 
 class JobsSettings(_Section):

@@ -138,6 +138,15 @@ CATALOG: tuple[TopicSpec, ...] = (
         "Windowed aggregates that dashboards read.",
     ),
     _delete(
+        "retry",
+        "Request",
+        "request id",
+        3,
+        1,
+        "Requests that failed transiently, with their attempt, pool and not-before headers;"
+        " the router's retrier sends each back to its pool after its backoff.",
+    ),
+    _delete(
         "dlq",
         "DeadLetter",
         "original key",

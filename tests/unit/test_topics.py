@@ -21,6 +21,7 @@ DESIGN_TOPICS = {
     "telemetry",
     "routing",
     "metrics",
+    "retry",
     "dlq",
     "jobs",
     "jobs.control",
@@ -56,3 +57,9 @@ def test_unknown_names_are_refused() -> None:
         Topics(TopicSettings(partitions={"requets": 3}))
     with pytest.raises(KeyError, match="unknown topic"):
         Topics(TopicSettings()).name("nope")
+
+
+def test_the_retry_topic_holds_requests_briefly() -> None:
+    spec = Topics(TopicSettings()).spec("retry")
+    assert (spec.schema, spec.key, spec.cleanup_policy) == ("Request", "request id", "delete")
+    assert spec.configs()["retention.ms"] == str(24 * 60 * 60 * 1000)

@@ -1,0 +1,487 @@
+"""The retry-topic path without a broker: the decision, the worker's records, the retrier.
+
+The worker side runs :class:`~agents.handler.RequestHandler` against a fake
+producer and a scripted executor; the router side runs
+:meth:`agents.router.RequestHandler.handle_retry` and the retry agent's
+scheduling against a fake faust stream and producer. Clocks are fixed or fake.
+The flaky backend is the ``dspex/sim?fail=N`` SIMULATION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import dspy
+import pytest
+
+from agents import records
+from agents.catalog import ProgramCatalog, RoutingCatalog
+from agents.deadletter import Original
+from agents.execution import Outcome
+from agents.faults import BackendFailure, BackendsExhausted, is_retryable
+from agents.handler import Destinations
+from agents.handler import RequestHandler as WorkerHandler
+from agents.lms import build_lm
+from agents.publisher import DeliveryFailed, Publisher
+from agents.records import ErrorInfo, Origin
+from agents.retry import (
+    ATTEMPT,
+    NOT_BEFORE,
+    RETRY_POOL,
+    RetryTopicPolicy,
+    attempt_of,
+    retry_due,
+    without_retry_headers,
+)
+from agents.router import RequestHandler as RouterHandler
+from agents.router import RouterApp
+from agents.simulations import SimOptions
+from schemas.samples import sample
+from streams.errors import ConfigError, InvalidRequest
+from streams.serde import SingleObjectSerde
+from streams.settings import LMBackend, Settings, load_settings
+
+SERDE = SingleObjectSerde()
+POOL_TOPIC = "dspex.pool.general"
+TO = Destinations(
+    "dspex.responses", "dspex.executions", "dspex.telemetry", "dspex.dlq", "dspex.retry"
+)
+NOW_S = 1_800_000_000.0
+RETRYABLE = ErrorInfo("BackendsExhausted", "every LM backend failed", None, "execute", True)
+PERMANENT = ErrorInfo("InvalidRequest", "bad input", "inputs.question", "execute", False)
+
+
+def _policy(attempts: int = 3, backoff: Sequence[float] = (1.0, 5.0)) -> RetryTopicPolicy:
+    return RetryTopicPolicy(attempts, backoff, clock=lambda: NOW_S)
+
+
+# -- the decision -------------------------------------------------------------------------
+
+
+def test_the_attempt_header_is_parsed_and_absent_means_the_first() -> None:
+    assert attempt_of([]) == 1
+    assert attempt_of([(ATTEMPT, b"2")]) == 2
+    assert attempt_of([(ATTEMPT, b"2"), ("x", b"y"), (ATTEMPT, b"3")]) == 3  # the last wins
+    for garbled in (b"two", b"0", b"-4", b"\xff", None):
+        assert attempt_of([(ATTEMPT, garbled)]) == 1
+
+
+def test_the_nth_retry_waits_the_nth_backoff_and_the_last_one_repeats() -> None:
+    policy = _policy(attempts=6, backoff=(1.0, 5.0))
+    assert [policy.backoff(n) for n in (1, 2, 3, 4)] == [1.0, 5.0, 5.0, 5.0]
+
+
+def test_only_retryable_errors_with_attempts_and_time_left_are_retried() -> None:
+    policy = _policy()
+    assert policy.refusal(1, RETRYABLE, streamed=False, time_left_s=None) is None
+    assert policy.refusal(2, RETRYABLE, streamed=False, time_left_s=30.0) is None
+    assert policy.refusal(1, PERMANENT, streamed=False, time_left_s=None) == "not retryable"
+    assert policy.refusal(1, None, streamed=False, time_left_s=None) == "not retryable"
+    assert "exhausted" in (policy.refusal(3, RETRYABLE, streamed=False, time_left_s=None) or "")
+    # the deadline must outlast the backoff (1 s before the first retry, 5 s before the second)
+    assert "deadline" in (policy.refusal(1, RETRYABLE, streamed=False, time_left_s=1.0) or "")
+    assert policy.refusal(1, RETRYABLE, streamed=False, time_left_s=1.01) is None
+    assert "deadline" in (policy.refusal(2, RETRYABLE, streamed=False, time_left_s=4.0) or "")
+
+
+def test_no_retry_once_part_of_the_answer_was_streamed() -> None:
+    reason = _policy().refusal(1, RETRYABLE, streamed=True, time_left_s=None)
+    assert reason is not None and "streamed" in reason
+
+
+def test_one_attempt_turns_the_retry_topic_off() -> None:
+    assert (
+        _policy(attempts=1).plan([], "general", RETRYABLE, streamed=False, time_left_s=None) is None
+    )
+
+
+def test_the_retry_record_headers_replace_the_old_bookkeeping_and_keep_the_rest() -> None:
+    headers = [("trace", b"abc"), (ATTEMPT, b"2"), (RETRY_POOL, b"gpu"), (NOT_BEFORE, b"1")]
+    retry = _policy().plan(headers, "general", RETRYABLE, streamed=False, time_left_s=None)
+    assert retry is not None and (retry.attempt, retry.backoff_s) == (3, 5.0)
+    assert retry.headers == (
+        (ATTEMPT, b"3"),
+        (RETRY_POOL, b"general"),
+        (NOT_BEFORE, str(int(NOW_S * 1000) + 5000).encode()),
+        ("trace", b"abc"),
+    )
+    assert without_retry_headers(retry.headers) == (("trace", b"abc"),)
+
+
+def test_retry_due_reads_pool_and_wait_and_caps_the_wait() -> None:
+    now = int(NOW_S * 1000)
+
+    def headers(not_before: int, pool: bytes = b"general") -> list[tuple[str, bytes | None]]:
+        return [(ATTEMPT, b"2"), (RETRY_POOL, pool), (NOT_BEFORE, str(not_before).encode())]
+
+    due = retry_due(headers(now + 1500), now, 5.0)
+    assert (due.pool, due.attempt, due.delay_s) == ("general", 2, 1.5)
+    assert retry_due(headers(now - 10_000), now, 5.0).delay_s == 0.0  # overdue: at once
+    assert retry_due(headers(now + 10**12), now, 5.0).delay_s == 5.0  # forged or skewed clock
+
+
+@pytest.mark.parametrize(
+    ("headers", "missing"),
+    [
+        ([(RETRY_POOL, b"general"), (NOT_BEFORE, b"1")], ATTEMPT),
+        ([(ATTEMPT, b"1"), (RETRY_POOL, b"general"), (NOT_BEFORE, b"1")], ATTEMPT),
+        ([(ATTEMPT, b"2"), (RETRY_POOL, b"general")], NOT_BEFORE),
+        ([(ATTEMPT, b"2"), (NOT_BEFORE, b"soon"), (RETRY_POOL, b"general")], NOT_BEFORE),
+        ([(ATTEMPT, b"2"), (NOT_BEFORE, b"1")], RETRY_POOL),
+        ([(ATTEMPT, b"2"), (NOT_BEFORE, b"1"), (RETRY_POOL, b"\xff")], RETRY_POOL),
+    ],
+)
+def test_retry_due_names_a_missing_or_bad_header(
+    headers: list[tuple[str, bytes | None]], missing: str
+) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        retry_due(headers, 0, 5.0)
+    assert raised.value.field == f"headers.{missing}"
+
+
+# -- the worker ---------------------------------------------------------------------------
+
+
+class FakeProducer:
+    """Records what is produced (with headers); every delivery succeeds unless its topic fails."""
+
+    def __init__(self, fail_topics: tuple[str, ...] = ()) -> None:
+        self.produced: list[tuple[str, Any, bytes, list[tuple[str, bytes | None]]]] = []
+        self._reports: list[tuple[Callable[..., None], str]] = []
+        self._fail = fail_topics
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: Any,
+        on_delivery: Callable[..., None],
+        headers: list[tuple[str, bytes | None]] | None = None,
+    ) -> None:
+        self.produced.append((topic, key, value, list(headers or [])))
+        self._reports.append((on_delivery, topic))
+
+    def poll(self, _: float = 0) -> int:
+        reports, self._reports = self._reports, []
+        for callback, topic in reports:
+            callback(_Refused() if topic in self._fail else None, None)
+        return len(reports)
+
+    def records(self, topic: str) -> list[dict[str, Any]]:
+        return [SERDE.decode(v, topic=t).record for t, _, v, _ in self.produced if t == topic]
+
+    def raw(self, topic: str) -> list[tuple[Any, bytes, list[tuple[str, bytes | None]]]]:
+        return [(k, v, h) for t, k, v, h in self.produced if t == topic]
+
+
+class _Refused:
+    def str(self) -> str:
+        return "Broker: Unknown topic or partition"
+
+
+class Flaky:
+    """An executor whose first ``fails`` calls fail as a backend outage, then answers."""
+
+    def __init__(self, fails: int, stream_first: bool = False) -> None:
+        self.fails = fails
+        self.calls = 0
+        self.stream_first = stream_first
+
+    async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        self.calls += 1
+        if self.stream_first and on_chunk is not None:
+            await on_chunk("Par")
+        if self.calls <= self.fails:
+            failure = BackendFailure("flaky", "LMServerError", "503", 1)
+            raise BackendsExhausted([failure], "closed", request["request_id"])
+        return Outcome({"answer": "Paris"})
+
+
+@dataclass
+class Worker:
+    handler: WorkerHandler
+    producer: FakeProducer
+    publisher: Publisher
+
+    async def handle(self, *origins: Origin) -> None:
+        async def serve() -> None:
+            while True:
+                self.publisher.poll()
+                await asyncio.sleep(0.001)
+
+        server = asyncio.create_task(serve())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.handler.handle(o) for o in origins)), 5)
+        finally:
+            server.cancel()
+
+    def retried(self, offset: int) -> Origin:
+        """The last retry record as the pool worker receives it after the retrier forwarded it."""
+        key, value, headers = self.producer.raw(TO.retry)[-1]
+        return Origin(POOL_TOPIC, 1, offset, key.encode(), value, tuple(headers))
+
+
+def _worker(
+    executor: Any, policy: RetryTopicPolicy | None = None, fail: tuple[str, ...] = ()
+) -> Worker:
+    producer = FakeProducer(fail)
+    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    handler = WorkerHandler(
+        executor=executor,
+        publisher=publisher,
+        serde=SERDE,
+        destinations=TO,
+        pool="general",
+        worker_id="w1",
+        in_flight=4,
+        retry_topic=policy or RetryTopicPolicy(3, (0.5, 1.0)),
+    )
+    return Worker(handler, producer, publisher)
+
+
+def _request(**changes: Any) -> dict[str, Any]:
+    request = sample("Request")
+    request.update(
+        program_id=None,
+        signature="question -> answer",
+        stream=False,
+        inputs={"question": json.dumps("capital of France?")},
+        variables={},
+        deadline_at=None,
+    )
+    request["route"]["pool"] = "general"
+    request.update(changes)
+    return request
+
+
+def _origin(request: Mapping[str, Any]) -> Origin:
+    value = SERDE.encode("Request", request, topic=POOL_TOPIC)
+    return Origin(POOL_TOPIC, 0, 7, b"session-1", value, (("trace", b"abc"),), 1_700_000_000_000)
+
+
+async def test_a_transient_failure_goes_to_the_retry_topic_and_the_retry_is_answered() -> None:
+    request = _request()
+    first = _origin(request)
+    worker = _worker(Flaky(fails=1))
+    await worker.handle(first)
+
+    ((key, value, headers),) = worker.producer.raw(TO.retry)
+    assert key == request["request_id"] and value == first.value  # the bytes, unchanged
+    assert dict(headers)[ATTEMPT] == b"2" and dict(headers)[RETRY_POOL] == b"general"
+    assert ("trace", b"abc") in headers
+    assert worker.producer.records(TO.responses) == [] and worker.producer.records(TO.dlq) == []
+    (execution,) = worker.producer.records(TO.executions)
+    assert execution["attempt"] == 1 and execution["error"]["retryable"] is True
+    assert worker.producer.records(TO.telemetry)[0]["success"] is False
+
+    await worker.handle(worker.retried(offset=3))
+    (response,) = worker.producer.records(TO.responses)
+    assert response["status"] == "ok"
+    attempts = [(e["attempt"], e["error"] is None) for e in worker.producer.records(TO.executions)]
+    assert attempts == [(1, False), (2, True)]
+    assert worker.producer.records(TO.dlq) == []
+
+
+async def test_exhausted_attempts_answer_the_error_and_dead_letter_once_with_the_count() -> None:
+    worker = _worker(Flaky(fails=99))
+    await worker.handle(_origin(_request()))
+    await worker.handle(worker.retried(offset=3))
+    await worker.handle(worker.retried(offset=4))
+
+    assert len(worker.producer.raw(TO.retry)) == 2
+    (response,) = worker.producer.records(TO.responses)
+    assert response["status"] == "error" and response["error"]["retryable"] is True
+    (letter,) = worker.producer.records(TO.dlq)
+    assert letter["attempts"] == 3
+    # the retry bookkeeping is left out, so a replay starts again at attempt 1
+    assert letter["original_headers"] == [{"key": "trace", "value": b"abc"}]
+    executions = worker.producer.records(TO.executions)
+    assert [e["attempt"] for e in executions] == [1, 2, 3]
+
+
+async def test_a_streamed_chunk_means_no_retry() -> None:
+    worker = _worker(Flaky(fails=1, stream_first=True))
+    await worker.handle(_origin(_request(stream=True)))
+    assert worker.producer.raw(TO.retry) == []
+    chunks = worker.producer.records(TO.responses)
+    assert [c["final"] for c in chunks] == [False, True] and chunks[-1]["status"] == "error"
+    assert len(worker.producer.records(TO.dlq)) == 1
+
+
+async def test_a_deadline_shorter_than_the_backoff_answers_now() -> None:
+    soon = _request(deadline_at=records.now() + timedelta(seconds=30))
+    worker = _worker(Flaky(fails=1), RetryTopicPolicy(3, (60.0,)))
+    await worker.handle(_origin(soon))
+    assert worker.producer.raw(TO.retry) == []
+    assert worker.producer.records(TO.responses)[0]["error"]["retryable"] is True
+
+
+async def test_permanent_errors_are_never_sent_round_again() -> None:
+    class Broken:
+        async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+            raise InvalidRequest("inputs.question", "must not be empty")
+
+    worker = _worker(Broken())
+    await worker.handle(_origin(_request()))
+    assert worker.producer.raw(TO.retry) == []
+    assert worker.producer.records(TO.dlq)[0]["attempts"] == 1
+
+
+async def test_a_redelivered_attempt_is_skipped_but_its_retry_is_not() -> None:
+    executor = Flaky(fails=1)
+    worker = _worker(executor)
+    first = _origin(_request())
+    await worker.handle(first)
+    await worker.handle(first)  # the same pool record again (a rebalance): skipped
+    assert executor.calls == 1 and len(worker.producer.raw(TO.retry)) == 1
+    await worker.handle(worker.retried(offset=3))
+    assert executor.calls == 2 and len(worker.producer.records(TO.responses)) == 1
+
+
+async def test_a_retry_record_the_broker_refuses_fails_the_message() -> None:
+    worker = _worker(Flaky(fails=1), fail=(TO.retry,))
+    with pytest.raises(DeliveryFailed, match=r"dspex\.retry"):
+        await worker.handle(_origin(_request()))
+
+
+async def test_without_a_retry_topic_a_transient_failure_is_answered_at_once() -> None:
+    producer = FakeProducer()
+    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    handler = WorkerHandler(
+        executor=Flaky(fails=1),
+        publisher=publisher,
+        serde=SERDE,
+        destinations=Destinations(TO.responses, TO.executions, TO.telemetry, TO.dlq),
+        pool="general",
+        worker_id="w1",
+        in_flight=4,
+        retry_topic=RetryTopicPolicy(3, (1.0,)),
+    )
+    await Worker(handler, producer, publisher).handle(_origin(_request()))
+    assert producer.raw(TO.retry) == [] and len(producer.records(TO.dlq)) == 1
+
+
+# -- the retrier (router side) ------------------------------------------------------------
+
+SETTINGS = load_settings(reliability={"retry_topic_backoff_s": [1.0, 5.0]})
+NOW_MS = int(NOW_S * 1000)
+
+
+def _router(clock_ms: Callable[[], int] = lambda: NOW_MS) -> RouterHandler:
+    return RouterHandler(
+        SETTINGS,
+        SERDE,
+        programs=ProgramCatalog(),
+        routing=RoutingCatalog(),
+        resolver=None,  # type: ignore[arg-type]  # never reached by retry records
+        cache={},
+        clock=lambda: clock_ms() / 1000,
+    )
+
+
+def _retry_record(pool: bytes, not_before: int, offset: int = 5) -> Original:
+    headers = ((ATTEMPT, b"2"), (RETRY_POOL, pool), (NOT_BEFORE, str(not_before).encode()))
+    return Original("dspex.retry", 0, offset, NOW_MS, b"req-1", b"\xc3\x01bytes", headers)
+
+
+def test_a_retry_record_goes_back_to_its_pool_unchanged_after_its_backoff() -> None:
+    record = _retry_record(b"gpu", NOW_MS + 1000)
+    delay, (out,) = _router().handle_retry(record)
+    assert delay == 1.0
+    assert (out.topic, out.key, out.value) == ("dspex.pool.gpu", b"req-1", record.value)
+    assert tuple(out.headers) == record.headers
+
+
+@pytest.mark.parametrize("pool", [b"nope", b"general.x", b""])
+def test_an_unknown_pool_is_dead_lettered_at_stage_retry(pool: bytes) -> None:
+    delay, (out,) = _router().handle_retry(_retry_record(pool, NOW_MS))
+    assert delay == 0.0 and out.topic == "dspex.dlq"
+    letter = SERDE.decode(out.value, topic="t").record
+    assert letter["stage"] == "retry" and letter["request_id"] == "req-1"
+    assert letter["original_value"] == b"\xc3\x01bytes" and RETRY_POOL in letter["error_message"]
+
+
+class FakeEvent:
+    def __init__(self, original: Original) -> None:
+        self.message = original  # has every field original_of reads
+
+
+class FakeStream:
+    """faust's manual-ack stream: yields the events, records the acks."""
+
+    def __init__(self, events: list[FakeEvent]) -> None:
+        self._events = events
+        self.acked: list[int] = []
+
+    def noack(self) -> FakeStream:
+        return self
+
+    async def events(self) -> Any:
+        for event in self._events:
+            yield event
+
+    async def ack(self, event: FakeEvent) -> None:
+        self.acked.append(event.message.offset)
+
+
+class FakeFaustProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None]] = []
+
+    async def send(self, topic: str, key: bytes | None, *_: Any) -> asyncio.Future[None]:
+        self.sent.append((topic, key))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_the_retrier_does_not_hold_a_short_backoff_behind_a_long_one() -> None:
+    producer = FakeFaustProducer()
+    router = RouterApp.__new__(RouterApp)  # only the retry agent's parts: no broker, no faust app
+    router.handler = _router(lambda: NOW_MS)
+    router._retrying = set()
+    router.app = type("App", (), {"producer": producer})()
+    long_one = _retry_record(b"general", NOW_MS + 300, offset=1)
+    short_one = _retry_record(b"gpu", NOW_MS + 50, offset=2)
+    stream = FakeStream([FakeEvent(long_one), FakeEvent(short_one)])
+
+    await asyncio.wait_for(router._retry_agent(stream), 1)  # returns at once: nothing waits
+    assert producer.sent == [] and len(router._retrying) == 2
+    await asyncio.wait_for(asyncio.gather(*router._retrying), 5)
+    assert [topic for topic, _ in producer.sent] == ["dspex.pool.gpu", "dspex.pool.general"]
+    assert stream.acked == [2, 1]  # each acked once forwarded; faust commits past both
+
+
+# -- the flaky simulation -----------------------------------------------------------------
+
+
+def test_the_fail_option_is_checked() -> None:
+    assert SimOptions.parse("dspex/sim?task=echo&fail=2").fail == 2
+    for bad in ("dspex/sim?fail=-1", "dspex/sim?fail=some"):
+        with pytest.raises(ConfigError, match="dspex/sim"):
+            SimOptions.parse(bad)
+
+
+def test_the_simulated_outage_fails_the_first_calls_retryably_then_answers() -> None:
+    model = "dspex/sim?task=upper&fail=2&max_temperature=0.99"  # an option set of its own
+    predict = dspy.Predict("question -> answer")
+    errors = []
+    for _ in range(2):
+        # a fresh LM per call, as a worker builds for a request's overrides: still counted
+        with dspy.context(lm=build_lm(LMBackend(model=model))), pytest.raises(Exception) as raised:
+            predict(question="paris")
+        errors.append(raised.value)
+    assert all(is_retryable(e) and "SIMULATED" in str(e) for e in errors)
+    with dspy.context(lm=build_lm(LMBackend(model=model))):
+        assert predict(question="paris").answer == "PARIS"
+
+
+def test_settings_default_to_three_attempts_with_growing_backoff() -> None:
+    reliability = Settings().reliability
+    assert reliability.retry_topic_attempts == 3
+    assert reliability.retry_topic_backoff_s == (1.0, 5.0)
