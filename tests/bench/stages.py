@@ -180,6 +180,7 @@ async def run_profiles(
     """Router and one worker under pyinstrument, the client in-process, at saturation."""
     from pyinstrument import Profiler
 
+    out = out.resolve()  # the agents run in their own working directory
     files = {"router": out / "profile-router.txt", "worker": out / "profile-worker.txt"}
     stack.start_router(profile=files["router"])
     stack.add_workers(1, profile=files["worker"])
