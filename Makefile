@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint unit integration bench tools lock clean
+.PHONY: up test lint unit integration bench bench-routing tools lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ tools:
 ## bench: the benchmark suite (JSON report, PNG chart, table) into bench-results/
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run --out bench-results
+
+## bench-routing: learned vs static vs LiteLLM routing on simulated LM backends (bench-results/routing.json)
+bench-routing: $(STAMP)
+	$(BIN)/python -m tests.bench.routing_run --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
