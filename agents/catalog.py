@@ -77,8 +77,11 @@ class RoutingCatalog:
         """Take one ``routing`` record (``None`` = tombstone for ``key``)."""
         if record is None:
             self._tables.pop(key, None)
-        else:
-            self._tables[record["program_id"]] = record
+            return
+        held = self._tables.get(record["program_id"])
+        if held is not None and int(record.get("version") or 0) < int(held.get("version") or 0):
+            return  # an older table read after a newer one (another partition): keep the newer
+        self._tables[record["program_id"]] = record
 
     def table_for(self, program_id: str | None) -> Record | None:
         """The program's own table, else the default ``*`` table, else ``None``."""

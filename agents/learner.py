@@ -242,7 +242,7 @@ class Learner:
     def pool_hints(self) -> dict[str, int]:
         """Consumers per pool for all the load this learner has seen, across programs."""
         arms = [arm for stats in self.loads.values() for arm in stats.arms.values()]
-        in_flight = {name: pool.in_flight for name, pool in self.settings.pools}
+        in_flight = {name: pool.in_flight for name, pool in self.settings.pools.items()}
         return pool_hints(arms, in_flight, self.config.bandit)
 
     def _state(self, program_id: str) -> _Published:

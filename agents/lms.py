@@ -62,6 +62,9 @@ def build_lm(backend: LMBackend, *, cache: bool = False) -> dspy.BaseLM:
         temperature=backend.temperature,
         max_tokens=backend.max_tokens,
         cache=cache,
+        # DSPex's FaultPolicy retries with backoff within the deadline, per backend with
+        # a breaker: LiteLLM's own retries (3, sleeping 1-4 s) would hide under it
+        num_retries=0,
     )
 
 

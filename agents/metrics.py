@@ -321,7 +321,7 @@ class MetricsApp:
 
     def _lag_groups(self) -> dict[str, tuple[str, str]]:
         prefix = self.settings.topics.prefix
-        pools = [name for name, _ in self.settings.pools]
+        pools = [name for name, _ in self.settings.pools.items()]
         return {p: (f"{prefix}pool.{p}", self._topics.name(f"pool.{p}")) for p in pools}
 
     def _admin_client(self) -> AdminClient:

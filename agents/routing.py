@@ -26,12 +26,11 @@ from typing import Any, Protocol
 from agents.programs import ProgramSpec, spec_from_request, spec_from_version, validate
 from agents.tools import ToolRegistry, default_tools
 from streams.errors import InvalidRequest
-from streams.settings import LMSettings
+from streams.settings import POOLS, LMSettings
 
 logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
-POOLS = ("general", "optimizer", "gpu")
 # A deadline further out than the requests topic's retention cannot be meant.
 MAX_DEADLINE_AHEAD_MS = 7 * 24 * 60 * 60 * 1000
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")

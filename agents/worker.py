@@ -48,7 +48,7 @@ from agents.retry import RetryTopicPolicy
 from streams import kafka
 from streams.logs import configure_logging
 from streams.serde import make_serde
-from streams.settings import PoolSettings, Settings
+from streams.settings import POOLS, PoolSettings, Settings
 from streams.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ class PoolWorker:
 def _pool_settings(settings: Settings, pool: str) -> PoolSettings:
     found: Any = getattr(settings.pools, pool, None)
     if not isinstance(found, PoolSettings):
-        known = ", ".join(type(settings.pools).model_fields)
+        known = ", ".join(POOLS)
         raise ValueError(f"unknown pool {pool!r}; pools: {known}")
     return found
 

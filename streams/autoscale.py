@@ -24,12 +24,10 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from streams import kafka
 from streams.errors import SerdeError
 from streams.serde import make_serde
-from streams.settings import PoolsSettings, Settings
+from streams.settings import POOLS, PoolsSettings, Settings
 from streams.topics import Topics
 
 logger = logging.getLogger(__name__)
-
-POOLS = ("general", "optimizer", "gpu")
 
 
 def desired_processes(hints: Mapping[str, int], pools: PoolsSettings) -> dict[str, int]:

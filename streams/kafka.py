@@ -48,7 +48,14 @@ def admin_client(settings: Settings) -> AdminClient:
 
 def producer(settings: Settings, **overrides: Any) -> Producer:
     """An idempotent producer (acks=all): retries never duplicate or reorder a partition."""
-    defaults = {"enable.idempotence": True, "acks": "all", "linger.ms": settings.kafka.linger_ms}
+    defaults = {
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": settings.kafka.linger_ms,
+        # Java's and aiokafka's (faust's) key hashing: a key lands on the same partition
+        # whoever produces it (librdkafka's default, CRC32, would split compacted topics)
+        "partitioner": "murmur2_random",
+    }
     return Producer(client_conf(settings, **{**defaults, **overrides}))
 
 

@@ -159,12 +159,20 @@ class GeneralPoolSettings(PoolSettings):
     max_processes: int | None = Field(default=4, ge=0)
 
 
+POOLS: tuple[str, ...] = ("general", "optimizer", "gpu")
+"""The worker pools, in the design's order: the one place that names them."""
+
+
 class PoolsSettings(_Section):
     """The three worker pools named in the design; a partial override keeps the other defaults."""
 
     general: GeneralPoolSettings = GeneralPoolSettings()
     optimizer: PoolSettings = PoolSettings()
     gpu: PoolSettings = PoolSettings()
+
+    def items(self) -> list[tuple[str, PoolSettings]]:
+        """(name, settings) of every pool (iterating the model would yield any other field)."""
+        return [(name, getattr(self, name)) for name in POOLS]
 
 
 class LMBackend(_Section):

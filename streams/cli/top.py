@@ -182,7 +182,7 @@ def top(
 ) -> None:
     """Live view: per pool throughput, p50/p95 latency, error rate and lag; routing tables."""
     settings = settings_of(ctx)
-    view = View(pools=[name for name, _ in settings.pools])
+    view = View(pools=[name for name, _ in settings.pools.items()])
     feed = Feed(settings, view)
     try:
         feed.catch_up()

@@ -12,13 +12,13 @@ from typing import Annotated, Any
 import typer
 
 from streams import kafka
-from streams.autoscale import POOLS, HintFollower, desired_processes, scalable
+from streams.autoscale import HintFollower, desired_processes, scalable
 from streams.broker import LocalBroker
 from streams.cli._app import app, err, out, settings_of
 from streams.cli.cluster import create_topics, ensure_cluster, topics_table
 from streams.client import Client, Program
 from streams.errors import DSPexError
-from streams.settings import Settings
+from streams.settings import POOLS, Settings
 from streams.supervisor import Supervisor
 
 DEMO_QUESTION = "What is the capital of France?"

@@ -29,10 +29,10 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from streams import kafka
 from streams.serde import make_serde
-from streams.settings import Settings, load_settings
+from streams.settings import POOLS, Settings, load_settings
 from streams.topics import Topics
 
-POOLS = ("general", "optimizer", "gpu")
+__all__ = ["POOLS", "REPO", "Stack", "Tail", "agent_env", "end_offsets", "wait_for_records"]
 REPO = Path(__file__).resolve().parents[2]
 
 _live: set[subprocess.Popen[bytes]] = set()

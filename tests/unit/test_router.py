@@ -454,3 +454,13 @@ def test_a_canary_variant_pins_its_program_version() -> None:
     assert {(r.variant, r.program_version) for r in routes} == {("v1", 1)}
     plain = {**table, "variants": [{"name": "echo", "pool": "general", "weight": 1.0}]}
     assert chooser.choose({"request_id": "r"}, plain).program_version is None
+
+
+def test_an_older_routing_table_read_after_a_newer_one_is_ignored() -> None:
+    catalog = RoutingCatalog()
+    catalog.apply("qa", {"program_id": "qa", "version": 5, "variants": []})
+    catalog.apply("qa", {"program_id": "qa", "version": 3, "variants": []})  # other partition
+    assert (catalog.table_for("qa") or {})["version"] == 5
+    catalog.apply("qa", None)
+    catalog.apply("qa", {"program_id": "qa", "version": 1, "variants": []})  # after a reset
+    assert (catalog.table_for("qa") or {})["version"] == 1
