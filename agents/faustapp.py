@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import faust
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import NewTopic
 
 from agents.catalog import ssl_context
 from agents.deadletter import Original
+from streams import kafka
 from streams.settings import KafkaSettings, Settings
 
 
@@ -42,6 +45,35 @@ def faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
         broker_session_timeout=settings.reliability.session_timeout_s,
         broker_heartbeat_interval=max(0.5, settings.reliability.session_timeout_s / 5),
     )
+
+
+def create_changelogs(settings: Settings, app: Any) -> list[str]:
+    """Create the app's table changelog topics (compacted) before faust starts; their names.
+
+    faust declares them itself, but concurrently with its consumer's first
+    metadata fetch: when the topic appears after that fetch, every event of the
+    table's agent fails with PartitionsMismatch until a restart (seen once in
+    four benchmark runs of the learner). Creating them first removes the race.
+    """
+    admin = kafka.admin_client(settings)
+    live = admin.list_topics(timeout=10).topics
+    wanted = [
+        NewTopic(
+            table.changelog_topic_name,
+            num_partitions=table.partitions,
+            replication_factor=settings.topics.replication_factor,
+            config={"cleanup.policy": "compact"},
+        )
+        for table in app.tables.values()
+        if table.changelog_topic_name not in live
+    ]
+    for future in admin.create_topics(wanted).values() if wanted else ():
+        try:
+            future.result(timeout=30)
+        except KafkaException as exc:  # another instance created it meanwhile: fine
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return [topic.topic for topic in wanted]
 
 
 def _credentials(settings: KafkaSettings) -> Any:

@@ -33,7 +33,7 @@ from agents.bandit import (
 )
 from agents.catalog import CompactedReader, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter
-from agents.faustapp import faust_app, original_of, serve_until_signalled
+from agents.faustapp import create_changelogs, faust_app, original_of, serve_until_signalled
 from agents.router import Outgoing
 from agents.routing import to_ms
 from agents.stats import Observation, ProgramStats
@@ -388,6 +388,7 @@ class LearnerApp:
             raise ConfigError(
                 f"learner: topics missing: {', '.join(missing)}; run `dspex topics create`"
             )
+        create_changelogs(self.settings, self.app)
         return {name: len(live[name].partitions) for name in names}
 
 

@@ -39,7 +39,7 @@ from agents.cache import (
 )
 from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
-from agents.faustapp import faust_app, original_of, serve_until_signalled
+from agents.faustapp import create_changelogs, faust_app, original_of, serve_until_signalled
 from agents.retry import RETRY_POOL, retry_due
 from agents.routing import (
     DeadlineExceeded,
@@ -525,6 +525,7 @@ class RouterApp:
             raise ConfigError(
                 f"router: topics missing: {', '.join(missing)}; run `dspex topics create`"
             )
+        create_changelogs(self.settings, self.app)
         return {name: len(meta.partitions) for name, meta in live.items()}
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import ConfigResource, ResourceType
 
+from agents.faustapp import create_changelogs
 from agents.learner import LearnerApp, make_learner
 from agents.router import make_router
 from agents.routing import RouteChooser
@@ -383,3 +385,21 @@ def _program() -> dict[str, Any]:
         "module_type": "Predict",
         "created_at": int(time.time() * 1000),
     }
+
+
+def test_table_changelogs_are_created_before_faust_starts(
+    settings: Settings, create_topics: Callable[[], object], app_ids: list[str]
+) -> None:
+    create_topics()
+    app_id = f"{settings.topics.prefix}learner-{uuid.uuid4().hex[:8]}"
+    app_ids.append(app_id)
+    learner = make_learner(settings, app_id=app_id, learner_settings=learner_settings())
+    created = create_changelogs(settings, learner.app)
+    assert created == [f"{app_id}-stats-changelog"]
+    admin = kafka.admin_client(settings)
+    topic = admin.list_topics(timeout=10).topics[created[0]]
+    assert len(topic.partitions) == Topics(settings.topics).spec("telemetry").partitions
+    resource = ConfigResource(ResourceType.TOPIC, created[0])
+    config = admin.describe_configs([resource])[resource].result()
+    assert config["cleanup.policy"].value == "compact"
+    assert create_changelogs(settings, learner.app) == []  # idempotent
