@@ -20,6 +20,7 @@ from confluent_kafka.admin import NewTopic
 from agents.catalog import ssl_context
 from agents.deadletter import Original
 from streams import kafka
+from streams.admin import await_visible
 from streams.settings import KafkaSettings, Settings
 
 
@@ -73,6 +74,7 @@ def create_changelogs(settings: Settings, app: Any) -> list[str]:
         except KafkaException as exc:  # another instance created it meanwhile: fine
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    await_visible(admin, {topic.topic for topic in wanted}, 30.0)
     return [topic.topic for topic in wanted]
 
 

@@ -47,7 +47,7 @@ def ensure_topics(
     existing = _existing_partitions(admin, timeout_s)
     missing = [name for name in wanted if name not in existing]
     created = _create(admin, {n: wanted[n] for n in missing}, replication_factor, timeout_s)
-    _await_visible(admin, set(wanted), timeout_s)
+    await_visible(admin, set(wanted), timeout_s)
     present = {n: s for n, s in wanted.items() if n not in created}
     live = _describe(admin, list(present), timeout_s)
     reports = []
@@ -96,7 +96,7 @@ def _create(
     return created
 
 
-def _await_visible(admin: AdminClient, names: set[str], timeout_s: float) -> None:
+def await_visible(admin: AdminClient, names: set[str], timeout_s: float) -> None:
     """Wait until every topic is in the broker's metadata with a leader for each partition.
 
     KRaft acknowledges a creation once the controller commits it; brokers learn of it a
