@@ -149,16 +149,7 @@ class Client:
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Generator[Chunk, None, None]:
         """Blocking :meth:`AsyncClient.stream`: chunks in order; ``close()`` it to leave early."""
-        chunks = self._client.stream(program, inputs, **options)
-        try:
-            while True:
-                try:
-                    yield self._call(_anext(chunks))
-                except StopAsyncIteration:
-                    return
-        finally:
-            if not self._loop.is_closed():
-                self._call(chunks.aclose())
+        return self._blocking(self._client.stream(program, inputs, **options))
 
     def submit_many(
         self,
@@ -247,16 +238,7 @@ class Client:
         self, job_id: str, *, timeout_s: float | None = None
     ) -> Generator[Chunk, None, None]:
         """Blocking :meth:`AsyncClient.follow_job`; ``close()`` it to leave early."""
-        chunks = self._client.follow_job(job_id, timeout_s=timeout_s)
-        try:
-            while True:
-                try:
-                    yield self._call(_anext(chunks))
-                except StopAsyncIteration:
-                    return
-        finally:
-            if not self._loop.is_closed():
-                self._call(chunks.aclose())
+        return self._blocking(self._client.follow_job(job_id, timeout_s=timeout_s))
 
     def cancel_job(self, job_id: str, *, requested_by: str = "", reason: str = "") -> None:
         """Blocking :meth:`AsyncClient.cancel_job`."""
@@ -270,6 +252,18 @@ class Client:
             self._call(self._client.close())
         finally:
             self._stop_loop()
+
+    def _blocking(self, chunks: AsyncGenerator[Chunk, None]) -> Generator[Chunk, None, None]:
+        """An async chunk generator driven from this thread; closed however it ends."""
+        try:
+            while True:
+                try:
+                    yield self._call(_anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._loop.is_closed():
+                self._call(chunks.aclose())
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():

@@ -16,57 +16,29 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from agents.router import RouterApp, make_router
 from streams import kafka
-from streams.admin import TopicReport
 from streams.client import AsyncClient, Result
 from streams.errors import InvalidRequest
 from streams.serde import make_serde
-from streams.settings import Settings, load_settings
+from streams.settings import Settings
 from streams.topics import Topics
 from streams.variables import variable_key
-from tests.integration.stack import Stack, Tail, end_offsets
+from tests.integration.stack import Tail, end_offsets
+from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
+    CreateTopics,
+    StartStack,
+    echo_settings,
+    start_stack,
+)
 
-CreateTopics = Callable[[], list[TopicReport]]
-StartStack = Callable[[Settings, Sequence[str]], Stack]
 PROGRAM = "vars.qa"
 TEMPERATURE_KEY = variable_key("temperature", "program", PROGRAM)
-
-
-def echo_settings(settings: Settings) -> Settings:
-    """The test's broker and prefix, every pool on the echo simulation."""
-    return load_settings(
-        kafka={"bootstrap_servers": settings.kafka.bootstrap_servers},
-        topics={"prefix": settings.topics.prefix},
-        lm={"pool_variants": {}},
-    )
-
-
-@pytest.fixture
-def start_stack(create_topics: CreateTopics, tmp_path: Path) -> Iterator[StartStack]:
-    """Factory: create the topics, start router + workers; stop them (cleanly) afterwards."""
-    stacks: list[Stack] = []
-
-    def start(settings: Settings, pools: Sequence[str]) -> Stack:
-        create_topics()
-        stack = Stack(settings, pools, tmp_path)
-        stacks.append(stack)
-        stack.start()
-        return stack
-
-    yield start
-    for stack in stacks:
-        stack.stop()
-        _delete_topics_with_prefix(stack.settings, f"{stack.settings.topics.prefix}router")
-    for stack in stacks:
-        unclean = {n: c for n, c in stack.exit_codes.items() if c != 0}
-        assert not unclean and not stack.killed, (unclean, stack.killed, stack.log_tails())
 
 
 def _delete_topics_with_prefix(settings: Settings, prefix: str) -> None:
@@ -126,7 +98,8 @@ def _refusals(tail: Tail, topic: str) -> list[dict[str, Any]]:
 
 
 async def test_variables_steer_requests_and_a_bad_update_keeps_the_last_good_value(
-    settings: Settings, start_stack: StartStack
+    settings: Settings,
+    start_stack: StartStack,  # noqa: F811 - the fixture imported above
 ) -> None:
     settings = echo_settings(settings)
     variables_topic = Topics(settings.topics).name("variables")
