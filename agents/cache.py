@@ -1,4 +1,8 @@
-"""The router's result cache: which requests may be answered from it, and under which key.
+"""The result cache: which requests may be answered from it, under which key, and the store.
+
+Workers fill it (the final ok Response of a cacheable request goes to the
+``cache`` topic under its key); every router follows that topic into a
+:class:`ResultCache` and answers identical repeats from it.
 
 Only deterministic requests are cached: the cache is enabled, the request
 allows it (``cache`` true) and the effective temperature is exactly 0 — the
@@ -19,19 +23,12 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from agents.routing import Route
 from streams.settings import LMSettings
 
 NONDETERMINISTIC_MODULES = frozenset({"BestOfN", "Refine"})
-
-
-class CacheStore(Protocol):
-    """Where cached outputs live (a faust Table in the router, a dict in tests)."""
-
-    def get(self, key: str, default: None = None) -> str | None: ...
-    def __setitem__(self, key: str, value: str) -> None: ...
 
 
 def effective_variables(
@@ -99,26 +96,42 @@ def cache_key(
     return f"sha256:{digest}"
 
 
-class PendingRequests:
-    """request_id -> cache key of forwarded cacheable requests, bounded (oldest dropped).
+class ResultCache:
+    """Cached outputs by cache key, materialized from the ``cache`` topic; bounded LRU.
 
-    Losing an entry (restart, overflow) only costs one cache fill, so it stays in memory.
+    Workers write the final ok Response of each cacheable request to ``cache``
+    (key: the cache key the router put in the route); every router follows the
+    topic with its :class:`~agents.catalog.CompactedReader` and :meth:`apply`s
+    each record, so a repeat is answered by whichever router receives it, and a
+    restarted router starts warm. Beyond ``max_entries`` the least recently used
+    entry is dropped from memory (the topic keeps it until retention).
     """
 
-    def __init__(self, max_size: int = 100_000) -> None:
-        self._max = max_size
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._max = max_entries
         self._entries: OrderedDict[str, str] = OrderedDict()
 
-    def remember(self, request_id: str, key: str) -> None:
-        """Note that ``request_id``'s final ok answer should be stored under ``key``."""
-        self._entries[request_id] = key
-        self._entries.move_to_end(request_id)
+    def get(self, key: str) -> str | None:
+        """The cached outputs (:func:`encode_outputs`) under ``key``, else None."""
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def apply(self, key: str, response: Mapping[str, Any] | None) -> None:
+        """One ``cache`` record: a final ok Response stores its outputs; a tombstone deletes."""
+        if response is None:
+            self._entries.pop(key, None)
+            return
+        outputs = response.get("outputs")
+        if not key or response.get("status") != "ok" or not response.get("final", True):
+            return
+        if outputs is None or response.get("cached"):
+            return
+        self._entries[key] = encode_outputs(outputs)
+        self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
-
-    def pop(self, request_id: str) -> str | None:
-        """Forget ``request_id``; its cache key if it was remembered."""
-        return self._entries.pop(request_id, None)
 
     def __len__(self) -> int:
         return len(self._entries)

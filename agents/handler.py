@@ -47,14 +47,24 @@ class Destinations:
     dlq: str
     retry: str | None = None
     """The retry topic; None: failed attempts are answered at once (no retry topic)."""
+    cache: str | None = None
+    """The result-cache topic; None: cacheable answers are not offered to the routers."""
 
 
 class _Replies:
     """The Response chunks of one request, in order, with their delivery futures."""
 
-    def __init__(self, publisher: Publisher, topic: str, request: Mapping[str, Any], pool: str):
+    def __init__(
+        self,
+        publisher: Publisher,
+        topic: str,
+        request: Mapping[str, Any],
+        pool: str,
+        cache_topic: str | None = None,
+    ) -> None:
         self._publisher = publisher
         self.topic = topic
+        self._cache_topic = cache_topic
         self._request = request
         self._pool = pool
         self.seq = 0
@@ -66,9 +76,13 @@ class _Replies:
         await self._send("Response", record)
 
     async def final(self, result: Result) -> None:
-        await self._send(
-            "Response", records.final_response(self._request, result, self.seq, self._pool)
-        )
+        """The final Response; an ok answer to a cacheable request also goes to ``cache``."""
+        record = records.final_response(self._request, result, self.seq, self._pool)
+        await self._send("Response", record)
+        cache_key = (self._request.get("route") or {}).get("cache_key")
+        if self._cache_topic and cache_key and record["status"] == "ok":
+            sent = await self._publisher.send(self._cache_topic, cache_key, "Response", record)
+            self.pending.append(sent)
 
     async def _send(self, schema: str, record: Mapping[str, Any]) -> None:
         key = self._request["request_id"]
@@ -167,7 +181,11 @@ class RequestHandler:
     ) -> bool:
         """Run and answer one attempt; True when it went to the retry topic instead."""
         replies = _Replies(
-            self._publisher, request.get("reply_topic") or self._to.responses, request, self._pool
+            self._publisher,
+            request.get("reply_topic") or self._to.responses,
+            request,
+            self._pool,
+            self._to.cache,
         )
         async with self._slots:
             result = await self._run(origin, request, replies, received_at)

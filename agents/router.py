@@ -3,12 +3,12 @@
 :class:`RequestHandler` is the whole decision for one record, free of faust:
 bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
 it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
-requests keep their order into the pool topics), one on ``responses`` that
-fills the changelog-backed ``cache`` table, one on ``retry`` (the retrier: sends
-each transiently failed request back to its pool once its backoff is over,
+requests keep their order into the pool topics), one on ``retry`` (the retrier:
+sends each transiently failed request back to its pool once its backoff is over,
 :mod:`agents.retry`) — plus a :class:`CompactedReader` that materializes the
-``programs``, ``routing`` and ``variables`` topics for every instance (shared
-variables: :mod:`agents.variables`).
+``programs``, ``routing``, ``variables`` and ``cache`` topics for every instance
+(shared variables: :mod:`agents.variables`; the result cache, which workers
+fill: :mod:`agents.cache`). The router never reads ``responses``.
 
 Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
 (stage ``decode``); a rejected request becomes a DeadLetter *and* one final
@@ -29,17 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.cache import (
-    CacheStore,
-    PendingRequests,
+    ResultCache,
     cache_key,
     cached_response,
     decode_outputs,
-    encode_outputs,
     is_cacheable,
 )
 from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
-from agents.faustapp import create_changelogs, faust_app, original_of, serve_until_signalled
+from agents.faustapp import faust_app, original_of, serve_until_signalled
 from agents.retry import RETRY_POOL, retry_due
 from agents.routing import (
     DeadlineExceeded,
@@ -89,7 +87,7 @@ class RequestHandler:
         programs: ProgramCatalog,
         routing: RoutingCatalog,
         resolver: ProgramResolver,
-        cache: CacheStore,
+        cache: ResultCache,
         chooser: RouteChooser | None = None,
         clock: Callable[[], float] = time.time,
         existing_topics: Container[str] | None = None,
@@ -108,7 +106,6 @@ class RequestHandler:
         self._chooser = chooser or RouteChooser(settings.lm, settings.router.default_pool)
         self._clock = clock
         self._max_retry_wait_s = max(settings.reliability.retry_topic_backoff_s)
-        self.pending = PendingRequests()
 
     def now_ms(self) -> int:
         """The handler's clock in UTC epoch milliseconds."""
@@ -136,21 +133,6 @@ class RequestHandler:
                 "routing failed %s request_id=%s", original.where(), request.get("request_id")
             )
             return self._reject(original, request, Failure.from_exception(exc, "route"), now)
-
-    def handle_response(self, original: Original) -> None:
-        """Store a forwarded cacheable request's final ok outputs in the cache."""
-        try:
-            response = self._decode(original, "Response")
-        except SerdeError as exc:
-            logger.debug("ignoring undecodable response %s error=%s", original.where(), exc)
-            return
-        if not response["final"]:
-            return
-        key = self.pending.pop(response["request_id"])
-        if key is None or response["status"] != "ok" or response["cached"]:
-            return
-        if response["outputs"] is not None:
-            self._cache[key] = encode_outputs(response["outputs"])
 
     def handle_retry(self, original: Original) -> tuple[float, list[Outgoing]]:
         """A ``retry`` record: (seconds to wait, its pool record), else (0, its DeadLetter).
@@ -218,7 +200,7 @@ class RequestHandler:
             "route": route.record(now, key),
             "metadata": with_program_metric(request, registered),
         }
-        return [self._forward(original, forwarded, route.pool, key)]
+        return [self._forward(original, forwarded, route.pool)]
 
     def _registered(self, program_id: str, version: int | None, route: Route) -> Record:
         """The program version to run: the request's, else the route's canary, else latest.
@@ -236,14 +218,10 @@ class RequestHandler:
                 )
         return self._programs.resolve(program_id, version)
 
-    def _forward(
-        self, original: Original, forwarded: Record, pool: str, key: str | None
-    ) -> Outgoing:
+    def _forward(self, original: Original, forwarded: Record, pool: str) -> Outgoing:
         topic = self._topics.name(f"pool.{pool}")
         value = self._serde.encode("Request", forwarded, topic=topic)
         self._check_size(len(value), "state_json")
-        if key is not None:
-            self.pending.remember(forwarded["request_id"], key)
         return Outgoing(topic, original.key, value, original.headers)
 
     def _cached(self, request: Record, program: Record, key: str, now: int) -> Outgoing | None:
@@ -334,6 +312,7 @@ class RouterApp:
         self.programs = ProgramCatalog()
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
+        self.cache = ResultCache(settings.router.cache_max_entries)
         self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
         self.reader = CompactedReader(
             bootstrap,
@@ -343,13 +322,9 @@ class RouterApp:
                 topics.name("programs"): ("ProgramVersion", self.programs.apply),
                 topics.name("routing"): ("RoutingTable", self.routing.apply),
                 topics.name("variables"): ("VariableUpdate", self.variables.apply),
+                topics.name("cache"): ("Response", self.cache.apply),
             },
             on_refused=self._refused,
-        )
-        # Written only by the responses agent (concurrency 1); its changelog partition is
-        # the responses partition being processed, so the partition counts must match.
-        self.cache: Any = self.app.Table(
-            "cache", key_type=str, value_type=str, partitions=topics.spec("responses").partitions
         )
         self.handler = RequestHandler(
             settings,
@@ -371,9 +346,7 @@ class RouterApp:
 
     def _add_agents(self) -> None:
         requests = self._raw_topic("requests")
-        responses = self._raw_topic("responses")
         self.app.agent(requests, name="route", concurrency=1)(self._route_agent)
-        self.app.agent(responses, name="fill-cache", concurrency=1)(self._cache_agent)
         self.app.agent(self._raw_topic("retry"), name="retry", concurrency=1)(self._retry_agent)
 
     def _raw_topic(self, short: str) -> Any:
@@ -428,13 +401,6 @@ class RouterApp:
         await asyncio.sleep(delay_s)
         delivered = [await self._send(out) for out in outs]
         await self._ack_when_delivered(stream, event, original, outs, delivered)
-
-    async def _cache_agent(self, stream: Any) -> None:
-        async for event in stream.events():
-            try:
-                self.handler.handle_response(original_of(event.message))
-            except Exception:  # the cache is an optimisation: never stop on it
-                logger.exception("cache fill failed %s", original_of(event.message).where())
 
     async def _send(self, out: Outgoing) -> asyncio.Future[Any]:
         """Queue one record; the returned future resolves once the broker has it."""
@@ -525,7 +491,6 @@ class RouterApp:
             raise ConfigError(
                 f"router: topics missing: {', '.join(missing)}; run `dspex topics create`"
             )
-        create_changelogs(self.settings, self.app)
         return {name: len(meta.partitions) for name, meta in live.items()}
 
 

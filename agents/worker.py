@@ -170,6 +170,7 @@ class PoolWorker:
             telemetry=topics.name("telemetry"),
             dlq=topics.name("dlq"),
             retry=topics.name("retry"),
+            cache=topics.name("cache"),
         )
         return RequestHandler(
             executor=self._executor or DSPyExecutor(self._settings),

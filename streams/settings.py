@@ -230,6 +230,8 @@ class RouterSettings(_Section):
 
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     cache_enabled: bool = True
+    cache_max_entries: int = Field(default=100_000, ge=1)
+    """Result-cache entries each router keeps in memory (least recently used dropped)."""
     default_pool: Literal["general", "optimizer", "gpu"] = "general"
 
 

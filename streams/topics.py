@@ -92,6 +92,17 @@ CATALOG: tuple[TopicSpec, ...] = (
     _delete(
         "executions", "Execution", "request id", 6, 30, "One record per execution: the audit log."
     ),
+    TopicSpec(
+        "cache",
+        "Response",
+        "cache key (sha256 of program, inputs, variables and variant)",
+        6,
+        "compact,delete",
+        7 * DAY_MS,
+        "The final ok Response of each cacheable request, written by the worker that ran it;"
+        " every router answers identical repeats from it. Entries expire after a week.",
+        {"min.cleanable.dirty.ratio": "0.1", "segment.ms": str(DAY_MS)},
+    ),
     _compact(
         "programs",
         "ProgramVersion",

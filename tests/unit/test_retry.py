@@ -20,6 +20,7 @@ import dspy
 import pytest
 
 from agents import records
+from agents.cache import ResultCache
 from agents.catalog import ProgramCatalog, RoutingCatalog
 from agents.deadletter import Original
 from agents.execution import Outcome
@@ -379,7 +380,7 @@ def _router(clock_ms: Callable[[], int] = lambda: NOW_MS) -> RouterHandler:
         programs=ProgramCatalog(),
         routing=RoutingCatalog(),
         resolver=None,  # type: ignore[arg-type]  # never reached by retry records
-        cache={},
+        cache=ResultCache(),
         clock=lambda: clock_ms() / 1000,
     )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agents.cache import cache_key, effective_variables, is_cacheable
+from agents.cache import ResultCache, cache_key, effective_variables, is_cacheable
 from agents.catalog import ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
 from agents.router import RequestHandler, with_program_metric
@@ -289,14 +289,14 @@ class FakeResolver:
         }
 
 
-def handler(cache: dict[str, str] | None = None) -> RequestHandler:
+def handler(cache: ResultCache | None = None) -> RequestHandler:
     return RequestHandler(
         SETTINGS,
         SERDE,
         programs=ProgramCatalog(),
         routing=RoutingCatalog(),
         resolver=FakeResolver(),
-        cache=cache if cache is not None else {},
+        cache=cache if cache is not None else ResultCache(),
         chooser=chooser(),
         clock=lambda: NOW_MS / 1000,
     )
@@ -346,12 +346,13 @@ def test_expired_and_oversized_requests_are_rejected() -> None:
     assert response["error"]["field"] == "request" and response["status"] == "error"
 
 
-def test_final_ok_response_fills_cache_and_next_identical_request_hits() -> None:
-    cache: dict[str, str] = {}
+def test_a_cache_record_fills_the_cache_and_the_next_identical_request_hits() -> None:
+    cache = ResultCache()
     router = handler(cache)
     first = request()
     forwarded = decode(router.handle_request(incoming(first))[0].value)
-    assert forwarded["route"]["cache_key"] and len(router.pending) == 1
+    key = forwarded["route"]["cache_key"]
+    assert key and len(cache) == 0
     answer = {
         "request_id": first["request_id"],
         "status": "ok",
@@ -359,13 +360,32 @@ def test_final_ok_response_fills_cache_and_next_identical_request_hits() -> None
         "pool": "general",
         "produced_at": NOW_MS,
     }
-    response_bytes = SERDE.encode("Response", answer, topic="t")
-    router.handle_response(Original("dspex.responses", 0, 0, value=response_bytes))
-    assert list(cache) == [forwarded["route"]["cache_key"]]
+    cache.apply(key, SERDE.decode(SERDE.encode("Response", answer, topic="t"), topic="t").record)
     out = router.handle_request(incoming(request(inputs=first["inputs"])))
     assert [o.topic for o in out] == ["dspex.responses"]
     hit = decode(out[0].value)
     assert hit["cached"] is True and hit["outputs"] == {"answer": '"4"'} and hit["pool"] is None
+
+
+def test_the_result_cache_keeps_only_final_ok_answers_and_is_bounded() -> None:
+    cache = ResultCache(max_entries=2)
+    ok = {"status": "ok", "final": True, "cached": False, "outputs": {"a": '"1"'}}
+    cache.apply("error", {**ok, "status": "error"})
+    cache.apply("chunk", {**ok, "final": False})
+    cache.apply("replayed-hit", {**ok, "cached": True})
+    cache.apply("no-outputs", {**ok, "outputs": None})
+    assert len(cache) == 0
+    cache.apply("k1", ok)
+    cache.apply("k2", ok)
+    assert cache.get("k1") == '{"a":"\\"1\\""}'  # k1 is now the most recently used
+    cache.apply("k3", ok)
+    assert (cache.get("k1") is not None, cache.get("k2"), cache.get("k3") is not None) == (
+        True,
+        None,
+        True,
+    )
+    cache.apply("k1", None)  # a tombstone
+    assert cache.get("k1") is None and len(cache) == 1
 
 
 def test_resolver_crash_is_rejected_not_raised() -> None:

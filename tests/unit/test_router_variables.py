@@ -7,6 +7,7 @@ import random
 import uuid
 from typing import Any
 
+from agents.cache import ResultCache
 from agents.catalog import ProgramCatalog, RoutingCatalog
 from agents.deadletter import Original
 from agents.router import RequestHandler
@@ -55,7 +56,7 @@ class Router:
             programs=self.programs,
             routing=self.routing,
             resolver=ProgramsResolver(),
-            cache={},
+            cache=ResultCache(),
             chooser=RouteChooser(SETTINGS.lm, "general", random.Random(3)),
             clock=lambda: NOW_MS / 1000,
             variables=self.variables,

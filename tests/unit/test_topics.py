@@ -26,6 +26,7 @@ DESIGN_TOPICS = {
     "jobs",
     "jobs.control",
     "jobs.status",
+    "cache",
 }
 
 
@@ -33,6 +34,8 @@ def test_catalog_is_the_design_table() -> None:
     assert {spec.name for spec in CATALOG} == DESIGN_TOPICS
     compacted = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact"}
     assert compacted == {"programs", "variables", "routing", "jobs.control", "jobs.status"}
+    expiring = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact,delete"}
+    assert expiring == {"cache"}  # the latest entry per key, for a week
 
 
 def test_compacted_topics_keep_values_forever_and_delete_topics_expire() -> None:

@@ -280,7 +280,7 @@ class FakeExecutor:
 
 
 async def _pipeline(
-    executor: FakeExecutor, producer: FakeProducer, *origins: Origin
+    executor: FakeExecutor, producer: FakeProducer, *origins: Origin, to: Destinations = TO
 ) -> RequestHandler:
     loop = asyncio.get_running_loop()
     publisher = Publisher(producer, SERDE, loop)  # type: ignore[arg-type]
@@ -288,7 +288,7 @@ async def _pipeline(
         executor=executor,
         publisher=publisher,
         serde=SERDE,
-        destinations=TO,
+        destinations=to,
         pool="general",
         worker_id="w1",
         in_flight=4,
@@ -322,6 +322,28 @@ async def test_a_request_is_answered_audited_and_measured() -> None:
     assert producer.records(TO.dlq) == []
     keys = {key for _, key, _ in producer.produced}
     assert keys == {request["request_id"]}  # telemetry keys by program id, else request id
+
+
+async def test_an_ok_answer_to_a_cacheable_request_is_offered_to_the_cache() -> None:
+    to = Destinations(TO.responses, TO.executions, TO.telemetry, TO.dlq, cache="dspex.cache")
+    cacheable, uncached, failing = _request(), _request(), _request()
+    cacheable["route"]["cache_key"] = "sha256:k1"
+    uncached["route"]["cache_key"] = None
+    failing["route"]["cache_key"] = "sha256:k2"
+
+    async def answer(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        if request["request_id"] == failing["request_id"]:
+            raise InvalidRequest("inputs.question", "must not be empty")
+        return Outcome({"answer": "4"})
+
+    producer = FakeProducer()
+    origins = [_origin(r) for r in (cacheable, uncached, failing)]
+    await _pipeline(FakeExecutor(answer), producer, *origins, to=to)
+    assert len(producer.records(TO.responses)) == 3
+    (entry,) = producer.records("dspex.cache")
+    (final,) = [r for r in producer.records(TO.responses) if r["request_id"] == entry["request_id"]]
+    assert entry == final and entry["request_id"] == cacheable["request_id"]
+    assert [k for t, k, _ in producer.produced if t == "dspex.cache"] == ["sha256:k1"]
 
 
 async def test_a_reply_topic_replaces_the_responses_topic() -> None:
