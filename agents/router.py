@@ -408,7 +408,9 @@ class RouterApp:
         send = self.app.producer.send(out.topic, out.key, out.value, None, None, headers)
         try:
             # A reply topic that does not exist would block on metadata for minutes.
-            delivery: asyncio.Future[Any] = await asyncio.wait_for(send, SEND_TIMEOUT_S)
+            # (asyncio.timeout, not wait_for: no task per record on the hot path)
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                delivery: asyncio.Future[Any] = await send
         except Exception as exc:
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(

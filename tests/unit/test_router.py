@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
 import uuid
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from agents.cache import ResultCache, cache_key, effective_variables, is_cacheable
 from agents.catalog import ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
-from agents.router import RequestHandler, with_program_metric
+from agents.router import Outgoing, RequestHandler, RouterApp, with_program_metric
 from agents.routing import (
     DeadlineExceeded,
     KnownTopics,
@@ -484,3 +486,21 @@ def test_an_older_routing_table_read_after_a_newer_one_is_ignored() -> None:
     catalog.apply("qa", None)
     catalog.apply("qa", {"program_id": "qa", "version": 1, "variants": []})  # after a reset
     assert (catalog.table_for("qa") or {})["version"] == 1
+
+
+async def test_a_send_that_never_starts_fails_after_the_send_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # e.g. a reply topic that does not exist: aiokafka waits for its metadata
+    import agents.router as router_module
+
+    class Stuck:
+        async def send(self, *_: Any) -> asyncio.Future[Any]:
+            await asyncio.sleep(3600)
+            raise AssertionError("not reached")
+
+    app = SimpleNamespace(app=SimpleNamespace(producer=Stuck()))
+    monkeypatch.setattr(router_module, "SEND_TIMEOUT_S", 0.05)
+    delivery = await RouterApp._send(app, Outgoing("app.replies", b"k", b"v"))  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError, match=r"send to topic=app.replies timed out after 0.05s"):
+        await delivery
