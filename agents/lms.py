@@ -68,7 +68,41 @@ def build_lm(backend: LMBackend, *, cache: bool = False) -> dspy.BaseLM:
     )
 
 
-class EchoLM(dspy.LM):  # type: ignore[misc]
+class InlineLM(dspy.LM):  # type: ignore[misc]
+    """A ``dspy.LM`` on a pure-CPU engine that answers inline when it cannot block.
+
+    DSPy's ``acall`` hops to a worker thread twice per call (request preparation and
+    pricing), which costs more than a simulated answer and contends for the GIL in a
+    busy worker. While :attr:`dspex_inline` holds (no simulated latency, no retry
+    sleeps, no DSPy response cache, which may read disk), ``acall`` makes DSPy's
+    synchronous call on the caller's thread instead: same adapters, usage and errors,
+    and the program keeps its own async path (``aforward``, e.g. DSPex's BestOfN, whose
+    sync ``forward`` differs), so :func:`agents.runner.run` needs no path of its own.
+    Streaming (``dspy.streamify``) keeps DSPy's async call, which feeds the stream.
+
+    ``acall`` yields to the event loop once first, where DSPy's async call would first
+    wait: a deadline (``asyncio.timeout``) or cancellation fires there, between LM calls,
+    but never interrupts one. That is acceptable only because an inline call never blocks.
+    """
+
+    latency_s: float | None = None
+    """Simulated latency per call (0: none), set by the constructor that builds the
+    matching sync and async engines; None (a subclass with engines of its own, which
+    may differ): never inline."""
+
+    @property
+    def dspex_inline(self) -> bool:
+        """Whether a call never blocks, so ``acall`` may run it on the caller's thread."""
+        return self.latency_s == 0 and not self.num_retries and not self.cache
+
+    async def acall(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
+        if not self.dspex_inline or dspy.settings.send_stream is not None:
+            return await super().acall(prompt, messages=messages, **kwargs)
+        await asyncio.sleep(0)
+        return self(prompt, messages=messages, **kwargs)
+
+
+class EchoLM(InlineLM):
     """A deterministic SIMULATION of an LM, for tests, benchmarks and the demo.
 
     It reads the input fields from the prompt DSPy's ChatAdapter built and answers every
@@ -90,6 +124,7 @@ class EchoLM(dspy.LM):  # type: ignore[misc]
             engine=engine,
             async_engine=AsyncEchoEngine(engine, latency_s=latency_s),
         )
+        self.latency_s = latency_s
 
 
 class EchoEngine:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import dspy
 from dspy.lm15 import (
     Message,
     Request,
@@ -48,7 +47,13 @@ from dspy.lm15 import (
     Usage,
 )
 
-from agents.lms import last_user_text, prompt_inputs, prompt_output_fields, system_text
+from agents.lms import (
+    InlineLM,
+    last_user_text,
+    prompt_inputs,
+    prompt_output_fields,
+    system_text,
+)
 from streams.errors import ConfigError
 
 SIM_MODEL = "dspex/sim"
@@ -141,13 +146,18 @@ def is_simulation(model: str) -> bool:
     return model == SIM_MODEL or model.startswith(SIM_MODEL + "?")
 
 
-class SimulatedLM(dspy.LM):  # type: ignore[misc]
-    """A deterministic SIMULATION of an LM that knows one toy task (see the module doc)."""
+class SimulatedLM(InlineLM):
+    """A deterministic SIMULATION of an LM that knows one toy task (see the module doc).
+
+    Without ``delay`` it answers inline (see :class:`~agents.lms.InlineLM`); a simulated
+    outage only raises.
+    """
 
     def __init__(
         self, model: str, *, temperature: float = 0.0, max_tokens: int = 512, cache: bool = False
     ) -> None:
-        engine = SimEngine(SimOptions.parse(model))
+        options = SimOptions.parse(model)
+        engine = SimEngine(options)
         super().__init__(
             SIM_MODEL,
             cache=cache,
@@ -157,6 +167,7 @@ class SimulatedLM(dspy.LM):  # type: ignore[misc]
             engine=engine,
             async_engine=AsyncSimEngine(engine),
         )
+        self.latency_s = options.delay_s
 
 
 class SimEngine:
