@@ -104,9 +104,12 @@ class RequestHandler:
         in_flight: int,
         recent: RecentIds | None = None,
         retry_topic: RetryTopicPolicy | None = None,
+        audit_publisher: Publisher | None = None,
     ) -> None:
+        """``audit_publisher`` sends Execution and Telemetry (default: ``publisher``)."""
         self._executor = executor
         self._publisher = publisher
+        self._audit_publisher = audit_publisher or publisher
         self._serde = serde
         self._to = destinations
         self._pool = pool
@@ -292,8 +295,12 @@ class RequestHandler:
         measured["quality"] = score_against_gold(request, result)
         telemetry_key = request.get("program_id") or request_id
         sent = [
-            await self._publisher.send(self._to.executions, request_id, "Execution", execution),
-            await self._publisher.send(self._to.telemetry, telemetry_key, "Telemetry", measured),
+            await self._audit_publisher.send(
+                self._to.executions, request_id, "Execution", execution
+            ),
+            await self._audit_publisher.send(
+                self._to.telemetry, telemetry_key, "Telemetry", measured
+            ),
         ]
         if final and result.status == "error" and result.error is not None:
             sent.append(await self._send_dead_letter(origin, result.error, request_id, attempt))

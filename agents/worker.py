@@ -121,6 +121,9 @@ class PoolWorker:
         self._threads = ThreadPoolExecutor(3, thread_name_prefix=f"dspex-{self.pool}-kafka")
         self._consumer = self._subscribe()
         self._publisher = self._make_publisher()
+        self._audit_publisher = self._make_publisher(
+            "audit", linger_ms=self._settings.kafka.audit_linger_ms
+        )
         self._handler = self._make_handler()
         background = [
             asyncio.create_task(self._commit_periodically()),
@@ -158,8 +161,11 @@ class PoolWorker:
         )
         return consumer
 
-    def _make_publisher(self) -> Publisher:
-        producer = kafka.producer(self._settings, **{"client.id": self.worker_id})
+    def _make_publisher(self, role: str = "", linger_ms: float | None = None) -> Publisher:
+        conf: dict[str, Any] = {"client.id": f"{self.worker_id}-{role}" if role else self.worker_id}
+        if linger_ms is not None:
+            conf["linger.ms"] = linger_ms
+        producer = kafka.producer(self._settings, **conf)
         return Publisher(producer, make_serde(self._settings), self._loop)
 
     def _make_handler(self) -> RequestHandler:
@@ -181,6 +187,7 @@ class PoolWorker:
             worker_id=self.worker_id,
             in_flight=self.limit,
             retry_topic=RetryTopicPolicy.from_settings(self._settings.reliability),
+            audit_publisher=self._audit_publisher,
         )
 
     # -- fetching -------------------------------------------------------------------------
@@ -307,7 +314,7 @@ class PoolWorker:
             breakers = faults.breakers.worst_state() if faults is not None else "closed"
             sample = records.health(self.worker_id, self.pool, self.running(), breakers)
             try:
-                await (await self._publisher.send(topic, self.worker_id, "Telemetry", sample))
+                await (await self._audit_publisher.send(topic, self.worker_id, "Telemetry", sample))
             except Exception:  # health is best effort: never let it stop the worker
                 logger.warning("health sample not sent worker_id=%s", self.worker_id, exc_info=True)
             await asyncio.sleep(self._settings.metrics.worker_health_interval_s)
@@ -315,6 +322,7 @@ class PoolWorker:
     async def _serve_deliveries(self) -> None:
         while True:
             self._publisher.poll()
+            self._audit_publisher.poll()
             await asyncio.sleep(_DELIVERY_POLL_S)
 
     # -- rebalancing (callbacks run in the consume() thread) ------------------------------
@@ -365,7 +373,12 @@ class PoolWorker:
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
         """Stop fetching (already done), drain, flush, commit, close."""
         await self._drain()
-        left = await self._publisher.flush(self._drain_timeout_s)
+        left = sum(
+            await asyncio.gather(
+                self._publisher.flush(self._drain_timeout_s),
+                self._audit_publisher.flush(self._drain_timeout_s),
+            )
+        )
         if left:
             logger.warning(
                 "shutdown: %d record(s) not delivered worker_id=%s", left, self.worker_id

@@ -346,6 +346,37 @@ async def test_an_ok_answer_to_a_cacheable_request_is_offered_to_the_cache() -> 
     assert [k for t, k, _ in producer.produced if t == "dspex.cache"] == ["sha256:k1"]
 
 
+async def test_execution_and_telemetry_go_through_the_audit_publisher() -> None:
+    # the worker batches them (kafka.audit_linger_ms); answers leave at kafka.linger_ms
+    loop = asyncio.get_running_loop()
+    answers, audit = FakeProducer(), FakeProducer()
+    publisher = Publisher(answers, SERDE, loop)  # type: ignore[arg-type]
+    audit_publisher = Publisher(audit, SERDE, loop)  # type: ignore[arg-type]
+    handler = RequestHandler(
+        executor=FakeExecutor(),
+        publisher=publisher,
+        serde=SERDE,
+        destinations=TO,
+        pool="general",
+        worker_id="w1",
+        in_flight=4,
+        audit_publisher=audit_publisher,
+    )
+
+    async def serve_audit() -> None:
+        while True:
+            audit_publisher.poll()
+            await asyncio.sleep(0.001)
+
+    server = asyncio.create_task(serve_audit())
+    try:
+        await _run_handler(handler, publisher, _origin(_request()))
+    finally:
+        server.cancel()
+    assert {t for t, _, _ in answers.produced} == {TO.responses}
+    assert sorted(t for t, _, _ in audit.produced) == [TO.executions, TO.telemetry]
+
+
 async def test_a_reply_topic_replaces_the_responses_topic() -> None:
     producer = FakeProducer()
     await _pipeline(FakeExecutor(), producer, _origin(_request(reply_topic="app.replies")))
