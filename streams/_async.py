@@ -87,6 +87,8 @@ class AsyncClient:
 
     async def start(self) -> None:
         """Create the producer and the reply consumer; idempotent, implied by every call."""
+        if self._listener is not None and not self._closed:
+            return  # started: every request calls this, so skip the lock
         async with self._start_lock:
             if self._closed:
                 raise ClientClosed("the client is closed")

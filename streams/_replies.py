@@ -221,11 +221,12 @@ class Inbox:
         return item
 
     async def _get(self) -> Chunk | DSPexError:
-        if not self._queue.empty():  # wait_for with no time left would not look
+        if not self._queue.empty():  # an expired timeout would not look
             return self._queue.get_nowait()
-        remaining = self.wait_until - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(self._queue.get(), max(remaining, 0.0))
+            # timeout_at, not wait_for: no extra task per request
+            async with asyncio.timeout_at(self.wait_until):
+                return await self._queue.get()
         except TimeoutError:
             return self._late()
 
