@@ -175,6 +175,7 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
             f"{miss['p50']:.1f} / {miss['p95']:.1f} / {miss['p99']:.1f}",
         ),
         ("pipeline hit p50/p95/p99 ms", f"{hit['p50']:.1f} / {hit['p95']:.1f} / {hit['p99']:.1f}"),
+        *_stage_rows(miss.get("stages_ms") or {}),
         ("pipeline / ceiling", f"{report['ratios']['pipeline_over_ceiling']:.3f}"),
         (
             "scaling (x of 1 worker)",
@@ -187,3 +188,12 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("agent exit codes (-9: killed)", str(pipe["exit_codes"])),
     ]
     return rows
+
+
+def _stage_rows(stages: dict[str, Any]) -> list[tuple[str, str]]:
+    """The paced misses' time per stage: p50 of all, p50 of the slowest 1 %."""
+    if not stages.get("all"):
+        return []
+    every, slow = stages["all"], stages["slowest_1pct"]
+    cells = [f"{name} {every[name]['p50']:g} / {slow[name]['p50']:g}" for name in every]
+    return [("miss stages ms, p50 all / slowest 1%", ", ".join(cells))]

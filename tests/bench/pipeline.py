@@ -19,6 +19,7 @@ from streams.errors import DSPexError
 from tests.bench.config import question
 from tests.bench.messages import PROGRAM
 from tests.bench.stats import latency_ms, rate
+from tests.bench.trace import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,21 @@ async def warm_up(client: AsyncClient, count: int, offset: int) -> None:
 
 
 async def paced(
-    client: AsyncClient, per_s: float, duration_s: float, *, cache_hits: bool, offset: int = 0
+    client: AsyncClient,
+    per_s: float,
+    duration_s: float,
+    *,
+    cache_hits: bool,
+    offset: int = 0,
+    traced: list[Sample] | None = None,
 ) -> dict[str, Any]:
-    """Open loop at ``per_s`` for ``duration_s``: latency percentiles, scheduled send to answer."""
+    """Open loop at ``per_s`` for ``duration_s``: latency percentiles, scheduled send to answer.
+
+    ``traced`` collects every answered request's id, scheduled and answer times
+    (for :func:`tests.bench.trace.breakdown`).
+    """
     loop = asyncio.get_running_loop()
+    wall_offset_s = time.time() - loop.time()
     count = max(int(per_s * duration_s), 1)
     start = loop.time() + 0.05
     tasks = []
@@ -92,21 +104,27 @@ async def paced(
         inputs = {"question": HIT_QUESTION if cache_hits else question(offset + i)}
         tasks.append(asyncio.create_task(_timed(client, inputs, cache_hits, scheduled)))
     outcomes = await asyncio.gather(*tasks)
+    timed = [o for o in outcomes if isinstance(o, tuple)]
+    if traced is not None:
+        for request_id, scheduled, answered in timed:
+            wall = [(t + wall_offset_s) * 1000 for t in (scheduled, answered)]
+            traced.append(Sample(request_id, *wall))
     late = loop.time() - (start + count / per_s)
-    latencies = [o for o in outcomes if isinstance(o, float)]
-    failures = _failures([o for o in outcomes if not isinstance(o, float)], cache_hits)
+    latencies = [answered - scheduled for _, scheduled, answered in timed]
+    failures = _failures([o for o in outcomes if not isinstance(o, tuple)], cache_hits)
     summary = {"rate_per_s": per_s, "lag_at_end_s": round(late, 3), **latency_ms(latencies)}
     return {**summary, **failures}
 
 
 async def _timed(
     client: AsyncClient, inputs: dict[str, str], cache_hits: bool, scheduled: float
-) -> float | Result | DSPexError:
-    """The latency, or the failure / the wrongly cached answer (counted, not timed)."""
+) -> tuple[str, float, float] | Result | DSPexError:
+    """(request id, scheduled, answered) in loop time, or the failure / the wrongly
+    cached answer (counted, not timed)."""
     try:
         result = await client.submit(PROGRAM, inputs, cache=cache_hits, deadline_s=DEADLINE_S)
     except DSPexError as exc:
         return exc
     if result.cached != cache_hits:
         return result
-    return asyncio.get_running_loop().time() - scheduled
+    return result.request_id, scheduled, asyncio.get_running_loop().time()

@@ -19,7 +19,7 @@ from streams.client import AsyncClient
 from streams.serde import make_serde
 from streams.settings import Settings
 from streams.topics import Topics
-from tests.bench import ceiling, pipeline
+from tests.bench import ceiling, pipeline, trace
 from tests.bench.config import BenchConfig
 from tests.bench.cpu import CpuMeter
 from tests.bench.messages import Payloads
@@ -148,7 +148,7 @@ async def run_pipeline(
             for n in cfg.scaling:
                 stack.add_workers(n)
                 await stack.wait_ready(admin)
-                await pipeline.warm_up(client, 10 * n, offset=n * 10**6)
+                await pipeline.warm_up(client, cfg.warm_up_requests, offset=n * 10**6)
                 step = await measured(
                     stack, pipeline.saturate(client, cfg.miss_requests, cache_hits=False)
                 )
@@ -164,7 +164,11 @@ async def _one_worker(stack: Stack, client: AsyncClient, cfg: BenchConfig) -> di
     tries = await pipeline.warm_cache(client)
     hits = await measured(stack, pipeline.saturate(client, cfg.hit_requests, cache_hits=True))
     rate, duration = cfg.paced_rate, cfg.paced_s
-    miss = await measured(stack, pipeline.paced(client, rate, duration, cache_hits=False))
+    traced: list[trace.Sample] = []
+    miss = await measured(
+        stack, pipeline.paced(client, rate, duration, cache_hits=False, traced=traced)
+    )
+    miss["stages_ms"] = await asyncio.to_thread(trace.breakdown, stack.settings, traced)
     hit = await measured(stack, pipeline.paced(client, rate, duration, cache_hits=True))
     return {
         "cache_warm_requests": tries,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.bench import run
+from tests.bench.trace import STAGES
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +43,10 @@ def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path
     assert pipeline["hit_saturation"]["cpu_percent"]["worker-1"] >= 0
     for phase in ("miss_paced", "hit_paced"):
         assert_positive(pipeline[phase], "p50", "p95", "p99")
+    stages = pipeline["miss_paced"]["stages_ms"]
+    assert stages["traced"] == stages["of"] == pipeline["miss_paced"]["samples"]
+    assert set(stages["all"]) == {name for name, _, _ in STAGES}
+    assert stages["all"]["router"]["p50"] >= 0 and stages["all"]["run"]["p99"] >= 0
     assert set(pipeline["exit_codes"]) == {"router", "worker-1", "worker-2"}
     assert [step["workers"] for step in report["scaling"]] == [1, 2]
     assert all(step["per_s"] > 0 for step in report["scaling"])
