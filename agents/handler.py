@@ -1,8 +1,9 @@
 """One pool message, start to finish: decode, dedupe, check the deadline, run, answer, audit.
 
 :meth:`RequestHandler.handle` turns one consumed message into its records —
-Response chunks, the final Response, the Execution audit record, Telemetry, a
-DeadLetter when something failed — and returns only once the broker has
+Response chunks, the final Response (and, for an ok answer to a cacheable
+request, the same Response on ``cache`` under its cache key), the Execution audit
+record, Telemetry, a DeadLetter when something failed — and returns only once the broker has
 acknowledged every one of them, so the caller may then count the offset as done.
 A bad message never raises out of it; only a broker that will not take the
 answers does (:class:`~agents.publisher.DeliveryFailed`).
