@@ -280,7 +280,11 @@ class FakeExecutor:
 
 
 async def _pipeline(
-    executor: FakeExecutor, producer: FakeProducer, *origins: Origin, to: Destinations = TO
+    executor: FakeExecutor,
+    producer: FakeProducer,
+    *origins: Origin,
+    to: Destinations = TO,
+    audit: FakeProducer | None = None,
 ) -> RequestHandler:
     loop = asyncio.get_running_loop()
     publisher = Publisher(producer, SERDE, loop)  # type: ignore[arg-type]
@@ -292,15 +296,19 @@ async def _pipeline(
         pool="general",
         worker_id="w1",
         in_flight=4,
+        audit_publisher=Publisher(audit, SERDE, loop) if audit else None,  # type: ignore[arg-type]
     )
-    await _run_handler(handler, publisher, *origins)
+    await _run_handler(handler, *origins)
     return handler
 
 
-async def _run_handler(handler: RequestHandler, publisher: Publisher, *origins: Origin) -> None:
+async def _run_handler(handler: RequestHandler, *origins: Origin) -> None:
+    publishers = {handler._publisher, handler._audit_publisher}
+
     async def serve() -> None:
         while True:
-            publisher.poll()
+            for publisher in publishers:
+                publisher.poll()
             await asyncio.sleep(0.001)
 
     server = asyncio.create_task(serve())
@@ -348,31 +356,8 @@ async def test_an_ok_answer_to_a_cacheable_request_is_offered_to_the_cache() -> 
 
 async def test_execution_and_telemetry_go_through_the_audit_publisher() -> None:
     # the worker batches them (kafka.audit_linger_ms); answers leave at kafka.linger_ms
-    loop = asyncio.get_running_loop()
     answers, audit = FakeProducer(), FakeProducer()
-    publisher = Publisher(answers, SERDE, loop)  # type: ignore[arg-type]
-    audit_publisher = Publisher(audit, SERDE, loop)  # type: ignore[arg-type]
-    handler = RequestHandler(
-        executor=FakeExecutor(),
-        publisher=publisher,
-        serde=SERDE,
-        destinations=TO,
-        pool="general",
-        worker_id="w1",
-        in_flight=4,
-        audit_publisher=audit_publisher,
-    )
-
-    async def serve_audit() -> None:
-        while True:
-            audit_publisher.poll()
-            await asyncio.sleep(0.001)
-
-    server = asyncio.create_task(serve_audit())
-    try:
-        await _run_handler(handler, publisher, _origin(_request()))
-    finally:
-        server.cancel()
+    await _pipeline(FakeExecutor(), answers, _origin(_request()), audit=audit)
     assert {t for t, _, _ in answers.produced} == {TO.responses}
     assert sorted(t for t, _, _ in audit.produced) == [TO.executions, TO.telemetry]
 
@@ -471,8 +456,7 @@ async def test_the_same_request_twice_is_answered_once() -> None:
     executor = FakeExecutor()
     producer = FakeProducer()
     handler = await _pipeline(executor, producer, _origin(request), _origin(request))
-    publisher = handler._publisher
-    await _run_handler(handler, publisher, _origin(request))  # a later redelivery too
+    await _run_handler(handler, _origin(request))  # a later redelivery too
     assert executor.calls == 1
     assert len(producer.records(TO.responses)) == 1
 
