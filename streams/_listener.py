@@ -11,9 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from streams._replies import Chunk
 from streams.errors import BrokerUnavailable, ConfigError, DSPexError
@@ -122,6 +129,27 @@ def watermarks(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tu
             if code not in _TRANSIENT or time.monotonic() > give_up:
                 raise _offsets_error(topic, code, exc) from exc
             time.sleep(0.2)
+
+
+def scan_to_end(consumer: Consumer, topic: str, timeout_s: float) -> Iterator[Message]:
+    """Every record of ``topic`` from the beginning up to the end offsets seen at the start.
+
+    Raises BrokerUnavailable when that end is not reached within ``timeout_s``.
+    """
+    marks = watermarks(consumer, topic, timeout_s)
+    ends = {partition: high for partition, (low, high) in marks.items() if high > low}
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    give_up = time.monotonic() + timeout_s
+    while ends:
+        if time.monotonic() > give_up:
+            raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
+        message = consumer.poll(0.2)
+        if message is not None and message.error() is None:
+            yield message
+        # positions, not offsets: a compacted partition has holes
+        for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+            if tp.offset >= ends[tp.partition]:
+                del ends[tp.partition]
 
 
 def _offsets_error(topic: str, code: int | None, exc: KafkaException) -> DSPexError:

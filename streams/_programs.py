@@ -9,16 +9,15 @@ say when a partition is done).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message
 
 from streams import kafka
-from streams._listener import watermarks
+from streams._listener import scan_to_end
 from streams.errors import BrokerUnavailable, DSPexError
 from streams.serde import Serde
 from streams.settings import Settings
@@ -96,31 +95,11 @@ def read_versions(
 def _scan(
     consumer: Consumer, serde: Serde, topic: str, key: bytes | None, timeout_s: float
 ) -> Iterable[dict[str, Any]]:
-    ends = _non_empty_ends(consumer, topic, timeout_s)
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    give_up = time.monotonic() + timeout_s
-    while ends:
-        if time.monotonic() > give_up:
-            raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
-        message = consumer.poll(0.2)
-        if message is not None and message.error() is None:
-            if key is None or message.key() == key:
-                record = _decode(serde, topic, message)
-                if record is not None:
-                    yield record
-        _drop_finished(consumer, topic, ends)
-
-
-def _non_empty_ends(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, int]:
-    marks = watermarks(consumer, topic, timeout_s)
-    return {partition: high for partition, (low, high) in marks.items() if high > low}
-
-
-def _drop_finished(consumer: Consumer, topic: str, ends: dict[int, int]) -> None:
-    positions = consumer.position([TopicPartition(topic, p) for p in ends])
-    for tp in positions:
-        if tp.offset >= ends[tp.partition]:
-            del ends[tp.partition]
+    for message in scan_to_end(consumer, topic, timeout_s):
+        if key is None or message.key() == key:
+            record = _decode(serde, topic, message)
+            if record is not None:
+                yield record
 
 
 def _decode(serde: Serde, topic: str, message: Message) -> dict[str, Any] | None:

@@ -20,15 +20,14 @@ import logging
 import os
 import pwd
 import socket
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaException, Message
 
 from streams import kafka
-from streams._listener import watermarks
+from streams._listener import scan_to_end
 from streams.errors import BrokerUnavailable, DSPexError
 from streams.serde import Serde
 from streams.settings import Settings
@@ -172,7 +171,7 @@ def read_topic(
     wanted = key.encode("utf-8") if key is not None else None
     found: list[tuple[str, Record | None]] = []
     try:
-        for message in _scan(consumer, topic, READ_TIMEOUT_S):
+        for message in scan_to_end(consumer, topic, READ_TIMEOUT_S):
             if wanted is not None and message.key() != wanted:
                 continue
             try:
@@ -194,23 +193,6 @@ def default_author() -> str:
     except (KeyError, OSError):
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
-
-
-def _scan(consumer: Consumer, topic: str, timeout_s: float) -> Iterator[Message]:
-    marks = watermarks(consumer, topic, timeout_s)
-    ends = {partition: high for partition, (low, high) in marks.items() if high > low}
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    give_up = time.monotonic() + timeout_s
-    while ends:
-        if time.monotonic() > give_up:
-            raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
-        message = consumer.poll(0.2)
-        if message is not None and message.error() is None:
-            yield message
-        # positions, not offsets: a compacted partition has holes
-        for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-            if tp.offset >= ends[tp.partition]:
-                del ends[tp.partition]
 
 
 def _key(message: Message) -> str:
