@@ -124,9 +124,8 @@ class ResultCache:
             self._entries.pop(key, None)
             return
         outputs = response.get("outputs")
-        if not key or response.get("status") != "ok" or not response.get("final", True):
-            return
-        if outputs is None or response.get("cached"):
+        final_ok = response.get("status") == "ok" and response.get("final", True)
+        if not key or not final_ok or outputs is None or response.get("cached"):
             return
         self._entries[key] = encode_outputs(outputs)
         self._entries.move_to_end(key)

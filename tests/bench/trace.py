@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from streams import kafka
+from streams._listener import watermarks
 from streams.serde import make_serde
 from streams.settings import Settings
 from streams.topics import Topics
@@ -101,11 +102,10 @@ def _records(settings: Settings, short: str, since_ms: int) -> Iterable[tuple[di
     serde = make_serde(settings)
     consumer: Consumer = kafka.consumer(settings, f"bench-trace-{uuid.uuid4().hex}")
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: high for p, (_, high) in watermarks(consumer, topic, 10.0).items()}
         starts = consumer.offsets_for_times(
-            [TopicPartition(topic, p, since_ms) for p in partitions], timeout=10
+            [TopicPartition(topic, p, since_ms) for p in ends], timeout=10
         )
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in starts}
         left = {tp.partition for tp in starts if 0 <= tp.offset < ends[tp.partition]}
         consumer.assign([tp for tp in starts if tp.partition in left])
         while left:
