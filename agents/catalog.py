@@ -7,7 +7,9 @@ offsets). :class:`CompactedReader` assigns every partition to a group-less
 aiokafka consumer, reads from the beginning, reports ready once it has caught up
 with the end offsets it saw at start, then keeps following: a new program
 version, routing table or variable (:mod:`agents.variables`) takes effect
-without a restart.
+without a restart. A *recent* topic (the result cache) is read from near its
+end instead — only its newest records, up to a budget — and readiness does not
+wait for it: a large cache topic must not hold up, or time out, a router's start.
 """
 
 from __future__ import annotations
@@ -132,20 +134,31 @@ class CompactedReader:
         views: Mapping[str, tuple[str, Apply]],
         *,
         on_refused: Refused | None = None,
+        recent: Mapping[str, int] | None = None,
     ) -> None:
         """``views`` maps a physical topic name to (schema name, apply function).
 
         ``on_refused`` hears of every record a view refused or the serde could not
         decode, with ``live`` false while the topics are still being replayed.
+        ``recent`` maps some of those topics to a record budget: each is replayed
+        from its newest ``budget / partitions`` records per partition only, and
+        :attr:`ready` does not wait for it (:attr:`warm` does).
         """
+        unknown = set(recent or {}) - set(views)
+        if unknown:
+            raise ValueError(f"recent topics without a view: {sorted(unknown)}")
         self._bootstrap = bootstrap
         self._kafka = kafka
         self._serde = serde
         self._views = dict(views)
+        self._recent = dict(recent or {})
         self._on_refused = on_refused
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        """Set once every topic but the recent ones is read up to its end offset at start."""
+        self.warm = asyncio.Event()
+        """Set once every topic, the recent ones too, is read up to its end offset at start."""
 
     async def start(self, partitions: Mapping[str, int]) -> None:
         """Assign every partition (``partitions``: count per topic) from the beginning."""
@@ -164,7 +177,21 @@ class CompactedReader:
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
-        self._task = asyncio.create_task(self._follow(tps, ends), name="compacted-reader")
+        await self._seek_recent(tps, partitions, ends)
+        required = [tp for tp in tps if tp.topic not in self._recent]
+        self._task = asyncio.create_task(self._follow(required, tps, ends), name="compacted-reader")
+
+    async def _seek_recent(
+        self, tps: list[Any], partitions: Mapping[str, int], ends: Mapping[Any, int]
+    ) -> None:
+        """Start each recent topic's partitions ``budget / partitions`` records before the end."""
+        recent = [tp for tp in tps if tp.topic in self._recent]
+        if not recent:
+            return
+        beginnings = await self._consumer.beginning_offsets(recent)
+        for tp in recent:
+            per_partition = -(-self._recent[tp.topic] // max(partitions[tp.topic], 1))
+            self._consumer.seek(tp, max(beginnings[tp], ends[tp] - per_partition))
 
     async def stop(self) -> None:
         """Stop following and close the consumer."""
@@ -175,7 +202,7 @@ class CompactedReader:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def _follow(self, tps: list[Any], ends: Mapping[Any, int]) -> None:
+    async def _follow(self, required: list[Any], tps: list[Any], ends: Mapping[Any, int]) -> None:
         while True:
             try:
                 batches = await self._consumer.getmany(timeout_ms=200)
@@ -184,8 +211,10 @@ class CompactedReader:
                         refused = self._apply(message)
                         if refused is not None:
                             await self._report(message, refused)
-                if not self.ready.is_set() and await self._caught_up(tps, ends):
+                if not self.ready.is_set() and await self._caught_up(required, ends):
                     self.ready.set()
+                if not self.warm.is_set() and await self._caught_up(tps, ends):
+                    self.warm.set()
             except asyncio.CancelledError:
                 raise
             except Exception:

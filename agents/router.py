@@ -325,6 +325,9 @@ class RouterApp:
                 topics.name("cache"): ("Response", self.cache.apply),
             },
             on_refused=self._refused,
+            # the cache is best effort while it loads: at most what the LRU holds is
+            # replayed, and the router starts routing without waiting for it
+            recent={topics.name("cache"): settings.router.cache_max_entries},
         )
         self.handler = RequestHandler(
             settings,
