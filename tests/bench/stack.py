@@ -96,10 +96,16 @@ def delete_prefixed(admin: AdminClient, prefix: str) -> None:
 
 
 class AgentProcess:
-    """One ``python -m agents ...`` process; optionally under pyinstrument (text profile)."""
+    """One ``python -m agents ...`` (or ``-m <module>``) process; optionally under pyinstrument."""
 
     def __init__(
-        self, name: str, args: list[str], env: dict[str, str], workdir: Path, profile: Path | None
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        workdir: Path,
+        profile: Path | None,
+        module: str = "agents",
     ) -> None:
         self.name = name
         prefix = [sys.executable]
@@ -108,7 +114,7 @@ class AgentProcess:
         self.log = workdir / f"{name}.log"
         with self.log.open("ab") as log:
             self.popen = subprocess.Popen(
-                [*prefix, "-m", "agents", *args],
+                [*prefix, "-m", module, *args],
                 env=env,
                 cwd=workdir,
                 stdout=log,

@@ -97,8 +97,12 @@ class Stack:
         self.router: AgentProcess | None = None
         self.workers: list[AgentProcess] = []
 
-    def start_router(self, profile: Path | None = None) -> None:
-        self.router = AgentProcess("router", ["router"], self.env, self.workdir, profile)
+    def start_router(self, profile: Path | None = None, *, module: str | None = None) -> None:
+        """``python -m agents router``, or ``module`` (an experimental router) in its place."""
+        if module is not None:
+            self.router = AgentProcess("router", [], self.env, self.workdir, profile, module)
+        else:
+            self.router = AgentProcess("router", ["router"], self.env, self.workdir, profile)
 
     def add_workers(self, total: int, profile: Path | None = None) -> None:
         while len(self.workers) < total:
