@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -40,6 +41,7 @@ class Publisher:
         self._producer = producer
         self._serde = serde
         self._loop = loop
+        self._loop_thread = threading.get_ident() if _running_loop() is loop else None
 
     async def send(
         self, topic: str, key: str | bytes | None, schema: str, record: Mapping[str, Any]
@@ -80,8 +82,17 @@ class Publisher:
     def _on_delivery(
         self, delivered: asyncio.Future[None], topic: str, err: KafkaError | None, _: Message
     ) -> None:
-        # flush() serves reports from a worker thread: always hand over to the loop's thread
-        self._loop.call_soon_threadsafe(_settle, delivered, topic, err)
+        if threading.get_ident() == self._loop_thread:  # poll() on the loop: settle now
+            _settle(delivered, topic, err)
+        else:  # flush() serves reports from a worker thread: hand over to the loop's thread
+            self._loop.call_soon_threadsafe(_settle, delivered, topic, err)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _settle(delivered: asyncio.Future[None], topic: str, err: KafkaError | None) -> None:

@@ -408,16 +408,20 @@ def test_an_unknown_pool_is_dead_lettered_at_stage_retry(pool: bytes) -> None:
 
 
 class FakeEvent:
-    def __init__(self, original: Original) -> None:
+    def __init__(self, original: Original, acked: list[int]) -> None:
         self.message = original  # has every field original_of reads
+        self._acked = acked
+
+    def ack(self) -> bool:
+        self._acked.append(self.message.offset)
+        return True
 
 
 class FakeStream:
-    """faust's manual-ack stream: yields the events, records the acks."""
+    """faust's manual-ack stream: yields the events (which record their own acks)."""
 
     def __init__(self, events: list[FakeEvent]) -> None:
         self._events = events
-        self.acked: list[int] = []
 
     def noack(self) -> FakeStream:
         return self
@@ -426,36 +430,34 @@ class FakeStream:
         for event in self._events:
             yield event
 
-    async def ack(self, event: FakeEvent) -> None:
-        self.acked.append(event.message.offset)
 
+class FakeConfluentProducer:
+    """Takes every record and reports its delivery at once."""
 
-class FakeFaustProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None]] = []
 
-    async def send(self, topic: str, key: bytes | None, *_: Any) -> asyncio.Future[None]:
+    def produce(self, topic: str, value: bytes, key: bytes | None, **kw: Any) -> None:
         self.sent.append((topic, key))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+        kw["on_delivery"](None, None)
 
 
 async def test_the_retrier_does_not_hold_a_short_backoff_behind_a_long_one() -> None:
-    producer = FakeFaustProducer()
+    producer = FakeConfluentProducer()
     router = RouterApp.__new__(RouterApp)  # only the retry agent's parts: no broker, no faust app
     router.handler = _router(lambda: NOW_MS)
     router._retrying = set()
-    router.app = type("App", (), {"producer": producer})()
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    acked: list[int] = []
     long_one = _retry_record(b"general", NOW_MS + 300, offset=1)
     short_one = _retry_record(b"gpu", NOW_MS + 50, offset=2)
-    stream = FakeStream([FakeEvent(long_one), FakeEvent(short_one)])
+    stream = FakeStream([FakeEvent(long_one, acked), FakeEvent(short_one, acked)])
 
     await asyncio.wait_for(router._retry_agent(stream), 1)  # returns at once: nothing waits
     assert producer.sent == [] and len(router._retrying) == 2
     await asyncio.wait_for(asyncio.gather(*router._retrying), 5)
     assert [topic for topic, _ in producer.sent] == ["dspex.pool.gpu", "dspex.pool.general"]
-    assert stream.acked == [2, 1]  # each acked once forwarded; faust commits past both
+    assert acked == [2, 1]  # each acked once forwarded; faust commits past both
 
 
 # -- the flaky simulation -----------------------------------------------------------------

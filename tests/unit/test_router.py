@@ -12,10 +12,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from agents.cache import ResultCache, cache_key, effective_variables, is_cacheable
 from agents.catalog import ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
+from agents.publisher import DeliveryFailed, Publisher
 from agents.router import Outgoing, RequestHandler, RouterApp, with_program_metric
 from agents.routing import (
     DeadlineExceeded,
@@ -488,19 +490,81 @@ def test_an_older_routing_table_read_after_a_newer_one_is_ignored() -> None:
     assert (catalog.table_for("qa") or {})["version"] == 1
 
 
-async def test_a_send_that_never_starts_fails_after_the_send_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # e.g. a reply topic that does not exist: aiokafka waits for its metadata
-    import agents.router as router_module
+async def test_a_send_fails_only_its_own_record() -> None:
+    # the router produces through librdkafka: produce() never blocks; a record the
+    # broker refuses (e.g. its topic was deleted after the request was checked) fails
+    # its delivery future, and a produce() that raises fails that record only
+    class Producer:
+        def __init__(self) -> None:
+            self.callbacks: list[Any] = []
 
-    class Stuck:
-        async def send(self, *_: Any) -> asyncio.Future[Any]:
-            await asyncio.sleep(3600)
-            raise AssertionError("not reached")
+        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
+            if topic == "bad topic name":
+                raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
+            self.callbacks.append(kw["on_delivery"])
 
-    app = SimpleNamespace(app=SimpleNamespace(producer=Stuck()))
-    monkeypatch.setattr(router_module, "SEND_TIMEOUT_S", 0.05)
-    delivery = await RouterApp._send(app, Outgoing("app.replies", b"k", b"v"))  # type: ignore[arg-type]
-    with pytest.raises(TimeoutError, match=r"send to topic=app.replies timed out after 0.05s"):
-        await delivery
+        def poll(self, _: float) -> int:
+            return 0
+
+    producer = Producer()
+    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    app = SimpleNamespace(_publisher=publisher)
+    send = RouterApp._send
+    refused = await send(app, Outgoing("bad topic name", b"k", b"v"))  # type: ignore[arg-type]
+    with pytest.raises(KafkaException):
+        await refused
+    ok = await send(app, Outgoing("app.replies", b"k", b"v"))  # type: ignore[arg-type]
+    lost = await send(app, Outgoing("app.gone", b"k", b"v"))  # type: ignore[arg-type]
+    producer.callbacks[0](None, None)
+    producer.callbacks[1](KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), None)
+    assert await ok is None
+    with pytest.raises(DeliveryFailed, match=r"topic=app\.gone"):
+        await lost
+
+
+async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failures_resent() -> None:
+    failures = {"app.flaky": 1}  # the first send to app.flaky fails, the second works
+    sent: list[str] = []
+
+    class Producer:
+        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
+            sent.append(topic)
+            left = failures.get(topic, 0)
+            failures[topic] = left - 1
+            err = KafkaError(KafkaError._MSG_TIMED_OUT) if left > 0 else None
+            kw["on_delivery"](err, None)
+
+    acked: list[str] = []
+
+    class Event:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def ack(self) -> bool:
+            acked.append(self.name)
+            return True
+
+    class Stream:
+        async def ack(self, event: Event) -> None:
+            event.ack()
+
+    router = RouterApp.__new__(RouterApp)
+    router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    router._acking = set()
+    where = Original("dspex.requests", 0, 7, None, b"k", b"v", ())
+
+    async def forward(name: str, *topics: str) -> None:
+        outs = [Outgoing(topic, b"k", b"v") for topic in topics]
+        delivered = [await router._send(out) for out in outs]
+        router._ack_when_delivered(Stream(), Event(name), where, outs, delivered)
+
+    await forward("clean", "app.a", "app.b")
+    await forward("none")
+    await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+    assert sorted(acked) == ["clean", "none"] and not router._acking  # no task: common path
+    await forward("flaky", "app.ok", "app.flaky")
+    await asyncio.sleep(0)
+    assert len(router._acking) == 1  # the resend task
+    await asyncio.wait_for(asyncio.gather(*router._acking), 5)
+    assert acked[2:] == ["flaky"]
+    assert sent == ["app.a", "app.b", "app.ok", "app.flaky", "app.flaky"]  # only it resent
