@@ -8,7 +8,9 @@ sends each transiently failed request back to its pool once its backoff is over,
 :mod:`agents.retry`) — plus a :class:`CompactedReader` that materializes the
 ``programs``, ``routing``, ``variables`` and ``cache`` topics for every instance
 (shared variables: :mod:`agents.variables`; the result cache, which workers
-fill: :mod:`agents.cache`). The router never reads ``responses``.
+fill: :mod:`agents.cache`). The router never reads ``responses``. Its records go
+out through librdkafka (:class:`~agents.publisher.Publisher`, as in the worker);
+a request is acked, and so becomes committable, once the broker has all of them.
 
 Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
 (stage ``decode``); a rejected request becomes a DeadLetter *and* one final
@@ -64,7 +66,7 @@ logger = logging.getLogger(__name__)
 Record = dict[str, Any]
 COMPONENT = "router"
 READY_TIMEOUT_S = 60.0
-SEND_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 10.0
 SEND_ATTEMPTS = 5
 DELIVERY_POLL_S = 0.005
 
@@ -379,10 +381,10 @@ class RouterApp:
                 outs = self.handler.handle_request(original)
             except Exception:  # handle_request answers bad input itself: this is a bug
                 logger.exception("dropping request %s", original.where())
-                await manual.ack(event)  # redoing it would only hit the bug again
+                event.ack()  # redoing it would only hit the bug again
                 continue
             delivered = [await self._send(out) for out in outs]
-            self._ack_when_delivered(manual, event, original, outs, delivered)
+            self._ack_when_delivered(event, original, outs, delivered)
 
     async def _retry_agent(self, stream: Any) -> None:
         # Manual acks, as in _route_agent. Each record waits for its not-before time in
@@ -397,28 +399,26 @@ class RouterApp:
                 delay_s, outs = self.handler.handle_retry(original)
             except Exception:  # handle_retry dead-letters bad records itself: this is a bug
                 logger.exception("dropping retry record %s", original.where())
-                await manual.ack(event)
+                event.ack()
                 continue
-            task = asyncio.ensure_future(
-                self._forward_when_due(manual, event, original, outs, delay_s)
-            )
+            task = asyncio.ensure_future(self._forward_when_due(event, original, outs, delay_s))
             self._retrying.add(task)
             task.add_done_callback(self._retrying.discard)
 
     async def _forward_when_due(
-        self, stream: Any, event: Any, original: Original, outs: list[Outgoing], delay_s: float
+        self, event: Any, original: Original, outs: list[Outgoing], delay_s: float
     ) -> None:
         await asyncio.sleep(delay_s)
         delivered = [await self._send(out) for out in outs]
-        self._ack_when_delivered(stream, event, original, outs, delivered)
+        self._ack_when_delivered(event, original, outs, delivered)
 
     async def _send(self, out: Outgoing) -> asyncio.Future[Any]:
         """Queue one record; the returned future resolves once the broker has it.
 
         The router's records go out through librdkafka (the worker's Publisher), not
-        faust's aiokafka producer: it costs a third of the CPU per record (measured,
-        docs/benchmarks.md). produce() never blocks: a record for a topic that does not
-        exist fails its delivery once librdkafka gives up on the topic's metadata.
+        faust's aiokafka producer, whose pure-Python sender was 12 % of the router's
+        CPU samples (docs/benchmarks.md). produce() never blocks: a record for a topic
+        that does not exist fails its delivery once librdkafka gives up on its metadata.
         """
         try:
             if self._publisher is None:
@@ -437,7 +437,6 @@ class RouterApp:
 
     def _ack_when_delivered(
         self,
-        stream: Any,
         event: Any,
         original: Original,
         outs: list[Outgoing],
@@ -462,7 +461,7 @@ class RouterApp:
             if not failed:
                 event.ack()
                 return
-            task = asyncio.ensure_future(self._resend(stream, event, original, failed))
+            task = asyncio.ensure_future(self._resend(event, original, failed))
             self._acking.add(task)
             task.add_done_callback(self._acking.discard)
 
@@ -471,7 +470,6 @@ class RouterApp:
 
     async def _resend(
         self,
-        stream: Any,
         event: Any,
         original: Original,
         failed: list[tuple[Outgoing, asyncio.Future[Any]]],
@@ -495,7 +493,7 @@ class RouterApp:
             await asyncio.wait(delivered)
             failed = [(o, f) for o, f in zip(outs, delivered, strict=True) if _failed(f)]
             if not failed:
-                await stream.ack(event)
+                event.ack()
                 return
         # Not acked: the committed offset stays before this request, so a restarted
         # router routes it again (the consumer-group lag shows the stall meanwhile).
@@ -531,7 +529,7 @@ class RouterApp:
         """
         await self.app.stop()  # acks need delivery reports: the deliveries task still runs
         if self._publisher is not None:
-            left = await self._publisher.flush(SEND_TIMEOUT_S)
+            left = await self._publisher.flush(FLUSH_TIMEOUT_S)
             if left:
                 logger.warning("router stopped with %d records not acknowledged", left)
         if self._deliveries is not None:

@@ -544,10 +544,6 @@ async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failure
             acked.append(self.name)
             return True
 
-    class Stream:
-        async def ack(self, event: Event) -> None:
-            event.ack()
-
     router = RouterApp.__new__(RouterApp)
     router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
     router._acking = set()
@@ -556,7 +552,7 @@ async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failure
     async def forward(name: str, *topics: str) -> None:
         outs = [Outgoing(topic, b"k", b"v") for topic in topics]
         delivered = [await router._send(out) for out in outs]
-        router._ack_when_delivered(Stream(), Event(name), where, outs, delivered)
+        router._ack_when_delivered(Event(name), where, outs, delivered)
 
     await forward("clean", "app.a", "app.b")
     await forward("none")
