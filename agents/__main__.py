@@ -2,79 +2,30 @@
 
 ``dspex up`` starts these through its supervisor; they can also be run (and scaled)
 by hand, by systemd or by Kubernetes. Settings come from the environment and
-``--settings FILE``, exactly as for ``dspex``.
+``--settings FILE``, exactly as for ``dspex`` (the commands: :mod:`agents.cli`).
+
+A SIGTERM that arrives while the process is still starting (importing DSPy, faust
+and the rest takes seconds) stops it cleanly with exit code 0: nothing has been
+consumed yet. Once an agent runs, its event loop handles SIGTERM itself (drain,
+commit, exit 0).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
-from agents import worker
-from agents.learner import make_learner
-from agents.metrics import make_metrics
-from agents.router import make_router
-from streams.errors import DSPexError
-from streams.logs import configure_logging
-from streams.settings import load_settings
-
-app = typer.Typer(help="Run one DSPex agent process.", no_args_is_help=True)
-SettingsFile = Annotated[Path | None, typer.Option("--settings", help="TOML settings file.")]
+import signal
+from types import FrameType
 
 
-@app.command("router")
-def router(settings_file: SettingsFile = None) -> None:
-    """The router agent: validate, resolve, route and cache requests."""
-    settings = load_settings(settings_file)
-    configure_logging(settings.log_level)
-    make_router(settings).run()
-
-
-@app.command("learner")
-def learner(settings_file: SettingsFile = None) -> None:
-    """The learning agent: telemetry in, routing tables out."""
-    settings = load_settings(settings_file)
-    configure_logging(settings.log_level)
-    make_learner(settings).run()
-
-
-@app.command("metrics")
-def metrics(settings_file: SettingsFile = None) -> None:
-    """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
-    settings = load_settings(settings_file)
-    configure_logging(settings.log_level)
-    make_metrics(settings).run()
-
-
-@app.command("worker")
-def pool_worker(
-    pool: Annotated[str, typer.Option(help="general, optimizer or gpu")],
-    settings_file: SettingsFile = None,
-) -> None:
-    """One member of a worker pool's consumer group."""
-    if pool not in ("general", "optimizer", "gpu"):
-        raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
-    raise typer.Exit(worker.main(load_settings(settings_file), pool))
-
-
-@app.command("jobs")
-def job_runner(settings_file: SettingsFile = None) -> None:
-    """One optimizer-pool job runner: optimizer jobs from the jobs topic."""
-    from agents import jobs  # DSPy's optimizers load only in this process
-
-    raise typer.Exit(jobs.main(load_settings(settings_file)))
+def _stopped_while_starting(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def main() -> None:
-    """Entry point: a DSPex error at start-up is one line on stderr and exit code 1."""
-    try:
-        app()
-    except DSPexError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    """Take SIGTERM first, then load the (slow to import) commands and run one."""
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
+    from agents.cli import main as run_command
+
+    run_command()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from unittest import mock
 from confluent_kafka import KafkaException, TopicPartition
 
 from streams import kafka
+from streams._listener import end_offsets as end_offsets_of
 from streams.serde import make_serde
 from streams.settings import POOLS, Settings, load_settings
 from streams.topics import Topics
@@ -242,13 +243,8 @@ class Tail:
 
 
 def _ends(consumer: Any, names: Mapping[str, str]) -> list[TopicPartition]:
-    assignment = []
-    for topic in names:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        for p in partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            assignment.append(TopicPartition(topic, p, high))
-    return assignment
+    # end_offsets retries the leaderless moments of a topic created just before
+    return [tp for topic in names for tp in end_offsets_of(consumer, topic, 10.0)]
 
 
 def end_offsets(settings: Settings, shorts: Iterable[str]) -> dict[str, int]:

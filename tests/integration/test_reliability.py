@@ -20,7 +20,10 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from streams import kafka
 from streams.client import AsyncClient, Program, Result
@@ -180,3 +183,23 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     assert victim.returncode == -signal.SIGKILL
     assert lost == [] and wrong == []
     assert len(answered) == BATCHES * BATCH_SIZE
+
+
+@pytest.mark.parametrize("args", [["router"], ["worker", "--pool", "general"]])
+def test_sigterm_while_an_agent_is_still_starting_exits_cleanly(
+    settings: Settings, create_topics: Callable[[], object], args: list[str]
+) -> None:
+    """An orchestrator may stop a process that is still importing: exit 0, no traceback."""
+    create_topics()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agents", *args],
+        env=agent_env(settings),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(0.5)  # the imports (DSPy, faust) take seconds: this lands among them
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in output

@@ -1,0 +1,77 @@
+"""The ``python -m agents`` commands (:mod:`agents.__main__` is the entry point).
+
+``dspex up`` starts these through its supervisor; they can also be run (and scaled)
+by hand, by systemd or by Kubernetes. Settings come from the environment and
+``--settings FILE``, exactly as for ``dspex``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agents import worker
+from agents.learner import make_learner
+from agents.metrics import make_metrics
+from agents.router import make_router
+from streams.errors import DSPexError
+from streams.logs import configure_logging
+from streams.settings import load_settings
+
+app = typer.Typer(help="Run one DSPex agent process.", no_args_is_help=True)
+SettingsFile = Annotated[Path | None, typer.Option("--settings", help="TOML settings file.")]
+
+
+@app.command("router")
+def router(settings_file: SettingsFile = None) -> None:
+    """The router agent: validate, resolve, route and cache requests."""
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    make_router(settings).run()
+
+
+@app.command("learner")
+def learner(settings_file: SettingsFile = None) -> None:
+    """The learning agent: telemetry in, routing tables out."""
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    make_learner(settings).run()
+
+
+@app.command("metrics")
+def metrics(settings_file: SettingsFile = None) -> None:
+    """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    make_metrics(settings).run()
+
+
+@app.command("worker")
+def pool_worker(
+    pool: Annotated[str, typer.Option(help="general, optimizer or gpu")],
+    settings_file: SettingsFile = None,
+) -> None:
+    """One member of a worker pool's consumer group."""
+    if pool not in ("general", "optimizer", "gpu"):
+        raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
+    raise typer.Exit(worker.main(load_settings(settings_file), pool))
+
+
+@app.command("jobs")
+def job_runner(settings_file: SettingsFile = None) -> None:
+    """One optimizer-pool job runner: optimizer jobs from the jobs topic."""
+    from agents import jobs  # DSPy's optimizers load only in this process
+
+    raise typer.Exit(jobs.main(load_settings(settings_file)))
+
+
+def main() -> None:
+    """Entry point: a DSPex error at start-up is one line on stderr and exit code 1."""
+    try:
+        app()
+    except DSPexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
