@@ -178,8 +178,7 @@ class CompactedReader:
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
         await self._seek_recent(tps, partitions, ends)
-        required = [tp for tp in tps if tp.topic not in self._recent]
-        self._task = asyncio.create_task(self._follow(required, tps, ends), name="compacted-reader")
+        self._task = asyncio.create_task(self._follow(tps, ends), name="compacted-reader")
 
     async def _seek_recent(
         self, tps: list[Any], partitions: Mapping[str, int], ends: Mapping[Any, int]
@@ -202,7 +201,9 @@ class CompactedReader:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def _follow(self, required: list[Any], tps: list[Any], ends: Mapping[Any, int]) -> None:
+    async def _follow(self, tps: list[Any], ends: Mapping[Any, int]) -> None:
+        required = [tp for tp in tps if tp.topic not in self._recent]
+        recent = [tp for tp in tps if tp.topic in self._recent]
         while True:
             try:
                 batches = await self._consumer.getmany(timeout_ms=200)
@@ -211,9 +212,11 @@ class CompactedReader:
                         refused = self._apply(message)
                         if refused is not None:
                             await self._report(message, refused)
-                if not self.ready.is_set() and await self._caught_up(required, ends):
-                    self.ready.set()
-                if not self.warm.is_set() and await self._caught_up(tps, ends):
+                # positions only grow: once ready, warm waits on the recent topics alone
+                if not self.ready.is_set():
+                    if await self._caught_up(required, ends):
+                        self.ready.set()
+                elif not self.warm.is_set() and await self._caught_up(recent, ends):
                     self.warm.set()
             except asyncio.CancelledError:
                 raise

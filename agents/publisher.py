@@ -23,6 +23,7 @@ from streams.serde import Serde
 logger = logging.getLogger(__name__)
 
 _FULL_QUEUE_BACKOFF_S = 0.005
+DELIVERY_POLL_S = 0.005
 
 
 class DeliveryFailed(RetryableError):
@@ -86,6 +87,14 @@ class Publisher:
             _settle(delivered, topic, err)
         else:  # flush() serves reports from a worker thread: hand over to the loop's thread
             self._loop.call_soon_threadsafe(_settle, delivered, topic, err)
+
+
+async def serve_deliveries(*publishers: Publisher) -> None:
+    """Serve the publishers' delivery reports on the loop every DELIVERY_POLL_S, until cancelled."""
+    while True:
+        for publisher in publishers:
+            publisher.poll()
+        await asyncio.sleep(DELIVERY_POLL_S)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -41,7 +41,7 @@ from agents.cache import (
 from agents.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from agents.deadletter import Failure, Original, dead_letter, error_response
 from agents.faustapp import faust_app, original_of, serve_until_signalled
-from agents.publisher import Publisher
+from agents.publisher import Publisher, serve_deliveries
 from agents.retry import RETRY_POOL, retry_due
 from agents.routing import (
     DeadlineExceeded,
@@ -68,7 +68,6 @@ COMPONENT = "router"
 READY_TIMEOUT_S = 60.0
 FLUSH_TIMEOUT_S = 10.0
 SEND_ATTEMPTS = 5
-DELIVERY_POLL_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,12 +428,6 @@ class RouterApp:
             failed.set_exception(exc)
             return failed
 
-    @staticmethod
-    async def _serve_deliveries(publisher: Publisher) -> None:
-        while True:
-            publisher.poll()
-            await asyncio.sleep(DELIVERY_POLL_S)
-
     def _ack_when_delivered(
         self,
         event: Any,
@@ -516,9 +509,7 @@ class RouterApp:
             ) from exc
         producer = kafka.producer(self.settings, **{"client.id": self._app_id})
         self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
-        self._deliveries = asyncio.create_task(
-            self._serve_deliveries(self._publisher), name="deliveries"
-        )
+        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
         await self.app.start()
 
     async def stop(self) -> None:

@@ -42,7 +42,7 @@ from agents.execution import DSPyExecutor, Executor
 from agents.handler import Destinations, RequestHandler
 from agents.offsets import OffsetTracker
 from agents.offsets import TopicPartition as TP
-from agents.publisher import Publisher
+from agents.publisher import Publisher, serve_deliveries
 from agents.records import Origin
 from agents.retry import RetryTopicPolicy
 from streams import kafka
@@ -54,7 +54,6 @@ from streams.topics import Topics
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_DELIVERY_POLL_S = 0.005
 
 
 def default_worker_id(pool: str) -> str:
@@ -127,7 +126,7 @@ class PoolWorker:
         self._handler = self._make_handler()
         background = [
             asyncio.create_task(self._commit_periodically()),
-            asyncio.create_task(self._serve_deliveries()),
+            asyncio.create_task(serve_deliveries(self._publisher, self._audit_publisher)),
             asyncio.create_task(self._report_health_periodically()),
         ]
         logger.info(
@@ -318,12 +317,6 @@ class PoolWorker:
             except Exception:  # health is best effort: never let it stop the worker
                 logger.warning("health sample not sent worker_id=%s", self.worker_id, exc_info=True)
             await asyncio.sleep(self._settings.metrics.worker_health_interval_s)
-
-    async def _serve_deliveries(self) -> None:
-        while True:
-            self._publisher.poll()
-            self._audit_publisher.poll()
-            await asyncio.sleep(_DELIVERY_POLL_S)
 
     # -- rebalancing (callbacks run in the consume() thread) ------------------------------
 

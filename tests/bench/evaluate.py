@@ -96,14 +96,20 @@ def cpu_ms_per_request(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
     costs = {}
     for name, phase in phases.items():
-        per_s = phase["per_s"] or 1.0
-        costs[name] = {
-            proc: round(pct * 10 / per_s, 3)
-            for proc, pct in phase["cpu_percent"].items()
-            if pct is not None and proc not in ("machine", "other")
-        }
+        own = phase_cpu_ms(phase)
+        costs[name] = {p: ms for p, ms in own.items() if p not in ("machine", "other")}
         costs[name]["total"] = round(sum(costs[name].values()), 3)
     return costs
+
+
+def phase_cpu_ms(phase: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds per request of every measured process (and the machine) in a phase."""
+    per_s = phase["per_s"] or 1.0
+    return {
+        proc: round(pct * 10 / per_s, 3)
+        for proc, pct in phase["cpu_percent"].items()
+        if pct is not None
+    }
 
 
 def _div(a: float, b: float) -> float:

@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 from streams.client import AsyncClient
 from tests.bench import pipeline, trace
 from tests.bench.config import BenchConfig
+from tests.bench.evaluate import phase_cpu_ms
 from tests.bench.stack import bench_broker, bench_settings, catalog_topics
 from tests.bench.stages import Stack, measured
 from tests.bench.stats import percentile
@@ -67,21 +68,12 @@ async def one_turn(stack: Stack, admin: AdminClient, module: str | None, cfg: Ab
         codes = stack.stop()
     return {
         "hit_per_s": hits["per_s"],
-        "cpu_ms_per_hit": _cpu_ms_per_request(hits),
+        "cpu_ms_per_hit": phase_cpu_ms(hits),
         "miss_paced_ms": {q: miss[q] for q in ("p50", "p99")},
         "router_stage_ms": stages.get("all", {}).get("router", {}),
         "hit_paced_ms": {q: hit[q] for q in ("p50", "p99")},
         "failures": {"hits": hits["failed"], "misses": miss["failed"], "hit_paced": hit["failed"]},
         "exit_codes": codes,
-    }
-
-
-def _cpu_ms_per_request(figures: dict[str, Any]) -> dict[str, float]:
-    per_request_s = figures["elapsed_s"] / figures["requests"]
-    return {
-        name: round(percent / 100 * per_request_s * 1000, 3)
-        for name, percent in figures["cpu_percent"].items()
-        if isinstance(percent, int | float)
     }
 
 

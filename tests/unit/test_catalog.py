@@ -37,7 +37,7 @@ async def test_a_recent_topic_behind_its_end_does_not_hold_ready() -> None:
     reader = _reader(recent={"cache": 10})
     routing, cache = TopicPartition("routing", 0), TopicPartition("cache", 0)
     reader._consumer = StuckConsumer({routing: 5, cache: 3})
-    task = asyncio.create_task(reader._follow([routing], [routing, cache], {routing: 5, cache: 9}))
+    task = asyncio.create_task(reader._follow([routing, cache], {routing: 5, cache: 9}))
     try:
         await asyncio.wait_for(reader.ready.wait(), 5)
         await asyncio.sleep(0.05)
