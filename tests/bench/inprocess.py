@@ -2,8 +2,12 @@
 
 The module is built the way the worker builds it (``ProgramBuilder``), with DSPy's
 LM cache off, so every call runs the adapter, the simulated LM and the parser.
-Three ways: a plain synchronous loop (the reference), a sequential loop through
-``agents.programs.run`` (the worker's code path) and ``run`` with asyncio concurrency.
+Four ways: a plain synchronous loop (the throughput reference), a sequential loop
+through ``agents.programs.run`` (the worker's code path), ``run`` with asyncio
+concurrency, and ``run`` one call at a time at the pipeline's paced rate (the latency
+reference for the orchestration overhead: a call after 10 ms of idleness took about
+twice as long here as one in a tight loop, and the pipeline's paced requests pay that
+too, so subtracting the tight loop's latency would count it as orchestration).
 """
 
 from __future__ import annotations
@@ -69,12 +73,28 @@ async def _run_concurrent(calls: int, concurrency: int) -> dict[str, Any]:
     return {"calls": calls, "concurrency": concurrency, "per_s": rate(calls, elapsed)}
 
 
-def measure(calls: int, concurrency: int) -> dict[str, Any]:
-    """All three in-process figures."""
+async def _run_paced(calls: int, per_s: float) -> dict[str, Any]:
+    """``run`` one call at a time, open loop at ``per_s`` calls/s (the pipeline's paced rate)."""
+    module, lm = build_module(), EchoLM()
+    await run(module, {"question": question(-1)}, lm=lm)
+    durations: list[float] = []
+    due = time.perf_counter()
+    for i in range(calls):
+        due += 1.0 / per_s
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        t0 = time.perf_counter()
+        await run(module, {"question": question(i)}, lm=lm)
+        durations.append(time.perf_counter() - t0)
+    return {"calls": calls, "rate": per_s, "latency_ms": latency_ms(durations)}
+
+
+def measure(calls: int, concurrency: int, paced_rate: float, paced_calls: int) -> dict[str, Any]:
+    """All four in-process figures."""
     return {
         "sync_loop": sync_loop(calls),
         "run_sequential": asyncio.run(_run_loop(calls)),
         "run_concurrent": asyncio.run(_run_concurrent(calls, concurrency)),
+        "run_paced": asyncio.run(_run_paced(paced_calls, paced_rate)),
     }
 
 

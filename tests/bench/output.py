@@ -100,6 +100,7 @@ def _latency(ax: Any, report: dict[str, Any]) -> None:
         f"pipeline miss\n@{rate}": pipe["miss_paced"],
         f"pipeline hit\n@{rate}": pipe["hit_paced"],
         "in-process\ncall": report["in_process"]["sync_loop"]["latency_ms"],
+        f"in-process run()\n@{rate}": report["in_process"]["run_paced"]["latency_ms"],
     }
     width = 0.25
     for j, q in enumerate(("p50", "p95", "p99")):
@@ -168,6 +169,11 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("in-process sync loop calls/s", f"{inproc['sync_loop']['per_s']:,.0f}"),
         ("in-process run() async calls/s", f"{inproc['run_concurrent']['per_s']:,.0f}"),
+        (
+            "in-process p50 ms: tight loop / run() paced",
+            f"{inproc['sync_loop']['latency_ms']['p50']:.2f} / "
+            f"{inproc['run_paced']['latency_ms']['p50']:.2f}",
+        ),
         ("pipeline miss req/s (1 worker)", f"{pipe['miss_saturation']['per_s']:,.0f}"),
         ("pipeline hit req/s", f"{pipe['hit_saturation']['per_s']:,.0f}"),
         (

@@ -66,7 +66,12 @@ def _measure(
 
     report["serde"] = serde_bench.measure(make_serde(settings), cfg.serde_records, "bench.requests")
     _step("in-process DSPy")
-    report["in_process"] = inprocess.measure(cfg.in_process_calls, cfg.async_concurrency)
+    report["in_process"] = inprocess.measure(
+        cfg.in_process_calls,
+        cfg.async_concurrency,
+        cfg.paced_rate,
+        max(1, int(cfg.paced_rate * cfg.paced_s)),
+    )
     with catalog_topics(settings) as admin:
         _step("Kafka ceiling")
         report["ceiling"] = run_ceiling(settings, cfg, broker)

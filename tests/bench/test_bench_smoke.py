@@ -31,6 +31,7 @@ def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path
     assert_positive(report["serde"], "serde_us", "json_us", "serde_bytes")
     for figure in ("sync_loop", "run_sequential", "run_concurrent"):
         assert_positive(report["in_process"][figure], "per_s")
+    assert_positive(report["in_process"]["run_paced"]["latency_ms"], "p50", "p99")
     for ceiling in (report["ceiling"], report["ceiling"]["linger_5ms"]):
         assert_positive(ceiling["saturation"], "per_s")
         assert_positive(ceiling["paced"], "p50", "p99")
