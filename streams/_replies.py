@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -200,12 +201,15 @@ class Inbox:
         self.wait_until = wait_until  # event-loop time: deadline + grace
         self.grace_s = grace_s
         self.received = 0
+        self.answered_at: float | None = None  # time.monotonic() when the final chunk came
         self._assembler = ChunkAssembler()
         self._queue: asyncio.Queue[Chunk | DSPexError] = asyncio.Queue()
 
     def put(self, chunk: Chunk) -> None:
         """Called on the event loop for every chunk with this request id."""
         for ready in self._assembler.push(chunk):
+            if ready.final:
+                self.answered_at = time.monotonic()
             self._queue.put_nowait(ready)
 
     def fail(self, error: DSPexError) -> None:

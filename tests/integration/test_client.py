@@ -35,6 +35,7 @@ from streams.client import (
     RequestTimeout,
     Result,
 )
+from streams.errors import InvalidRequest
 from streams.serde import Serde, make_serde
 from streams.settings import Settings
 from streams.topics import Topics
@@ -225,6 +226,19 @@ def test_submit_many_matches_fifty_answers_by_id(responder: Responder, settings:
     for n, result in enumerate(results):
         _check(result, n)
     assert len({r.request_id for r in results if isinstance(r, Result)}) == 50
+
+
+async def test_submit_many_returns_a_bad_request_in_its_place_and_keeps_no_inbox(
+    responder: Responder, settings: Settings
+) -> None:
+    requests = [(INLINE, {"n": 0}), (INLINE, {"n": float("nan")}), (INLINE, {"n": 2})]
+    async with AsyncClient(settings) as client:
+        results = await client.submit_many(requests, deadline_s=30)
+        assert len(client._dispatcher) == 0  # every inbox discarded once answered
+    assert isinstance(results[1], InvalidRequest) and results[1].field == "inputs.n"
+    for n in (0, 2):
+        _check(results[n], n)
+        assert 0 < results[n].elapsed_s < 30
 
 
 async def test_unanswered_request_times_out_within_deadline_and_grace(

@@ -231,6 +231,19 @@ async def test_inbox_times_out_at_its_deadline() -> None:
     assert "r-slow" in str(info.value) and "1 chunk(s)" in str(info.value)
 
 
+async def test_inbox_notes_when_its_final_chunk_became_deliverable() -> None:
+    # submit_many collects answers in input order: a request's elapsed time must
+    # end when its own final chunk came, not when the caller got round to it
+    box = inbox()
+    box.put(chunk(0))
+    assert box.answered_at is None
+    box.put(chunk(2, final=True))  # behind a gap: not deliverable yet
+    assert box.answered_at is None
+    before = time.monotonic()
+    box.put(chunk(1))
+    assert box.answered_at is not None and before <= box.answered_at <= time.monotonic()
+
+
 async def test_inbox_delivers_a_final_chunk_stuck_behind_a_gap_at_the_deadline() -> None:
     box = inbox("r1", wait_s=0.1)
     box.put(chunk(1))
