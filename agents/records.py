@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -292,7 +293,11 @@ def _health(result: Result, in_flight: int) -> Record | None:
 
 def health_sample(in_flight: int, breaker_state: str) -> Record:
     """The Avro ``Health`` record: in-flight requests, breaker state, resident memory."""
-    return {"in_flight": in_flight, "breaker_state": breaker_state, "memory_bytes": rss_bytes()}
+    return {
+        "in_flight": in_flight,
+        "breaker_state": breaker_state,
+        "memory_bytes": recent_rss_bytes(),
+    }
 
 
 def health(worker_id: str, pool: str, in_flight: int, breaker_state: str) -> Record:
@@ -320,6 +325,22 @@ def health(worker_id: str, pool: str, in_flight: int, breaker_state: str) -> Rec
 
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+RSS_MAX_AGE_S = 1.0
+_rss_sample: list[float] = []  # [monotonic time read, bytes]: at most one reading kept
+
+
+def recent_rss_bytes(max_age_s: float = RSS_MAX_AGE_S) -> int:
+    """:func:`rss_bytes`, read again only when the last reading is older than ``max_age_s``.
+
+    Every Telemetry record carries a Health sample; reading ``/proc`` for each one
+    cost a busy worker about 4 % of its time.
+    """
+    now_s = time.monotonic()
+    if not _rss_sample or now_s - _rss_sample[0] >= max_age_s:
+        _rss_sample[:] = [now_s, float(rss_bytes())]
+    return int(_rss_sample[1])
 
 
 def rss_bytes() -> int:

@@ -516,3 +516,16 @@ def test_audit_and_dead_letters_stay_under_the_broker_limit_for_huge_requests() 
     )
     assert small["original_value"] == b"abc" and not small["original_value_omitted"]
     assert len(serde.encode("DeadLetter", letter, topic="t")) < 10_000
+
+
+def test_the_memory_in_a_health_sample_is_read_at_most_once_per_max_age(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readings = iter([100, 200, 300])
+    monkeypatch.setattr(records, "rss_bytes", lambda: next(readings))
+    monkeypatch.setattr(records, "_rss_sample", [])
+    first = records.health_sample(1, "closed")["memory_bytes"]
+    again = [records.health_sample(1, "closed")["memory_bytes"] for _ in range(50)]
+    assert first == 100 and set(again) == {100}  # one /proc read for 51 samples
+    assert records.recent_rss_bytes(max_age_s=0.0) == 200  # an old reading is read again
+    assert records.rss_bytes() == 300  # the uncached reading stays available
