@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 
@@ -20,7 +21,7 @@ from agents.metrics import make_metrics
 from agents.router import make_router
 from streams.errors import DSPexError
 from streams.logs import configure_logging
-from streams.settings import load_settings
+from streams.settings import Settings, load_settings
 
 app = typer.Typer(help="Run one DSPex agent process.", no_args_is_help=True)
 SettingsFile = Annotated[Path | None, typer.Option("--settings", help="TOML settings file.")]
@@ -29,31 +30,19 @@ SettingsFile = Annotated[Path | None, typer.Option("--settings", help="TOML sett
 @app.command("router")
 def router(settings_file: SettingsFile = None) -> None:
     """The router agent: validate, resolve, route and cache requests."""
-    settings = load_settings(settings_file)
-    configure_logging(settings.log_level)
-    agent = make_router(settings)
-    freeze_startup_heap()
-    agent.run()
+    _serve(make_router, settings_file)
 
 
 @app.command("learner")
 def learner(settings_file: SettingsFile = None) -> None:
     """The learning agent: telemetry in, routing tables out."""
-    settings = load_settings(settings_file)
-    configure_logging(settings.log_level)
-    agent = make_learner(settings)
-    freeze_startup_heap()
-    agent.run()
+    _serve(make_learner, settings_file)
 
 
 @app.command("metrics")
 def metrics(settings_file: SettingsFile = None) -> None:
     """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
-    settings = load_settings(settings_file)
-    configure_logging(settings.log_level)
-    agent = make_metrics(settings)
-    freeze_startup_heap()
-    agent.run()
+    _serve(make_metrics, settings_file)
 
 
 @app.command("worker")
@@ -77,6 +66,19 @@ def job_runner(settings_file: SettingsFile = None) -> None:
     settings = load_settings(settings_file)
     freeze_startup_heap()
     raise typer.Exit(jobs.main(settings))
+
+
+class _Agent(Protocol):
+    def run(self) -> None: ...
+
+
+def _serve(make: Callable[[Settings], _Agent], settings_file: Path | None) -> None:
+    """Build the agent from the settings, freeze the start-up heap, run until stopped."""
+    settings = load_settings(settings_file)
+    configure_logging(settings.log_level)
+    agent = make(settings)
+    freeze_startup_heap()
+    agent.run()
 
 
 def freeze_startup_heap() -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from types import TracebackType
 from typing import Any, Unpack
@@ -169,7 +169,7 @@ class AsyncClient:
         whatever its status (check ``chunk.status``/``chunk.error``); RequestTimeout
         is raised when no final chunk arrives by the deadline (+ grace).
         """
-        return self._exchange(program, inputs, True, options)
+        return self._until_final(partial(self._open, program, inputs, True, options))
 
     async def submit_many(
         self,
@@ -338,34 +338,26 @@ class AsyncClient:
         await _jobs.produce_job(self, record)
         return str(record["job_id"])
 
-    async def follow_job(
+    def follow_job(
         self, job_id: str, *, timeout_s: float | None = None
     ) -> AsyncGenerator[Chunk, None]:
         """A job's chunks from now on, in arrival order, ending with its final one."""
+        return self._until_final(partial(self._open_job, job_id, timeout_s))
+
+    async def _open_job(self, job_id: str, timeout_s: float | None) -> Inbox:
         await self.start()
-        inbox = _jobs.open_inbox(self, job_id, timeout_s)
-        try:
-            while True:
-                chunk = await inbox.next()
-                yield chunk
-                if chunk.final:
-                    return
-        finally:
-            self._dispatcher.discard(job_id)
+        return _jobs.open_inbox(self, job_id, timeout_s)
 
     async def cancel_job(self, job_id: str, *, requested_by: str = "", reason: str = "") -> None:
         """Ask the job's runner to stop it; it ends with a final "cancelled" Response."""
         await self.start()
         await _jobs.produce_cancel(self, job_id, requested_by, reason)
 
-    async def _exchange(
-        self,
-        program: Program | str,
-        inputs: Mapping[str, Any],
-        stream: bool,
-        options: RequestOptions,
+    async def _until_final(
+        self, open_inbox: Callable[[], Awaitable[Inbox]]
     ) -> AsyncGenerator[Chunk, None]:
-        inbox = await self._open(program, inputs, stream, options)
+        """Open an inbox when iteration starts; yield its chunks up to the final one."""
+        inbox = await open_inbox()
         try:
             while True:
                 chunk = await inbox.next()
