@@ -95,7 +95,7 @@ class PoolWorker:
         self._poll_timeout_s = poll_timeout_s
         self._keepalive_s = keepalive_s
         self._tracker = OffsetTracker()
-        self._tasks: dict[asyncio.Task[None], tuple[TP, int, int]] = {}
+        self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
         self._generation: dict[TP, int] = {}
         self._paused = False
         self._fatal: BaseException | None = None
@@ -263,12 +263,20 @@ class PoolWorker:
         origin = Origin.from_message(message)
         tp = (origin.topic, origin.partition)
         self._tracker.started(tp, origin.offset)
-        task = asyncio.create_task(self._handler.handle(origin), name=origin.describe())
-        self._tasks[task] = (tp, origin.offset, self._generation.get(tp, 0))
+        generation = self._generation.get(tp, 0)
+        task = asyncio.create_task(self._handle(origin, tp, generation), name=origin.describe())
+        self._tasks[task] = (tp, origin.offset)
         task.add_done_callback(self._on_task_done)
 
+    async def _handle(self, origin: Origin, tp: TP, generation: int) -> None:
+        await self._handler.handle(origin)
+        # in the same step as the handler's last bookkeeping (no await since its records
+        # were delivered), so running() never counts a finished request for a loop turn
+        if self._generation.get(tp, 0) == generation:  # not revoked since it started
+            self._tracker.finished(tp, origin.offset)
+
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
-        tp, offset, generation = self._tasks.pop(task)
+        tp, offset = self._tasks.pop(task)
         if task.cancelled():
             return
         exc = task.exception()
@@ -277,9 +285,6 @@ class PoolWorker:
                 "cannot deliver answers topic=%s partition=%d offset=%d: %s", *tp, offset, exc
             )
             self._fatal = self._fatal or exc  # stop consuming: the broker will not take our records
-            return
-        if self._generation.get(tp, 0) == generation:  # not revoked since it started
-            self._tracker.finished(tp, offset)
 
     # -- committing -----------------------------------------------------------------------
 
@@ -348,7 +353,7 @@ class PoolWorker:
         """Finish (bounded) what runs on ``tps``, commit it, then forget the partitions."""
         if drain:
             chosen = set(tps)
-            running = [task for task, (tp, _, _) in self._tasks.items() if tp in chosen]
+            running = [task for task, (tp, _) in self._tasks.items() if tp in chosen]
             if running:
                 _, late = await asyncio.wait(running, timeout=self._drain_timeout_s)
                 if late:
