@@ -1,4 +1,4 @@
-"""The ``python -m agents`` commands (:mod:`agents.__main__` is the entry point).
+"""The ``python -m dspex.agents`` commands (:mod:`dspex.agents.__main__` is the entry point).
 
 ``dspex up`` starts these through its supervisor; they can also be run (and scaled)
 by hand, by systemd or by Kubernetes. Settings come from the environment and
@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Annotated, Protocol
 
 import typer
-
-from agents import worker
-from agents.learner import make_learner
-from agents.metrics import make_metrics
-from agents.router import make_router
-from streams.errors import DSPexError
-from streams.logs import configure_logging
-from streams.settings import Settings, load_settings
+from dspex.agents.learner.learner import make_learner
+from dspex.agents.metrics.metrics import make_metrics
+from dspex.agents.router.router import make_router
+from dspex.agents.worker import worker
+from dspex.streams.errors import DSPexError
+from dspex.streams.logs import configure_logging
+from dspex.streams.settings import Settings, load_settings
 
 app = typer.Typer(help="Run one DSPex agent process.", no_args_is_help=True)
 SettingsFile = Annotated[Path | None, typer.Option("--settings", help="TOML settings file.")]
@@ -61,7 +60,7 @@ def pool_worker(
 @app.command("jobs")
 def job_runner(settings_file: SettingsFile = None) -> None:
     """One optimizer-pool job runner: optimizer jobs from the jobs topic."""
-    from agents import jobs  # DSPy's optimizers load only in this process
+    from dspex.agents.jobs import jobs  # DSPy's optimizers load only in this process
 
     settings = load_settings(settings_file)
     freeze_startup_heap()

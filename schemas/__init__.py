@@ -4,7 +4,7 @@ Every topic carries one of these records (see the README's topic table). The
 ``.avsc`` files are the public contract that clients in any language code
 against; this package loads them lazily, computes their Parsing Canonical Form
 and CRC-64-AVRO fingerprint, and keeps every released version so that old data
-stays readable (:mod:`schemas.evolution`). :mod:`schemas.samples` builds valid
+stays readable (:mod:`dspex.schemas.evolution`). :mod:`dspex.schemas.samples` builds valid
 example records.
 
 It imports nothing from ``streams`` or ``agents``.
@@ -12,8 +12,8 @@ It imports nothing from ``streams`` or ``agents``.
 
 from __future__ import annotations
 
-from schemas.errors import IncompatibleSchema, SchemaContractError, UnknownSchema
-from schemas.registry import NAMESPACE, Schema, default_store
+from dspex.schemas.errors import IncompatibleSchema, SchemaContractError, UnknownSchema
+from dspex.schemas.registry import NAMESPACE, Schema, default_store
 
 __all__ = [
     "NAMESPACE",

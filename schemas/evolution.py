@@ -32,9 +32,8 @@ import avro.errors
 import avro.schema
 import fastavro
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
-
-from schemas.errors import IncompatibleSchema
-from schemas.registry import NAMESPACE, Schema, SchemaStore, build, default_store
+from dspex.schemas.errors import IncompatibleSchema
+from dspex.schemas.registry import NAMESPACE, Schema, SchemaStore, build, default_store
 
 __all__ = ["check", "check_all", "compatibility", "example", "lint", "records", "release"]
 

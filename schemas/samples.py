@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from schemas.errors import UnknownSchema
+from dspex.schemas.errors import UnknownSchema
 
 __all__ = ["sample"]
 

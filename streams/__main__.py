@@ -1,5 +1,5 @@
-"""``python -m streams`` runs the ``dspex`` command line."""
+"""``python -m dspex.streams`` runs the ``dspex`` command line."""
 
-from streams.cli import main
+from dspex.streams.cli import main
 
 main()

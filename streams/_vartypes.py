@@ -1,7 +1,7 @@
 """The value types of shared variables: constraint checks, value checks, JSON spelling.
 
-Private to :mod:`streams.variables`, which documents the types; every check
-raises :class:`~streams.errors.InvalidRequest` naming the record field
+Private to :mod:`dspex.streams.variables`, which documents the types; every check
+raises :class:`~dspex.streams.errors.InvalidRequest` naming the record field
 (``value_json``, ``value_json.<member>`` or ``constraints_json``) and the reason.
 """
 
@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from streams.errors import InvalidRequest
+from dspex.streams.errors import InvalidRequest
 
 VAR_TYPES = (
     "float",
@@ -27,7 +27,8 @@ VAR_TYPES = (
     "tensor",
     "composite",
 )
-# The DSPy module types a program can run as; tests keep it equal to agents.modules.MODULE_TYPES
+# The DSPy module types a program can run as; tests keep it equal to
+# dspex.agents.runtime.modules.MODULE_TYPES
 # (streams never imports agents).
 MODULE_TYPES = ("Predict", "ChainOfThought", "ReAct", "BestOfN", "Refine")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")

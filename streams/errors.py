@@ -5,12 +5,12 @@ what the caller should do with it::
 
     DSPexError
     ├── ConfigError                  settings cannot be used (bad value, missing file)
-    ├── RequestFailed                a request's final response was not "ok" (streams.client)
-    ├── ClientClosed                 the client was closed while a request waited (streams.client)
+    ├── RequestFailed                a request's final response was not "ok" (client)
+    ├── ClientClosed                 the client was closed while a request waited (client)
     ├── RetryableError               try again later, back off, break the circuit
     │   ├── BrokerUnavailable        no broker answered in time
     │   ├── RegistryUnavailable      schema registry 5xx / unreachable
-    │   └── RequestTimeout           no final response by the deadline (streams.client)
+    │   └── RequestTimeout           no final response by the deadline (client)
     └── PermanentError               dead-letter the record, commit, move on
         ├── SerdeError               a record cannot be encoded or decoded
         │   ├── SchemaNotFound       unknown fingerprint / schema id / schema name

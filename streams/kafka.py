@@ -11,10 +11,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
-
-from streams.broker import local_bootstrap
-from streams.errors import BrokerUnavailable, ConfigError
-from streams.settings import Settings
+from dspex.streams.errors import BrokerUnavailable, ConfigError
+from dspex.streams.ops.broker import local_bootstrap
+from dspex.streams.settings import Settings
 
 _librdkafka_logger = logging.getLogger("librdkafka")
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from dspex.streams.errors import ConfigError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,8 +29,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-
-from streams.errors import ConfigError
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
@@ -371,7 +370,7 @@ class ReliabilitySettings(_Section):
 
 
 class JobsSettings(_Section):
-    """Optimizer jobs: the optimizer pool's job runners (``python -m agents jobs``).
+    """Optimizer jobs: the optimizer pool's job runners (``python -m dspex.agents jobs``).
 
     ``max_poll_interval_s`` is the runners' librdkafka ``max.poll.interval.ms``: a
     job may run far longer (the runner pauses its partitions and keeps polling),

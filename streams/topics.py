@@ -2,7 +2,7 @@
 
 Names are relative (``requests``); the configured prefix (default ``dspex.``)
 makes them physical (``dspex.requests``). The catalog is the single place that
-says what a topic is for and how Kafka should keep it; ``streams.admin``
+says what a topic is for and how Kafka should keep it; ``dspex.streams.ops.admin``
 creates and checks topics from it.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streams.errors import ConfigError
-from streams.settings import TopicSettings
+from dspex.streams.errors import ConfigError
+from dspex.streams.settings import TopicSettings
 
 DAY_MS = 24 * 60 * 60 * 1000
 

@@ -3,7 +3,7 @@
 Pure logic, no Kafka. The client validates an update with :func:`new_update`
 before producing it; the router validates every record of the compacted
 ``variables`` topic again while it materializes it into a :class:`VariableStore`.
-An invalid record is refused with :class:`~streams.errors.InvalidRequest` naming
+An invalid record is refused with :class:`~dspex.streams.errors.InvalidRequest` naming
 the record field (``value_json``, ``constraints_json``, ``scope_ref``, ...) and
 the reason, and the store keeps the last good value. Types, constraints, scopes
 and ``when`` conditions are described in ``docs/variables.md``.
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from streams._vartypes import (
+from dspex.streams._vartypes import (
     MODULE_TYPES,
     NAME,
     VAR_TYPES,
@@ -27,7 +27,7 @@ from streams._vartypes import (
     decode_json,
     encode_json,
 )
-from streams.errors import InvalidRequest
+from dspex.streams.errors import InvalidRequest
 
 __all__ = [
     "MODULE_TYPES",

@@ -6,8 +6,8 @@ and turns a DSPex error into one red line and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-import schemas
-from streams.cli import (  # noqa: F401 - importing them registers their commands
+from dspex import schemas
+from dspex.streams.cli import (  # noqa: F401 - importing them registers their commands
     cluster,
     contract,
     dlq,
@@ -18,8 +18,8 @@ from streams.cli import (  # noqa: F401 - importing them registers their command
     up,
     variables,
 )
-from streams.cli._app import app, err
-from streams.errors import DSPexError, SchemaError
+from dspex.streams.cli._app import app, err
+from dspex.streams.errors import DSPexError, SchemaError
 
 __all__ = ["app", "main"]
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import typer
+from dspex.streams import kafka
+from dspex.streams.cli._app import app, err, out, settings_of
+from dspex.streams.ops.admin import TopicReport, ensure_topics
+from dspex.streams.ops.broker import BrokerInfo, LocalBroker
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 from rich.table import Table
-
-from streams import kafka
-from streams.admin import TopicReport, ensure_topics
-from streams.broker import BrokerInfo, LocalBroker
-from streams.cli._app import app, err, out, settings_of
-from streams.settings import Settings
-from streams.topics import Topics
 
 broker_app = typer.Typer(help="The local single-node KRaft broker (Apache Kafka's own jars).")
 topics_app = typer.Typer(help="The topic catalog on the cluster.")

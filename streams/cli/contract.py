@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import typer
+from dspex import schemas
+from dspex.schemas.evolution import check_all, release
+from dspex.streams.cli._app import app, err, out
 from rich.table import Table
-
-import schemas
-from schemas.evolution import check_all, release
-from streams.cli._app import app, err, out
 
 schemas_app = typer.Typer(help="The Avro contract in schemas/*.avsc.")
 app.add_typer(schemas_app, name="schemas")

@@ -15,14 +15,13 @@ from typing import Annotated, Any
 
 import typer
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from dspex.streams import kafka
+from dspex.streams.cli._app import app, err, out, settings_of
+from dspex.streams.errors import DSPexError
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 from rich.table import Table
-
-from streams import kafka
-from streams.cli._app import app, err, out, settings_of
-from streams.errors import DSPexError
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
 
 dlq_app = typer.Typer(help="The dead-letter topic: list and replay.")
 app.add_typer(dlq_app, name="dlq")

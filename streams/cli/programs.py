@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from dspex.streams.cli._app import app, err, out, settings_of
+from dspex.streams.client.client import Client, Program, RequestFailed
+from dspex.streams.errors import ConfigError, InvalidRequest
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 from rich.table import Table
-
-from streams.cli._app import app, err, out, settings_of
-from streams.client import Client, Program, RequestFailed
-from streams.errors import ConfigError, InvalidRequest
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
 
 programs_app = typer.Typer(help="Program versions on the compacted programs topic.")
 app.add_typer(programs_app, name="programs")
@@ -69,7 +68,7 @@ def programs_get(ctx: typer.Context, program_id: str) -> None:
 
 
 def _read(settings: Settings) -> dict[str, list[dict[str, Any]]]:
-    from streams._programs import read_versions
+    from dspex.streams.client._programs import read_versions
 
     topic = Topics(settings.topics).name("programs")
     return read_versions(settings, make_serde(settings), topic)

@@ -9,13 +9,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-
-from streams import kafka
-from streams.cli._app import app, err, settings_of
-from streams.errors import DSPexError
-from streams.serde import Serde, make_serde
-from streams.settings import Settings
-from streams.topics import Topics
+from dspex.streams import kafka
+from dspex.streams.cli._app import app, err, settings_of
+from dspex.streams.errors import DSPexError
+from dspex.streams.serde import Serde, make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 
 @app.command("tail")

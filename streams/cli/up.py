@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from streams import kafka
-from streams.autoscale import HintFollower, desired_processes, scalable
-from streams.broker import LocalBroker
-from streams.cli._app import app, err, out, settings_of
-from streams.cli.cluster import create_topics, ensure_cluster, topics_table
-from streams.client import Client, Program
-from streams.errors import DSPexError
-from streams.settings import POOLS, Settings
-from streams.supervisor import Supervisor
+from dspex.streams import kafka
+from dspex.streams.cli._app import app, err, out, settings_of
+from dspex.streams.cli.cluster import create_topics, ensure_cluster, topics_table
+from dspex.streams.client.client import Client, Program
+from dspex.streams.errors import DSPexError
+from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
+from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.supervisor import Supervisor
+from dspex.streams.settings import POOLS, Settings
 
 DEMO_QUESTION = "What is the capital of France?"
 
@@ -95,7 +94,7 @@ def agent_commands(
     ``processes`` (workers per pool) defaults to each pool's configured ``processes``.
     """
     extra = ["--settings", str(settings_file)] if settings_file else []
-    base = [sys.executable, "-m", "agents"]
+    base = [sys.executable, "-m", "dspex.agents"]
     commands = {name: [*base, name, *extra] for name in ("router", "learner", "metrics")}
     for pool in POOLS:
         count = getattr(settings.pools, pool).processes if processes is None else processes[pool]

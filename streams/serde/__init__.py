@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from streams.serde.base import AvroSchema, Decoded, SchemaCatalog, Serde
-from streams.serde.single_object import SingleObjectSerde
-from streams.settings import Settings
+from dspex.streams.serde.base import AvroSchema, Decoded, SchemaCatalog, Serde
+from dspex.streams.serde.single_object import SingleObjectSerde
+from dspex.streams.settings import Settings
 
 if TYPE_CHECKING:
-    from streams.serde.confluent import ConfluentSerde
+    from dspex.streams.serde.confluent import ConfluentSerde
 
 __all__ = [
     "AvroSchema",
@@ -30,7 +30,7 @@ __all__ = [
 def make_serde(settings: Settings, catalog: SchemaCatalog | None = None) -> Serde:
     """The serde the settings call for; ``catalog`` defaults to the ``schemas`` package."""
     if settings.schema_registry.url:
-        from streams.serde.confluent import ConfluentSerde
+        from dspex.streams.serde.confluent import ConfluentSerde
 
         return ConfluentSerde.from_settings(settings, catalog)
     return SingleObjectSerde(catalog)
@@ -39,7 +39,7 @@ def make_serde(settings: Settings, catalog: SchemaCatalog | None = None) -> Serd
 def __getattr__(name: str) -> object:
     # the registry client (httpx, authlib) loads only when a registry is configured
     if name == "ConfluentSerde":
-        from streams.serde.confluent import ConfluentSerde
+        from dspex.streams.serde.confluent import ConfluentSerde
 
         return ConfluentSerde
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,10 @@
 """What every DSPex serde shares: the interface, the catalog seam and the Avro body codec.
 
 A serde turns one record into the bytes of one Kafka message value and back.
-Implementations differ only in framing (:mod:`streams.serde.single_object`,
-:mod:`streams.serde.confluent`); the Avro body, the schema resolution from the
+Implementations differ only in framing (:mod:`dspex.streams.serde.single_object`,
+:mod:`dspex.streams.serde.confluent`); the Avro body, the schema resolution from the
 writer's version into the current reader, and the mapping of fastavro's
-exceptions into :class:`~streams.errors.SerdeError` live here, once.
+exceptions into :class:`~dspex.streams.errors.SerdeError` live here, once.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Protocol, cast
 
+from dspex.streams.errors import CorruptRecord, SchemaNotFound, SerdeError
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
-
-from streams.errors import CorruptRecord, SchemaNotFound, SerdeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +76,7 @@ class SchemaCatalog(Protocol):
 
 def default_catalog() -> SchemaCatalog:
     """The ``schemas`` package, imported when a serde is built rather than at import time."""
-    import schemas
+    from dspex import schemas
 
     return schemas
 

@@ -17,11 +17,8 @@ from typing import Any, TypeVar
 
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
-from fastavro import parse_schema
-from fastavro.schema import fingerprint, to_parsing_canonical_form
-
-from streams.errors import CorruptRecord, RegistryUnavailable, SchemaNotFound
-from streams.serde.base import (
+from dspex.streams.errors import CorruptRecord, RegistryUnavailable, SchemaNotFound
+from dspex.streams.serde.base import (
     AvroSchema,
     Decoded,
     Resolution,
@@ -33,7 +30,9 @@ from streams.serde.base import (
     resolution,
     write_body,
 )
-from streams.settings import Settings
+from dspex.streams.settings import Settings
+from fastavro import parse_schema
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MAGIC = b"\x00"
 HEADER_SIZE = 5

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from io import BytesIO
 from typing import Any
 
-from streams.errors import CorruptRecord, SchemaNotFound
-from streams.serde.base import (
+from dspex.streams.errors import CorruptRecord, SchemaNotFound
+from dspex.streams.serde.base import (
     AvroSchema,
     Decoded,
     Resolution,

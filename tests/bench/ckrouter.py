@@ -1,13 +1,13 @@
 """EXPERIMENT, not a product router: the router's request path on confluent-kafka.
 
 The B arm of :mod:`tests.bench.router_ab`. It runs the product router's own
-:class:`~agents.router.RequestHandler` and :class:`~agents.catalog.CompactedReader`
+``router.RequestHandler`` and ``plumbing.catalog.CompactedReader``
 (the same decisions, the same records out) but consumes ``requests`` with a
 confluent-kafka consumer in the ``<prefix>router`` group, the way the pool worker
 does, instead of through faust. Offsets are committed only up to the lowest
-request whose records are not yet acknowledged (:class:`~agents.offsets.OffsetTracker`).
+request whose records are not yet acknowledged (``plumbing.offsets.OffsetTracker``).
 
-What it leaves out, so it is no replacement for ``python -m agents router``: the
+What it leaves out, so it is no replacement for ``python -m dspex.agents router``: the
 ``retry`` topic, the drain of unacknowledged sends on a rebalance, resends of a
 failed send. It exists to measure what the faust layer costs per request.
 Run as ``python -m tests.bench.ckrouter`` with the agents' environment.
@@ -27,13 +27,12 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-
-from agents.deadletter import Original
-from agents.offsets import OffsetTracker
-from agents.router import Outgoing, RouterApp, make_router
-from streams import kafka
-from streams.settings import Settings, load_settings
-from streams.topics import Topics
+from dspex.agents.plumbing.deadletter import Original
+from dspex.agents.plumbing.offsets import OffsetTracker
+from dspex.agents.router.router import Outgoing, RouterApp, make_router
+from dspex.streams import kafka
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import Topics
 
 BATCH = 500
 POLL_TIMEOUT_S = 0.1

@@ -3,7 +3,7 @@
 The module is built the way the worker builds it (``ProgramBuilder``), with DSPy's
 LM cache off, so every call runs the adapter, the simulated LM and the parser.
 Four ways: a plain synchronous loop (the throughput reference), a sequential loop
-through ``agents.programs.run`` (the worker's code path), ``run`` with asyncio
+through ``dspex.agents.runtime.programs.run`` (the worker's code path), ``run`` with asyncio
 concurrency, and ``run`` one call at a time at the pipeline's paced rate (the latency
 reference for the orchestration overhead: a call after 10 ms of idleness took about
 twice as long here as one in a tight loop, and the pipeline's paced requests pay that
@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import dspy
+from dspex.agents.runtime.lms import EchoLM
+from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, run
+from dspex.agents.runtime.tools import default_tools
 
-from agents.lms import EchoLM
-from agents.programs import ProgramBuilder, ProgramSpec, run
-from agents.tools import default_tools
 from tests.bench.config import SIGNATURE, question
 from tests.bench.stats import latency_ms, rate
 

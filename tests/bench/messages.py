@@ -1,7 +1,7 @@
 """The records every workload sends, encoded by the project's serde: realistic sizes.
 
 One typical request: an inline Predict ``question -> answer`` with one question,
-as :class:`~streams.client.AsyncClient` builds it; the pool record the router
+as :class:`~dspex.streams.client.client.AsyncClient` builds it; the pool record the router
 forwards (the program embedded, a route attached); the final Response a worker sends.
 """
 
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agents.records import Result, final_response
-from streams._requests import Program, build_request
-from streams.serde import Serde
+from dspex.agents.plumbing.records import Result, final_response
+from dspex.streams.client._requests import Program, build_request
+from dspex.streams.serde import Serde
+
 from tests.bench.config import SIGNATURE, question
 
 PROGRAM = Program.inline(SIGNATURE)

@@ -14,8 +14,9 @@ import logging
 import time
 from typing import Any
 
-from streams.client import AsyncClient, Result
-from streams.errors import DSPexError
+from dspex.streams.client.client import AsyncClient, Result
+from dspex.streams.errors import DSPexError
+
 from tests.bench.config import question
 from tests.bench.messages import PROGRAM
 from tests.bench.stats import latency_ms, rate

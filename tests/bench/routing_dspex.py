@@ -2,7 +2,7 @@
 
 Both run the real pipeline on the run's broker under their own topic prefix:
 ``AsyncClient`` -> router agent -> general-pool worker -> simulated backend ->
-client, as real processes (``python -m agents router|worker|learner``). The
+client, as real processes (``python -m dspex.agents router|worker|learner``). The
 simulated backends are ordinary LM backends in the agents' settings
 (``lm.backends.<name>``: ``openai/<name>`` with ``api_base`` at the simulation),
 each falling back to the others, like LiteLLM's router retrying another
@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
+from dspex.agents.worker.handler import GOLD as GOLD_KEY
+from dspex.agents.worker.handler import METRIC as METRIC_KEY
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient, Program
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
-from agents.handler import GOLD as GOLD_KEY
-from agents.handler import METRIC as METRIC_KEY
-from streams import kafka
-from streams.client import AsyncClient, Program
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
 from tests.bench.routing_sim import Backend, SimFleet
 from tests.bench.routing_workload import Outcome, Task, drive, is_correct, tasks
 from tests.bench.stack import (

@@ -62,7 +62,7 @@ def _measure(
     }
     started = time.monotonic()
     _step("serde")
-    from streams.serde import make_serde
+    from dspex.streams.serde import make_serde
 
     report["serde"] = serde_bench.measure(make_serde(settings), cfg.serde_records, "bench.requests")
     _step("in-process DSPy")

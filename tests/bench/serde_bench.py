@@ -8,7 +8,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from streams.serde import Serde
+from dspex.streams.serde import Serde
+
 from tests.bench.messages import request_record
 
 

@@ -1,6 +1,6 @@
 """The system under test: a broker, uuid-prefixed topics, router and worker processes.
 
-Agents run as real processes (``python -m agents router`` / ``worker --pool general``)
+Agents run as real processes (``python -m dspex.agents router`` / ``worker --pool general``)
 in a scratch directory (faust writes its data dir into the working directory), so
 each one's CPU can be read from ``/proc`` and each can be profiled with pyinstrument.
 Everything started here is stopped here, also on errors.
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
+from dspex.streams import kafka
+from dspex.streams.ops.admin import ensure_topics
+from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.settings import LocalBrokerSettings, Settings, load_settings
+from dspex.streams.topics import Topics
 
-from streams import kafka
-from streams.admin import ensure_topics
-from streams.broker import LocalBroker
-from streams.settings import LocalBrokerSettings, Settings, load_settings
-from streams.topics import Topics
 from tests.bench.cpu import listening_pid
 from tests.integration.brokers import free_port
 
@@ -96,7 +96,7 @@ def delete_prefixed(admin: AdminClient, prefix: str) -> None:
 
 
 class AgentProcess:
-    """One ``python -m agents ...`` (or ``-m <module>``) process; optionally under pyinstrument."""
+    """One ``python -m dspex.agents ...`` (or ``-m <module>``) process, maybe under pyinstrument."""
 
     def __init__(
         self,
@@ -105,7 +105,7 @@ class AgentProcess:
         env: dict[str, str],
         workdir: Path,
         profile: Path | None,
-        module: str = "agents",
+        module: str = "dspex.agents",
     ) -> None:
         self.name = name
         prefix = [sys.executable]

@@ -13,12 +13,12 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
-from streams import kafka
-from streams.client import AsyncClient
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
 from tests.bench import ceiling, pipeline, trace
 from tests.bench.config import BenchConfig
 from tests.bench.cpu import CpuMeter
@@ -98,7 +98,7 @@ class Stack:
         self.workers: list[AgentProcess] = []
 
     def start_router(self, profile: Path | None = None, *, module: str | None = None) -> None:
-        """``python -m agents router``, or ``module`` (an experimental router) in its place."""
+        """``python -m dspex.agents router``, or ``module`` (an experimental router) instead."""
         if module is not None:
             self.router = AgentProcess("router", [], self.env, self.workdir, profile, module)
         else:

@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
-
-from streams.broker import LocalBroker
-from streams.settings import LocalBrokerSettings
+from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.settings import LocalBrokerSettings
 
 KAFKA_IMAGE = "apache/kafka:4.1.2"
 

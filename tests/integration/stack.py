@@ -1,6 +1,6 @@
 """The whole DSPex request path for an end-to-end test, as real processes.
 
-:class:`Stack` starts ``python -m agents router`` and one ``python -m agents worker
+:class:`Stack` starts ``python -m dspex.agents router`` and one ``python -m dspex.agents worker
 --pool P`` per pool as subprocesses — exactly what ``dspex up`` supervises — with
 the test's settings passed through the environment, waits until each has joined
 its consumer group, and stops them with SIGTERM (SIGKILL after a timeout) however
@@ -26,12 +26,11 @@ from typing import Any
 from unittest import mock
 
 from confluent_kafka import KafkaException, TopicPartition
-
-from streams import kafka
-from streams._listener import end_offsets as end_offsets_of
-from streams.serde import make_serde
-from streams.settings import POOLS, Settings, load_settings
-from streams.topics import Topics
+from dspex.streams import kafka
+from dspex.streams.client._listener import end_offsets as end_offsets_of
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import POOLS, Settings, load_settings
+from dspex.streams.topics import Topics
 
 __all__ = ["POOLS", "REPO", "Stack", "Tail", "agent_env", "end_offsets", "wait_for_records"]
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +47,7 @@ def _kill_leftovers() -> None:  # a backstop: the fixture's teardown normally st
 
 
 def agent_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes ``python -m agents`` build exactly ``settings``.
+    """The environment that makes ``python -m dspex.agents`` build exactly ``settings``.
 
     The test process's own environment is inherited (it built ``settings`` too); the
     result is checked by loading settings from it, so a setting the test changed but
@@ -104,7 +103,7 @@ class Stack:
     def start(self, ready_timeout_s: float = 90.0) -> None:
         """Start every process, then wait until each one's consumer group is stable."""
         env = agent_env(self.settings)
-        base = [sys.executable, "-m", "agents"]
+        base = [sys.executable, "-m", "dspex.agents"]
         commands = {"router": [*base, "router"]}
         commands |= {pool: [*base, "worker", "--pool", pool] for pool in self.pools}
         for name, argv in commands.items():

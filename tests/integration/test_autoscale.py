@@ -6,12 +6,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from schemas.samples import sample
-from streams import kafka
-from streams.autoscale import HintFollower, desired_processes
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
+from dspex.schemas.samples import sample
+from dspex.streams import kafka
+from dspex.streams.ops.autoscale import HintFollower, desired_processes
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 
 def test_follower_takes_the_newest_tables_hints(

@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient, Program, Result
+from dspex.streams.errors import DSPexError
+from dspex.streams.ops.admin import ensure_topics
+from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.settings import LocalBrokerSettings, Settings, load_settings
+from dspex.streams.topics import Topics
 
-from streams import kafka
-from streams.admin import ensure_topics
-from streams.broker import LocalBroker
-from streams.client import AsyncClient, Program, Result
-from streams.errors import DSPexError
-from streams.settings import LocalBrokerSettings, Settings, load_settings
-from streams.topics import Topics
 from tests.integration.brokers import free_port
 from tests.integration.stack import Stack
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from agents.cache import ResultCache
-from agents.catalog import CompactedReader, RoutingCatalog
-from schemas.samples import sample
-from streams import kafka
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
+from dspex.agents.plumbing.catalog import CompactedReader, RoutingCatalog
+from dspex.agents.router.cache import ResultCache
+from dspex.schemas.samples import sample
+from dspex.streams import kafka
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 PARTITIONS = 6  # the catalog's `cache` partitions
 PER_PARTITION = 20

@@ -11,14 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import TopicPartition
-
-from agents.deadletter import Failure, Original, dead_letter
-from schemas.samples import sample
-from streams import kafka
-from streams.admin import TopicReport
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
+from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter
+from dspex.schemas.samples import sample
+from dspex.streams import kafka
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 
 def test_tail_prints_decoded_records_and_names_undecodable_ones(
@@ -41,7 +40,7 @@ def test_tail_prints_decoded_records_and_names_undecodable_ones(
         "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
     }
-    cmd = [sys.executable, "-m", "streams", "tail", "dlq", "--from-beginning", "--max", "2"]
+    cmd = [sys.executable, "-m", "dspex.streams", "tail", "dlq", "--from-beginning", "--max", "2"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     good, bad = (json.loads(line) for line in run.stdout.splitlines())
@@ -68,7 +67,7 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
         "DSPEX_POOLS__GENERAL__PROCESSES": "1",
         "COLUMNS": "200",
     }
-    cmd = [sys.executable, "-m", "streams", "up", "--once"]
+    cmd = [sys.executable, "-m", "dspex.streams", "up", "--once"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "answer: " in run.stdout
@@ -114,7 +113,7 @@ def test_dlq_list_and_replay_resubmit_the_original_bytes(
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "COLUMNS": "250",
     }
-    base = [sys.executable, "-m", "streams", "dlq"]
+    base = [sys.executable, "-m", "dspex.streams", "dlq"]
     listing = subprocess.run([*base, "list"], env=env, capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
     assert request["request_id"] in listing.stdout
@@ -171,7 +170,7 @@ def test_dlq_replay_reads_an_omitted_original_back_from_its_topic(
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
     }
     replay = subprocess.run(
-        [sys.executable, "-m", "streams", "dlq", "replay", "--request-id", "r-big"],
+        [sys.executable, "-m", "dspex.streams", "dlq", "replay", "--request-id", "r-big"],
         env=env,
         capture_output=True,
         text=True,

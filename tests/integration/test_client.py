@@ -23,10 +23,8 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-
-from streams import kafka
-from streams.admin import TopicReport
-from streams.client import (
+from dspex.streams import kafka
+from dspex.streams.client.client import (
     AsyncClient,
     Client,
     ClientClosed,
@@ -35,10 +33,11 @@ from streams.client import (
     RequestTimeout,
     Result,
 )
-from streams.errors import InvalidRequest
-from streams.serde import Serde, make_serde
-from streams.settings import Settings
-from streams.topics import Topics
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.serde import Serde, make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 CreateTopics = Callable[[], list[TopicReport]]
 INLINE = Program.inline("question -> answer")

@@ -16,14 +16,13 @@ from typing import Any
 import avro.io
 import avro.schema
 import pytest
-
-import schemas
-from schemas.samples import sample
-from streams import kafka
-from streams.admin import TopicReport
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import CATALOG, Topics
+from dspex import schemas
+from dspex.schemas.samples import sample
+from dspex.streams import kafka
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import CATALOG, Topics
 
 TOPIC_FOR_SCHEMA = {spec.schema: spec.name for spec in reversed(CATALOG)}
 

@@ -1,8 +1,8 @@
 """End to end on a real broker: client -> requests -> router -> pool.<x> -> worker -> client.
 
-Nothing is mocked: the router and the pool workers run as ``python -m agents ...``
+Nothing is mocked: the router and the pool workers run as ``python -m dspex.agents ...``
 subprocesses (:mod:`tests.integration.stack`) with this test's topic prefix, the
-client is :mod:`streams.client`, and programs run through DSPy. Every test but
+client is :mod:`dspex.streams.client.client`, and programs run through DSPy. Every test but
 the GPU smoke routes all pools to ``dspex/echo`` (the deterministic simulation:
 a ``str`` output is ``"echo: "`` + the first input), so answers are exact. A
 separate consumer tails the output topics to count what was really produced, and
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import Topics
 
-from streams import kafka
-from streams.admin import TopicReport
-from streams.client import AsyncClient, Program, RequestFailed, Result
-from streams.serde import make_serde
-from streams.settings import Settings, load_settings
-from streams.topics import Topics
 from tests.integration.stack import POOLS, Stack, Tail, end_offsets, wait_for_records
 
 CreateTopics = Callable[[], list[TopicReport]]

@@ -3,7 +3,7 @@
 About 300 bad records (random bytes, truncated Avro, a record of the wrong schema,
 well-formed Requests with absurd values) are interleaved with 100 valid requests
 (seeded, so a failure replays) and produced raw to ``requests``, where the router
-agent and a general-pool worker (real ``python -m agents`` processes, every pool on
+agent and a general-pool worker (real ``python -m dspex.agents`` processes, every pool on
 the ``dspex/echo`` simulation) consume them. Every bad record must end as a dead
 letter or an error Response, every valid request must be answered exactly once, and
 no agent process may exit. Run with ``-s`` to see the counts.
@@ -22,13 +22,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka.admin import ConfigResource, ResourceType
+from dspex.schemas.samples import sample
+from dspex.streams import kafka
+from dspex.streams.client._requests import Program, build_request, request_headers, request_key
+from dspex.streams.serde import Serde, make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
-from schemas.samples import sample
-from streams import kafka
-from streams._requests import Program, build_request, request_headers, request_key
-from streams.serde import Serde, make_serde
-from streams.settings import Settings
-from streams.topics import Topics
 from tests.integration.stack import Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,

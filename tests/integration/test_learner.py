@@ -17,18 +17,18 @@ from typing import Any
 
 import pytest
 from confluent_kafka.admin import ConfigResource, ResourceType
+from dspex.agents.learner.learner import LearnerApp, make_learner
+from dspex.agents.learner.stats import ProgramStats
+from dspex.agents.plumbing.faustapp import create_changelogs
+from dspex.agents.router.router import make_router
+from dspex.agents.router.routing import RouteChooser
+from dspex.streams import kafka
+from dspex.streams.client.client import Client
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import BanditConfig, LearnerSettings, Settings
+from dspex.streams.topics import Topics
 
-from agents.faustapp import create_changelogs
-from agents.learner import LearnerApp, make_learner
-from agents.router import make_router
-from agents.routing import RouteChooser
-from agents.stats import ProgramStats
-from streams import kafka
-from streams.client import Client
-from streams.errors import InvalidRequest
-from streams.serde import make_serde
-from streams.settings import BanditConfig, LearnerSettings, Settings
-from streams.topics import Topics
 from tests.integration.stack import REPO, agent_env
 
 PROGRAM = "support.answer"
@@ -247,7 +247,7 @@ async def test_kill_9_of_the_learner_rebuilds_its_statistics(
         good = i % 2 == 0
         producer.telemetry("good" if good else "bad", "general", 0.95 if good else 0.5, 100.0)
     producer.flush()
-    argv = [sys.executable, "-m", "agents", "learner"]
+    argv = [sys.executable, "-m", "dspex.agents", "learner"]
     env = agent_env(settings)
 
     def start(log: str) -> subprocess.Popen[bytes]:

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-
-from streams import _kraft
-from streams.broker import LocalBroker, local_bootstrap
-from streams.settings import LocalBrokerSettings
+from dspex.streams.ops import _kraft
+from dspex.streams.ops.broker import LocalBroker, local_bootstrap
+from dspex.streams.settings import LocalBrokerSettings
 
 pytestmark = pytest.mark.integration
 

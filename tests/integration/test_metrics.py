@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dspex.agents.metrics.metrics import MetricsApp, make_metrics
+from dspex.streams import kafka
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import Topics
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.metrics import MetricsApp, make_metrics
-from streams import kafka
-from streams.serde import make_serde
-from streams.settings import Settings, load_settings
-from streams.topics import Topics
 from tests.integration.brokers import free_port
 
 WINDOW_S = 2.0
@@ -219,7 +219,7 @@ def _top_once(settings: Settings) -> str:
         "DSPEX_METRICS__WINDOW_S": str(WINDOW_S),
         "COLUMNS": "200",
     }
-    cmd = [sys.executable, "-m", "streams", "top", "--once"]
+    cmd = [sys.executable, "-m", "dspex.streams", "top", "--once"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout

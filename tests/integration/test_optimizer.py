@@ -1,9 +1,9 @@
 """Optimizer jobs end to end on a real broker, with deterministic simulated LMs.
 
-The router and a general-pool worker run as ``python -m agents`` processes
-(:mod:`tests.integration.stack`) and one or two job runners (``python -m agents
+The router and a general-pool worker run as ``python -m dspex.agents`` processes
+(:mod:`tests.integration.stack`) and one or two job runners (``python -m dspex.agents
 jobs``, the optimizer pool's job consumers) are started here. The LMs are
-``dspex/sim`` simulations (:mod:`agents.simulations`): a "reverse the word" task
+``dspex/sim`` simulations (:mod:`dspex.agents.runtime.simulations`): a "reverse the word" task
 answered right only with demonstrations in the prompt, or only at temperature
 <= 0.4, optionally slow. Evaluations really go through the router to the general
 pool. A tail reads the output topics read-committed, so the tests count what
@@ -28,16 +28,16 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
+from dspex.agents.jobs.jobrun import Outgoing
+from dspex.agents.jobs.txn import Completion
+from dspex.agents.plumbing.records import Origin
+from dspex.streams import kafka
+from dspex.streams.client._jobs import JobProgress
+from dspex.streams.client.client import AsyncClient, Result
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import Topics
 
-from agents.jobrun import Outgoing
-from agents.records import Origin
-from agents.txn import Completion
-from streams import kafka
-from streams._jobs import JobProgress
-from streams.admin import TopicReport
-from streams.client import AsyncClient, Result
-from streams.settings import Settings, load_settings
-from streams.topics import Topics
 from tests.integration.stack import REPO, Stack, Tail, _live, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -68,7 +68,7 @@ def sim_settings(
 
 
 class JobRunners:
-    """``python -m agents jobs`` processes for one test."""
+    """``python -m dspex.agents jobs`` processes for one test."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
         self.settings = settings
@@ -81,7 +81,7 @@ class JobRunners:
             name = f"jobs-{n}"
             with (self.log_dir / f"{name}.log").open("wb") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "agents", "jobs"],
+                    [sys.executable, "-m", "dspex.agents", "jobs"],
                     env=agent_env(self.settings),
                     cwd=REPO,
                     stdout=log,
@@ -330,7 +330,7 @@ async def test_variable_search_publishes_the_better_temperature(
 
 def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**agent_env(settings), "COLUMNS": "250"}
-    command = [sys.executable, "-m", "streams", *args]
+    command = [sys.executable, "-m", "dspex.streams", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
 
 

@@ -1,6 +1,6 @@
 """Chaos on the real stack: ``kill -9`` a general-pool worker under steady load.
 
-The router and a general-pool worker run as ``python -m agents`` processes
+The router and a general-pool worker run as ``python -m dspex.agents`` processes
 (:mod:`tests.integration.stack`); a second general-pool worker is started here and
 SIGKILLed while 400 requests (20 batches of 20, one batch every 0.5 s) flow. Its
 partitions move to the survivor once the group notices (``reliability.session_timeout_s``),
@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient, Program, Result
+from dspex.streams.errors import DSPexError
+from dspex.streams.settings import Settings
 
-from streams import kafka
-from streams.client import AsyncClient, Program, Result
-from streams.errors import DSPexError
-from streams.settings import Settings
 from tests.integration.stack import REPO, Tail, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -45,7 +45,7 @@ def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _start_agent(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "agents", *args]
+    argv = [sys.executable, "-m", "dspex.agents", *args]
     with log.open("wb") as out:
         return subprocess.Popen(
             argv, env=agent_env(settings), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
@@ -192,7 +192,7 @@ def test_sigterm_while_an_agent_is_still_starting_exits_cleanly(
     """An orchestrator may stop a process that is still importing: exit 0, no traceback."""
     create_topics()
     process = subprocess.Popen(
-        [sys.executable, "-m", "agents", *args],
+        [sys.executable, "-m", "dspex.agents", *args],
         env=agent_env(settings),
         cwd=REPO,
         stdout=subprocess.PIPE,

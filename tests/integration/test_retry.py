@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dspex.agents.plumbing.retry import RETRY_HEADERS
+from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
+from dspex.streams.settings import Settings, load_settings
 
-from agents.retry import RETRY_HEADERS
-from streams.client import AsyncClient, Program, RequestFailed, Result
-from streams.settings import Settings, load_settings
 from tests.integration.stack import REPO, Tail, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -186,7 +186,7 @@ async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
         log = (tmp_path / "router2.log").open("wb")
         with log:
             stack.processes["router"] = subprocess.Popen(
-                [sys.executable, "-m", "agents", "router"],
+                [sys.executable, "-m", "dspex.agents", "router"],
                 env=agent_env(settings),
                 cwd=REPO,
                 stdout=log,

@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-
-from agents.router import RouterApp, make_router
-from streams import kafka
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
+from dspex.agents.router.router import RouterApp, make_router
+from dspex.streams import kafka
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 WATCHED = ("pool.general", "pool.gpu", "responses", "dlq")
 

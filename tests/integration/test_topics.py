@@ -15,10 +15,9 @@ from confluent_kafka.admin import (
     ConfigResource,
     NewPartitions,
 )
-
-from streams.admin import TopicReport
-from streams.settings import Settings
-from streams.topics import CATALOG, Topics
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.settings import Settings
+from dspex.streams.topics import CATALOG, Topics
 
 
 def test_create_is_idempotent_and_matches_catalog(
@@ -74,7 +73,7 @@ def test_cli_topics_create_reports_drift_with_exit_code(
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "COLUMNS": "250",
     }
-    cmd = [sys.executable, "-m", "streams", "topics", "create"]
+    cmd = [sys.executable, "-m", "dspex.streams", "topics", "create"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("created") == len(CATALOG)

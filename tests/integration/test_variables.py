@@ -20,15 +20,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from dspex.agents.router.router import RouterApp, make_router
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient, Result
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
+from dspex.streams.variables import variable_key
 
-from agents.router import RouterApp, make_router
-from streams import kafka
-from streams.client import AsyncClient, Result
-from streams.errors import InvalidRequest
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.topics import Topics
-from streams.variables import variable_key
 from tests.integration.stack import Tail, end_offsets
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     CreateTopics,
@@ -251,7 +251,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "COLUMNS": "250",
     }
-    cmd = [sys.executable, "-m", "streams", "variables", *args]
+    cmd = [sys.executable, "-m", "dspex.streams", "variables", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -20,16 +20,15 @@ from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import TopicPartition
-
-from agents import records
-from agents.execution import Executor, Outcome, TokenUsage
-from agents.worker import PoolWorker
-from schemas.samples import sample
-from streams import kafka
-from streams.admin import TopicReport
-from streams.serde import make_serde
-from streams.settings import GeneralPoolSettings, PoolsSettings, Settings
-from streams.topics import Topics
+from dspex.agents.plumbing import records
+from dspex.agents.worker.execution import Executor, Outcome, TokenUsage
+from dspex.agents.worker.worker import PoolWorker
+from dspex.schemas.samples import sample
+from dspex.streams import kafka
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import GeneralPoolSettings, PoolsSettings, Settings
+from dspex.streams.topics import Topics
 
 CreateTopics = Callable[[], list[TopicReport]]
 OUTPUTS = ("responses", "executions", "telemetry", "dlq")

@@ -6,9 +6,8 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+from dspex.agents import cli
 from typer.testing import CliRunner
-
-from agents import cli
 
 
 @pytest.fixture(autouse=True)

@@ -8,15 +8,14 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-
-from agents.bandit import (
+from dspex.agents.learner.bandit import (
     Decision,
     changed,
     decide,
     pool_hints,
 )
-from agents.stats import ArmStats, Observation, ProgramStats
-from streams.settings import BanditConfig, Objective
+from dspex.agents.learner.stats import ArmStats, Observation, ProgramStats
+from dspex.streams.settings import BanditConfig, Objective
 
 CFG = BanditConfig(half_life_s=60.0)
 QUALITY = Objective(kind="quality")

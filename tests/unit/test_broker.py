@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from streams import _kraft
-from streams.broker import LocalBroker, local_bootstrap
-from streams.errors import LocalBrokerError
-from streams.settings import LocalBrokerSettings
+from dspex.streams.errors import LocalBrokerError
+from dspex.streams.ops import _kraft
+from dspex.streams.ops.broker import LocalBroker, local_bootstrap
+from dspex.streams.settings import LocalBrokerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition  # type: ignore[import-untyped]
-
-from agents.catalog import CompactedReader
-from streams.serde import make_serde
-from streams.settings import load_settings
+from dspex.agents.plumbing.catalog import CompactedReader
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import load_settings
 
 
 class StuckConsumer:

@@ -10,12 +10,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
-from streams._replies import ChunkAssembler, Dispatcher, Inbox
-from streams._requests import build_request, json_map, request_headers, request_key
-from streams.client import Chunk, ClientClosed, Program, RequestFailed, RequestTimeout, Result
-from streams.errors import InvalidRequest
-from streams.serde import SingleObjectSerde
+from dspex.streams.client._replies import ChunkAssembler, Dispatcher, Inbox
+from dspex.streams.client._requests import build_request, json_map, request_headers, request_key
+from dspex.streams.client.client import (
+    Chunk,
+    ClientClosed,
+    Program,
+    RequestFailed,
+    RequestTimeout,
+    Result,
+)
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.serde import SingleObjectSerde
 
 TOPIC = "dspex.requests"
 

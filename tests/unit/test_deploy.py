@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML: locked via dspy
+from dspex.agents.metrics.metrics import Exporter
+from dspex.streams.settings import load_settings
+from dspex.streams.topics import Topics
 from prometheus_client import CollectorRegistry
-
-from agents.metrics import Exporter
-from streams.settings import load_settings
-from streams.topics import Topics
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 POOLS = ("general", "optimizer", "gpu")
@@ -36,12 +35,12 @@ def test_every_deployment_runs_a_real_agent_command() -> None:
         for name, d in deployments.items()
     }
     for agent in ("router", "learner", "metrics"):
-        assert commands[f"dspex-{agent}"] == ["python", "-m", "agents", agent]
+        assert commands[f"dspex-{agent}"] == ["python", "-m", "dspex.agents", agent]
     for pool in POOLS:
         assert commands[f"dspex-pool-{pool}"] == [
             "python",
             "-m",
-            "agents",
+            "dspex.agents",
             "worker",
             "--pool",
             pool,

@@ -13,11 +13,10 @@ import avro.schema
 import fastavro
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
-
-import schemas
-from schemas.evolution import check, check_all, example, release
-from schemas.registry import PACKAGE_DIR, SchemaStore
-from schemas.samples import sample
+from dspex import schemas
+from dspex.schemas.evolution import check, check_all, example, release
+from dspex.schemas.registry import PACKAGE_DIR, SchemaStore
+from dspex.schemas.samples import sample
 
 NAMES = schemas.names()
 

@@ -15,23 +15,22 @@ from typing import Any
 
 import dspy
 import pytest
-from dspy.lm15 import InvalidRequestError, RateLimitError, ServerError
-from dspy.lm15 import Request as LMRequest
-from dspy.lm15 import TimeoutError as ProviderTimeout
-
-from agents.execution import DSPyExecutor, classify
-from agents.faults import (
+from dspex.agents.plumbing.records import telemetry
+from dspex.agents.runtime.lms import ECHO_MODEL, AsyncEchoEngine, EchoEngine, EchoLM
+from dspex.agents.worker.execution import DSPyExecutor, classify
+from dspex.agents.worker.faults import (
     BackendsExhausted,
     BreakerBoard,
     FaultPolicy,
     RetryPolicy,
     is_retryable,
 )
-from agents.lms import ECHO_MODEL, AsyncEchoEngine, EchoEngine, EchoLM
-from agents.records import telemetry
-from schemas.samples import sample
-from streams.errors import ProgramError
-from streams.settings import Settings, load_settings
+from dspex.schemas.samples import sample
+from dspex.streams.errors import ProgramError
+from dspex.streams.settings import Settings, load_settings
+from dspy.lm15 import InvalidRequestError, RateLimitError, ServerError
+from dspy.lm15 import Request as LMRequest
+from dspy.lm15 import TimeoutError as ProviderTimeout
 
 
 class ScriptedEngine(AsyncEchoEngine):
@@ -280,7 +279,7 @@ async def test_a_partly_streamed_answer_is_never_replayed() -> None:
 
 
 def test_telemetry_names_the_answering_variant_and_its_breaker() -> None:
-    from agents.records import Result, now
+    from dspex.agents.plumbing.records import Result, now
 
     t = now()
     result = Result("ok", t, t, t, variant="backup", breaker_state="half-open")

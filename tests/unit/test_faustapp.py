@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agents.faustapp import FETCH_MAX_WAIT_MS, QuietMonitor, faust_app
-from streams.settings import load_settings
+from dspex.agents.plumbing.faustapp import FETCH_MAX_WAIT_MS, QuietMonitor, faust_app
+from dspex.streams.settings import load_settings
 
 
 async def test_the_agents_consumer_asks_again_after_fetch_max_wait_ms() -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dspy
 import pytest
+from dspex.agents.runtime.lms import EchoEngine, EchoLM, build_lm, echo_reply
+from dspex.streams.settings import LMBackend
 from pydantic import SecretStr
-
-from agents.lms import EchoEngine, EchoLM, build_lm, echo_reply
-from streams.settings import LMBackend
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from agents.lms import build_lm
-from agents.local_model import _completion_prompt, load_model
-from agents.programs import ProgramBuilder, ProgramSpec, run
-from agents.tools import default_tools
-from streams.errors import ProgramError
-from streams.settings import LMBackend
+from dspex.agents.runtime.lms import build_lm
+from dspex.agents.runtime.local_model import _completion_prompt, load_model
+from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, run
+from dspex.agents.runtime.tools import default_tools
+from dspex.streams.errors import ProgramError
+from dspex.streams.settings import LMBackend
 
 
 def test_completion_prompt_is_base_model_style() -> None:

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML: locked via dspy
+from dspex.agents.metrics.metrics import Exporter, Metrics
+from dspex.agents.metrics.windows import Closed, Sample, Windows, percentile, snapshots
+from dspex.agents.plumbing.deadletter import Original
+from dspex.streams.cli.top import View
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings, load_settings
 from prometheus_client import CollectorRegistry
-
-from agents.deadletter import Original
-from agents.metrics import Exporter, Metrics
-from agents.windows import Closed, Sample, Windows, percentile, snapshots
-from streams.cli.top import View
-from streams.serde import make_serde
-from streams.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_040_000  # a window boundary for 60 s and 2 s windows

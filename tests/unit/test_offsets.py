@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from agents.offsets import OffsetTracker, RecentIds
+from dspex.agents.plumbing.offsets import OffsetTracker, RecentIds
 
 TP = ("dspex.pool.general", 0)
 OTHER = ("dspex.pool.general", 1)

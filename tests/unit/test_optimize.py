@@ -1,7 +1,7 @@
 """Optimizer jobs without a broker: job checks, the simulated LMs, compile, search, records.
 
 Evaluations run in-process here (:class:`LocalEvaluator`: the program through
-``agents.runner.run`` with a simulated LM); on the real pipeline they go through
+``dspex.agents.runtime.runner.run`` with a simulated LM); on the real pipeline they go through
 the router to the general pool (tests/integration/test_optimizer.py).
 """
 
@@ -17,13 +17,11 @@ from typing import Any
 
 import dspy
 import pytest
-
-from agents import jobrecords as jr
-from agents.datasets import examples_from_json, split
-from agents.jobs import JobRunner
-from agents.jobspec import OPTIMIZERS, REQUIRES, JobSpec, available_optimizers, parse_job
-from agents.lms import build_lm
-from agents.optimize import (
+from dspex.agents.jobs import jobrecords as jr
+from dspex.agents.jobs.datasets import examples_from_json, split
+from dspex.agents.jobs.jobs import JobRunner
+from dspex.agents.jobs.jobspec import OPTIMIZERS, REQUIRES, JobSpec, available_optimizers, parse_job
+from dspex.agents.jobs.optimize import (
     Evaluation,
     JobCancelled,
     Optimization,
@@ -33,17 +31,18 @@ from agents.optimize import (
     best_trial,
     build_optimizer,
 )
-from agents.programs import ProgramBuilder, ProgramSpec, parse_signature, run
-from agents.simulations import WRONG, SimOptions
-from agents.tools import default_tools
-from schemas.samples import sample
-from streams._jobs import JobInbox, job_record
-from streams._replies import Chunk
-from streams.cli.optimize import parse_search
-from streams.errors import ConfigError, InvalidRequest
-from streams.serde import make_serde
-from streams.settings import LMBackend, Settings, load_settings
-from streams.variables import VariableStore, validate_update
+from dspex.agents.runtime.lms import build_lm
+from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, parse_signature, run
+from dspex.agents.runtime.simulations import WRONG, SimOptions
+from dspex.agents.runtime.tools import default_tools
+from dspex.schemas.samples import sample
+from dspex.streams.cli.optimize import parse_search
+from dspex.streams.client._jobs import JobInbox, job_record
+from dspex.streams.client._replies import Chunk
+from dspex.streams.errors import ConfigError, InvalidRequest
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import LMBackend, Settings, load_settings
+from dspex.streams.variables import VariableStore, validate_update
 
 WORDS = ["kafka", "stream", "topic", "broker", "offset", "record", "schema", "program"]
 DATASET = json.dumps([{"word": w, "answer": w[::-1]} for w in WORDS])
@@ -309,7 +308,9 @@ def test_bootstrap_few_shot_raises_the_metric_and_exports_loadable_state() -> No
     assert (result.score_before, result.score_after, result.improved) == (0.0, 1.0, True)
     state = json.loads(result.candidate.state_json or "{}")
     assert state["self"]["demos"] and "lm" not in state["self"]
-    module = ProgramBuilder(default_tools()).build(result.candidate)  # agents.state loads it
+    module = ProgramBuilder(default_tools()).build(
+        result.candidate
+    )  # dspex.agents.runtime.state loads it
     with dspy.context(lm=build_lm(FEWSHOT)):
         assert module(word="offset").answer == "tesffo"
     assert events[0].phase == "baseline"

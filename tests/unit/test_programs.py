@@ -7,9 +7,8 @@ from typing import Any
 
 import dspy
 import pytest
-
-from agents.lms import EchoLM
-from agents.programs import (
+from dspex.agents.runtime.lms import EchoLM
+from dspex.agents.runtime.programs import (
     MODULE_TYPES,
     ProgramBuilder,
     ProgramSpec,
@@ -19,8 +18,8 @@ from agents.programs import (
     spec_from_version,
     validate,
 )
-from agents.tools import ToolRegistry, calculator, default_tools
-from streams.errors import InvalidRequest, ProgramError
+from dspex.agents.runtime.tools import ToolRegistry, calculator, default_tools
+from dspex.streams.errors import InvalidRequest, ProgramError
 
 QUESTION = {"question": json.dumps("what is the capital of France")}
 

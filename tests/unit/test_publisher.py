@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agents.publisher import DELIVERY_POLL_S, Publisher, serve_deliveries
-from streams.serde import make_serde
-from streams.settings import load_settings
+from dspex.agents.plumbing.publisher import DELIVERY_POLL_S, Publisher, serve_deliveries
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import load_settings
 
 SERDE = make_serde(load_settings())
 

@@ -1,8 +1,8 @@
 """The retry-topic path without a broker: the decision, the worker's records, the retrier.
 
-The worker side runs :class:`~agents.handler.RequestHandler` against a fake
+The worker side runs :class:`~dspex.agents.worker.handler.RequestHandler` against a fake
 producer and a scripted executor; the router side runs
-:meth:`agents.router.RequestHandler.handle_retry` and the retry agent's
+:meth:`dspex.agents.router.router.RequestHandler.handle_retry` and the retry agent's
 scheduling against a fake faust stream and producer. Clocks are fixed or fake.
 The flaky backend is the ``dspex/sim?fail=N`` SIMULATION.
 """
@@ -18,19 +18,12 @@ from typing import Any
 
 import dspy
 import pytest
-
-from agents import records
-from agents.cache import ResultCache
-from agents.catalog import ProgramCatalog, RoutingCatalog
-from agents.deadletter import Original
-from agents.execution import Outcome
-from agents.faults import BackendFailure, BackendsExhausted, is_retryable
-from agents.handler import Destinations
-from agents.handler import RequestHandler as WorkerHandler
-from agents.lms import build_lm
-from agents.publisher import DeliveryFailed, Publisher
-from agents.records import ErrorInfo, Origin
-from agents.retry import (
+from dspex.agents.plumbing import records
+from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.deadletter import Original
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.records import ErrorInfo, Origin
+from dspex.agents.plumbing.retry import (
     ATTEMPT,
     NOT_BEFORE,
     RETRY_POOL,
@@ -39,13 +32,19 @@ from agents.retry import (
     retry_due,
     without_retry_headers,
 )
-from agents.router import RequestHandler as RouterHandler
-from agents.router import RouterApp
-from agents.simulations import SimOptions
-from schemas.samples import sample
-from streams.errors import ConfigError, InvalidRequest
-from streams.serde import SingleObjectSerde
-from streams.settings import LMBackend, Settings, load_settings
+from dspex.agents.router.cache import ResultCache
+from dspex.agents.router.router import RequestHandler as RouterHandler
+from dspex.agents.router.router import RouterApp
+from dspex.agents.runtime.lms import build_lm
+from dspex.agents.runtime.simulations import SimOptions
+from dspex.agents.worker.execution import Outcome
+from dspex.agents.worker.faults import BackendFailure, BackendsExhausted, is_retryable
+from dspex.agents.worker.handler import Destinations
+from dspex.agents.worker.handler import RequestHandler as WorkerHandler
+from dspex.schemas.samples import sample
+from dspex.streams.errors import ConfigError, InvalidRequest
+from dspex.streams.serde import SingleObjectSerde
+from dspex.streams.settings import LMBackend, Settings, load_settings
 
 SERDE = SingleObjectSerde()
 POOL_TOPIC = "dspex.pool.general"

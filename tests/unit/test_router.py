@@ -13,25 +13,23 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
-
-from agents.cache import ResultCache, cache_key, effective_variables, is_cacheable
-from agents.catalog import ProgramCatalog, RoutingCatalog
-from agents.deadletter import Failure, Original, dead_letter, error_response
-from agents.publisher import DeliveryFailed, Publisher
-from agents.router import Outgoing, RequestHandler, RouterApp, with_program_metric
-from agents.routing import (
-    DeadlineExceeded,
+from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter, error_response
+from dspex.agents.plumbing.deadlines import DeadlineExceeded, Overloaded
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.router.cache import ResultCache, cache_key, effective_variables, is_cacheable
+from dspex.agents.router.router import Outgoing, RequestHandler, RouterApp, with_program_metric
+from dspex.agents.router.routing import (
     KnownTopics,
-    Overloaded,
     ProgramsResolver,
     Route,
     RouteChooser,
     check_request,
     reply_topic,
 )
-from streams.errors import InvalidRequest
-from streams.serde import make_serde
-from streams.settings import LMBackend, LMSettings, Settings
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import LMBackend, LMSettings, Settings
 
 NOW_MS = 1_800_000_000_000
 SETTINGS = Settings(
@@ -276,7 +274,7 @@ def test_rejection_records_are_valid_avro() -> None:
 
 
 class FakeResolver:
-    """Stands in for agents.programs: inline signatures need a ``question`` input."""
+    """Stands in for dspex.agents.runtime.programs: inline signatures need a ``question`` input."""
 
     def resolve(self, request: Mapping[str, Any], registered: Mapping[str, Any] | None) -> Any:
         if "question" not in (request.get("inputs") or {}):

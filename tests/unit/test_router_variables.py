@@ -7,15 +7,15 @@ import random
 import uuid
 from typing import Any
 
-from agents.cache import ResultCache
-from agents.catalog import ProgramCatalog, RoutingCatalog
-from agents.deadletter import Original
-from agents.router import RequestHandler
-from agents.routing import ProgramsResolver, RouteChooser
-from agents.variables import SharedVariables
-from streams.serde import make_serde
-from streams.settings import LMBackend, LMSettings, Settings
-from streams.variables import new_update, scope_ref_for, variable_key
+from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.deadletter import Original
+from dspex.agents.router.cache import ResultCache
+from dspex.agents.router.router import RequestHandler
+from dspex.agents.router.routing import ProgramsResolver, RouteChooser
+from dspex.agents.router.variables import SharedVariables
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import LMBackend, LMSettings, Settings
+from dspex.streams.variables import new_update, scope_ref_for, variable_key
 
 NOW_MS = 1_800_000_000_000
 SETTINGS = Settings(

@@ -11,12 +11,11 @@ from typing import Any
 import avro.schema
 import fastavro
 import pytest
+from dspex import schemas
+from dspex.schemas.evolution import records
+from dspex.schemas.registry import PACKAGE_DIR, SchemaStore, rabin_fingerprint
+from dspex.schemas.samples import sample
 from fastavro.validation import validate
-
-import schemas
-from schemas.evolution import records
-from schemas.registry import PACKAGE_DIR, SchemaStore, rabin_fingerprint
-from schemas.samples import sample
 
 EXPECTED = [
     "DeadLetter",

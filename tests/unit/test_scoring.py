@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dspy
 import pytest
-
-from agents.scoring import (
+from dspex.agents.runtime.scoring import (
     contains_score,
     exact_match_score,
     f1_score,
@@ -13,7 +12,7 @@ from agents.scoring import (
     metric_names,
     normalize,
 )
-from streams.errors import InvalidRequest
+from dspex.streams.errors import InvalidRequest
 
 
 def example(**fields: object) -> dspy.Example:

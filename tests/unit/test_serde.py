@@ -13,14 +13,13 @@ import fastavro
 import pytest
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
-
-import schemas
-from schemas import samples
-from schemas.registry import build
-from streams.errors import CorruptRecord, RegistryUnavailable, SchemaNotFound, SerdeError
-from streams.serde import ConfluentSerde, Serde, SingleObjectSerde, make_serde
-from streams.serde.confluent import registry_client
-from streams.settings import load_settings
+from dspex import schemas
+from dspex.schemas import samples
+from dspex.schemas.registry import build
+from dspex.streams.errors import CorruptRecord, RegistryUnavailable, SchemaNotFound, SerdeError
+from dspex.streams.serde import ConfluentSerde, Serde, SingleObjectSerde, make_serde
+from dspex.streams.serde.confluent import registry_client
+from dspex.streams.settings import load_settings
 
 TOPIC = "dspex.test"
 NAMES = schemas.names()

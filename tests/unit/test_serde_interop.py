@@ -21,10 +21,9 @@ from typing import Any
 import avro.io
 import avro.schema
 import pytest
-
-import schemas
-from schemas import samples
-from streams.serde import SingleObjectSerde
+from dspex import schemas
+from dspex.schemas import samples
+from dspex.streams.serde import SingleObjectSerde
 
 TOPIC = "dspex.interop"
 MARKER = b"\xc3\x01"

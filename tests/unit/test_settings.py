@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from streams.errors import ConfigError
-from streams.settings import load_settings
+from dspex.streams.errors import ConfigError
+from dspex.streams.settings import load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from streams.supervisor import Supervisor
+from dspex.streams.ops.supervisor import Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 CRASHER = [sys.executable, "-c", "raise SystemExit(3)"]

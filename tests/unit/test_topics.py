@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from streams.errors import ConfigError
-from streams.settings import TopicSettings
-from streams.topics import CATALOG, Topics
+from dspex.streams.errors import ConfigError
+from dspex.streams.settings import TopicSettings
+from dspex.streams.topics import CATALOG, Topics
 
 DESIGN_TOPICS = {
     "requests",

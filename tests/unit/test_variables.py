@@ -6,13 +6,12 @@ import json
 from typing import Any
 
 import pytest
-
-from agents.modules import MODULE_TYPES as AGENT_MODULE_TYPES
-from schemas.samples import sample
-from streams.errors import InvalidRequest
-from streams.serde import make_serde
-from streams.settings import Settings
-from streams.variables import (
+from dspex.agents.runtime.modules import MODULE_TYPES as AGENT_MODULE_TYPES
+from dspex.schemas.samples import sample
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.variables import (
     MODULE_TYPES,
     VAR_TYPES,
     VariableStore,
@@ -352,7 +351,7 @@ def test_tombstone_deletes_and_records_list_what_is_in_force() -> None:
 
 
 def test_cli_values_are_json_or_bare_text() -> None:
-    from streams.cli.variables import parse_value_text
+    from dspex.streams.cli.variables import parse_value_text
 
     assert parse_value_text("0.5", "float") == 0.5
     assert parse_value_text("warm", "float") == "warm"  # then refused as not a number

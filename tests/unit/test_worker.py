@@ -14,20 +14,20 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-
-from agents import records
-from agents.execution import Outcome, TokenUsage, backend_overrides, classify, remaining_seconds
-from agents.handler import Destinations, RequestHandler, score_against_gold
-from agents.publisher import DeliveryFailed, Publisher
-from agents.records import ErrorInfo, Origin, Result
-from schemas.samples import sample
-from streams.errors import (
+from dspex.agents.plumbing import records
+from dspex.agents.plumbing.deadlines import remaining_seconds
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.records import ErrorInfo, Origin, Result
+from dspex.agents.worker.execution import Outcome, TokenUsage, backend_overrides, classify
+from dspex.agents.worker.handler import Destinations, RequestHandler, score_against_gold
+from dspex.schemas.samples import sample
+from dspex.streams.errors import (
     BrokerUnavailable,
     CorruptRecord,
     InvalidRequest,
     ProgramError,
 )
-from streams.serde import SingleObjectSerde
+from dspex.streams.serde import SingleObjectSerde
 
 POOL_TOPIC = "dspex.pool.general"
 TO = Destinations("dspex.responses", "dspex.executions", "dspex.telemetry", "dspex.dlq")

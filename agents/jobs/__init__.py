@@ -1,0 +1,1 @@
+"""The job runner: optimizer jobs (datasets, specs, compile, transactional publication)."""

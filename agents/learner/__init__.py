@@ -1,0 +1,1 @@
+"""The learning agent: turns telemetry into decayed statistics and publishes routing tables."""

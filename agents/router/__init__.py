@@ -1,0 +1,1 @@
+"""The router agent: validates each request, picks pool and variant, answers cache hits, retries."""

@@ -1,0 +1,567 @@
+"""The router agent: validates every request, answers from the cache or forwards it to a pool.
+
+:class:`RequestHandler` is the whole decision for one record, free of faust:
+bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
+it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
+requests keep their order into the pool topics), one on ``retry`` (the retrier:
+sends each transiently failed request back to its pool once its backoff is over,
+:mod:`dspex.agents.plumbing.retry`) — plus a :class:`CompactedReader` that materializes the
+``programs``, ``routing``, ``variables`` and ``cache`` topics for every instance
+(shared variables: :mod:`dspex.agents.router.variables`; the result cache, which workers
+fill: :mod:`dspex.agents.router.cache`). The router never reads ``responses``. Its records go
+out through librdkafka (:class:`~dspex.agents.plumbing.publisher.Publisher`, as in the worker);
+a request is acked, and so becomes committable, once the broker has all of them.
+
+Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
+(stage ``decode``); a rejected request becomes a DeadLetter *and* one final
+error Response (stage ``validate``, or ``route`` with status ``timeout`` for a
+passed deadline); a refused variable update becomes a DeadLetter (stage
+``variables``) and the last good value stays; a retry record with a missing or
+bad retry header, or an unknown pool, becomes a DeadLetter (stage ``retry``). Start it with
+``make_router(settings).run()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dspex.agents.plumbing.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter, error_response
+from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
+from dspex.agents.plumbing.faustapp import faust_app, original_of, serve_until_signalled
+from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.agents.plumbing.retry import RETRY_POOL, retry_due
+from dspex.agents.router.cache import (
+    ResultCache,
+    cache_key,
+    cached_response,
+    decode_outputs,
+    is_cacheable,
+)
+from dspex.agents.router.routing import (
+    KnownTopics,
+    ProgramResolver,
+    ProgramsResolver,
+    Route,
+    RouteChooser,
+    check_request,
+    reply_topic,
+)
+from dspex.agents.router.variables import RefusedUpdates, SharedVariables
+from dspex.streams import kafka
+from dspex.streams.errors import (
+    ConfigError,
+    CorruptRecord,
+    InvalidRequest,
+    PermanentError,
+    SerdeError,
+)
+from dspex.streams.serde import Serde, make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+COMPONENT = "router"
+READY_TIMEOUT_S = 60.0
+FLUSH_TIMEOUT_S = 10.0
+SEND_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record the router produces: already-encoded value bytes for a topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes | None]] = ()
+
+
+class RequestHandler:
+    """Turns one ``requests`` record into the records to produce; never raises."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        serde: Serde,
+        *,
+        programs: ProgramCatalog,
+        routing: RoutingCatalog,
+        resolver: ProgramResolver,
+        cache: ResultCache,
+        chooser: RouteChooser | None = None,
+        clock: Callable[[], float] = time.time,
+        existing_topics: Container[str] | None = None,
+        variables: SharedVariables | None = None,
+    ) -> None:
+        self._settings = settings
+        self._variables = variables or SharedVariables(settings.lm)
+        self._existing = existing_topics
+        self._serde = serde
+        self._topics = Topics(settings.topics)
+        self._own_topics = [name for name, _ in self._topics.all()]
+        self._programs = programs
+        self._routing = routing
+        self._resolver = resolver
+        self._cache = cache
+        self._chooser = chooser or RouteChooser(settings.lm, settings.router.default_pool)
+        self._clock = clock
+        self._max_retry_wait_s = max(settings.reliability.retry_topic_backoff_s)
+
+    def now_ms(self) -> int:
+        """The handler's clock in UTC epoch milliseconds."""
+        return int(self._clock() * 1000)
+
+    def handle_request(self, original: Original) -> list[Outgoing]:
+        """Decode, check, resolve, validate, then answer from the cache or forward."""
+        now = self.now_ms()
+        try:
+            request = self._decode(original, "Request")
+        except SerdeError as exc:
+            logger.warning("undecodable request %s error=%s", original.where(), exc)
+            return [self._dead_letter(original, Failure.from_exception(exc, "decode"), None, now)]
+        try:
+            return self._route(original, request, now)
+        except DeadlineExceeded as exc:
+            status = status_of(exc)
+            return self._reject(
+                original, request, Failure.from_exception(exc, "route", status=status), now
+            )
+        except PermanentError as exc:
+            return self._reject(original, request, Failure.from_exception(exc, "validate"), now)
+        except Exception as exc:  # a bug must not stop the stream: reject and keep going
+            logger.exception(
+                "routing failed %s request_id=%s", original.where(), request.get("request_id")
+            )
+            return self._reject(original, request, Failure.from_exception(exc, "route"), now)
+
+    def handle_retry(self, original: Original) -> tuple[float, list[Outgoing]]:
+        """A ``retry`` record: (seconds to wait, its pool record), else (0, its DeadLetter).
+
+        The record's bytes and headers go back to ``pool.<dspex-retry-pool>``
+        unchanged, once ``dspex-not-before`` has passed.
+        """
+        now = self.now_ms()
+        try:
+            due = retry_due(original.headers, now, self._max_retry_wait_s)
+            topic = self._pool_topic(due.pool)
+            if original.value is None:
+                raise InvalidRequest("value", "tombstone (null value) where a request was expected")
+        except InvalidRequest as exc:
+            logger.warning("bad retry record %s error=%s", original.where(), exc)
+            request_id = (original.key or b"").decode("utf-8", "replace") or None
+            failure = Failure.from_exception(exc, "retry")
+            return 0.0, [self._dead_letter(original, failure, request_id, now)]
+        logger.info(
+            "retry scheduled %s attempt=%d to=%s in_s=%.3f",
+            original.where(),
+            due.attempt,
+            topic,
+            due.delay_s,
+        )
+        return due.delay_s, [Outgoing(topic, original.key, original.value, original.headers)]
+
+    def _pool_topic(self, pool: str) -> str:
+        try:
+            return self._topics.name(f"pool.{pool}")
+        except KeyError:
+            raise InvalidRequest(f"headers.{RETRY_POOL}", f"unknown pool {pool!r}") from None
+
+    def _decode(self, original: Original, schema: str) -> Record:
+        if original.value is None:
+            raise CorruptRecord(
+                "tombstone (null value) where a record was expected", topic=original.topic
+            )
+        return self._serde.decode(original.value, topic=original.topic, expect=schema).record
+
+    def _route(self, original: Original, request: Record, now: int) -> list[Outgoing]:
+        self._check_size(len(original.value or b""), "request")
+        check_request(request, now, self._own_topics, self._existing)
+        program_id = request.get("program_id")
+        chosen = self._chooser.choose(request, self._routing.table_for(program_id))
+        registered = None
+        if program_id is not None:
+            registered = self._registered(program_id, request.get("program_version"), chosen)
+        steering = self._variables.steer(request, chosen, registered)
+        route = steering.route
+        program = self._resolver.resolve(steering.request, registered)
+        variables = self._variables.effective(steering, program.get("module_type"))
+        key = None
+        if self._settings.router.cache_enabled and is_cacheable(
+            request, program, route, self._settings.lm, variables
+        ):
+            key = cache_key(program, request.get("inputs") or {}, variables, route)
+            hit = self._cached(request, program, key, now)
+            if hit is not None:
+                return [hit]
+        forwarded = {
+            **request,
+            **program,
+            "variables": variables,
+            "route": route.record(now, key),
+            "metadata": with_program_metric(request, registered),
+        }
+        return [self._forward(original, forwarded, route.pool)]
+
+    def _registered(self, program_id: str, version: int | None, route: Route) -> Record:
+        """The program version to run: the request's, else the route's canary, else latest.
+
+        A canary version this router does not know (yet) falls back to the latest.
+        """
+        if version is None and route.program_version is not None:
+            try:
+                return self._programs.resolve(program_id, route.program_version)
+            except InvalidRequest:
+                logger.warning(
+                    "routing table names unknown program_id=%s version=%s; using the latest",
+                    program_id,
+                    route.program_version,
+                )
+        return self._programs.resolve(program_id, version)
+
+    def _forward(self, original: Original, forwarded: Record, pool: str) -> Outgoing:
+        topic = self._topics.name(f"pool.{pool}")
+        value = self._serde.encode("Request", forwarded, topic=topic)
+        self._check_size(len(value), "state_json")
+        return Outgoing(topic, original.key, value, original.headers)
+
+    def _cached(self, request: Record, program: Record, key: str, now: int) -> Outgoing | None:
+        stored = self._cache.get(key)
+        outputs = decode_outputs(stored) if stored is not None else None
+        if outputs is None:
+            return None
+        response = cached_response(request["request_id"], outputs, program, now)
+        return self._response(request, response)
+
+    def _check_size(self, size: int, field: str) -> None:
+        limit = self._settings.router.max_request_bytes
+        if size > limit:
+            raise InvalidRequest(
+                field, f"record is {size} bytes, over router.max_request_bytes={limit}"
+            )
+
+    def _reject(
+        self, original: Original, request: Record, failure: Failure, now: int
+    ) -> list[Outgoing]:
+        request_id = str(request.get("request_id") or "")
+        logger.info(
+            "rejected request %s request_id=%s stage=%s field=%s error=%s",
+            original.where(),
+            request_id,
+            failure.stage,
+            failure.field,
+            failure.message,
+        )
+        program = {
+            "program_id": request.get("program_id"),
+            "program_version": request.get("program_version"),
+        }
+        response = error_response(request_id, failure, produced_at_ms=now, program=program)
+        return [
+            self._response(request, response),
+            self._dead_letter(original, failure, request_id or None, now),
+        ]
+
+    def _response(self, request: Record, response: Record) -> Outgoing:
+        topic = reply_topic(request, self._own_topics, self._existing) or self._topics.name(
+            "responses"
+        )
+        value = self._serde.encode("Response", response, topic=topic)
+        return Outgoing(topic, response["request_id"].encode("utf-8"), value)
+
+    def _dead_letter(
+        self, original: Original, failure: Failure, request_id: str | None, now: int
+    ) -> Outgoing:
+        topic = self._topics.name("dlq")
+        record = dead_letter(
+            original, failure, component=COMPONENT, failed_at_ms=now, request_id=request_id
+        )
+        return Outgoing(topic, original.key, self._serde.encode("DeadLetter", record, topic=topic))
+
+
+def _failed(future: asyncio.Future[Any]) -> bool:
+    return future.cancelled() or future.exception() is not None
+
+
+def with_program_metric(request: Record, registered: Record | None) -> dict[str, str]:
+    """The request's metadata, plus the registered program's metric for worker scoring.
+
+    A worker scores an answer whose request carries ``dspex.gold``; the metric is
+    the request's ``dspex.metric``, else the program's own (``ProgramVersion.metric``).
+    """
+    metadata = dict(request.get("metadata") or {})
+    metric = (registered or {}).get("metric")
+    if metric and "dspex.gold" in metadata:
+        metadata.setdefault("dspex.metric", str(metric))
+    return metadata
+
+
+class RouterApp:
+    """The router as a faust app plus the compacted-topic reader; start/stop or ``run()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        app_id: str,
+        resolver: ProgramResolver,
+        chooser: RouteChooser | None = None,
+    ) -> None:
+        self.settings = settings
+        topics = Topics(settings.topics)
+        serde = make_serde(settings)
+        bootstrap = kafka.bootstrap_servers(settings)
+        self._topics = topics
+        self._admin = kafka.admin_client(settings)
+        self.app: Any = faust_app(settings, app_id, bootstrap)
+        self.programs = ProgramCatalog()
+        self.routing = RoutingCatalog()
+        self.variables = SharedVariables(settings.lm)
+        self.cache = ResultCache(settings.router.cache_max_entries)
+        self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
+        self.reader = CompactedReader(
+            bootstrap,
+            settings.kafka,
+            serde,
+            {
+                topics.name("programs"): ("ProgramVersion", self.programs.apply),
+                topics.name("routing"): ("RoutingTable", self.routing.apply),
+                topics.name("variables"): ("VariableUpdate", self.variables.apply),
+                topics.name("cache"): ("Response", self.cache.apply),
+            },
+            on_refused=self._refused,
+            # the cache is best effort while it loads: at most what the LRU holds is
+            # replayed, and the router starts routing without waiting for it
+            recent={topics.name("cache"): settings.router.cache_max_entries},
+        )
+        self.handler = RequestHandler(
+            settings,
+            serde,
+            programs=self.programs,
+            routing=self.routing,
+            resolver=resolver,
+            cache=self.cache,
+            chooser=chooser,
+            existing_topics=KnownTopics(self._list_topics),
+            variables=self.variables,
+        )
+        self._app_id = app_id
+        self._serde = serde
+        self._publisher: Publisher | None = None  # made in start(), on the running loop
+        self._deliveries: asyncio.Task[None] | None = None
+        self._acking: set[asyncio.Future[None]] = set()
+        self._retrying: set[asyncio.Future[None]] = set()
+        self._add_agents()
+
+    def _list_topics(self) -> list[str]:
+        return list(self._admin.list_topics(timeout=5).topics)
+
+    def _add_agents(self) -> None:
+        requests = self._raw_topic("requests")
+        self.app.agent(requests, name="route", concurrency=1)(self._route_agent)
+        self.app.agent(self._raw_topic("retry"), name="retry", concurrency=1)(self._retry_agent)
+
+    def _raw_topic(self, short: str) -> Any:
+        return self.app.topic(
+            self._topics.name(short), key_serializer="raw", value_serializer="raw"
+        )
+
+    async def _route_agent(self, stream: Any) -> None:
+        # Acks are manual: a request's offset may be committed only once every record
+        # it caused (pool record, or error Response + DeadLetter) is on the broker.
+        # faust commits up to the first unacked offset, so sends stay pipelined.
+        manual = stream.noack()
+        async for event in manual.events():
+            original = original_of(event.message)
+            try:
+                outs = self.handler.handle_request(original)
+            except Exception:  # handle_request answers bad input itself: this is a bug
+                logger.exception("dropping request %s", original.where())
+                event.ack()  # redoing it would only hit the bug again
+                continue
+            delivered = [await self._send(out) for out in outs]
+            self._ack_when_delivered(event, original, outs, delivered)
+
+    async def _retry_agent(self, stream: Any) -> None:
+        # Manual acks, as in _route_agent. Each record waits for its not-before time in
+        # a task of its own, so a long backoff never holds up a shorter one behind it;
+        # the commit stays before every record not yet forwarded (kept in memory only:
+        # after a crash the next router reads them again from the committed offset).
+        # A rebalance or a graceful stop waits for them (faust's wait_empty).
+        manual = stream.noack()
+        async for event in manual.events():
+            original = original_of(event.message)
+            try:
+                delay_s, outs = self.handler.handle_retry(original)
+            except Exception:  # handle_retry dead-letters bad records itself: this is a bug
+                logger.exception("dropping retry record %s", original.where())
+                event.ack()
+                continue
+            task = asyncio.ensure_future(self._forward_when_due(event, original, outs, delay_s))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+
+    async def _forward_when_due(
+        self, event: Any, original: Original, outs: list[Outgoing], delay_s: float
+    ) -> None:
+        await asyncio.sleep(delay_s)
+        delivered = [await self._send(out) for out in outs]
+        self._ack_when_delivered(event, original, outs, delivered)
+
+    async def _send(self, out: Outgoing) -> asyncio.Future[Any]:
+        """Queue one record; the returned future resolves once the broker has it.
+
+        The router's records go out through librdkafka (the worker's Publisher), not
+        faust's aiokafka producer, whose pure-Python sender was 12 % of the router's
+        CPU samples (docs/benchmarks.md). produce() never blocks: a record for a topic
+        that does not exist fails its delivery once librdkafka gives up on its metadata.
+        """
+        try:
+            if self._publisher is None:
+                raise RuntimeError("the router sends only between start() and stop()")
+            return await self._publisher.send_bytes(out.topic, out.key, out.value, out.headers)
+        except Exception as exc:  # e.g. an invalid topic name: fail this record only
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
+    def _ack_when_delivered(
+        self,
+        event: Any,
+        original: Original,
+        outs: list[Outgoing],
+        delivered: list[asyncio.Future[Any]],
+    ) -> None:
+        """Ack the request once the broker has all its records; resend what failed first.
+
+        Callbacks, not a task per request: the common case (every record delivered)
+        costs one callback per record and the ack.
+        """
+        if not delivered:
+            event.ack()
+            return
+        waiting = len(delivered)
+
+        def on_delivery(_: asyncio.Future[Any]) -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting:
+                return
+            failed = [(o, f) for o, f in zip(outs, delivered, strict=True) if _failed(f)]
+            if not failed:
+                event.ack()
+                return
+            task = asyncio.ensure_future(self._resend(event, original, failed))
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
+
+        for future in delivered:
+            future.add_done_callback(on_delivery)
+
+    async def _resend(
+        self,
+        event: Any,
+        original: Original,
+        failed: list[tuple[Outgoing, asyncio.Future[Any]]],
+    ) -> None:
+        """Send the records the broker did not take again (with backoff), then ack."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            error = next((f.exception() for _, f in failed if not f.cancelled()), "cancelled")
+            logger.warning(
+                "forwarding failed %s attempt=%d/%d topic=%s error=%s",
+                original.where(),
+                attempt,
+                SEND_ATTEMPTS,
+                failed[0][0].topic,
+                error,
+            )
+            if attempt == SEND_ATTEMPTS:
+                break
+            await asyncio.sleep(min(2.0**attempt * 0.1, 5.0))
+            outs = [o for o, _ in failed]
+            delivered = [await self._send(o) for o in outs]
+            await asyncio.wait(delivered)
+            failed = [(o, f) for o, f in zip(outs, delivered, strict=True) if _failed(f)]
+            if not failed:
+                event.ack()
+                return
+        # Not acked: the committed offset stays before this request, so a restarted
+        # router routes it again (the consumer-group lag shows the stall meanwhile).
+        logger.error(
+            "request left unacked after %d attempts %s; it is redone when the router restarts",
+            SEND_ATTEMPTS,
+            original.where(),
+        )
+
+    async def start(self) -> None:
+        """Check the topics, load programs and routing tables, then start consuming."""
+        partitions = await asyncio.to_thread(self._check_topics)
+        await self.reader.start(partitions)
+        try:
+            await asyncio.wait_for(self.reader.ready.wait(), READY_TIMEOUT_S)
+        except TimeoutError as exc:
+            await self.reader.stop()
+            raise ConfigError(
+                f"router: programs/routing/variables topics not read within {READY_TIMEOUT_S}s"
+            ) from exc
+        producer = kafka.producer(self.settings, **{"client.id": self._app_id})
+        self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
+        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
+        await self.app.start()
+
+    async def stop(self) -> None:
+        """Stop consuming (committing what was processed) and stop the reader.
+
+        faust waits for every unacked record first, so retries still waiting are
+        forwarded on time before the router leaves (at most the longest backoff).
+        """
+        await self.app.stop()  # acks need delivery reports: the deliveries task still runs
+        if self._publisher is not None:
+            left = await self._publisher.flush(FLUSH_TIMEOUT_S)
+            if left:
+                logger.warning("router stopped with %d records not acknowledged", left)
+        if self._deliveries is not None:
+            self._deliveries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deliveries
+        await self.reader.stop()
+        await self._refused.flush()
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents router`` entry point)."""
+        serve_until_signalled(self)
+
+    def _check_topics(self) -> dict[str, int]:
+        """Partition counts of the live topics; every catalog topic must exist."""
+        live = self._admin.list_topics(timeout=10).topics
+        missing = [name for name, _ in self._topics.all() if name not in live]
+        if missing:
+            raise ConfigError(
+                f"router: topics missing: {', '.join(missing)}; run `dspex topics create`"
+            )
+        return {name: len(meta.partitions) for name, meta in live.items()}
+
+
+def make_router(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    resolver: ProgramResolver | None = None,
+    chooser: RouteChooser | None = None,
+) -> RouterApp:
+    """The router for ``settings``; ``app_id`` (faust id and consumer group) defaults to
+    ``<prefix>router``; ``resolver`` defaults to ``dspex.agents.runtime.programs``."""
+    return RouterApp(
+        settings,
+        app_id=app_id or f"{settings.topics.prefix}router",
+        resolver=resolver or ProgramsResolver(),
+        chooser=chooser,
+    )

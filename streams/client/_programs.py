@@ -1,0 +1,113 @@
+"""Program versions for ``publish_program``: the record, and the latest version on the topic.
+
+The programs topic is compacted and keyed by program id, so the latest version
+of a program is found by reading every partition from its start to its current
+end (a compacted topic may have holes in its offsets: positions, not offsets,
+say when a partition is done).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message
+from dspex.streams import kafka
+from dspex.streams.client._listener import scan_to_end
+from dspex.streams.errors import BrokerUnavailable, DSPexError
+from dspex.streams.serde import Serde
+from dspex.streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def program_version_record(
+    program_id: str,
+    signature: str,
+    *,
+    version: int,
+    parent_version: int | None,
+    module_type: str,
+    state_json: str | None,
+    module_config_json: str,
+    tools: Iterable[str],
+    metric: str | None,
+    description: str | None,
+    created_by: str,
+) -> dict[str, Any]:
+    """A ProgramVersion record ready for the serde."""
+    now = datetime.now(UTC)
+    return {
+        "program_id": program_id,
+        "version": version,
+        "signature": signature,
+        "module_type": module_type,
+        "module_config_json": module_config_json,
+        "state_json": state_json or "{}",
+        "tools": list(tools),
+        "metric": metric,
+        "score": None,
+        "description": description or "",
+        "parent_version": parent_version,
+        "created_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+        "created_by": created_by,
+    }
+
+
+def latest_version(
+    settings: Settings, serde: Serde, topic: str, program_id: str, timeout_s: float = 10.0
+) -> int:
+    """The highest version of ``program_id`` on the programs topic; 0 when there is none."""
+    versions = read_versions(settings, serde, topic, timeout_s, program_id=program_id)
+    return max((int(r["version"]) for r in versions.get(program_id, [])), default=0)
+
+
+def read_versions(
+    settings: Settings,
+    serde: Serde,
+    topic: str,
+    timeout_s: float = 10.0,
+    *,
+    program_id: str | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every ProgramVersion still on the topic, per program id, oldest version first.
+
+    Compaction keeps only the latest record per program id, so older versions
+    show up only until the log cleaner has run.
+    """
+    consumer = kafka.consumer(settings, f"dspex-programs-{uuid.uuid4().hex}")
+    try:
+        found: dict[str, list[dict[str, Any]]] = {}
+        key = program_id.encode() if program_id is not None else None
+        for record in _scan(consumer, serde, topic, key, timeout_s):
+            found.setdefault(record["program_id"], []).append(record)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"topic={topic}: cannot read program versions: {exc}") from exc
+    finally:
+        consumer.close()
+    return {pid: sorted(rs, key=lambda r: int(r["version"])) for pid, rs in found.items()}
+
+
+def _scan(
+    consumer: Consumer, serde: Serde, topic: str, key: bytes | None, timeout_s: float
+) -> Iterable[dict[str, Any]]:
+    for message in scan_to_end(consumer, topic, timeout_s):
+        if key is None or message.key() == key:
+            record = _decode(serde, topic, message)
+            if record is not None:
+                yield record
+
+
+def _decode(serde: Serde, topic: str, message: Message) -> dict[str, Any] | None:
+    value = message.value()
+    if not value:  # a tombstone
+        return None
+    try:
+        return serde.decode(value, topic=topic, expect="ProgramVersion").record
+    except DSPexError as exc:
+        where = f"topic={topic} partition={message.partition()} offset={message.offset()}"
+        logger.warning("skipping undecodable program version %s: %s", where, exc)
+        return None

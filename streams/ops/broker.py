@@ -1,0 +1,327 @@
+"""The local single-node KRaft broker, run from Apache Kafka's own jars (no Docker).
+
+``LocalBroker(settings).start()`` fetches the jars once with Maven into
+``cache_dir/kafka-<version>/``, formats KRaft storage once under ``data_dir``,
+writes ``server.properties`` for free ports on 127.0.0.1 and starts
+``kafka.Kafka`` detached (it outlives the CLI that started it). ``data_dir``
+holds::
+
+    broker.json        state file: pid, bootstrap, version, started_at
+    server.properties  rewritten on every start (ports may change)
+    log4j2.properties  the broker's logging config
+    server.log         the broker's log (INFO; controller chatter at WARN)
+    broker.out         JVM stdout/stderr (crashes before logging starts)
+    kraft/             log.dirs: the formatted KRaft storage and topic data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from dspex.streams.errors import BrokerUnavailable, LocalBrokerError
+from dspex.streams.ops import _kraft
+from dspex.streams.settings import LocalBrokerSettings
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "broker.json"
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    """A running local broker, as recorded in its state file."""
+
+    bootstrap_servers: str
+    pid: int
+    kafka_version: str
+    data_dir: Path
+    log_file: Path
+
+
+class LocalBroker:
+    """Starts, finds and stops the single-node KRaft broker described by the settings."""
+
+    def __init__(self, settings: LocalBrokerSettings, *, pom: Path | None = None) -> None:
+        self.settings = settings
+        # None: the POM embedded in dspex.streams.ops._kraft (identical to deploy/kafka/pom.xml).
+        self.pom = pom
+        # Absolute: the config path in the JVM's argv identifies the process later.
+        self.data_dir = settings.data_dir.expanduser().absolute()
+        cache_dir = settings.cache_dir.expanduser().absolute()
+        self.jar_dir = cache_dir / f"kafka-{settings.kafka_version}"
+        self.config = self.data_dir / "server.properties"
+        self.log_file = self.data_dir / "server.log"
+        self.out_file = self.data_dir / "broker.out"
+        self.state_file = self.data_dir / STATE_FILE
+        self.log_dir = self.data_dir / "kraft"
+
+    def ensure_jars(self) -> Path:
+        """Kafka's runtime classpath in ``cache_dir/kafka-<version>/``, fetched once.
+
+        Maven copies into a staging directory that is renamed into place with a
+        marker file, so an interrupted download never looks complete.
+        """
+        if (self.jar_dir / _kraft.MARKER).is_file():
+            return self.jar_dir
+        self.jar_dir.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{self.jar_dir.name}-"
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.jar_dir.parent))
+        try:
+            self._download(staging)
+        finally:
+            _kraft.remove_tree(staging)
+        return self.jar_dir
+
+    def _download(self, staging: Path) -> None:
+        pom = staging / "pom.xml"
+        pom.write_text(self.pom.read_text() if self.pom else _kraft.POM_XML, encoding="utf-8")
+        jars = staging / "jars"
+        started = time.monotonic()
+        logger.info("fetching Kafka jars version=%s dir=%s", self.settings.kafka_version, jars)
+        _kraft.run_mvn(pom, jars, self.settings.kafka_version)
+        count = len(list(jars.glob("*.jar")))
+        (jars / _kraft.MARKER).write_text(f"{self.settings.kafka_version} {count} jars\n")
+        if self.jar_dir.exists() and not (self.jar_dir / _kraft.MARKER).is_file():
+            _kraft.remove_tree(self.jar_dir)  # left by something other than this code
+        try:
+            jars.rename(self.jar_dir)
+        except OSError:
+            if not (self.jar_dir / _kraft.MARKER).is_file():
+                raise
+            # Another process finished the same download first: use its copy.
+        seconds = time.monotonic() - started
+        logger.info("fetched Kafka jars count=%d seconds=%.1f", count, seconds)
+
+    def start(self) -> BrokerInfo:
+        """Start the broker, or return the one already running; waits until it answers."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            running = self.status()
+            if running is not None:
+                self._wait_ready(running, time.monotonic() + self.settings.start_timeout_s)
+                return running
+            return self._launch()
+
+    def _launch(self) -> BrokerInfo:
+        started = time.monotonic()
+        jars = self.ensure_jars()
+        java_home = self.settings.java_home
+        java = _kraft.java_executable(str(java_home) if java_home else None)
+        port, controller_port = self._choose_ports()
+        self.config.write_text(
+            _kraft.server_properties(self.log_dir, port, controller_port), encoding="utf-8"
+        )
+        self._ensure_formatted(java, jars)
+        info = self._spawn(java, jars, f"{_kraft.HOST}:{port}")
+        self._wait_ready(info, started + self.settings.start_timeout_s)
+        logger.info(
+            "local broker ready pid=%d bootstrap=%s seconds=%.1f",
+            info.pid, info.bootstrap_servers, time.monotonic() - started,
+        )  # fmt: skip
+        return info
+
+    def _choose_ports(self) -> tuple[int, int]:
+        """The configured ports where free, else free ones (fine for formatted storage too)."""
+        wanted = (self.settings.port, self.settings.controller_port)
+        port = _kraft.choose_port(wanted[0])
+        controller = _kraft.choose_port(wanted[1], taken=(port,))
+        if (port, controller) != wanted:
+            logger.info("configured ports busy, using port=%d controller_port=%d", port, controller)
+        return port, controller
+
+    def _ensure_formatted(self, java: str, jars: Path) -> None:
+        """Format KRaft storage unless ``log_dir`` already holds a formatted node.
+
+        ``format --standalone`` records the controller endpoint in the bootstrap
+        checkpoint, but a single voter becomes leader with the listener in the
+        current ``server.properties`` and writes a new voter set, so the ports may
+        change between starts without re-formatting.
+        """
+        meta = self.log_dir / "meta.properties"
+        if meta.is_file():
+            logger.debug("storage formatted dir=%s", self.log_dir)
+            return
+        if self.log_dir.is_dir() and any(self.log_dir.iterdir()):
+            raise LocalBrokerError(
+                f"{self.log_dir} is not empty but has no meta.properties: it is not KRaft "
+                "storage this broker formatted; remove it to start from empty storage"
+            )
+        cluster_id = _kraft.new_cluster_id()
+        logger.info("formatting storage dir=%s cluster_id=%s", self.log_dir, cluster_id)
+        _kraft.format_storage(java, jars, self.config, cluster_id)
+
+    def _spawn(self, java: str, jars: Path, bootstrap: str) -> BrokerInfo:
+        log4j2 = self.data_dir / "log4j2.properties"
+        log4j2.write_text(_kraft.LOG4J2_PROPERTIES, encoding="utf-8")
+        cmd = [java, f"-Xmx{self.settings.heap}", "-Djava.awt.headless=true",
+               f"-Dlog4j2.configurationFile={log4j2}", f"-Dkafka.logs.dir={self.data_dir}",
+               # Log4j's own hook would stop logging before Kafka's shutdown lines.
+               "-Dlog4j2.shutdownHookEnabled=false",
+               "-cp", f"{jars}/*", "kafka.Kafka", str(self.config)]  # fmt: skip
+        logger.debug("starting broker cmd=%s", " ".join(cmd))
+        with self.out_file.open("wb") as out:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.data_dir, start_new_session=True,
+            )  # fmt: skip
+        info = BrokerInfo(
+            bootstrap, proc.pid, self.settings.kafka_version, self.data_dir, self.log_file
+        )
+        self._write_state(info)
+        return info
+
+    def _wait_ready(self, info: BrokerInfo, deadline: float) -> None:
+        """Poll metadata until the broker answers; fail with the log tail."""
+        admin = AdminClient(_probe_conf(info.bootstrap_servers))
+        while True:
+            if not _kraft.is_broker_process(info.pid, self.config):
+                self.state_file.unlink(missing_ok=True)
+                raise LocalBrokerError(self._failure(f"broker pid={info.pid} exited during start"))
+            if _answers(admin, timeout=1.0):
+                return
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(self._failure(
+                    f"broker pid={info.pid} at {info.bootstrap_servers} did not answer within "
+                    f"{self.settings.start_timeout_s:.0f} s (still running: stop() it or retry)"
+                ))  # fmt: skip
+            time.sleep(0.2)
+
+    def _failure(self, headline: str) -> str:
+        return (
+            f"{headline}; command: java -cp '{self.jar_dir}/*' kafka.Kafka {self.config}\n"
+            f"--- {self.log_file} ---\n{_kraft.tail(self.log_file)}\n"
+            f"--- {self.out_file} ---\n{_kraft.tail(self.out_file)}"
+        )
+
+    def status(self) -> BrokerInfo | None:
+        """The running broker, else None (a state file whose process is gone is removed).
+
+        Checks the process (pid alive and running ``kafka.Kafka`` with this data
+        dir's config), not the network: a broker still starting counts as running.
+        """
+        info = self._read_state()
+        if info is None:
+            return None
+        if _kraft.is_broker_process(info.pid, self.config):
+            return info
+        logger.debug("removing stale state file=%s pid=%d", self.state_file, info.pid)
+        self.state_file.unlink(missing_ok=True)
+        return None
+
+    def stop(self, timeout_s: float = 30) -> bool:
+        """SIGTERM the broker's process group, SIGKILL it after ``timeout_s``.
+
+        Returns True when a broker was running and has been stopped.
+        """
+        if not self.data_dir.is_dir():
+            return False
+        with self._lock():
+            info = self.status()
+            if info is None:
+                return False
+            logger.info("stopping local broker pid=%d", info.pid)
+            _signal_group(info.pid, signal.SIGTERM)
+            if not _wait_exit(info.pid, timeout_s):
+                logger.info("SIGKILL broker pid=%d after %.0f s", info.pid, timeout_s)
+                _signal_group(info.pid, signal.SIGKILL)
+                if not _wait_exit(info.pid, 10.0):
+                    raise LocalBrokerError(f"broker pid={info.pid} survived SIGKILL")
+            self.state_file.unlink(missing_ok=True)
+            return True
+
+    def _write_state(self, info: BrokerInfo) -> None:
+        state = {
+            **asdict(info),
+            "data_dir": str(info.data_dir),
+            "log_file": str(info.log_file),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        tmp = self.state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.state_file)
+
+    def _read_state(self) -> BrokerInfo | None:
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+            return BrokerInfo(
+                bootstrap_servers=str(state["bootstrap_servers"]),
+                pid=int(state["pid"]),
+                kafka_version=str(state["kafka_version"]),
+                data_dir=self.data_dir,
+                log_file=self.log_file,
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring unreadable state file=%s error=%s", self.state_file, exc)
+            self.state_file.unlink(missing_ok=True)
+            return None
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialize start/stop across processes sharing this data dir."""
+        with (self.data_dir / ".broker.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def local_bootstrap(settings: LocalBrokerSettings) -> str | None:
+    """``host:port`` of the local broker when it is running, else None."""
+    info = LocalBroker(settings).status()
+    return info.bootstrap_servers if info else None
+
+
+def _probe_conf(bootstrap: str) -> dict[str, str | int | float | bool]:
+    # log_level 0: refused connections while the broker boots are expected, not news.
+    return {
+        "bootstrap.servers": bootstrap,
+        "log_level": 0,
+        "reconnect.backoff.ms": 100,
+        "reconnect.backoff.max.ms": 500,
+        "socket.connection.setup.timeout.ms": 2000,
+    }
+
+
+def _answers(admin: AdminClient, timeout: float) -> bool:
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return bool(metadata.brokers)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the broker's session (JVM and any children); fall back to the pid alone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    except PermissionError as exc:
+        raise LocalBrokerError(f"not allowed to signal broker pid={pid}: {exc}") from exc
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _kraft.pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
