@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Protocol
 
 import typer
+
 from dspex.agents.learner.learner import make_learner
 from dspex.agents.metrics.metrics import make_metrics
 from dspex.agents.router.router import make_router

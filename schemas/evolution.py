@@ -32,6 +32,7 @@ import avro.errors
 import avro.schema
 import fastavro
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+
 from dspex.schemas.errors import IncompatibleSchema
 from dspex.schemas.registry import NAMESPACE, Schema, SchemaStore, build, default_store
 

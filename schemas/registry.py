@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
-from dspex.schemas.errors import SchemaContractError, UnknownSchema
 from fastavro.schema import SchemaParseException, fingerprint, to_parsing_canonical_form
+
+from dspex.schemas.errors import SchemaContractError, UnknownSchema
 
 NAMESPACE = "io.dspex"
 PACKAGE_DIR = Path(__file__).parent

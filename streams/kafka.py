@@ -11,6 +11,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
+
 from dspex.streams.errors import BrokerUnavailable, ConfigError
 from dspex.streams.ops.broker import local_bootstrap
 from dspex.streams.settings import Settings

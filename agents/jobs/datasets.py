@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import dspy
+
 from dspex.streams import kafka
 from dspex.streams.client._jobs import scan
 from dspex.streams.errors import DSPexError, InvalidRequest

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dspex.agents.jobs.optimize import OptimizationResult, Progress
-from dspex.agents.plumbing.records import ErrorInfo, now
+from dspex.agents.plumbing.messages import ErrorInfo
 from dspex.streams.client._programs import program_version_record
+from dspex.streams.times import now
 from dspex.streams.variables import VariableStore, new_update, variable_key
 
 Record = dict[str, Any]

@@ -27,6 +27,7 @@ from typing import Any
 
 import dspy
 from confluent_kafka import Producer
+
 from dspex.agents.jobs import jobrecords as jr
 from dspex.agents.jobs.datasets import examples_from_json, examples_from_topic, split
 from dspex.agents.jobs.jobspec import SEARCHABLE, JobSpec, parse_job
@@ -37,7 +38,8 @@ from dspex.agents.jobs.optimize import (
     PipelineEvaluator,
     Progress,
 )
-from dspex.agents.plumbing.records import ErrorInfo, Origin, dead_letter
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
+from dspex.agents.plumbing.records import dead_letter
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.programs import ProgramSpec, parse_signature, spec_from_version
 from dspex.streams.client._jobs import job_status, latest_by_key, read_compacted
@@ -54,15 +56,6 @@ logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 COMPONENT = "jobs"
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One encoded record to produce in the completing transaction."""
-
-    topic: str
-    key: bytes
-    value: bytes
 
 
 @dataclass(frozen=True)
@@ -126,7 +119,7 @@ class JobExecution:
     def __init__(
         self,
         settings: Settings,
-        origin: Origin,
+        origin: Consumed,
         record: Mapping[str, Any],
         *,
         worker_id: str,

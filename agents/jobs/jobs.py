@@ -39,9 +39,11 @@ from typing import Any
 
 import dspy
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from dspex.agents.jobs.jobrun import JobExecution, JobOutcome, Outgoing
+
+from dspex.agents.jobs.jobrun import JobExecution, JobOutcome
 from dspex.agents.jobs.txn import Completion
-from dspex.agents.plumbing.records import ErrorInfo, Origin, dead_letter
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
+from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
 from dspex.streams.client._listener import end_offsets
 from dspex.streams.errors import ConfigError, SerdeError
@@ -64,7 +66,7 @@ def default_runner_id() -> str:
 class _Running:
     """The job in progress: its message, its execution and the thread running it."""
 
-    def __init__(self, origin: Origin, execution: JobExecution) -> None:
+    def __init__(self, origin: Consumed, execution: JobExecution) -> None:
         self.origin = origin
         self.execution = execution
         self.abandoned = False
@@ -188,7 +190,7 @@ class JobRunner:
             if error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error topic=%s error=%s", self.topic, error.str())
             return
-        origin = Origin.from_message(message)
+        origin = Consumed.from_message(message)
         if self._current is not None or time.monotonic() < self._hold_until:
             # fetched before the pause took effect: put it back for later
             self._seek(origin)
@@ -199,13 +201,13 @@ class JobRunner:
                 origin.value or b"", topic=origin.topic, expect="OptimizationJob"
             )
         except SerdeError as exc:
-            logger.warning("undecodable job %s error=%s", origin.describe(), exc)
+            logger.warning("undecodable job %s error=%s", origin.where(), exc)
             if not self._commit(origin, [self._dead_letter(origin, exc)]) and self._owns(origin):
                 self._put_back(origin, RETRY_BACKOFF_S)
             return
         self._start(origin, record.record)
 
-    def _start(self, origin: Origin, record: dict[str, Any]) -> None:
+    def _start(self, origin: Consumed, record: dict[str, Any]) -> None:
         job_id = str(record.get("job_id"))
         attempt = self._attempts.get(job_id, 0) + 1
         self._attempts[job_id] = attempt
@@ -226,7 +228,7 @@ class JobRunner:
             "job started job_id=%s worker_id=%s %s attempt=%d",
             job_id,
             self.worker_id,
-            origin.describe(),
+            origin.where(),
             attempt,
         )
 
@@ -254,16 +256,16 @@ class JobRunner:
         elif self._owns(running.origin):
             self._put_back(running.origin, RETRY_BACKOFF_S)
 
-    def _put_back(self, origin: Origin, backoff_s: float) -> None:
+    def _put_back(self, origin: Consumed, backoff_s: float) -> None:
         self._seek(origin)
         self._hold_until = time.monotonic() + backoff_s
         self._pause_all()
 
-    def _seek(self, origin: Origin) -> None:
+    def _seek(self, origin: Consumed) -> None:
         try:
             self._consumer.seek(TopicPartition(origin.topic, origin.partition, origin.offset))
         except KafkaException as exc:  # not assigned any more: its next owner reads it
-            logger.info("cannot put back %s: %s", origin.describe(), exc)
+            logger.info("cannot put back %s: %s", origin.where(), exc)
 
     def _on_control(self, message: Message) -> None:
         running = self._current
@@ -299,7 +301,7 @@ class JobRunner:
             self._consumer.resume(paused)
         self._paused.clear()
 
-    def _owns(self, origin: Origin) -> bool:
+    def _owns(self, origin: Consumed) -> bool:
         return any(
             tp.topic == origin.topic and tp.partition == origin.partition
             for tp in self._consumer.assignment()
@@ -307,11 +309,11 @@ class JobRunner:
 
     # -- completing ---------------------------------------------------------------------
 
-    def _commit(self, origin: Origin, records: list[Outgoing]) -> bool:
+    def _commit(self, origin: Consumed, records: list[Outgoing]) -> bool:
         """Publish ``records`` with the job's offset in one transaction (see ``txn``)."""
         return self._completion.commit(self._consumer, origin, records, lambda: self._owns(origin))
 
-    def _dead_letter(self, origin: Origin, exc: Exception) -> Outgoing:
+    def _dead_letter(self, origin: Consumed, exc: Exception) -> Outgoing:
         error = ErrorInfo(type(exc).__name__, str(exc), None, "decode")
         record = dead_letter(origin, error, component="jobs")
         value = self._serde.encode("DeadLetter", record, topic=self._dlq)

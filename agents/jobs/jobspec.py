@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
+
 from dspex.agents.runtime.scoring import Metric, get_metric
 from dspex.streams.errors import InvalidRequest
 

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import dspy
+from dspy.utils.callback import BaseCallback
+
 from dspex.agents.jobs.jobspec import JobSpec
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec
 from dspex.agents.runtime.scoring import Metric
 from dspex.agents.runtime.tools import default_tools
 from dspex.streams.client.client import AsyncClient, Program
 from dspex.streams.errors import DSPexError, ProgramError, RetryableError
-from dspy.utils.callback import BaseCallback
 
 logger = logging.getLogger(__name__)
 

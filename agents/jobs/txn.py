@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from dspex.agents.jobs.jobrun import Outgoing
-from dspex.agents.plumbing.records import Origin
+
+from dspex.agents.plumbing.messages import Consumed, Outgoing
 from dspex.streams import kafka
 from dspex.streams.settings import Settings
 
@@ -45,7 +45,7 @@ class Completion:
     def commit(
         self,
         consumer: Consumer,
-        origin: Origin,
+        origin: Consumed,
         records: Sequence[Outgoing],
         owns: Callable[[], bool],
     ) -> bool:
@@ -69,14 +69,14 @@ class Completion:
                     return False
         return False
 
-    def _abort(self, exc: KafkaException, origin: Origin, attempt: int) -> bool:
+    def _abort(self, exc: KafkaException, origin: Consumed, attempt: int) -> bool:
         """Abort the failed transaction; True when another attempt may succeed."""
         error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
         if error is not None and error.fatal():
             raise exc  # the producer is unusable: the process restarts with a new one
         logger.warning(
             "transaction failed %s attempt=%d worker_id=%s: %s",
-            origin.describe(),
+            origin.where(),
             attempt,
             self._worker_id,
             exc,

@@ -33,14 +33,13 @@ from dspex.agents.learner.bandit import (
 )
 from dspex.agents.learner.stats import Observation, ProgramStats
 from dspex.agents.plumbing.catalog import CompactedReader, RoutingCatalog
-from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter
 from dspex.agents.plumbing.faustapp import (
     create_changelogs,
     faust_app,
-    original_of,
     serve_until_signalled,
 )
-from dspex.agents.router.router import Outgoing
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
+from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
 from dspex.streams.serde import Serde, make_serde
@@ -107,7 +106,7 @@ class Learner:
         self.dlq_topic = topics.name("dlq")
         self.candidates = dict(self.config.candidates)
 
-    def learn(self, original: Original) -> list[Outgoing]:
+    def learn(self, original: Consumed) -> list[Outgoing]:
         """Take one telemetry record; an undecodable one becomes a DeadLetter."""
         try:
             if original.value is None:
@@ -267,9 +266,9 @@ class Learner:
         value = self.serde.encode("RoutingTable", table, topic=self.routing_topic)
         return Outgoing(self.routing_topic, program_id.encode("utf-8"), value)
 
-    def _dead_letter(self, original: Original, exc: Exception) -> Outgoing:
+    def _dead_letter(self, original: Consumed, exc: Exception) -> Outgoing:
         now_ms = int(self.clock() * 1000)
-        failure = Failure.from_exception(exc, "decode")
+        failure = ErrorInfo.from_exception(exc, "decode")
         record = dead_letter(original, failure, component=COMPONENT, failed_at_ms=now_ms)
         value = self.serde.encode("DeadLetter", record, topic=self.dlq_topic)
         return Outgoing(self.dlq_topic, original.key, value)
@@ -331,7 +330,7 @@ class LearnerApp:
 
     async def _learn_agent(self, stream: Any) -> None:
         async for event in stream.events():
-            original = original_of(event.message)
+            original = Consumed.from_faust(event.message)
             try:
                 for out in self.learner.learn(original):
                     await self._send(out)

@@ -24,17 +24,18 @@ from typing import Any
 
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
 from dspex.agents.metrics.windows import BadTelemetry, Closed, Sample, Windows, gauge, snapshots
 from dspex.agents.plumbing.catalog import CompactedReader
-from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter
-from dspex.agents.plumbing.faustapp import faust_app, original_of, serve_until_signalled
-from dspex.agents.router.router import Outgoing
+from dspex.agents.plumbing.faustapp import faust_app, serve_until_signalled
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
+from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Metrics:
         self.metrics_topic = topics.name("metrics")
         self.dlq_topic = topics.name("dlq")
 
-    def take(self, original: Original) -> list[Outgoing]:
+    def take(self, original: Consumed) -> list[Outgoing]:
         """One telemetry record; an undecodable one becomes a DeadLetter."""
         try:
             if original.value is None:
@@ -180,7 +181,7 @@ class Metrics:
         self.observe(decoded.record, original)
         return []
 
-    def observe(self, record: Record, original: Original | None = None) -> bool:
+    def observe(self, record: Record, original: Consumed | None = None) -> bool:
         """Count one decoded Telemetry record; ``False`` when it was not counted."""
         if record.get("kind") == "health" and record.get("health") is not None:
             forget = 5 * self.settings.metrics.worker_health_interval_s
@@ -226,8 +227,8 @@ class Metrics:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    def _dead_letter(self, original: Original, exc: Exception) -> Outgoing:
-        failure = Failure.from_exception(exc, "decode")
+    def _dead_letter(self, original: Consumed, exc: Exception) -> Outgoing:
+        failure = ErrorInfo.from_exception(exc, "decode")
         record = dead_letter(original, failure, component=COMPONENT, failed_at_ms=self._now_ms())
         value = self.serde.encode("DeadLetter", record, topic=self.dlq_topic)
         return Outgoing(self.dlq_topic, original.key, value)
@@ -294,7 +295,7 @@ class MetricsApp:
 
     async def _aggregate(self, stream: Any) -> None:
         async for event in stream.events():
-            original = original_of(event.message)
+            original = Consumed.from_faust(event.message)
             try:
                 for out in self.metrics.take(original):
                     await self._send(out)

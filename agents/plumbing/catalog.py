@@ -23,7 +23,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
 from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
-from dspex.agents.plumbing.deadletter import Original
+
+from dspex.agents.plumbing.messages import Consumed
 from dspex.streams.errors import DSPexError, InvalidRequest, PermanentError, SerdeError
 from dspex.streams.serde import Serde
 from dspex.streams.settings import KafkaSettings
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 Record = dict[str, Any]
 Apply = Callable[[str, Record | None], object]
 """Takes one record (None: a tombstone); may return a PermanentError refusing it."""
-Refused = Callable[[Original, DSPexError, bool], Awaitable[None]]
+Refused = Callable[[Consumed, DSPexError, bool], Awaitable[None]]
 """Told of a refused or undecodable record: (where it came from, why, reader is live)."""
 
 
@@ -261,14 +262,14 @@ class CompactedReader:
     async def _report(self, message: Any, error: DSPexError) -> None:
         if self._on_refused is None:
             return
-        original = Original(
-            message.topic,
-            message.partition,
-            message.offset,
-            message.timestamp,
-            message.key,
-            message.value,
-            tuple(message.headers or ()),
+        original = Consumed(
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key,
+            value=message.value,
+            headers=tuple(message.headers or ()),
+            timestamp_ms=message.timestamp,
         )
         try:
             await self._on_refused(original, error, self.ready.is_set())

@@ -9,22 +9,21 @@ from __future__ import annotations
 import asyncio
 import signal
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import faust
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic
-from dspex.agents.plumbing.catalog import ssl_context
-from dspex.agents.plumbing.deadletter import Original
-from dspex.streams import kafka
-from dspex.streams.ops.admin import await_visible
-from dspex.streams.settings import KafkaSettings, Settings
 from faust.sensors import Monitor
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
+
+from dspex.agents.plumbing.catalog import ssl_context
+from dspex.streams import kafka
+from dspex.streams.ops.admin import await_visible
+from dspex.streams.settings import KafkaSettings, Settings
 
 FETCH_MAX_WAIT_MS = 100
 """How long the broker may hold a faust agent's fetch when there is nothing to return.
@@ -148,27 +147,6 @@ def _credentials(settings: KafkaSettings) -> Any:
             ssl_context=context,
         )
     return faust.SSLCredentials(context) if context is not None else None
-
-
-def original_of(message: Any) -> Original:
-    """Where a faust message came from, with its exact bytes (for dead letters)."""
-    timestamp = getattr(message, "timestamp", None)
-    return Original(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        timestamp_ms=int(timestamp * 1000) if timestamp is not None else None,
-        key=message.key,
-        value=message.value,
-        headers=_headers(message.headers),
-    )
-
-
-def _headers(headers: Any) -> tuple[tuple[str, bytes | None], ...]:
-    if not headers:
-        return ()
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    return tuple((str(k), v) for k, v in items)
 
 
 class ServedAgent(Protocol):

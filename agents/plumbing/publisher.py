@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
+
 from dspex.streams.errors import RetryableError
 from dspex.streams.serde import Serde
 

@@ -1,9 +1,9 @@
-"""The records a pool worker writes, built as plain dicts shaped by ``schemas/*.avsc``.
+"""The records of the contract an agent writes, one builder per record kind.
 
 Pure functions: a request, what happened to it and a clock reading in, one
-Response / Execution / Telemetry / DeadLetter record out. The worker encodes
-them with the serde and produces them; tests encode them to prove they match
-the contract.
+Response / Execution / Telemetry / DeadLetter record out, as plain dicts shaped
+by ``schemas/*.avsc``. Agents encode them with the serde and produce them; tests
+encode them to prove they match the contract. No agent writes these dicts by hand.
 """
 
 from __future__ import annotations
@@ -12,61 +12,32 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-from dspex.agents.plumbing import deadletter
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Record, TokenUsage
+from dspex.streams.times import millis_between, now, now_ms
 
-if TYPE_CHECKING:
-    from confluent_kafka import Message
-
-Record = dict[str, Any]
-
-
-def now() -> datetime:
-    """The current UTC time at millisecond precision (what timestamp-millis keeps)."""
-    moment = datetime.now(UTC)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
-
-def millis_between(start: datetime, end: datetime) -> float:
-    """Milliseconds from ``start`` to ``end`` (never negative: clocks of two hosts drift)."""
-    return max(0.0, (end - start).total_seconds() * 1000.0)
+# Error messages are for people; a clipped message keeps a record small.
+_MAX_MESSAGE = 2000
+# An original larger than this is not embedded (the dead letter would exceed the
+# broker's 1 MB message limit and be lost); its coordinates say where it is.
+MAX_EMBEDDED_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
-class ErrorInfo:
-    """Why a request failed, as the ``ErrorInfo`` record carries it."""
+class ExecutionResult:
+    """What became of one attempt to run a request: outputs or an error, tokens, trace, timings."""
 
-    error_class: str
-    message: str
-    field: str | None = None
-    stage: str | None = None
-    retryable: bool = False
-
-    def record(self) -> Record:
-        return {
-            "error_class": self.error_class,
-            "message": self.message,
-            "field": self.field,
-            "stage": self.stage,
-            "retryable": self.retryable,
-        }
-
-
-@dataclass(frozen=True)
-class Result:
-    """What became of one request: outputs or an error, tokens, trace and timings."""
-
-    status: str  # "ok" | "error" | "timeout"
+    status: str  # "ok" | "error" | "timeout" | "overloaded"
     received_at: datetime
     started_at: datetime
     finished_at: datetime
     outputs: Mapping[str, Any] = field(default_factory=dict)
-    usage: tuple[int, int, int] = (0, 0, 0)
+    usage: TokenUsage = field(default_factory=TokenUsage)
     trace: Sequence[Mapping[str, Any]] | None = None
     program_version: int | None = None
     error: ErrorInfo | None = None
@@ -76,47 +47,6 @@ class Result:
     @property
     def run_ms(self) -> float:
         return millis_between(self.started_at, self.finished_at)
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a consumed message came from: enough to dead-letter it byte for byte."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes | None]] = ()
-    timestamp_ms: int | None = None
-
-    def describe(self) -> str:
-        return f"topic={self.topic} partition={self.partition} offset={self.offset}"
-
-    @classmethod
-    def from_message(cls, message: Message) -> Origin:
-        """The origin of a consumed confluent-kafka message."""
-        _, timestamp = message.timestamp()
-        return cls(
-            topic=message.topic() or "",
-            partition=_int(message.partition()),
-            offset=_int(message.offset()),
-            key=message.key(),
-            value=message.value(),
-            headers=tuple(_headers(message)),
-            timestamp_ms=timestamp if timestamp > 0 else None,
-        )
-
-
-def _int(value: int | None) -> int:
-    return -1 if value is None else value
-
-
-def _headers(message: Message) -> Iterator[tuple[str, bytes | None]]:
-    # a consumed message's headers are a list of (key, value) pairs; the stubs allow more
-    pairs = cast("list[tuple[str, str | bytes | None]]", message.headers() or [])
-    for key, value in pairs:
-        yield key, value.encode() if isinstance(value, str) else value
 
 
 def encode_outputs(outputs: Mapping[str, Any]) -> dict[str, str]:
@@ -137,7 +67,9 @@ def chunk_response(request: Mapping[str, Any], seq: int, delta: str, pool: str) 
     }
 
 
-def final_response(request: Mapping[str, Any], result: Result, seq: int, pool: str) -> Record:
+def final_response(
+    request: Mapping[str, Any], result: ExecutionResult, seq: int, pool: str
+) -> Record:
     """The one final chunk: outputs when ``result`` is ok, else its error."""
     ok = result.status == "ok"
     return {
@@ -163,7 +95,12 @@ def _response_head(request: Mapping[str, Any], pool: str, version: int | None) -
 
 
 def execution(
-    request: Mapping[str, Any], result: Result, *, worker_id: str, pool: str, attempt: int = 1
+    request: Mapping[str, Any],
+    result: ExecutionResult,
+    *,
+    worker_id: str,
+    pool: str,
+    attempt: int = 1,
 ) -> Record:
     """The audit record of one attempt to run ``request``."""
     route = request.get("route")
@@ -215,7 +152,7 @@ def _size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def _version(request: Mapping[str, Any], result: Result) -> int | None:
+def _version(request: Mapping[str, Any], result: ExecutionResult) -> int | None:
     if result.program_version is not None:
         return result.program_version
     version: int | None = request.get("program_version")
@@ -227,7 +164,7 @@ def _module_type(request: Mapping[str, Any]) -> str:
     return str(request.get("module_type") or route.get("module_type") or "Predict")
 
 
-def _timings(request: Mapping[str, Any], result: Result) -> Record:
+def _timings(request: Mapping[str, Any], result: ExecutionResult) -> Record:
     return {
         "received_at": result.received_at,
         "started_at": result.started_at,
@@ -237,20 +174,19 @@ def _timings(request: Mapping[str, Any], result: Result) -> Record:
     }
 
 
-def queue_wait_ms(request: Mapping[str, Any], result: Result) -> float:
+def queue_wait_ms(request: Mapping[str, Any], result: ExecutionResult) -> float:
     """Milliseconds from the request's creation to the start of its execution."""
     created: datetime = request["created_at"]
     return millis_between(created, result.started_at)
 
 
-def _usage(usage: tuple[int, int, int]) -> Record:
-    prompt, completion, total = usage
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+def _usage(usage: TokenUsage) -> Record:
+    return TokenUsage(*usage)._asdict()
 
 
 def telemetry(
     request: Mapping[str, Any],
-    result: Result,
+    result: ExecutionResult,
     *,
     worker_id: str,
     pool: str,
@@ -285,7 +221,7 @@ def telemetry(
     }
 
 
-def _health(result: Result, in_flight: int) -> Record | None:
+def _health(result: ExecutionResult, in_flight: int) -> Record | None:
     if result.breaker_state is None:
         return None
     return health_sample(in_flight, result.breaker_state)
@@ -355,36 +291,72 @@ def rss_bytes() -> int:
 
 
 def dead_letter(
-    origin: Origin,
+    original: Consumed,
     error: ErrorInfo,
     *,
     component: str,
+    failed_at_ms: int | None = None,
     request_id: str | None = None,
     attempts: int = 1,
 ) -> Record:
-    """A DeadLetter keeping the original message's exact bytes, for inspection and replay."""
-    original = deadletter.Original(
-        origin.topic,
-        origin.partition,
-        origin.offset,
-        origin.timestamp_ms,
-        origin.key,
-        origin.value,
-        tuple(origin.headers),
-    )
-    failure = deadletter.Failure(
-        error.error_class,
-        error.message,
-        error.stage or "execute",
-        error.field,
-        retryable=error.retryable,
-    )
-    failed_at = now()
-    return deadletter.dead_letter(
-        original,
-        failure,
-        component=component,
-        failed_at_ms=int(failed_at.timestamp() * 1000),
-        request_id=request_id,
-        attempts=attempts,
-    )
+    """A ``DeadLetter`` record keeping ``original`` byte for byte, for inspection and replay.
+
+    A value over :data:`MAX_EMBEDDED_BYTES` is left out (``original_value_omitted``)
+    so the dead letter itself still fits the broker; replay reads it from its
+    topic by coordinates.
+    """
+    value = original.value
+    omitted = value is not None and len(value) > MAX_EMBEDDED_BYTES
+    return {
+        "original_topic": original.topic,
+        "original_partition": original.partition,
+        "original_offset": original.offset,
+        "original_timestamp": original.timestamp_ms,
+        "original_key": original.key,
+        "original_value": None if omitted else value,
+        "original_value_bytes": -1 if value is None else len(value),
+        "original_value_omitted": omitted,
+        "original_headers": [{"key": k, "value": v} for k, v in original.headers],
+        "error_class": error.error_class,
+        "error_message": _clip(_message(error)),
+        "stage": error.stage or "execute",
+        "attempts": attempts,
+        "failed_at": now_ms() if failed_at_ms is None else failed_at_ms,
+        "request_id": request_id,
+        "component": component,
+    }
+
+
+def error_response(
+    request_id: str,
+    error: ErrorInfo,
+    *,
+    produced_at_ms: int,
+    program: Mapping[str, Any] | None = None,
+) -> Record:
+    """The one final ``Response`` chunk that tells a waiting client why its request failed."""
+    program = program or {}
+    return {
+        "request_id": request_id,
+        "seq": 0,
+        "final": True,
+        "status": error.status,
+        "delta": "",
+        "outputs": None,
+        "error": {**error.record(), "message": _clip(_message(error))},
+        "cached": False,
+        "program_id": program.get("program_id"),
+        "program_version": program.get("program_version"),
+        "pool": None,
+        "produced_at": produced_at_ms,
+    }
+
+
+def _message(error: ErrorInfo) -> str:
+    if error.field and error.field not in error.message:
+        return f"{error.field}: {error.message}"
+    return error.message
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE else f"{text[: _MAX_MESSAGE - 3]}..."

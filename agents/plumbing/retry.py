@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from dspex.agents.plumbing.records import ErrorInfo
+from dspex.agents.plumbing.messages import ErrorInfo
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import ReliabilitySettings
 

@@ -1,6 +1,6 @@
 """The router agent: validates every request, answers from the cache or forwards it to a pool.
 
-:class:`RequestHandler` is the whole decision for one record, free of faust:
+:class:`RouterHandler` is the whole decision for one record, free of faust:
 bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
 it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
 requests keep their order into the pool topics), one on ``retry`` (the retrier:
@@ -27,15 +27,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Container
 from typing import Any
 
 from dspex.agents.plumbing.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
-from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter, error_response
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
-from dspex.agents.plumbing.faustapp import faust_app, original_of, serve_until_signalled
+from dspex.agents.plumbing.faustapp import faust_app, serve_until_signalled
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.agents.plumbing.retry import RETRY_POOL, retry_due
 from dspex.agents.router.cache import (
     ResultCache,
@@ -75,17 +75,7 @@ FLUSH_TIMEOUT_S = 10.0
 SEND_ATTEMPTS = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One record the router produces: already-encoded value bytes for a topic."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: Sequence[tuple[str, bytes | None]] = ()
-
-
-class RequestHandler:
+class RouterHandler:
     """Turns one ``requests`` record into the records to produce; never raises."""
 
     def __init__(
@@ -120,30 +110,30 @@ class RequestHandler:
         """The handler's clock in UTC epoch milliseconds."""
         return int(self._clock() * 1000)
 
-    def handle_request(self, original: Original) -> list[Outgoing]:
+    def handle_request(self, original: Consumed) -> list[Outgoing]:
         """Decode, check, resolve, validate, then answer from the cache or forward."""
         now = self.now_ms()
         try:
             request = self._decode(original, "Request")
         except SerdeError as exc:
             logger.warning("undecodable request %s error=%s", original.where(), exc)
-            return [self._dead_letter(original, Failure.from_exception(exc, "decode"), None, now)]
+            return [self._dead_letter(original, ErrorInfo.from_exception(exc, "decode"), None, now)]
         try:
             return self._route(original, request, now)
         except DeadlineExceeded as exc:
             status = status_of(exc)
             return self._reject(
-                original, request, Failure.from_exception(exc, "route", status=status), now
+                original, request, ErrorInfo.from_exception(exc, "route", status=status), now
             )
         except PermanentError as exc:
-            return self._reject(original, request, Failure.from_exception(exc, "validate"), now)
+            return self._reject(original, request, ErrorInfo.from_exception(exc, "validate"), now)
         except Exception as exc:  # a bug must not stop the stream: reject and keep going
             logger.exception(
                 "routing failed %s request_id=%s", original.where(), request.get("request_id")
             )
-            return self._reject(original, request, Failure.from_exception(exc, "route"), now)
+            return self._reject(original, request, ErrorInfo.from_exception(exc, "route"), now)
 
-    def handle_retry(self, original: Original) -> tuple[float, list[Outgoing]]:
+    def handle_retry(self, original: Consumed) -> tuple[float, list[Outgoing]]:
         """A ``retry`` record: (seconds to wait, its pool record), else (0, its DeadLetter).
 
         The record's bytes and headers go back to ``pool.<dspex-retry-pool>``
@@ -158,7 +148,7 @@ class RequestHandler:
         except InvalidRequest as exc:
             logger.warning("bad retry record %s error=%s", original.where(), exc)
             request_id = (original.key or b"").decode("utf-8", "replace") or None
-            failure = Failure.from_exception(exc, "retry")
+            failure = ErrorInfo.from_exception(exc, "retry")
             return 0.0, [self._dead_letter(original, failure, request_id, now)]
         logger.info(
             "retry scheduled %s attempt=%d to=%s in_s=%.3f",
@@ -175,14 +165,14 @@ class RequestHandler:
         except KeyError:
             raise InvalidRequest(f"headers.{RETRY_POOL}", f"unknown pool {pool!r}") from None
 
-    def _decode(self, original: Original, schema: str) -> Record:
+    def _decode(self, original: Consumed, schema: str) -> Record:
         if original.value is None:
             raise CorruptRecord(
                 "tombstone (null value) where a record was expected", topic=original.topic
             )
         return self._serde.decode(original.value, topic=original.topic, expect=schema).record
 
-    def _route(self, original: Original, request: Record, now: int) -> list[Outgoing]:
+    def _route(self, original: Consumed, request: Record, now: int) -> list[Outgoing]:
         self._check_size(len(original.value or b""), "request")
         check_request(request, now, self._own_topics, self._existing)
         program_id = request.get("program_id")
@@ -227,7 +217,7 @@ class RequestHandler:
                 )
         return self._programs.resolve(program_id, version)
 
-    def _forward(self, original: Original, forwarded: Record, pool: str) -> Outgoing:
+    def _forward(self, original: Consumed, forwarded: Record, pool: str) -> Outgoing:
         topic = self._topics.name(f"pool.{pool}")
         value = self._serde.encode("Request", forwarded, topic=topic)
         self._check_size(len(value), "state_json")
@@ -249,7 +239,7 @@ class RequestHandler:
             )
 
     def _reject(
-        self, original: Original, request: Record, failure: Failure, now: int
+        self, original: Consumed, request: Record, failure: ErrorInfo, now: int
     ) -> list[Outgoing]:
         request_id = str(request.get("request_id") or "")
         logger.info(
@@ -278,7 +268,7 @@ class RequestHandler:
         return Outgoing(topic, response["request_id"].encode("utf-8"), value)
 
     def _dead_letter(
-        self, original: Original, failure: Failure, request_id: str | None, now: int
+        self, original: Consumed, failure: ErrorInfo, request_id: str | None, now: int
     ) -> Outgoing:
         topic = self._topics.name("dlq")
         record = dead_letter(
@@ -342,7 +332,7 @@ class RouterApp:
             # replayed, and the router starts routing without waiting for it
             recent={topics.name("cache"): settings.router.cache_max_entries},
         )
-        self.handler = RequestHandler(
+        self.handler = RouterHandler(
             settings,
             serde,
             programs=self.programs,
@@ -380,7 +370,7 @@ class RouterApp:
         # faust commits up to the first unacked offset, so sends stay pipelined.
         manual = stream.noack()
         async for event in manual.events():
-            original = original_of(event.message)
+            original = Consumed.from_faust(event.message)
             try:
                 outs = self.handler.handle_request(original)
             except Exception:  # handle_request answers bad input itself: this is a bug
@@ -398,7 +388,7 @@ class RouterApp:
         # A rebalance or a graceful stop waits for them (faust's wait_empty).
         manual = stream.noack()
         async for event in manual.events():
-            original = original_of(event.message)
+            original = Consumed.from_faust(event.message)
             try:
                 delay_s, outs = self.handler.handle_retry(original)
             except Exception:  # handle_retry dead-letters bad records itself: this is a bug
@@ -410,7 +400,7 @@ class RouterApp:
             task.add_done_callback(self._retrying.discard)
 
     async def _forward_when_due(
-        self, event: Any, original: Original, outs: list[Outgoing], delay_s: float
+        self, event: Any, original: Consumed, outs: list[Outgoing], delay_s: float
     ) -> None:
         await asyncio.sleep(delay_s)
         delivered = [await self._send(out) for out in outs]
@@ -436,7 +426,7 @@ class RouterApp:
     def _ack_when_delivered(
         self,
         event: Any,
-        original: Original,
+        original: Consumed,
         outs: list[Outgoing],
         delivered: list[asyncio.Future[Any]],
     ) -> None:
@@ -469,7 +459,7 @@ class RouterApp:
     async def _resend(
         self,
         event: Any,
-        original: Original,
+        original: Consumed,
         failed: list[tuple[Outgoing, asyncio.Future[Any]]],
     ) -> None:
         """Send the records the broker did not take again (with backoff), then ack."""

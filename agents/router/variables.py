@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Producer
-from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter
+
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo
+from dspex.agents.plumbing.records import dead_letter
 from dspex.agents.router.cache import effective_variables
 from dspex.agents.router.routing import Route
 from dspex.streams import kafka
@@ -175,7 +177,7 @@ class RefusedUpdates:
         self._dlq = topics.name("dlq")
         self._producer: Producer | None = None
 
-    async def __call__(self, original: Original, error: DSPexError, live: bool) -> None:
+    async def __call__(self, original: Consumed, error: DSPexError, live: bool) -> None:
         """The CompactedReader's ``on_refused`` hook."""
         if original.topic != self.topic:
             return
@@ -186,7 +188,7 @@ class RefusedUpdates:
                 error,
             )
             return
-        failure = Failure.from_exception(error, STAGE)
+        failure = ErrorInfo.from_exception(error, STAGE)
         now_ms = int(time.time() * 1000)
         letter = dead_letter(original, failure, component=self._component, failed_at_ms=now_ms)
         value = self._serde.encode("DeadLetter", letter, topic=self._dlq)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import dspy
-from dspex.streams.settings import LMBackend
 from dspy.lm15 import (
     Message,
     Request,
@@ -25,6 +24,8 @@ from dspy.lm15 import (
     TextPart,
     Usage,
 )
+
+from dspex.streams.settings import LMBackend
 
 ECHO_MODEL = "dspex/echo"
 LLAMA_CPP_MODEL = "dspex/llama-cpp"

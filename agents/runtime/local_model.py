@@ -20,15 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-from dspex.agents.runtime.lms import (
-    LLAMA_CPP_MODEL,
-    last_user_text,
-    prompt_inputs,
-    prompt_output_fields,
-)
-from dspex.agents.runtime.lms import system_text as system_prompt
-from dspex.streams.errors import ProgramError
-from dspex.streams.settings import LMBackend
 from dspy.lm15 import (
     Message,
     Request,
@@ -40,6 +31,16 @@ from dspy.lm15 import (
     TextPart,
     Usage,
 )
+
+from dspex.agents.runtime.lms import (
+    LLAMA_CPP_MODEL,
+    last_user_text,
+    prompt_inputs,
+    prompt_output_fields,
+)
+from dspex.agents.runtime.lms import system_text as system_prompt
+from dspex.streams.errors import ProgramError
+from dspex.streams.settings import LMBackend
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import dspy
+
 from dspex.streams.errors import InvalidRequest, ProgramError
 
 MODULE_TYPES: frozenset[str] = frozenset(

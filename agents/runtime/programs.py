@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
+
 from dspex.agents.runtime.modules import MODULE_TYPES, construct, parse_module_config
-from dspex.agents.runtime.runner import RunResult, Usage, run
+from dspex.agents.runtime.runner import RunResult, run
 from dspex.agents.runtime.signatures import decode_inputs, parse_signature
 from dspex.agents.runtime.state import apply_state
 from dspex.agents.runtime.tools import ToolRegistry
@@ -32,7 +33,6 @@ __all__ = [
     "ProgramBuilder",
     "ProgramSpec",
     "RunResult",
-    "Usage",
     "parse_signature",
     "run",
     "spec_from_request",

@@ -15,20 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
-from dspex.streams.errors import DSPexError, ProgramError
 from dspy.streaming import StreamListener, StreamResponse
+
+from dspex.agents.plumbing.messages import TokenUsage
+from dspex.streams.errors import DSPexError, ProgramError
 
 OnChunk = Callable[[str], Awaitable[None]]
 _HIDDEN_OUTPUTS = frozenset({"trajectory"})
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Tokens one run used, summed over every LM call."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 @dataclass(frozen=True)
@@ -36,7 +29,7 @@ class RunResult:
     """What one run produced: JSON-encodable outputs, usage and a JSON-encodable trace."""
 
     outputs: dict[str, Any]
-    usage: Usage
+    usage: TokenUsage
     trace: list[dict[str, Any]]
 
 
@@ -124,11 +117,11 @@ async def _stream(
     return prediction
 
 
-def _usage(totals: Mapping[str, Mapping[str, Any]]) -> Usage:
+def _usage(totals: Mapping[str, Mapping[str, Any]]) -> TokenUsage:
     def total(key: str) -> int:
         return sum(int(entry.get(key) or 0) for entry in totals.values())
 
-    return Usage(total("prompt_tokens"), total("completion_tokens"), total("total_tokens"))
+    return TokenUsage(total("prompt_tokens"), total("completion_tokens"), total("total_tokens"))
 
 
 def _outputs(prediction: Any) -> dict[str, Any]:

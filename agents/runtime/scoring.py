@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import dspy
+
 from dspex.streams.errors import InvalidRequest
 
 Metric = Callable[..., float]

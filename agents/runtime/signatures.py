@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import dspy
+
 from dspex.streams.errors import InvalidRequest
 
 MAX_SIGNATURE_BYTES = 4096

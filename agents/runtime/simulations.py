@@ -34,14 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from dspex.agents.runtime.lms import (
-    InlineLM,
-    last_user_text,
-    prompt_inputs,
-    prompt_output_fields,
-    system_text,
-)
-from dspex.streams.errors import ConfigError
 from dspy.lm15 import (
     Message,
     Request,
@@ -54,6 +46,15 @@ from dspy.lm15 import (
     TextPart,
     Usage,
 )
+
+from dspex.agents.runtime.lms import (
+    InlineLM,
+    last_user_text,
+    prompt_inputs,
+    prompt_output_fields,
+    system_text,
+)
+from dspex.streams.errors import ConfigError
 
 SIM_MODEL = "dspex/sim"
 WRONG = "I do not know"

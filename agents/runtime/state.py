@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 import dspy
+
 from dspex.streams.errors import ProgramError
 
 logger = logging.getLogger(__name__)

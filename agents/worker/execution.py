@@ -13,10 +13,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import ValidationError
 
 from dspex.agents.plumbing.deadlines import remaining_seconds
-from dspex.agents.plumbing.records import ErrorInfo
+from dspex.agents.plumbing.messages import ErrorInfo, TokenUsage
 from dspex.agents.worker.faults import (
     BackendsExhausted,
     BreakerBoard,
@@ -26,7 +28,6 @@ from dspex.agents.worker.faults import (
 )
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import LMBackend, ReliabilitySettings, Settings
-from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec
@@ -36,14 +37,6 @@ logger = logging.getLogger(__name__)
 
 ChunkCallback = Callable[[str], Awaitable[None]]
 """Called with each piece of streamed text while a program runs."""
-
-
-class TokenUsage(NamedTuple):
-    """LM tokens one execution used."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,7 @@ class Executor(Protocol):
 
 
 @dataclass(frozen=True)
-class Failure:
+class ExecutionFailure:
     """What a failed execution means: the final status, the error, whether to dead-letter."""
 
     status: str  # "error" | "timeout"
@@ -78,7 +71,7 @@ class Failure:
     breaker_state: str | None = None
 
 
-def classify(exc: BaseException, *, stage: str = "execute") -> Failure:
+def classify(exc: BaseException, *, stage: str = "execute") -> ExecutionFailure:
     """Map an execution failure to the client-visible status and error.
 
     Timeouts are final ``"timeout"`` answers (the deadline is gone, nothing to
@@ -89,12 +82,12 @@ def classify(exc: BaseException, *, stage: str = "execute") -> Failure:
     name = type(exc).__name__
     if isinstance(exc, TimeoutError):
         message = str(exc) or "deadline exceeded while running the program"
-        return Failure("timeout", ErrorInfo(name, message, None, stage, False), False)
+        return ExecutionFailure("timeout", ErrorInfo(name, message, None, stage, False), False)
     field_name = exc.field if isinstance(exc, InvalidRequest) else None
     retryable = is_retryable(exc)
     error = ErrorInfo(name, str(exc) or name, field_name, stage, retryable)
     state = exc.breaker_state if isinstance(exc, BackendsExhausted) else None
-    return Failure("error", error, True, state)
+    return ExecutionFailure("error", error, True, state)
 
 
 _LM_VARIABLES = {"temperature": float, "max_tokens": int}
@@ -171,9 +164,7 @@ class DSPyExecutor:
             request_id=request.get("request_id"),
         )
         result = answered.value
-        usage = TokenUsage(
-            result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens
-        )
+        usage = result.usage
         version = request.get("program_version")
         trace = list(result.trace)
         return Outcome(

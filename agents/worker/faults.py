@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import pybreaker
+
 from dspex.streams.errors import PermanentError, RetryableError
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """One pool message, start to finish: decode, dedupe, check the deadline, run, answer, audit.
 
-:meth:`RequestHandler.handle` turns one consumed message into its records —
+:meth:`WorkerHandler.handle` turns one consumed message into its records —
 Response chunks, the final Response (and, for an ok answer to a cacheable
 request, the same Response on ``cache`` under its cache key), the Execution audit
 record, Telemetry, a DeadLetter when something failed — and returns only once the broker has
@@ -28,11 +28,13 @@ from typing import Any
 
 from dspex.agents.plumbing import records
 from dspex.agents.plumbing.deadlines import expired, remaining_seconds, status_of
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.offsets import RecentIds
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
-from dspex.agents.plumbing.records import ErrorInfo, Origin, Result
+from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
 from dspex.agents.worker.execution import Executor, Outcome, classify
+from dspex.streams import times
 from dspex.streams.errors import SerdeError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class _Replies:
         self.seq += 1
         await self._send("Response", record)
 
-    async def final(self, result: Result) -> None:
+    async def final(self, result: ExecutionResult) -> None:
         """The final Response; an ok answer to a cacheable request also goes to ``cache``."""
         record = records.final_response(self._request, result, self.seq, self._pool)
         await self._send("Response", record)
@@ -90,7 +92,7 @@ class _Replies:
         self.pending.append(await self._publisher.send(self.topic, key, schema, record))
 
 
-class RequestHandler:
+class WorkerHandler:
     """Answers pool messages through an :class:`Executor`, at most ``in_flight`` running at once."""
 
     def __init__(
@@ -130,7 +132,7 @@ class RequestHandler:
     def component(self) -> str:
         return f"worker.{self._pool}"
 
-    async def handle(self, origin: Origin) -> None:
+    async def handle(self, origin: Consumed) -> None:
         """Process one message; returns once all its records are acknowledged.
 
         Raises only :class:`DeliveryFailed` (the broker will not take our records);
@@ -141,23 +143,23 @@ class RequestHandler:
         except (DeliveryFailed, asyncio.CancelledError):
             raise
         except Exception as exc:
-            logger.exception("unexpected failure %s", origin.describe())
+            logger.exception("unexpected failure %s", origin.where())
             error = ErrorInfo(type(exc).__name__, str(exc) or repr(exc), None, "worker", False)
             await self._dead_letter(origin, error, None)
 
-    async def _handle(self, origin: Origin) -> None:
-        received_at = records.now()
+    async def _handle(self, origin: Consumed) -> None:
+        received_at = times.now()
         try:
             decoded = self._serde.decode(origin.value or b"", topic=origin.topic, expect="Request")
         except SerdeError as exc:
-            logger.warning("undecodable request %s error=%s", origin.describe(), exc)
+            logger.warning("undecodable request %s error=%s", origin.where(), exc)
             error = ErrorInfo(type(exc).__name__, str(exc), None, "decode", False)
             await self._dead_letter(origin, error, None)
             return
         await self._dedupe_and_answer(origin, decoded.record, received_at)
 
     async def _dedupe_and_answer(
-        self, origin: Origin, request: dict[str, Any], received_at: datetime
+        self, origin: Consumed, request: dict[str, Any], received_at: datetime
     ) -> None:
         # An answered request is remembered by its id; an attempt handed to the retry
         # topic by id and attempt, so its own redelivery is skipped but the retry is not.
@@ -165,7 +167,7 @@ class RequestHandler:
         attempt = attempt_of(origin.headers)
         handed_off = f"{request_id}#{attempt}"
         if self._recent.seen(request_id) or self._recent.seen(handed_off):
-            logger.info("skipping answered request %s request_id=%s", origin.describe(), request_id)
+            logger.info("skipping answered request %s request_id=%s", origin.where(), request_id)
             return
         running = self._active.get(handed_off)
         if running is not None:  # the same request twice in a row: answer once
@@ -181,7 +183,7 @@ class RequestHandler:
             done.set_result(None)
 
     async def _answer(
-        self, origin: Origin, request: dict[str, Any], received_at: datetime, attempt: int
+        self, origin: Consumed, request: dict[str, Any], received_at: datetime, attempt: int
     ) -> bool:
         """Run and answer one attempt; True when it went to the retry topic instead."""
         replies = _Replies(
@@ -206,7 +208,12 @@ class RequestHandler:
         return retry is not None
 
     def _plan_retry(
-        self, origin: Origin, request: Mapping[str, Any], result: Result, *, streamed: bool
+        self,
+        origin: Consumed,
+        request: Mapping[str, Any],
+        result: ExecutionResult,
+        *,
+        streamed: bool,
     ) -> Retry | None:
         """The retry record's headers when this failed attempt goes round again, else None."""
         if self._retry is None or result.status != "error":
@@ -217,13 +224,13 @@ class RequestHandler:
         )
 
     async def _send_retry(
-        self, origin: Origin, request: Mapping[str, Any], retry: Retry
+        self, origin: Consumed, request: Mapping[str, Any], retry: Retry
     ) -> asyncio.Future[None]:
         """The pool record's bytes, unchanged, to ``retry`` with the next attempt's headers."""
         assert self._to.retry is not None  # noqa: S101 - no retry policy without the topic
         logger.info(
             "retry via topic %s request_id=%s next_attempt=%d backoff_s=%s",
-            origin.describe(),
+            origin.where(),
             request["request_id"],
             retry.attempt,
             retry.backoff_s,
@@ -232,15 +239,15 @@ class RequestHandler:
         return await self._publisher.send_bytes(self._to.retry, key, value, retry.headers)
 
     async def _run(
-        self, origin: Origin, request: dict[str, Any], replies: _Replies, received_at: datetime
-    ) -> Result:
-        started_at = records.now()
+        self, origin: Consumed, request: dict[str, Any], replies: _Replies, received_at: datetime
+    ) -> ExecutionResult:
+        started_at = times.now()
         remaining = remaining_seconds(request, started_at)
         if remaining is not None and remaining <= 0:
             reason = expired(request, int(started_at.timestamp() * 1000), "a worker")
             status = status_of(reason)
             error = ErrorInfo(type(reason).__name__, reason.reason, "deadline_at", "queue")
-            return Result(status, received_at, started_at, started_at, error=error)
+            return ExecutionResult(status, received_at, started_at, started_at, error=error)
         on_chunk = replies.chunk if request.get("stream") else None
         try:
             outcome = await asyncio.wait_for(self._executor.execute(request, on_chunk), remaining)
@@ -250,37 +257,37 @@ class RequestHandler:
 
     def _failed(
         self,
-        origin: Origin,
+        origin: Consumed,
         request: Mapping[str, Any],
         exc: Exception,
         received_at: datetime,
         started_at: datetime,
-    ) -> Result:
+    ) -> ExecutionResult:
         failure = classify(exc)
         level = logging.WARNING if failure.dead_letter else logging.INFO
         logger.log(
             level,
             "execution failed %s request_id=%s status=%s error=%s: %s",
-            origin.describe(),
+            origin.where(),
             request["request_id"],
             failure.status,
             failure.error.error_class,
             failure.error.message,
         )
-        return Result(
+        return ExecutionResult(
             failure.status,
             received_at,
             started_at,
-            records.now(),
+            times.now(),
             error=failure.error,
             breaker_state=failure.breaker_state,
         )
 
     async def _audit(
         self,
-        origin: Origin,
+        origin: Consumed,
         request: Mapping[str, Any],
-        result: Result,
+        result: ExecutionResult,
         attempt: int = 1,
         *,
         final: bool = True,
@@ -309,7 +316,7 @@ class RequestHandler:
 
     async def _await_delivery(
         self,
-        origin: Origin,
+        origin: Consumed,
         request: Mapping[str, Any],
         reply_topic: str,
         pending: list[asyncio.Future[None]],
@@ -331,12 +338,14 @@ class RequestHandler:
             return
         raise first
 
-    async def _dead_letter(self, origin: Origin, error: ErrorInfo, request_id: str | None) -> None:
+    async def _dead_letter(
+        self, origin: Consumed, error: ErrorInfo, request_id: str | None
+    ) -> None:
         delivered = await self._send_dead_letter(origin, error, request_id)
         await delivered
 
     async def _send_dead_letter(
-        self, origin: Origin, error: ErrorInfo, request_id: str | None, attempts: int = 1
+        self, origin: Consumed, error: ErrorInfo, request_id: str | None, attempts: int = 1
     ) -> asyncio.Future[None]:
         # without the retry headers: a replayed dead letter starts again at attempt 1
         first = replace(origin, headers=without_retry_headers(origin.headers))
@@ -349,7 +358,7 @@ class RequestHandler:
 GOLD, METRIC = "dspex.gold", "dspex.metric"
 
 
-def score_against_gold(request: Mapping[str, Any], result: Result) -> float | None:
+def score_against_gold(request: Mapping[str, Any], result: ExecutionResult) -> float | None:
     """The metric's score of a successful answer when the request carries a gold answer.
 
     ``metadata["dspex.gold"]`` is a JSON object of expected output fields;
@@ -376,12 +385,12 @@ def score_against_gold(request: Mapping[str, Any], result: Result) -> float | No
     return score if math.isfinite(score) else None
 
 
-def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) -> Result:
-    return Result(
+def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) -> ExecutionResult:
+    return ExecutionResult(
         "ok",
         received_at,
         started_at,
-        records.now(),
+        times.now(),
         outputs=outcome.outputs,
         usage=outcome.usage,
         trace=outcome.trace,

@@ -36,14 +36,15 @@ from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
 from dspex.agents.plumbing import records
+from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.offsets import OffsetTracker
 from dspex.agents.plumbing.offsets import TopicPartition as TP
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
-from dspex.agents.plumbing.records import Origin
 from dspex.agents.plumbing.retry import RetryTopicPolicy
 from dspex.agents.worker.execution import DSPyExecutor, Executor
-from dspex.agents.worker.handler import Destinations, RequestHandler
+from dspex.agents.worker.handler import Destinations, WorkerHandler
 from dspex.streams import kafka
 from dspex.streams.logs import configure_logging
 from dspex.streams.serde import make_serde
@@ -166,7 +167,7 @@ class PoolWorker:
         producer = kafka.producer(self._settings, **conf)
         return Publisher(producer, make_serde(self._settings), self._loop)
 
-    def _make_handler(self) -> RequestHandler:
+    def _make_handler(self) -> WorkerHandler:
         topics = Topics(self._settings.topics)
         destinations = Destinations(
             responses=topics.name("responses"),
@@ -176,7 +177,7 @@ class PoolWorker:
             retry=topics.name("retry"),
             cache=topics.name("cache"),
         )
-        return RequestHandler(
+        return WorkerHandler(
             executor=self._executor or DSPyExecutor(self._settings),
             publisher=self._publisher,
             serde=make_serde(self._settings),
@@ -259,15 +260,15 @@ class PoolWorker:
             if error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error topic=%s error=%s", self.topic, error.str())
             return
-        origin = Origin.from_message(message)
+        origin = Consumed.from_message(message)
         tp = (origin.topic, origin.partition)
         self._tracker.started(tp, origin.offset)
         generation = self._generation.get(tp, 0)
-        task = asyncio.create_task(self._handle(origin, tp, generation), name=origin.describe())
+        task = asyncio.create_task(self._handle(origin, tp, generation), name=origin.where())
         self._tasks[task] = (tp, origin.offset)
         task.add_done_callback(self._on_task_done)
 
-    async def _handle(self, origin: Origin, tp: TP, generation: int) -> None:
+    async def _handle(self, origin: Consumed, tp: TP, generation: int) -> None:
         await self._handler.handle(origin)
         # in the same step as the handler's last bookkeeping (no await since its records
         # were delivered), so running() never counts a finished request for a loop turn

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
 from dspex.streams.logs import configure_logging
 from dspex.streams.settings import Settings, load_settings
-from rich.console import Console
 
 app = typer.Typer(help="DSPex: DSPy programs behind Apache Kafka.", no_args_is_help=True)
 out = Console()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import typer
+from rich.table import Table
+
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.ops.admin import TopicReport, ensure_topics
 from dspex.streams.ops.broker import BrokerInfo, LocalBroker
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-from rich.table import Table
 
 broker_app = typer.Typer(help="The local single-node KRaft broker (Apache Kafka's own jars).")
 topics_app = typer.Typer(help="The topic catalog on the cluster.")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.table import Table
+
 from dspex import schemas
 from dspex.schemas.evolution import check_all, release
 from dspex.streams.cli._app import app, err, out
-from rich.table import Table
 
 schemas_app = typer.Typer(help="The Avro contract in schemas/*.avsc.")
 app.add_typer(schemas_app, name="schemas")

@@ -15,13 +15,14 @@ from typing import Annotated, Any
 
 import typer
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from rich.table import Table
+
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.errors import DSPexError
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-from rich.table import Table
 
 dlq_app = typer.Typer(help="The dead-letter topic: list and replay.")
 app.add_typer(dlq_app, name="dlq")

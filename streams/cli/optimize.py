@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.client._jobs import JobOptions, JobProgress, JobResult, job_status
 from dspex.streams.client.client import Chunk, Client
 from dspex.streams.errors import ConfigError
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
 optimize_app = typer.Typer(help="Optimizer jobs on the optimizer pool (docs/optimizer.md).")
 app.add_typer(optimize_app, name="optimize")

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
+
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.client.client import Client, Program, RequestFailed
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-from rich.table import Table
 
 programs_app = typer.Typer(help="Program versions on the compacted programs topic.")
 app.add_typer(programs_app, name="programs")

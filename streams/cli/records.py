@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, settings_of
 from dspex.streams.errors import DSPexError

@@ -17,15 +17,16 @@ from typing import Annotated, Any
 
 import typer
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.errors import DSPexError
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-from rich.console import Group
-from rich.live import Live
-from rich.table import Table
 
 Record = dict[str, Any]
 CATCH_UP_S = 10.0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.cli.cluster import create_topics, ensure_cluster, topics_table

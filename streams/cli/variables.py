@@ -6,12 +6,13 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.table import Table
+
 from dspex.streams.cli._app import app, out, settings_of
 from dspex.streams.client.client import Client, VariableScope
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.variables import VAR_TYPES, constraints_of
-from rich.markup import escape
-from rich.table import Table
 
 variables_app = typer.Typer(
     help="Shared, typed variables: the compacted variables topic and its history."

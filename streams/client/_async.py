@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Unpack
 
 from confluent_kafka import KafkaError, Message, Producer
+
 from dspex.streams import kafka
 from dspex.streams.client import _jobs, _variables
 from dspex.streams.client._feedback import feedback_record

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
 from dspex.streams import kafka
 from dspex.streams.client._listener import watermarks
 from dspex.streams.client._replies import Chunk, Inbox

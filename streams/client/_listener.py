@@ -21,6 +21,7 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+
 from dspex.streams.client._replies import Chunk
 from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
 from dspex.streams.serde import Serde

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message
+
 from dspex.streams import kafka
 from dspex.streams.client._listener import scan_to_end
 from dspex.streams.errors import BrokerUnavailable, DSPexError

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict
 
 from confluent_kafka import KafkaException, Message
+
 from dspex.streams import kafka
 from dspex.streams.client._listener import scan_to_end
 from dspex.streams.errors import BrokerUnavailable, DSPexError

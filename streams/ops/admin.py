@@ -16,6 +16,7 @@ from typing import Literal
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
 from dspex.streams.errors import BrokerUnavailable, TopicConfigError
 from dspex.streams.topics import TopicSpec
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
 from dspex.streams import kafka
 from dspex.streams.errors import SerdeError
 from dspex.streams.serde import make_serde

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+
 from dspex.streams.errors import BrokerUnavailable, LocalBrokerError
 from dspex.streams.ops import _kraft
 from dspex.streams.settings import LocalBrokerSettings

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Protocol, cast
 
-from dspex.streams.errors import CorruptRecord, SchemaNotFound, SerdeError
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
+
+from dspex.streams.errors import CorruptRecord, SchemaNotFound, SerdeError
 
 
 @dataclass(frozen=True, slots=True)

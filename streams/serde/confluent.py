@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
+from fastavro import parse_schema
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
 from dspex.streams.errors import CorruptRecord, RegistryUnavailable, SchemaNotFound
 from dspex.streams.serde.base import (
     AvroSchema,
@@ -31,8 +34,6 @@ from dspex.streams.serde.base import (
     write_body,
 )
 from dspex.streams.settings import Settings
-from fastavro import parse_schema
-from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MAGIC = b"\x00"
 HEADER_SIZE = 5

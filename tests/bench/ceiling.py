@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
 from dspex.streams import kafka
 from dspex.streams.ops.admin import ensure_topics
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-
 from tests.bench.messages import Payloads
 from tests.bench.stats import latency_ms, rate
 

@@ -1,7 +1,7 @@
 """EXPERIMENT, not a product router: the router's request path on confluent-kafka.
 
 The B arm of :mod:`tests.bench.router_ab`. It runs the product router's own
-``router.RequestHandler`` and ``plumbing.catalog.CompactedReader``
+``router.RouterHandler`` and ``plumbing.catalog.CompactedReader``
 (the same decisions, the same records out) but consumes ``requests`` with a
 confluent-kafka consumer in the ``<prefix>router`` group, the way the pool worker
 does, instead of through faust. Offsets are committed only up to the lowest
@@ -27,9 +27,10 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from dspex.agents.plumbing.deadletter import Original
+
+from dspex.agents.plumbing.messages import Consumed, Outgoing
 from dspex.agents.plumbing.offsets import OffsetTracker
-from dspex.agents.router.router import Outgoing, RouterApp, make_router
+from dspex.agents.router.router import RouterApp, make_router
 from dspex.streams import kafka
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
@@ -80,15 +81,7 @@ class ConfluentRequestLoop:
             return
         tp: TP = (str(message.topic()), int(message.partition() or 0))
         offset = int(message.offset() or 0)
-        original = Original(
-            tp[0],
-            tp[1],
-            offset,
-            message.timestamp()[1],
-            message.key(),
-            message.value(),
-            tuple(message.headers() or ()),
-        )
+        original = Consumed.from_message(message)
         outs = self._router.handler.handle_request(original)
         self._tracker.started(tp, offset)
         self._unacked[(tp, offset)] = len(outs)

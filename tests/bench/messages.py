@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from dspex.agents.plumbing.records import Result, final_response
+from dspex.agents.plumbing.records import ExecutionResult, final_response
 from dspex.streams.client._requests import Program, build_request
 from dspex.streams.serde import Serde
-
 from tests.bench.config import SIGNATURE, question
 
 PROGRAM = Program.inline(SIGNATURE)
@@ -45,7 +44,7 @@ def response_record(request: dict[str, Any]) -> dict[str, Any]:
     """The final ok Response a worker sends for ``request``."""
     now = datetime.now(UTC)
     answer = {"answer": f"echo: {question(0)}"}
-    result = Result("ok", now, now, now, outputs=answer)
+    result = ExecutionResult("ok", now, now, now, outputs=answer)
     return final_response(request, result, 0, "general")
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from dspex.streams.client.client import AsyncClient, Result
 from dspex.streams.errors import DSPexError
-
 from tests.bench.config import question
 from tests.bench.messages import PROGRAM
 from tests.bench.stats import latency_ms, rate

@@ -1,6 +1,6 @@
 """What faust costs the router: the product router (A) against a confluent-kafka request loop (B).
 
-Both arms run the same :class:`~dspex.agents.router.router.RequestHandler` with one pool worker
+Both arms run the same :class:`~dspex.agents.router.router.RouterHandler` with one pool worker
 on one broker; B is the experiment in :mod:`tests.bench.ckrouter`. The arms take
 turns (A, B, A, B, ...) so a noisy shared machine hurts both alike. Per turn:
 cache-hit saturation (requests/s and each process's CPU per hit), then 100
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
-from dspex.streams.client.client import AsyncClient
 
+from dspex.streams.client.client import AsyncClient
 from tests.bench import pipeline, trace
 from tests.bench.config import BenchConfig
 from tests.bench.evaluate import phase_cpu_ms

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
+
 from dspex.agents.worker.handler import GOLD as GOLD_KEY
 from dspex.agents.worker.handler import METRIC as METRIC_KEY
 from dspex.streams import kafka
@@ -37,7 +38,6 @@ from dspex.streams.client.client import AsyncClient, Program
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-
 from tests.bench.routing_sim import Backend, SimFleet
 from tests.bench.routing_workload import Outcome, Task, drive, is_correct, tasks
 from tests.bench.stack import (

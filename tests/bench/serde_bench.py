@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Any
 
 from dspex.streams.serde import Serde
-
 from tests.bench.messages import request_record
 
 

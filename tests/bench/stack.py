@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
+
 from dspex.streams import kafka
 from dspex.streams.ops.admin import ensure_topics
 from dspex.streams.ops.broker import LocalBroker
 from dspex.streams.settings import LocalBrokerSettings, Settings, load_settings
 from dspex.streams.topics import Topics
-
 from tests.bench.cpu import listening_pid
 from tests.integration.brokers import free_port
 
@@ -144,10 +144,16 @@ class AgentProcess:
         return self.popen.returncode
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def agent_env(settings: Settings, in_flight: int) -> dict[str, str]:
     """The environment an agent process needs to join this run."""
+    # the repository root, so an experimental router (``-m tests.bench.ckrouter``) imports
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     return {
         **os.environ,
+        "PYTHONPATH": path,
         "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "DSPEX_POOLS__GENERAL__IN_FLIGHT": str(in_flight),

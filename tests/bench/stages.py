@@ -13,12 +13,12 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
+
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-
 from tests.bench import ceiling, pipeline, trace
 from tests.bench.config import BenchConfig
 from tests.bench.cpu import CpuMeter

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
+
 from dspex.streams.ops.broker import LocalBroker
 from dspex.streams.settings import LocalBrokerSettings
 

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from confluent_kafka.admin import AdminClient
+
 from dspex.streams import kafka
 from dspex.streams.ops.admin import TopicReport, ensure_topics
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-
 from tests.integration.brokers import any_broker
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from unittest import mock
 
 from confluent_kafka import KafkaException, TopicPartition
+
 from dspex.streams import kafka
 from dspex.streams.client._listener import end_offsets as end_offsets_of
 from dspex.streams.serde import make_serde

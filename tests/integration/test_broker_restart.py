@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program, Result
 from dspex.streams.errors import DSPexError
@@ -24,7 +25,6 @@ from dspex.streams.ops.admin import ensure_topics
 from dspex.streams.ops.broker import LocalBroker
 from dspex.streams.settings import LocalBrokerSettings, Settings, load_settings
 from dspex.streams.topics import Topics
-
 from tests.integration.brokers import free_port
 from tests.integration.stack import Stack
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import TopicPartition
-from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter
+
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo
+from dspex.agents.plumbing.records import dead_letter
 from dspex.schemas.samples import sample
 from dspex.streams import kafka
 from dspex.streams.ops.admin import TopicReport
@@ -157,8 +159,8 @@ def test_dlq_replay_reads_an_omitted_original_back_from_its_topic(
     producer.produce(requests, big, b"big", on_delivery=lambda err, msg: delivered.append(msg))
     assert producer.flush(30) == 0
     (msg,) = delivered
-    original = Original(requests, msg.partition(), msg.offset(), key=b"big", value=big)
-    failure = Failure("InvalidRequest", "too big", "validate", "inputs.question")
+    original = Consumed(requests, msg.partition(), msg.offset(), key=b"big", value=big)
+    failure = ErrorInfo("InvalidRequest", "too big", field="inputs.question", stage="validate")
     letter = dead_letter(original, failure, component="router", failed_at_ms=0, request_id="r-big")
     assert letter["original_value_omitted"] and letter["original_value"] is None
     dlq = topics.name("dlq")

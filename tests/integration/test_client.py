@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from dspex.streams import kafka
 from dspex.streams.client.client import (
     AsyncClient,

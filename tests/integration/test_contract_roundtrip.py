@@ -16,6 +16,7 @@ from typing import Any
 import avro.io
 import avro.schema
 import pytest
+
 from dspex import schemas
 from dspex.schemas.samples import sample
 from dspex.streams import kafka

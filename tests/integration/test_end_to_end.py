@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-
 from tests.integration.stack import POOLS, Stack, Tail, end_offsets, wait_for_records
 
 CreateTopics = Callable[[], list[TopicReport]]

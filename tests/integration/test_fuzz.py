@@ -22,13 +22,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka.admin import ConfigResource, ResourceType
+
 from dspex.schemas.samples import sample
 from dspex.streams import kafka
 from dspex.streams.client._requests import Program, build_request, request_headers, request_key
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-
 from tests.integration.stack import Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,

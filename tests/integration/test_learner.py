@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka.admin import ConfigResource, ResourceType
+
 from dspex.agents.learner.learner import LearnerApp, make_learner
 from dspex.agents.learner.stats import ProgramStats
 from dspex.agents.plumbing.faustapp import create_changelogs
@@ -28,7 +29,6 @@ from dspex.streams.errors import InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import BanditConfig, LearnerSettings, Settings
 from dspex.streams.topics import Topics
-
 from tests.integration.stack import REPO, agent_env
 
 PROGRAM = "support.answer"

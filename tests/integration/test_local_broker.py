@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from dspex.streams.ops import _kraft
 from dspex.streams.ops.broker import LocalBroker, local_bootstrap
 from dspex.streams.settings import LocalBrokerSettings

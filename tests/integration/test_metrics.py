@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
 from dspex.agents.metrics.metrics import MetricsApp, make_metrics
 from dspex.streams import kafka
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.integration.brokers import free_port
 
 WINDOW_S = 2.0

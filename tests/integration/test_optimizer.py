@@ -28,16 +28,15 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
-from dspex.agents.jobs.jobrun import Outgoing
+
 from dspex.agents.jobs.txn import Completion
-from dspex.agents.plumbing.records import Origin
+from dspex.agents.plumbing.messages import Consumed, Outgoing
 from dspex.streams import kafka
 from dspex.streams.client._jobs import JobProgress
 from dspex.streams.client.client import AsyncClient, Result
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-
 from tests.integration.stack import REPO, Stack, Tail, _live, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -449,7 +448,7 @@ def test_a_zombie_runners_completion_is_refused_and_invisible(
     )
     tail = tails(settings)
     try:
-        origin = Origin.from_message(_first_message(zombie, topics.name("jobs")))
+        origin = Consumed.from_message(_first_message(zombie, topics.name("jobs")))
         _first_message(successor, topics.name("jobs"))  # it owns the partition now
         result = Outgoing(topics.name("jobs.status"), b"job-1", b"result")
         refused = Completion(settings, worker_id="zombie", group_id=group)

@@ -22,7 +22,6 @@ from pathlib import Path
 from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings, load_settings
-
 from tests.integration.stack import Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program, Result
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings
-
 from tests.integration.stack import REPO, Tail, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from dspex.agents.plumbing.retry import RETRY_HEADERS
 from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
 from dspex.streams.settings import Settings, load_settings
-
 from tests.integration.stack import REPO, Tail, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,

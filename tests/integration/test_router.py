@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+
 from dspex.agents.router.router import RouterApp, make_router
 from dspex.streams import kafka
 from dspex.streams.serde import make_serde

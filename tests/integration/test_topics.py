@@ -15,6 +15,7 @@ from confluent_kafka.admin import (
     ConfigResource,
     NewPartitions,
 )
+
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings
 from dspex.streams.topics import CATALOG, Topics

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+
 from dspex.agents.router.router import RouterApp, make_router
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Result
@@ -28,7 +29,6 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 from dspex.streams.variables import variable_key
-
 from tests.integration.stack import Tail, end_offsets
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     CreateTopics,

@@ -20,11 +20,12 @@ from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import TopicPartition
-from dspex.agents.plumbing import records
-from dspex.agents.worker.execution import Executor, Outcome, TokenUsage
+
+from dspex.agents.plumbing.messages import TokenUsage
+from dspex.agents.worker.execution import Executor, Outcome
 from dspex.agents.worker.worker import PoolWorker
 from dspex.schemas.samples import sample
-from dspex.streams import kafka
+from dspex.streams import kafka, times
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import GeneralPoolSettings, PoolsSettings, Settings
@@ -261,7 +262,7 @@ async def test_expired_deadline_times_out_without_running(
     settings: Settings, create_topics: CreateTopics
 ) -> None:
     create_topics()
-    late = _request(1, deadline_at=records.now() - timedelta(seconds=5))
+    late = _request(1, deadline_at=times.now() - timedelta(seconds=5))
     executor = FakeExecutor()
     async with outputs(settings) as out, running(_worker(settings, executor, _group())):
         _produce_requests(settings, [late])

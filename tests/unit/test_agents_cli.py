@@ -6,8 +6,9 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from dspex.agents import cli
 from typer.testing import CliRunner
+
+from dspex.agents import cli
 
 
 @pytest.fixture(autouse=True)

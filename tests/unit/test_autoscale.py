@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
+
 from dspex.streams.cli.up import agent_commands
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
 from dspex.streams.settings import PoolSettings, PoolsSettings, load_settings
-from pydantic import ValidationError
 
 
 def test_hints_are_clamped_to_each_pools_bounds() -> None:

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
+
 from dspex.agents.learner.bandit import (
     Decision,
     changed,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from dspex.streams.errors import LocalBrokerError
 from dspex.streams.ops import _kraft
 from dspex.streams.ops.broker import LocalBroker, local_bootstrap

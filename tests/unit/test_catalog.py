@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition  # type: ignore[import-untyped]
+
 from dspex.agents.plumbing.catalog import CompactedReader
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import load_settings

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from dspex.streams.client._replies import ChunkAssembler, Dispatcher, Inbox
 from dspex.streams.client._requests import build_request, json_map, request_headers, request_key
 from dspex.streams.client.client import (

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML: locked via dspy
+from prometheus_client import CollectorRegistry
+
 from dspex.agents.metrics.metrics import Exporter
 from dspex.streams.settings import load_settings
 from dspex.streams.topics import Topics
-from prometheus_client import CollectorRegistry
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 POOLS = ("general", "optimizer", "gpu")

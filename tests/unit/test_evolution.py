@@ -13,6 +13,7 @@ import avro.schema
 import fastavro
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+
 from dspex import schemas
 from dspex.schemas.evolution import check, check_all, example, release
 from dspex.schemas.registry import PACKAGE_DIR, SchemaStore

@@ -15,6 +15,10 @@ from typing import Any
 
 import dspy
 import pytest
+from dspy.lm15 import InvalidRequestError, RateLimitError, ServerError
+from dspy.lm15 import Request as LMRequest
+from dspy.lm15 import TimeoutError as ProviderTimeout
+
 from dspex.agents.plumbing.records import telemetry
 from dspex.agents.runtime.lms import ECHO_MODEL, AsyncEchoEngine, EchoEngine, EchoLM
 from dspex.agents.worker.execution import DSPyExecutor, classify
@@ -28,9 +32,6 @@ from dspex.agents.worker.faults import (
 from dspex.schemas.samples import sample
 from dspex.streams.errors import ProgramError
 from dspex.streams.settings import Settings, load_settings
-from dspy.lm15 import InvalidRequestError, RateLimitError, ServerError
-from dspy.lm15 import Request as LMRequest
-from dspy.lm15 import TimeoutError as ProviderTimeout
 
 
 class ScriptedEngine(AsyncEchoEngine):
@@ -279,10 +280,11 @@ async def test_a_partly_streamed_answer_is_never_replayed() -> None:
 
 
 def test_telemetry_names_the_answering_variant_and_its_breaker() -> None:
-    from dspex.agents.plumbing.records import Result, now
+    from dspex.agents.plumbing.records import ExecutionResult
+    from dspex.streams.times import now
 
     t = now()
-    result = Result("ok", t, t, t, variant="backup", breaker_state="half-open")
+    result = ExecutionResult("ok", t, t, t, variant="backup", breaker_state="half-open")
     record = telemetry(_request(), result, worker_id="w", pool="general", in_flight=3)
     assert record["variant"] == "backup"
     health = record["health"]

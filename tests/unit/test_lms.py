@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dspy
 import pytest
+from pydantic import SecretStr
+
 from dspex.agents.runtime.lms import EchoEngine, EchoLM, build_lm, echo_reply
 from dspex.streams.settings import LMBackend
-from pydantic import SecretStr
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.local_model import _completion_prompt, load_model
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, run

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML: locked via dspy
+from prometheus_client import CollectorRegistry
+
 from dspex.agents.metrics.metrics import Exporter, Metrics
 from dspex.agents.metrics.windows import Closed, Sample, Windows, percentile, snapshots
-from dspex.agents.plumbing.deadletter import Original
+from dspex.agents.plumbing.messages import Consumed
 from dspex.streams.cli.top import View
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
-from prometheus_client import CollectorRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_040_000  # a window boundary for 60 s and 2 s windows
@@ -130,9 +131,9 @@ def test_snapshots_follow_the_contract_and_the_exporter_counts_in_seconds() -> N
     metrics = Metrics(config, serde, Exporter(registry), clock=clock)
     topic = metrics.metrics_topic.replace("metrics", "telemetry")
     for good in (execution(), execution(success=False, error_class="LMError", latency_ms=3000.0)):
-        original = Original(topic, 0, 1, value=serde.encode("Telemetry", good, topic=topic))
+        original = Consumed(topic, 0, 1, value=serde.encode("Telemetry", good, topic=topic))
         assert metrics.take(original) == []
-    assert metrics.take(Original(topic, 0, 2, key=b"k", value=b"junk"))[0].topic.endswith("dlq")
+    assert metrics.take(Consumed(topic, 0, 2, key=b"k", value=b"junk"))[0].topic.endswith("dlq")
     assert not metrics.observe(execution(success=None))
     assert not metrics.observe({"kind": "health", "emitted_at": T0})
     clock.ms = T0 + 2_500

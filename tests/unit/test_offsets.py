@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from dspex.agents.plumbing.offsets import OffsetTracker, RecentIds
 
 TP = ("dspex.pool.general", 0)

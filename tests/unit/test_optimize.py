@@ -17,6 +17,7 @@ from typing import Any
 
 import dspy
 import pytest
+
 from dspex.agents.jobs import jobrecords as jr
 from dspex.agents.jobs.datasets import examples_from_json, split
 from dspex.agents.jobs.jobs import JobRunner

@@ -7,6 +7,7 @@ from typing import Any
 
 import dspy
 import pytest
+
 from dspex.agents.runtime.lms import EchoLM
 from dspex.agents.runtime.programs import (
     MODULE_TYPES,

@@ -1,8 +1,8 @@
 """The retry-topic path without a broker: the decision, the worker's records, the retrier.
 
-The worker side runs :class:`~dspex.agents.worker.handler.RequestHandler` against a fake
+The worker side runs :class:`~dspex.agents.worker.handler.WorkerHandler` against a fake
 producer and a scripted executor; the router side runs
-:meth:`dspex.agents.router.router.RequestHandler.handle_retry` and the retry agent's
+:meth:`dspex.agents.router.router.RouterHandler.handle_retry` and the retry agent's
 scheduling against a fake faust stream and producer. Clocks are fixed or fake.
 The flaky backend is the ``dspex/sim?fail=N`` SIMULATION.
 """
@@ -18,11 +18,10 @@ from typing import Any
 
 import dspy
 import pytest
-from dspex.agents.plumbing import records
+
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
-from dspex.agents.plumbing.deadletter import Original
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
-from dspex.agents.plumbing.records import ErrorInfo, Origin
 from dspex.agents.plumbing.retry import (
     ATTEMPT,
     NOT_BEFORE,
@@ -33,15 +32,14 @@ from dspex.agents.plumbing.retry import (
     without_retry_headers,
 )
 from dspex.agents.router.cache import ResultCache
-from dspex.agents.router.router import RequestHandler as RouterHandler
-from dspex.agents.router.router import RouterApp
+from dspex.agents.router.router import RouterApp, RouterHandler
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.simulations import SimOptions
 from dspex.agents.worker.execution import Outcome
 from dspex.agents.worker.faults import BackendFailure, BackendsExhausted, is_retryable
-from dspex.agents.worker.handler import Destinations
-from dspex.agents.worker.handler import RequestHandler as WorkerHandler
+from dspex.agents.worker.handler import Destinations, WorkerHandler
 from dspex.schemas.samples import sample
+from dspex.streams import times
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import SingleObjectSerde
 from dspex.streams.settings import LMBackend, Settings, load_settings
@@ -208,7 +206,7 @@ class Worker:
     producer: FakeProducer
     publisher: Publisher
 
-    async def handle(self, *origins: Origin) -> None:
+    async def handle(self, *origins: Consumed) -> None:
         async def serve() -> None:
             while True:
                 self.publisher.poll()
@@ -220,10 +218,10 @@ class Worker:
         finally:
             server.cancel()
 
-    def retried(self, offset: int) -> Origin:
+    def retried(self, offset: int) -> Consumed:
         """The last retry record as the pool worker receives it after the retrier forwarded it."""
         key, value, headers = self.producer.raw(TO.retry)[-1]
-        return Origin(POOL_TOPIC, 1, offset, key.encode(), value, tuple(headers))
+        return Consumed(POOL_TOPIC, 1, offset, key.encode(), value, tuple(headers))
 
 
 def _worker(
@@ -259,9 +257,9 @@ def _request(**changes: Any) -> dict[str, Any]:
     return request
 
 
-def _origin(request: Mapping[str, Any]) -> Origin:
+def _origin(request: Mapping[str, Any]) -> Consumed:
     value = SERDE.encode("Request", request, topic=POOL_TOPIC)
-    return Origin(POOL_TOPIC, 0, 7, b"session-1", value, (("trace", b"abc"),), 1_700_000_000_000)
+    return Consumed(POOL_TOPIC, 0, 7, b"session-1", value, (("trace", b"abc"),), 1_700_000_000_000)
 
 
 async def test_a_transient_failure_goes_to_the_retry_topic_and_the_retry_is_answered() -> None:
@@ -314,7 +312,7 @@ async def test_a_streamed_chunk_means_no_retry() -> None:
 
 
 async def test_a_deadline_shorter_than_the_backoff_answers_now() -> None:
-    soon = _request(deadline_at=records.now() + timedelta(seconds=30))
+    soon = _request(deadline_at=times.now() + timedelta(seconds=30))
     worker = _worker(Flaky(fails=1), RetryTopicPolicy(3, (60.0,)))
     await worker.handle(_origin(soon))
     assert worker.producer.raw(TO.retry) == []
@@ -384,9 +382,9 @@ def _router(clock_ms: Callable[[], int] = lambda: NOW_MS) -> RouterHandler:
     )
 
 
-def _retry_record(pool: bytes, not_before: int, offset: int = 5) -> Original:
+def _retry_record(pool: bytes, not_before: int, offset: int = 5) -> Consumed:
     headers = ((ATTEMPT, b"2"), (RETRY_POOL, pool), (NOT_BEFORE, str(not_before).encode()))
-    return Original("dspex.retry", 0, offset, NOW_MS, b"req-1", b"\xc3\x01bytes", headers)
+    return Consumed("dspex.retry", 0, offset, b"req-1", b"\xc3\x01bytes", headers, NOW_MS)
 
 
 def test_a_retry_record_goes_back_to_its_pool_unchanged_after_its_backoff() -> None:
@@ -407,7 +405,7 @@ def test_an_unknown_pool_is_dead_lettered_at_stage_retry(pool: bytes) -> None:
 
 
 class FakeEvent:
-    def __init__(self, original: Original, acked: list[int]) -> None:
+    def __init__(self, original: Consumed, acked: list[int]) -> None:
         self.message = original  # has every field original_of reads
         self._acked = acked
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
-from dspex.agents.plumbing.deadletter import Failure, Original, dead_letter, error_response
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, Overloaded
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.agents.router.cache import ResultCache, cache_key, effective_variables, is_cacheable
-from dspex.agents.router.router import Outgoing, RequestHandler, RouterApp, with_program_metric
+from dspex.agents.router.router import RouterApp, RouterHandler, with_program_metric
 from dspex.agents.router.routing import (
     KnownTopics,
     ProgramsResolver,
@@ -254,8 +256,10 @@ def test_request_variables_override_variant_variables() -> None:
 
 
 def test_rejection_records_are_valid_avro() -> None:
-    failure = Failure.from_exception(InvalidRequest("inputs.question", "missing input"), "validate")
-    original = Original("dspex.requests", 2, 41, NOW_MS, b"k", b"\x00garbage", (("h", b"v"),))
+    failure = ErrorInfo.from_exception(
+        InvalidRequest("inputs.question", "missing input"), "validate"
+    )
+    original = Consumed("dspex.requests", 2, 41, b"k", b"\x00garbage", (("h", b"v"),), NOW_MS)
     letter = dead_letter(original, failure, component="router", failed_at_ms=NOW_MS, request_id="r")
     response = error_response("r", failure, produced_at_ms=NOW_MS)
     back = SERDE.decode(SERDE.encode("DeadLetter", letter, topic="t"), topic="t").record
@@ -291,8 +295,8 @@ class FakeResolver:
         }
 
 
-def handler(cache: ResultCache | None = None) -> RequestHandler:
-    return RequestHandler(
+def handler(cache: ResultCache | None = None) -> RouterHandler:
+    return RouterHandler(
         SETTINGS,
         SERDE,
         programs=ProgramCatalog(),
@@ -304,9 +308,9 @@ def handler(cache: ResultCache | None = None) -> RequestHandler:
     )
 
 
-def incoming(record: dict[str, Any] | None = None, raw: bytes | None = None) -> Original:
+def incoming(record: dict[str, Any] | None = None, raw: bytes | None = None) -> Consumed:
     value = raw if raw is not None else SERDE.encode("Request", record or {}, topic="t")
-    return Original("dspex.requests", 0, 7, NOW_MS, b"key", value)
+    return Consumed("dspex.requests", 0, 7, b"key", value, (), NOW_MS)
 
 
 def decode(value: bytes) -> dict[str, Any]:
@@ -545,7 +549,7 @@ async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failure
     router = RouterApp.__new__(RouterApp)
     router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
     router._acking = set()
-    where = Original("dspex.requests", 0, 7, None, b"k", b"v", ())
+    where = Consumed("dspex.requests", 0, 7, b"k", b"v", ())
 
     async def forward(name: str, *topics: str) -> None:
         outs = [Outgoing(topic, b"k", b"v") for topic in topics]

@@ -8,9 +8,9 @@ import uuid
 from typing import Any
 
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
-from dspex.agents.plumbing.deadletter import Original
+from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.router.cache import ResultCache
-from dspex.agents.router.router import RequestHandler
+from dspex.agents.router.router import RouterHandler
 from dspex.agents.router.routing import ProgramsResolver, RouteChooser
 from dspex.agents.router.variables import SharedVariables
 from dspex.streams.serde import make_serde
@@ -32,7 +32,7 @@ SERDE = make_serde(SETTINGS)
 
 
 class Router:
-    """A RequestHandler with a registered program ``qa`` and a variable store."""
+    """A RouterHandler with a registered program ``qa`` and a variable store."""
 
     def __init__(self, module_type: str = "BestOfN", config: str = '{"N": 2}') -> None:
         self.variables = SharedVariables(SETTINGS.lm)
@@ -50,7 +50,7 @@ class Router:
                 "tools": [],
             },
         )
-        self.handler = RequestHandler(
+        self.handler = RouterHandler(
             SETTINGS,
             SERDE,
             programs=self.programs,
@@ -94,10 +94,9 @@ def _request(**fields: Any) -> dict[str, Any]:
     return {**base, **fields}
 
 
-def _incoming(record: dict[str, Any]) -> Original:
-    return Original(
-        "dspex.requests", 0, 7, NOW_MS, b"key", SERDE.encode("Request", record, topic="t")
-    )
+def _incoming(record: dict[str, Any]) -> Consumed:
+    value = SERDE.encode("Request", record, topic="t")
+    return Consumed("dspex.requests", 0, 7, b"key", value, (), NOW_MS)
 
 
 def test_store_variables_reach_the_pool_record_with_precedence() -> None:

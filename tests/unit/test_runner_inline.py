@@ -8,12 +8,13 @@ from typing import Any
 
 import dspy
 import pytest
+from dspy.lm15 import Message, Request, Response, TextPart, TransportError, Usage
+
 from dspex.agents.runtime.lms import ECHO_MODEL, EchoEngine, EchoLM, InlineLM, build_lm
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, RunResult, run
 from dspex.agents.runtime.tools import default_tools
 from dspex.streams.errors import ProgramError
 from dspex.streams.settings import LMBackend
-from dspy.lm15 import Message, Request, Response, TextPart, TransportError, Usage
 
 SIGNATURE = "question -> answer, confidence: float, ideas: list[str]"
 QUESTION = {"question": "what is the capital of France"}

@@ -11,11 +11,12 @@ from typing import Any
 import avro.schema
 import fastavro
 import pytest
+from fastavro.validation import validate
+
 from dspex import schemas
 from dspex.schemas.evolution import records
 from dspex.schemas.registry import PACKAGE_DIR, SchemaStore, rabin_fingerprint
 from dspex.schemas.samples import sample
-from fastavro.validation import validate
 
 EXPECTED = [
     "DeadLetter",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dspy
 import pytest
+
 from dspex.agents.runtime.scoring import (
     contains_score,
     exact_match_score,

@@ -13,6 +13,7 @@ import fastavro
 import pytest
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
+
 from dspex import schemas
 from dspex.schemas import samples
 from dspex.schemas.registry import build

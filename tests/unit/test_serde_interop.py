@@ -21,6 +21,7 @@ from typing import Any
 import avro.io
 import avro.schema
 import pytest
+
 from dspex import schemas
 from dspex.schemas import samples
 from dspex.streams.serde import SingleObjectSerde

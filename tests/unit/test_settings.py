@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dspex.streams.errors import ConfigError
 from dspex.streams.settings import load_settings
 

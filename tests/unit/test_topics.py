@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dspex.streams.errors import ConfigError
 from dspex.streams.settings import TopicSettings
 from dspex.streams.topics import CATALOG, Topics

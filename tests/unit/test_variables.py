@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from dspex.agents.runtime.modules import MODULE_TYPES as AGENT_MODULE_TYPES
 from dspex.schemas.samples import sample
 from dspex.streams.errors import InvalidRequest

@@ -1,7 +1,7 @@
 """The worker's records, failure classes and per-message pipeline, without a broker.
 
 Records are proven valid by encoding them with the real serde; the pipeline
-(``RequestHandler``) runs against a fake producer whose delivery reports the
+(``WorkerHandler``) runs against a fake producer whose delivery reports the
 test controls, and a fake executor.
 """
 
@@ -14,13 +14,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+
 from dspex.agents.plumbing import records
 from dspex.agents.plumbing.deadlines import remaining_seconds
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, TokenUsage
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
-from dspex.agents.plumbing.records import ErrorInfo, Origin, Result
-from dspex.agents.worker.execution import Outcome, TokenUsage, backend_overrides, classify
-from dspex.agents.worker.handler import Destinations, RequestHandler, score_against_gold
+from dspex.agents.plumbing.records import ExecutionResult
+from dspex.agents.worker.execution import Outcome, backend_overrides, classify
+from dspex.agents.worker.handler import Destinations, WorkerHandler, score_against_gold
 from dspex.schemas.samples import sample
+from dspex.streams import times
 from dspex.streams.errors import (
     BrokerUnavailable,
     CorruptRecord,
@@ -48,14 +51,14 @@ def _request(**changes: Any) -> dict[str, Any]:
     return request
 
 
-def _origin(request: Mapping[str, Any] | None = None, value: bytes | None = None) -> Origin:
+def _origin(request: Mapping[str, Any] | None = None, value: bytes | None = None) -> Consumed:
     data = value if value is not None else SERDE.encode("Request", request or {}, topic=POOL_TOPIC)
-    return Origin(POOL_TOPIC, 2, 41, b"key", data, (("trace", b"abc"),), 1_700_000_000_000)
+    return Consumed(POOL_TOPIC, 2, 41, b"key", data, (("trace", b"abc"),), 1_700_000_000_000)
 
 
-def _result(status: str = "ok", error: ErrorInfo | None = None) -> Result:
-    t = records.now()
-    return Result(
+def _result(status: str = "ok", error: ErrorInfo | None = None) -> ExecutionResult:
+    t = times.now()
+    return ExecutionResult(
         status,
         t,
         t + timedelta(milliseconds=5),
@@ -216,7 +219,7 @@ def test_remaining_seconds() -> None:
     assert remaining_seconds({**request, "deadline_at": None}) is None
     assert 0 < (remaining_seconds(request) or 0) <= 30
     assert (
-        remaining_seconds({**request, "deadline_at": records.now() - timedelta(seconds=1)}) or 0
+        remaining_seconds({**request, "deadline_at": times.now() - timedelta(seconds=1)}) or 0
     ) < 0
 
 
@@ -282,13 +285,13 @@ class FakeExecutor:
 async def _pipeline(
     executor: FakeExecutor,
     producer: FakeProducer,
-    *origins: Origin,
+    *origins: Consumed,
     to: Destinations = TO,
     audit: FakeProducer | None = None,
-) -> RequestHandler:
+) -> WorkerHandler:
     loop = asyncio.get_running_loop()
     publisher = Publisher(producer, SERDE, loop)  # type: ignore[arg-type]
-    handler = RequestHandler(
+    handler = WorkerHandler(
         executor=executor,
         publisher=publisher,
         serde=SERDE,
@@ -302,7 +305,7 @@ async def _pipeline(
     return handler
 
 
-async def _run_handler(handler: RequestHandler, *origins: Origin) -> None:
+async def _run_handler(handler: WorkerHandler, *origins: Consumed) -> None:
     publishers = {handler._publisher, handler._audit_publisher}
 
     async def serve() -> None:
@@ -399,7 +402,7 @@ async def test_undecodable_bytes_are_dead_lettered() -> None:
 async def test_an_expired_deadline_answers_timeout_without_running() -> None:
     executor = FakeExecutor()
     producer = FakeProducer()
-    late = _request(deadline_at=records.now() - timedelta(seconds=1))
+    late = _request(deadline_at=times.now() - timedelta(seconds=1))
     await _pipeline(executor, producer, _origin(late))
     assert executor.calls == 0
     (response,) = producer.records(TO.responses)
@@ -413,8 +416,8 @@ async def test_a_request_that_expired_waiting_in_the_pool_topic_answers_overload
     executor = FakeExecutor()
     producer = FakeProducer()
     waited = _request(
-        created_at=records.now() - timedelta(seconds=10),
-        deadline_at=records.now() - timedelta(seconds=1),
+        created_at=times.now() - timedelta(seconds=10),
+        deadline_at=times.now() - timedelta(seconds=1),
     )
     await _pipeline(executor, producer, _origin(waited))
     assert executor.calls == 0
@@ -431,7 +434,7 @@ async def test_a_slow_program_times_out_at_the_deadline() -> None:
         raise AssertionError("not reached")
 
     producer = FakeProducer()
-    soon = _request(deadline_at=records.now() + timedelta(milliseconds=50))
+    soon = _request(deadline_at=times.now() + timedelta(milliseconds=50))
     await _pipeline(FakeExecutor(slow), producer, _origin(soon))
     (response,) = producer.records(TO.responses)
     assert response["status"] == "timeout"
@@ -475,10 +478,10 @@ async def test_an_unwritable_reply_topic_is_dead_lettered() -> None:
 
 
 def test_answers_with_a_gold_label_are_scored_by_the_named_metric() -> None:
-    t = records.now()
-    ok = Result("ok", t, t, t, outputs={"answer": "The Paris!"})
+    t = times.now()
+    ok = ExecutionResult("ok", t, t, t, outputs={"answer": "The Paris!"})
 
-    def scored(metadata: dict[str, str], result: Result = ok) -> float | None:
+    def scored(metadata: dict[str, str], result: ExecutionResult = ok) -> float | None:
         return score_against_gold({"request_id": "r", "metadata": metadata}, result)
 
     assert scored({"dspex.gold": json.dumps({"answer": "the paris"})}) == 1.0  # exact_match
@@ -486,17 +489,22 @@ def test_answers_with_a_gold_label_are_scored_by_the_named_metric() -> None:
         {"dspex.gold": json.dumps({"answer": "Paris, France"}), "dspex.metric": "f1"}
     ) == (pytest.approx(0.5))
     assert scored({}) is None
-    assert scored({"dspex.gold": json.dumps({"answer": "x"})}, Result("error", t, t, t)) is None
+    assert (
+        scored({"dspex.gold": json.dumps({"answer": "x"})}, ExecutionResult("error", t, t, t))
+        is None
+    )
     for bad in ({"dspex.gold": "not json"}, {"dspex.gold": "[1]"}, {"dspex.gold": "{}"}):
         assert scored(bad) is None
     assert scored({"dspex.gold": json.dumps({"answer": "x"}), "dspex.metric": "nope"}) is None
 
 
 def test_audit_and_dead_letters_stay_under_the_broker_limit_for_huge_requests() -> None:
-    t = records.now()
+    t = times.now()
     huge = json.dumps("z" * 900_000)
     request = {**sample("Request"), "inputs": {"question": huge, "small": json.dumps("ok")}}
-    result = Result("ok", t, t, t, outputs={"answer": "y" * 900_000}, trace=[{"x": "w" * 400_000}])
+    result = ExecutionResult(
+        "ok", t, t, t, outputs={"answer": "y" * 900_000}, trace=[{"x": "w" * 400_000}]
+    )
     execution = records.execution(request, result, worker_id="w", pool="general")
     stand_in = json.loads(execution["inputs"]["question"])["dspex.omitted"]
     assert stand_in["bytes"] == len(huge) and len(stand_in["sha256"]) == 64
@@ -506,13 +514,13 @@ def test_audit_and_dead_letters_stay_under_the_broker_limit_for_huge_requests() 
     serde = SingleObjectSerde()
     assert len(serde.encode("Execution", execution, topic="t")) < 10_000
 
-    origin = Origin("dspex.pool.general", 2, 17, b"k", b"v" * 600_000)
+    origin = Consumed("dspex.pool.general", 2, 17, b"k", b"v" * 600_000)
     letter = records.dead_letter(origin, ErrorInfo("Boom", "m", None, "worker"), component="w")
     assert letter["original_value"] is None and letter["original_value_omitted"]
     assert letter["original_value_bytes"] == 600_000
     assert (letter["original_partition"], letter["original_offset"]) == (2, 17)
     small = records.dead_letter(
-        Origin("t", 0, 1, None, b"abc"), ErrorInfo("Boom", "m"), component="w"
+        Consumed("t", 0, 1, None, b"abc"), ErrorInfo("Boom", "m"), component="w"
     )
     assert small["original_value"] == b"abc" and not small["original_value_omitted"]
     assert len(serde.encode("DeadLetter", letter, topic="t")) < 10_000
