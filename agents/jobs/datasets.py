@@ -18,8 +18,8 @@ from typing import Any
 import dspy
 
 from dspex.streams import kafka
-from dspex.streams.client._jobs import scan
 from dspex.streams.errors import DSPexError, InvalidRequest
+from dspex.streams.reader import scan_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
@@ -87,7 +87,7 @@ def examples_from_topic(
 def _topic_values(settings: Settings, topic: str) -> list[bytes]:
     consumer = kafka.consumer(settings, f"dspex-jobs-dataset-{uuid.uuid4().hex}")
     try:
-        return [value for _, value in scan(consumer, topic, 60.0) if value]
+        return [value for m in scan_to_end(consumer, topic, 60.0) if (value := m.value())]
     finally:
         consumer.close()
 

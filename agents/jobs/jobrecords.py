@@ -14,7 +14,7 @@ from typing import Any
 
 from dspex.agents.jobs.optimize import OptimizationResult, Progress
 from dspex.agents.plumbing.messages import ErrorInfo
-from dspex.streams.client._programs import program_version_record
+from dspex.streams.client.programs import program_version_record
 from dspex.streams.times import now
 from dspex.streams.variables import VariableStore, new_update, variable_key
 

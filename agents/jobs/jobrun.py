@@ -42,11 +42,12 @@ from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.programs import ProgramSpec, parse_signature, spec_from_version
-from dspex.streams.client._jobs import job_status, latest_by_key, read_compacted
-from dspex.streams.client._programs import read_versions
-from dspex.streams.client._variables import read_current
 from dspex.streams.client.client import AsyncClient
+from dspex.streams.client.jobs import job_status
+from dspex.streams.client.programs import read_versions
+from dspex.streams.client.variables import read_current
 from dspex.streams.errors import InvalidRequest, RetryableError
+from dspex.streams.reader import latest_by_key, read_to_end
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -209,7 +210,7 @@ class JobExecution:
         return job_status(self._settings, self._serde, self.job_id) is not None
 
     def _check_cancel_requested(self) -> None:
-        found = read_compacted(
+        found = read_to_end(
             self._settings,
             self._serde,
             self._topics.name("jobs.control"),
@@ -311,9 +312,7 @@ class JobExecution:
     def _canary(self, spec: JobSpec, parent: int, version: int, weight: float) -> Outgoing:
         """The routing table that canaries ``version`` beside ``parent``."""
         topic = self._topics.name("routing")
-        found = read_compacted(
-            self._settings, self._serde, topic, "RoutingTable", key=spec.program_id
-        )
+        found = read_to_end(self._settings, self._serde, topic, "RoutingTable", key=spec.program_id)
         table = jr.canary_table(
             spec.program_id,
             parent=parent,

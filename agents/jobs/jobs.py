@@ -45,9 +45,9 @@ from dspex.agents.jobs.txn import Completion
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
-from dspex.streams.client._listener import end_offsets
 from dspex.streams.errors import ConfigError, SerdeError
 from dspex.streams.logs import configure_logging
+from dspex.streams.reader import end_offsets
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics

@@ -11,8 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
 from dspex.streams.cli._app import app, err, out, settings_of
-from dspex.streams.client._jobs import JobOptions, JobProgress, JobResult, job_status
 from dspex.streams.client.client import Chunk, Client
+from dspex.streams.client.jobs import JobOptions, JobProgress, JobResult, job_status
 from dspex.streams.errors import ConfigError
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings

@@ -69,7 +69,7 @@ def programs_get(ctx: typer.Context, program_id: str) -> None:
 
 
 def _read(settings: Settings) -> dict[str, list[dict[str, Any]]]:
-    from dspex.streams.client._programs import read_versions
+    from dspex.streams.client.programs import read_versions
 
     topic = Topics(settings.topics).name("programs")
     return read_versions(settings, make_serde(settings), topic)

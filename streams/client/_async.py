@@ -19,10 +19,10 @@ from typing import Any, Unpack
 from confluent_kafka import KafkaError, Message, Producer
 
 from dspex.streams import kafka
-from dspex.streams.client import _jobs, _variables
+from dspex.streams.client import jobs as _jobs
+from dspex.streams.client import variables as _variables
 from dspex.streams.client._feedback import feedback_record
 from dspex.streams.client._listener import ReplyListener
-from dspex.streams.client._programs import latest_version, program_version_record
 from dspex.streams.client._replies import (
     Chunk,
     ClientClosed,
@@ -39,6 +39,7 @@ from dspex.streams.client._requests import (
     request_headers,
     request_key,
 )
+from dspex.streams.client.programs import latest_version, program_version_record
 from dspex.streams.errors import BrokerUnavailable, DSPexError
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
@@ -332,9 +333,9 @@ class AsyncClient:
         """
         await self.start()
         record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
-        inbox = _jobs.open_inbox(self, record["job_id"], timeout_s)
+        inbox = self._open_job_inbox(record["job_id"], timeout_s)
         try:
-            await _jobs.produce_job(self, record)
+            await self._produce_job(record)
             return await _jobs.wait_for_result(inbox, on_progress)
         finally:
             self._dispatcher.discard(record["job_id"])
@@ -343,7 +344,7 @@ class AsyncClient:
         """Queue an optimizer job without waiting; return its job id (see :meth:`follow_job`)."""
         await self.start()
         record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
-        await _jobs.produce_job(self, record)
+        await self._produce_job(record)
         return str(record["job_id"])
 
     def follow_job(
@@ -354,12 +355,28 @@ class AsyncClient:
 
     async def _open_job(self, job_id: str, timeout_s: float | None) -> Inbox:
         await self.start()
-        return _jobs.open_inbox(self, job_id, timeout_s)
+        return self._open_job_inbox(job_id, timeout_s)
+
+    def _open_job_inbox(self, job_id: str, timeout_s: float | None) -> _jobs.JobInbox:
+        """Register a job's inbox with the dispatcher (before anything is produced)."""
+        inbox = _jobs.job_inbox(job_id, timeout_s, asyncio.get_running_loop().time())
+        self._dispatcher.open(inbox)
+        return inbox
+
+    async def _produce_job(self, record: Mapping[str, Any]) -> None:
+        """Produce the job to the jobs topic (key: job id) and wait for the broker's ack."""
+        topic = Topics(self._settings.topics).name("jobs")
+        value = self._require_serde().encode("OptimizationJob", record, topic=topic)
+        headers: list[tuple[str, str | bytes | None]] = [("dspex-job-id", str(record["job_id"]))]
+        await (await self._send(topic, str(record["job_id"]).encode(), value, headers))
 
     async def cancel_job(self, job_id: str, *, requested_by: str = "", reason: str = "") -> None:
         """Ask the job's runner to stop it; it ends with a final "cancelled" Response."""
         await self.start()
-        await _jobs.produce_cancel(self, job_id, requested_by, reason)
+        topic = Topics(self._settings.topics).name("jobs.control")
+        record = _jobs.control_record(job_id, "cancel", requested_by, reason)
+        value = self._require_serde().encode("JobControl", record, topic=topic)
+        await (await self._send(topic, job_id.encode(), value, []))
 
     async def _until_final(
         self, open_inbox: Callable[[], Awaitable[Inbox]]

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
-    KafkaException,
     Message,
-    TopicPartition,
 )
 
 from dspex.streams.client._replies import Chunk
-from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
+from dspex.streams.errors import DSPexError
+from dspex.streams.reader import end_offsets
 from dspex.streams.serde import Serde
 
 logger = logging.getLogger(__name__)
@@ -105,80 +101,3 @@ class ReplyListener:
             logger.exception("skipping reply that failed to convert %s", where)
             return
         self._on_chunk(chunk)
-
-
-def end_offsets(consumer: Consumer, topic: str, timeout_s: float) -> list[TopicPartition]:
-    """Every partition of ``topic`` at its current high-water mark."""
-    marks = watermarks(consumer, topic, timeout_s)
-    return [TopicPartition(topic, partition, high) for partition, (_, high) in marks.items()]
-
-
-def watermarks(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tuple[int, int]]:
-    """``{partition: (low, high)}`` for every partition of ``topic``.
-
-    A topic created a moment ago may be unknown or leaderless for a while:
-    transient errors are retried until ``timeout_s`` has passed.
-    """
-    give_up = time.monotonic() + timeout_s
-    while True:
-        try:
-            return _watermarks(consumer, topic, timeout_s)
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            code = error.code() if isinstance(error, KafkaError) else None
-            if code not in _TRANSIENT or time.monotonic() > give_up:
-                raise _offsets_error(topic, code, exc) from exc
-            time.sleep(0.2)
-
-
-def scan_to_end(consumer: Consumer, topic: str, timeout_s: float) -> Iterator[Message]:
-    """Every record of ``topic`` from the beginning up to the end offsets seen at the start.
-
-    Raises BrokerUnavailable when that end is not reached within ``timeout_s``.
-    """
-    marks = watermarks(consumer, topic, timeout_s)
-    ends = {partition: high for partition, (low, high) in marks.items() if high > low}
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    give_up = time.monotonic() + timeout_s
-    while ends:
-        if time.monotonic() > give_up:
-            raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
-        message = consumer.poll(0.2)
-        if message is not None and message.error() is None:
-            yield message
-        # positions, not offsets: a compacted partition has holes
-        for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-            if tp.offset >= ends[tp.partition]:
-                del ends[tp.partition]
-
-
-def _offsets_error(topic: str, code: int | None, exc: KafkaException) -> DSPexError:
-    if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
-        return ConfigError(f"topic {topic} does not exist: create it first")
-    return BrokerUnavailable(f"topic={topic}: cannot read offsets: {exc}")
-
-
-def _watermarks(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tuple[int, int]]:
-    metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-    if metadata.error is not None:
-        raise KafkaException(metadata.error)
-    marks: dict[int, tuple[int, int]] = {}
-    for partition in sorted(metadata.partitions):
-        found = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout_s)
-        if found is None:
-            raise BrokerUnavailable(
-                f"topic={topic} partition={partition}: no offsets in {timeout_s}s"
-            )
-        marks[partition] = (found[0], found[1])
-    return marks
-
-
-_TRANSIENT = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
-    }
-)

@@ -71,10 +71,10 @@ from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 from dspex.streams.client._async import DEFAULT_GRACE_S, AsyncClient
-from dspex.streams.client._jobs import JobOptions, JobProgress, JobResult
 from dspex.streams.client._replies import Chunk, ClientClosed, RequestFailed, RequestTimeout, Result
 from dspex.streams.client._requests import Program, RequestOptions
-from dspex.streams.client._variables import VariableOptions, VariableScope
+from dspex.streams.client.jobs import JobOptions, JobProgress, JobResult
+from dspex.streams.client.variables import VariableOptions, VariableScope
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings
 

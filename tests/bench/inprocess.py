@@ -18,7 +18,7 @@ from typing import Any
 
 import dspy
 
-from dspex.agents.runtime.lms import EchoLM
+from dspex.agents.runtime.lms.echo import EchoLM
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, run
 from dspex.agents.runtime.tools import default_tools
 from tests.bench.config import SIGNATURE, question

@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from dspex.streams import kafka
-from dspex.streams.client._listener import watermarks
+from dspex.streams.reader import watermarks
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics

@@ -28,7 +28,7 @@ from unittest import mock
 from confluent_kafka import KafkaException, TopicPartition
 
 from dspex.streams import kafka
-from dspex.streams.client._listener import end_offsets as end_offsets_of
+from dspex.streams.reader import end_offsets as end_offsets_of
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import POOLS, Settings, load_settings
 from dspex.streams.topics import Topics

@@ -3,7 +3,7 @@
 The router and a general-pool worker run as ``python -m dspex.agents`` processes
 (:mod:`tests.integration.stack`) and one or two job runners (``python -m dspex.agents
 jobs``, the optimizer pool's job consumers) are started here. The LMs are
-``dspex/sim`` simulations (:mod:`dspex.agents.runtime.simulations`): a "reverse the word" task
+``dspex/sim`` simulations (:mod:`dspex.agents.runtime.lms.simulations`): a "reverse the word" task
 answered right only with demonstrations in the prompt, or only at temperature
 <= 0.4, optionally slow. Evaluations really go through the router to the general
 pool. A tail reads the output topics read-committed, so the tests count what
@@ -32,8 +32,8 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from dspex.agents.jobs.txn import Completion
 from dspex.agents.plumbing.messages import Consumed, Outgoing
 from dspex.streams import kafka
-from dspex.streams.client._jobs import JobProgress
 from dspex.streams.client.client import AsyncClient, Result
+from dspex.streams.client.jobs import JobProgress
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics

@@ -20,7 +20,8 @@ from dspy.lm15 import Request as LMRequest
 from dspy.lm15 import TimeoutError as ProviderTimeout
 
 from dspex.agents.plumbing.records import telemetry
-from dspex.agents.runtime.lms import ECHO_MODEL, AsyncEchoEngine, EchoEngine, EchoLM
+from dspex.agents.runtime.lms.base import ECHO_MODEL
+from dspex.agents.runtime.lms.echo import AsyncEchoEngine, EchoEngine, EchoLM
 from dspex.agents.worker.execution import DSPyExecutor, classify
 from dspex.agents.worker.faults import (
     BackendsExhausted,

@@ -6,7 +6,8 @@ import dspy
 import pytest
 from pydantic import SecretStr
 
-from dspex.agents.runtime.lms import EchoEngine, EchoLM, build_lm, echo_reply
+from dspex.agents.runtime.lms import build_lm
+from dspex.agents.runtime.lms.echo import EchoEngine, EchoLM, echo_reply
 from dspex.streams.settings import LMBackend
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dspex.agents.runtime.lms import build_lm
-from dspex.agents.runtime.local_model import _completion_prompt, load_model
+from dspex.agents.runtime.lms.local_model import _completion_prompt, load_model
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, run
 from dspex.agents.runtime.tools import default_tools
 from dspex.streams.errors import ProgramError

@@ -33,13 +33,13 @@ from dspex.agents.jobs.optimize import (
     build_optimizer,
 )
 from dspex.agents.runtime.lms import build_lm
+from dspex.agents.runtime.lms.simulations import WRONG, SimOptions
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, parse_signature, run
-from dspex.agents.runtime.simulations import WRONG, SimOptions
 from dspex.agents.runtime.tools import default_tools
 from dspex.schemas.samples import sample
 from dspex.streams.cli.optimize import parse_search
-from dspex.streams.client._jobs import JobInbox, job_record
 from dspex.streams.client._replies import Chunk
+from dspex.streams.client.jobs import JobInbox, job_record
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import LMBackend, Settings, load_settings

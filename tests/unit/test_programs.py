@@ -8,7 +8,7 @@ from typing import Any
 import dspy
 import pytest
 
-from dspex.agents.runtime.lms import EchoLM
+from dspex.agents.runtime.lms.echo import EchoLM
 from dspex.agents.runtime.programs import (
     MODULE_TYPES,
     ProgramBuilder,

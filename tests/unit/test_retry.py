@@ -34,7 +34,7 @@ from dspex.agents.plumbing.retry import (
 from dspex.agents.router.cache import ResultCache
 from dspex.agents.router.router import RouterApp, RouterHandler
 from dspex.agents.runtime.lms import build_lm
-from dspex.agents.runtime.simulations import SimOptions
+from dspex.agents.runtime.lms.simulations import SimOptions
 from dspex.agents.worker.execution import Outcome
 from dspex.agents.worker.faults import BackendFailure, BackendsExhausted, is_retryable
 from dspex.agents.worker.handler import Destinations, WorkerHandler

@@ -10,7 +10,9 @@ import dspy
 import pytest
 from dspy.lm15 import Message, Request, Response, TextPart, TransportError, Usage
 
-from dspex.agents.runtime.lms import ECHO_MODEL, EchoEngine, EchoLM, InlineLM, build_lm
+from dspex.agents.runtime.lms import build_lm
+from dspex.agents.runtime.lms.base import ECHO_MODEL, InlineLM
+from dspex.agents.runtime.lms.echo import EchoEngine, EchoLM
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, RunResult, run
 from dspex.agents.runtime.tools import default_tools
 from dspex.streams.errors import ProgramError

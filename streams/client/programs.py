@@ -9,16 +9,11 @@ say when a partition is done).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message
-
-from dspex.streams import kafka
-from dspex.streams.client._listener import scan_to_end
-from dspex.streams.errors import BrokerUnavailable, DSPexError
+from dspex.streams.reader import read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
@@ -79,36 +74,11 @@ def read_versions(
     Compaction keeps only the latest record per program id, so older versions
     show up only until the log cleaner has run.
     """
-    consumer = kafka.consumer(settings, f"dspex-programs-{uuid.uuid4().hex}")
-    try:
-        found: dict[str, list[dict[str, Any]]] = {}
-        key = program_id.encode() if program_id is not None else None
-        for record in _scan(consumer, serde, topic, key, timeout_s):
+    found: dict[str, list[dict[str, Any]]] = {}
+    records = read_to_end(
+        settings, serde, topic, "ProgramVersion", key=program_id, timeout_s=timeout_s
+    )
+    for _, record in records:
+        if record is not None:
             found.setdefault(record["program_id"], []).append(record)
-    except KafkaException as exc:
-        raise BrokerUnavailable(f"topic={topic}: cannot read program versions: {exc}") from exc
-    finally:
-        consumer.close()
     return {pid: sorted(rs, key=lambda r: int(r["version"])) for pid, rs in found.items()}
-
-
-def _scan(
-    consumer: Consumer, serde: Serde, topic: str, key: bytes | None, timeout_s: float
-) -> Iterable[dict[str, Any]]:
-    for message in scan_to_end(consumer, topic, timeout_s):
-        if key is None or message.key() == key:
-            record = _decode(serde, topic, message)
-            if record is not None:
-                yield record
-
-
-def _decode(serde: Serde, topic: str, message: Message) -> dict[str, Any] | None:
-    value = message.value()
-    if not value:  # a tombstone
-        return None
-    try:
-        return serde.decode(value, topic=topic, expect="ProgramVersion").record
-    except DSPexError as exc:
-        where = f"topic={topic} partition={message.partition()} offset={message.offset()}"
-        logger.warning("skipping undecodable program version %s: %s", where, exc)
-        return None

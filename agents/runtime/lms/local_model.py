@@ -32,13 +32,13 @@ from dspy.lm15 import (
     Usage,
 )
 
-from dspex.agents.runtime.lms import (
+from dspex.agents.runtime.lms.base import (
     LLAMA_CPP_MODEL,
     last_user_text,
     prompt_inputs,
     prompt_output_fields,
 )
-from dspex.agents.runtime.lms import system_text as system_prompt
+from dspex.agents.runtime.lms.base import system_text as system_prompt
 from dspex.streams.errors import ProgramError
 from dspex.streams.settings import LMBackend
 

@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
-from dspex.streams import kafka
-from dspex.streams.client._listener import watermarks
 from dspex.streams.client._replies import Chunk, Inbox
-from dspex.streams.errors import BrokerUnavailable, DSPexError, InvalidRequest
+from dspex.streams.errors import InvalidRequest
+from dspex.streams.reader import latest_by_key, read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-
-if TYPE_CHECKING:
-    from dspex.streams.client._async import AsyncClient
 
 logger = logging.getLogger(__name__)
 
@@ -178,31 +171,11 @@ class JobInbox(Inbox):
         self._queue.put_nowait(chunk)
 
 
-def open_inbox(client: AsyncClient, job_id: str, timeout_s: float | None) -> JobInbox:
-    """Register a job's inbox with the client's dispatcher (before anything is produced)."""
-    import asyncio
-
+def job_inbox(job_id: str, timeout_s: float | None, now_loop: float) -> JobInbox:
+    """A job's inbox, waiting up to ``timeout_s`` (default 7 days) from loop time ``now_loop``."""
     wait_s = DEFAULT_JOB_TIMEOUT_S if timeout_s is None else timeout_s
     deadline = datetime.now(UTC) + timedelta(seconds=wait_s)
-    inbox = JobInbox(job_id, deadline, asyncio.get_running_loop().time() + wait_s, 0.0)
-    client._dispatcher.open(inbox)
-    return inbox
-
-
-async def produce_job(client: AsyncClient, record: Mapping[str, Any]) -> None:
-    """Produce the job to the jobs topic (key: job id) and wait for the broker's ack."""
-    topic = Topics(client._settings.topics).name("jobs")
-    value = client._require_serde().encode("OptimizationJob", record, topic=topic)
-    headers: list[tuple[str, str | bytes | None]] = [("dspex-job-id", str(record["job_id"]))]
-    await (await client._send(topic, str(record["job_id"]).encode(), value, headers))
-
-
-async def produce_cancel(client: AsyncClient, job_id: str, requested_by: str, reason: str) -> None:
-    """Produce a cancel request to jobs.control (key: job id) and wait for the ack."""
-    topic = Topics(client._settings.topics).name("jobs.control")
-    record = control_record(job_id, "cancel", requested_by, reason)
-    value = client._require_serde().encode("JobControl", record, topic=topic)
-    await (await client._send(topic, job_id.encode(), value, []))
+    return JobInbox(job_id, deadline, now_loop + wait_s, 0.0)
 
 
 async def wait_for_result(
@@ -228,79 +201,8 @@ def _millis(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-# -- reading compacted topics (jobs.status, jobs.control) --------------------------------
-
-
-def read_compacted(
-    settings: Settings,
-    serde: Serde,
-    topic: str,
-    schema: str,
-    *,
-    key: str | None = None,
-    timeout_s: float = 30.0,
-) -> list[tuple[str, Record | None]]:
-    """Every ``(key, record)`` of ``topic`` up to its current end (``None``: a tombstone).
-
-    ``key`` keeps only that key's records. Undecodable records are logged and skipped.
-    """
-    consumer = kafka.consumer(settings, f"dspex-jobs-read-{uuid.uuid4().hex}")
-    try:
-        wanted = key.encode() if key is not None else None
-        return [
-            (k.decode("utf-8", "replace"), _decode(serde, topic, schema, value, k))
-            for k, value in scan(consumer, topic, timeout_s)
-            if wanted is None or k == wanted
-        ]
-    except KafkaException as exc:
-        raise BrokerUnavailable(f"topic={topic}: cannot read: {exc}") from exc
-    finally:
-        consumer.close()
-
-
-def latest_by_key(records: list[tuple[str, Record | None]]) -> dict[str, Record]:
-    """The last record per key, tombstones removing the key."""
-    latest: dict[str, Record] = {}
-    for key, record in records:
-        if record is None:
-            latest.pop(key, None)
-        else:
-            latest[key] = record
-    return latest
-
-
-def scan(consumer: Consumer, topic: str, timeout_s: float) -> Iterator[tuple[bytes, bytes | None]]:
-    """``(key, value)`` of every record from the beginning to the end offsets seen at the start."""
-    marks = watermarks(consumer, topic, timeout_s)
-    ends = {p: high for p, (low, high) in marks.items() if high > low}
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    give_up = time.monotonic() + timeout_s
-    while ends:
-        if time.monotonic() > give_up:
-            raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
-        for message in consumer.consume(500, 0.2):
-            if message.error() is None:
-                yield message.key() or b"", message.value()
-        positions = consumer.position([TopicPartition(topic, p) for p in ends])
-        for tp in positions:
-            if tp.offset >= ends[tp.partition]:
-                del ends[tp.partition]
-
-
-def _decode(
-    serde: Serde, topic: str, schema: str, value: bytes | None, key: bytes
-) -> Record | None:
-    if not value:
-        return None
-    try:
-        return serde.decode(value, topic=topic, expect=schema).record
-    except DSPexError as exc:
-        logger.warning("skipping undecodable record topic=%s key=%r: %s", topic, key, exc)
-        return None
-
-
 def job_status(settings: Settings, serde: Serde, job_id: str) -> Record | None:
     """A finished job's final Response from ``jobs.status``; None while it has not finished."""
     topic = Topics(settings.topics).name("jobs.status")
-    found = read_compacted(settings, serde, topic, "Response", key=job_id)
+    found = read_to_end(settings, serde, topic, "Response", key=job_id)
     return latest_by_key(found).get(job_id)

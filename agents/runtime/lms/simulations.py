@@ -47,7 +47,7 @@ from dspy.lm15 import (
     Usage,
 )
 
-from dspex.agents.runtime.lms import (
+from dspex.agents.runtime.lms.base import (
     InlineLM,
     last_user_text,
     prompt_inputs,

@@ -20,15 +20,10 @@ import logging
 import os
 import pwd
 import socket
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict
 
-from confluent_kafka import KafkaException, Message
-
-from dspex.streams import kafka
-from dspex.streams.client._listener import scan_to_end
-from dspex.streams.errors import BrokerUnavailable, DSPexError
+from dspex.streams.reader import read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -167,23 +162,7 @@ def read_topic(
     settings: Settings, serde: Serde, topic: str, key: str | None = None
 ) -> list[tuple[str, Record | None]]:
     """Every ``(key, record)`` on ``topic`` (``None`` for a tombstone), in order per partition."""
-    consumer = kafka.consumer(settings, f"dspex-variables-{uuid.uuid4().hex}")
-    wanted = key.encode("utf-8") if key is not None else None
-    found: list[tuple[str, Record | None]] = []
-    try:
-        for message in scan_to_end(consumer, topic, READ_TIMEOUT_S):
-            if wanted is not None and message.key() != wanted:
-                continue
-            try:
-                found.append((_key(message), _decode(serde, topic, message)))
-            except DSPexError as exc:  # the routers skip it too
-                where = f"topic={topic} partition={message.partition()} offset={message.offset()}"
-                logger.warning("skipping undecodable variable update %s: %s", where, exc)
-    except KafkaException as exc:
-        raise BrokerUnavailable(f"topic={topic}: cannot read variables: {exc}") from exc
-    finally:
-        consumer.close()
-    return found
+    return read_to_end(settings, serde, topic, "VariableUpdate", key=key, timeout_s=READ_TIMEOUT_S)
 
 
 def default_author() -> str:
@@ -193,14 +172,3 @@ def default_author() -> str:
     except (KeyError, OSError):
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
-
-
-def _key(message: Message) -> str:
-    return (message.key() or b"").decode("utf-8", "replace")
-
-
-def _decode(serde: Serde, topic: str, message: Message) -> Record | None:
-    value = message.value()
-    if not value:  # a tombstone
-        return None
-    return serde.decode(value, topic=topic, expect="VariableUpdate").record

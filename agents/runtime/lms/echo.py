@@ -1,0 +1,154 @@
+"""EchoLM: DSPex's deterministic SIMULATION of an LM (tests, benchmarks, the demo).
+
+``EchoLM`` is a ``dspy.LM`` driven by a custom DSPy *engine* (DSPy 3.4's supported way
+to plug in a model: ``complete(Request) -> Response`` plus ``stream(Request)``), so it
+goes through DSPy's real execution path, adapters, usage accounting and token streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from dspy.lm15 import (
+    Message,
+    Request,
+    Response,
+    StreamDeltaEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+    TextDelta,
+    TextPart,
+    Usage,
+)
+
+from dspex.agents.runtime.lms.base import (
+    ECHO_MODEL,
+    InlineLM,
+    last_user_text,
+    prompt_inputs,
+    prompt_output_fields,
+    system_text,
+    words,
+)
+
+_LITERAL = re.compile(r"'((?:[^'\\]|\\.)*)'")
+_TOKEN = re.compile(r"\s*\S+")
+
+
+class EchoLM(InlineLM):
+    """A deterministic SIMULATION of an LM, for tests, benchmarks and the demo.
+
+    It reads the input fields from the prompt DSPy's ChatAdapter built and answers every
+    requested output field with a value derived from the first input: ``str`` fields
+    ``"echo: <first input>"``, ``float`` 0.5, ``int`` the first input's length, ``bool``
+    True, lists ``[<first input>]``, ``reasoning`` "echoing", ``Literal`` choices
+    ``finish`` when offered (so ReAct finishes at once), dicts ``{}``. Usage counts are
+    whitespace word counts. ``latency_s`` simulates model latency (awaited, not slept).
+    """
+
+    def __init__(self, *, cache: bool = False, latency_s: float = 0.0) -> None:
+        engine = EchoEngine()
+        super().__init__(
+            ECHO_MODEL,
+            cache=cache,
+            num_retries=0,
+            temperature=0.0,
+            max_tokens=512,
+            engine=engine,
+            async_engine=AsyncEchoEngine(engine, latency_s=latency_s),
+        )
+        self.latency_s = latency_s
+
+
+class EchoEngine:
+    """Synchronous DSPy engine behind :class:`EchoLM` (stateless, thread-safe)."""
+
+    def complete(self, request: Request) -> Response:
+        text = echo_reply(system_text(request), last_user_text(request))
+        return Response(
+            id=None,
+            model=ECHO_MODEL,
+            message=Message.assistant((TextPart(text),)),
+            finish_reason="stop",
+            usage=_usage(request, text),
+        )
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        response = self.complete(request)
+        yield StreamStartEvent(model=ECHO_MODEL)
+        for token in _TOKEN.findall(response.text or ""):
+            yield StreamDeltaEvent(delta=TextDelta(text=token))
+        yield StreamEndEvent(finish_reason="stop", usage=response.usage)
+
+    def close(self) -> None:
+        return None
+
+    def dump_state(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> EchoEngine:
+        return cls()
+
+
+class AsyncEchoEngine:
+    """Async counterpart of :class:`EchoEngine`; ``latency_s`` is awaited per call."""
+
+    def __init__(self, sync: EchoEngine, *, latency_s: float = 0.0) -> None:
+        self.sync = sync
+        self.latency_s = latency_s
+
+    async def complete(self, request: Request) -> Response:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return self.sync.complete(request)
+
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        for event in self.sync.stream(request):
+            if self.latency_s and event.type == "delta":
+                await asyncio.sleep(self.latency_s / 10)
+            yield event
+
+    async def aclose(self) -> None:
+        return None
+
+
+def echo_reply(system: str, user: str) -> str:
+    """The ChatAdapter-formatted answer EchoLM gives for one prompt."""
+    inputs = prompt_inputs(user)
+    first = next(iter(inputs.values()), "")
+    blocks = [
+        f"[[ ## {name} ## ]]\n{_value_for(name, type_text, first)}"
+        for name, type_text in prompt_output_fields(system)
+    ]
+    return "\n\n".join([*blocks, "[[ ## completed ## ]]"])
+
+
+def _value_for(name: str, type_text: str, first: str) -> str:
+    if name == "reasoning":
+        return "echoing"
+    simple = {"str": f"echo: {first}", "float": "0.5", "int": str(len(first)), "bool": "True"}
+    if type_text in simple:
+        return simple[type_text]
+    if type_text.startswith("Literal["):
+        options = _LITERAL.findall(type_text)
+        return "finish" if "finish" in options else (options[0] if options else "")
+    if type_text.startswith("list["):
+        return _json_list(first)
+    if type_text.startswith("dict["):
+        return "{}"
+    return f"echo: {first}"
+
+
+def _json_list(value: str) -> str:
+    return json.dumps([value])
+
+
+def _usage(request: Request, reply: str) -> Usage:
+    prompt = words(system_text(request)) + sum(words(m.text or "") for m in request.messages)
+    completion = words(reply)
+    return Usage(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion)
