@@ -1,12 +1,18 @@
 """Kafka client plumbing: where the cluster is, and well-configured clients for it.
 
-Every confluent-kafka client DSPex creates comes from here, so delivery
-guarantees (idempotence, acks=all) and security settings are decided once.
+The one place that turns settings into client configuration, for every client
+library DSPex uses: confluent-kafka (librdkafka, :func:`client_conf`, with
+:meth:`KafkaSettings.to_librdkafka`), aiokafka (:func:`aiokafka_options`) and faust
+(:func:`sasl_credentials` and :func:`ssl_context`, which the faust app wraps in
+its own credential types). Delivery guarantees (idempotence, acks=all) and
+security settings are decided here once.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
@@ -14,7 +20,7 @@ from confluent_kafka.admin import AdminClient
 
 from dspex.streams.errors import BrokerUnavailable, ConfigError
 from dspex.streams.ops.broker import local_bootstrap
-from dspex.streams.settings import Settings
+from dspex.streams.settings import KafkaSettings, Settings
 
 _librdkafka_logger = logging.getLogger("librdkafka")
 
@@ -78,3 +84,55 @@ def check_reachable(settings: Settings, timeout_s: float = 10.0) -> int:
     except KafkaException as exc:
         raise BrokerUnavailable(f"bootstrap={servers}: no metadata in {timeout_s}s: {exc}") from exc
     return len(metadata.brokers)
+
+
+@dataclass(frozen=True)
+class SaslCredentials:
+    """SASL credentials the settings describe (the password revealed, for a client only)."""
+
+    mechanism: str
+    username: str | None
+    password: str | None
+
+
+def sasl_credentials(kafka: KafkaSettings) -> SaslCredentials | None:
+    """The SASL credentials for a ``SASL_*`` security protocol; None otherwise."""
+    if not kafka.security_protocol.startswith("SASL"):
+        return None
+    password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+    return SaslCredentials(kafka.sasl_mechanism or "PLAIN", kafka.sasl_username, password)
+
+
+def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context for an ``SSL``/``SASL_SSL`` security protocol; None otherwise.
+
+    Verifies the broker's certificate against ``ssl_ca_location`` (the system's CAs
+    when unset) and presents a client certificate when one is configured (mTLS).
+    """
+    if kafka.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    cafile = str(kafka.ssl_ca_location) if kafka.ssl_ca_location is not None else None
+    context = ssl.create_default_context(cafile=cafile)
+    if kafka.ssl_certificate_location is not None:
+        password = kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None
+        key = str(kafka.ssl_key_location) if kafka.ssl_key_location is not None else None
+        context.load_cert_chain(str(kafka.ssl_certificate_location), key, password)
+    return context
+
+
+def aiokafka_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Connection keyword arguments for aiokafka clients (secrets revealed here only)."""
+    options: dict[str, Any] = {
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol,
+    }
+    context = ssl_context(kafka)
+    if context is not None:
+        options["ssl_context"] = context
+    sasl = sasl_credentials(kafka)
+    if sasl is not None:
+        options["sasl_mechanism"] = sasl.mechanism
+        options["sasl_plain_username"] = sasl.username
+        if sasl.password is not None:
+            options["sasl_plain_password"] = sasl.password
+    return options

@@ -17,15 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
-from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 
 from dspex.agents.plumbing.messages import Consumed
 from dspex.streams.errors import DSPexError, InvalidRequest, PermanentError, SerdeError
+from dspex.streams.kafka import aiokafka_options
 from dspex.streams.serde import Serde
 from dspex.streams.settings import KafkaSettings
 
@@ -90,37 +89,6 @@ class RoutingCatalog:
         if program_id is not None and program_id in self._tables:
             return self._tables[program_id]
         return self._tables.get("*")
-
-
-def aiokafka_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Security keyword arguments for aiokafka clients (secrets revealed here only)."""
-    options: dict[str, Any] = {"client_id": kafka.client_id}
-    protocol = kafka.security_protocol
-    options["security_protocol"] = protocol
-    if protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl_context(kafka)
-    if protocol.startswith("SASL"):
-        options["sasl_mechanism"] = kafka.sasl_mechanism or "PLAIN"
-        options["sasl_plain_username"] = kafka.sasl_username
-        if kafka.sasl_password is not None:
-            options["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
-    return options
-
-
-def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
-    """The TLS context the settings describe."""
-    password = kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None
-    context: ssl.SSLContext = create_ssl_context(
-        cafile=_path(kafka.ssl_ca_location),
-        certfile=_path(kafka.ssl_certificate_location),
-        keyfile=_path(kafka.ssl_key_location),
-        password=password,
-    )
-    return context
-
-
-def _path(value: object) -> str | None:
-    return str(value) if value is not None else None
 
 
 class CompactedReader:

@@ -20,7 +20,6 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
-from dspex.agents.plumbing.catalog import ssl_context
 from dspex.streams import kafka
 from dspex.streams.ops.admin import await_visible
 from dspex.streams.settings import KafkaSettings, Settings
@@ -136,14 +135,14 @@ def create_changelogs(settings: Settings, app: Any) -> list[str]:
 
 
 def _credentials(settings: KafkaSettings) -> Any:
-    protocol = settings.security_protocol
-    context = ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None
-    if protocol.startswith("SASL"):
-        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    """faust's credential object for the settings (built by :mod:`dspex.streams.kafka`)."""
+    context = kafka.ssl_context(settings)
+    sasl = kafka.sasl_credentials(settings)
+    if sasl is not None:
         return faust.SASLCredentials(
-            username=settings.sasl_username,
-            password=password,
-            mechanism=settings.sasl_mechanism or "PLAIN",
+            username=sasl.username,
+            password=sasl.password,
+            mechanism=sasl.mechanism,
             ssl_context=context,
         )
     return faust.SSLCredentials(context) if context is not None else None
