@@ -49,13 +49,20 @@ def metrics(settings_file: SettingsFile = None) -> None:
 def pool_worker(
     pool: Annotated[str, typer.Option(help="general, optimizer or gpu")],
     settings_file: SettingsFile = None,
+    instance_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Stable id of a supervised worker (static group membership): restarted "
+            "within the session timeout, it takes its partitions back without a rebalance."
+        ),
+    ] = None,
 ) -> None:
     """One member of a worker pool's consumer group."""
     if pool not in ("general", "optimizer", "gpu"):
         raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
     settings = load_settings(settings_file)
     freeze_startup_heap()
-    raise typer.Exit(worker.main(settings, pool))
+    raise typer.Exit(worker.main(settings, pool, instance_id))
 
 
 @app.command("jobs")

@@ -12,36 +12,73 @@ Everything here needs only the light client dependencies (confluent-kafka,
 fastavro, pydantic); the agent processes live in ``dspex.agents`` and need the
 ``server`` extra. The error tree is drawn in :mod:`dspex.streams.errors` and
 :mod:`dspex.streams.client.client`.
+
+The names load on first use (PEP 562): ``import dspex`` stays instant, so
+``python -m dspex.agents`` can take SIGTERM before anything heavy is imported.
 """
 
 from __future__ import annotations
 
-from dspex.streams.client.client import (
-    AsyncClient,
-    Chunk,
-    Client,
-    ClientClosed,
-    JobOptions,
-    JobProgress,
-    JobResult,
-    Program,
-    RequestFailed,
-    RequestOptions,
-    RequestTimeout,
-    Result,
-    VariableOptions,
-    VariableScope,
-)
-from dspex.streams.errors import (
-    BrokerUnavailable,
-    ConfigError,
-    DSPexError,
-    InvalidRequest,
-    PermanentError,
-    ProgramError,
-    RetryableError,
-)
-from dspex.streams.settings import Settings, load_settings
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dspex.streams.client.client import (
+        AsyncClient,
+        Chunk,
+        Client,
+        ClientClosed,
+        JobOptions,
+        JobProgress,
+        JobResult,
+        Program,
+        RequestFailed,
+        RequestOptions,
+        RequestTimeout,
+        Result,
+        VariableOptions,
+        VariableScope,
+    )
+    from dspex.streams.errors import (
+        BrokerUnavailable,
+        ConfigError,
+        DSPexError,
+        InvalidRequest,
+        PermanentError,
+        ProgramError,
+        RetryableError,
+    )
+    from dspex.streams.settings import Settings, load_settings
+
+_HOMES = {
+    "dspex.streams.client.client": (
+        "AsyncClient",
+        "Chunk",
+        "Client",
+        "ClientClosed",
+        "JobOptions",
+        "JobProgress",
+        "JobResult",
+        "Program",
+        "RequestFailed",
+        "RequestOptions",
+        "RequestTimeout",
+        "Result",
+        "VariableOptions",
+        "VariableScope",
+    ),
+    "dspex.streams.errors": (
+        "BrokerUnavailable",
+        "ConfigError",
+        "DSPexError",
+        "InvalidRequest",
+        "PermanentError",
+        "ProgramError",
+        "RetryableError",
+    ),
+    "dspex.streams.settings": ("Settings", "load_settings"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "AsyncClient",
@@ -68,3 +105,16 @@ __all__ = [
     "VariableScope",
     "load_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

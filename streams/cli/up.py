@@ -100,7 +100,8 @@ def agent_commands(
     for pool in POOLS:
         count = getattr(settings.pools, pool).processes if processes is None else processes[pool]
         for n in range(count):
-            commands[f"{pool}-{n + 1}"] = [*base, "worker", "--pool", pool, *extra]
+            instance = ["--instance-id", str(n + 1)]  # static membership: quick restarts
+            commands[f"{pool}-{n + 1}"] = [*base, "worker", "--pool", pool, *instance, *extra]
             if pool == "optimizer":  # each optimizer process also runs optimizer jobs
                 commands[f"jobs-{n + 1}"] = [*base, "jobs", *extra]
     return commands

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -28,7 +29,10 @@ import pytest
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program, Result
 from dspex.streams.errors import DSPexError
-from dspex.streams.settings import Settings
+from dspex.streams.reader import end_offsets
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import Topics
 from tests.integration.stack import REPO, Tail, agent_env
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -203,3 +207,127 @@ def test_sigterm_while_an_agent_is_still_starting_exits_cleanly(
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output.decode(errors="replace")[-2000:]
     assert b"Traceback" not in output
+
+
+SIM_30MS = "dspex/sim?task=echo&delay=0.03"
+RATE, LOAD_S, KILL_AT_S = 25, 24.0, 8.0
+
+
+class PoolPartitions:
+    """Which pool partition each request went to: reads the pool topic in a thread."""
+
+    def __init__(self, settings: Settings, pool: str) -> None:
+        topic = Topics(settings.topics).name(f"pool.{pool}")
+        self._serde = make_serde(settings)
+        self._consumer = kafka.consumer(settings, f"partitions-{uuid.uuid4().hex}")
+        self._consumer.assign(end_offsets(self._consumer, topic, 10.0))
+        self._placed: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(500, 0.1):
+                if message.error() is None and message.value():
+                    record = self._serde.decode(
+                        message.value() or b"", topic=str(message.topic())
+                    ).record
+                    self._placed[record["request_id"]] = int(message.partition() or 0)
+
+    def of(self) -> dict[str, int]:
+        return dict(self._placed)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+
+
+@pytest.mark.parametrize("membership", ["static", "dynamic"])
+async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
+    settings: Settings,
+    start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    membership: str,
+) -> None:
+    """Two general-pool workers at 25 requests/s (30 ms simulated LM); one is SIGKILLed.
+
+    The supervisor's part is played here: the victim is restarted at once. ``static``:
+    with the same ``--instance-id``, it takes its partitions back without a rebalance.
+    ``dynamic`` (no instance id, a 6 s session timeout): the group gives the dead
+    member's partitions to the survivor once the session expires, then moves some to
+    the restarted member; the survivor's revoke must never stall its other
+    partitions (cooperative assignment, a revoke callback that never waits).
+    Measured per pool partition: seconds from the kill to the first answer of a
+    request on that partition.
+    """
+    settings = load_settings(
+        kafka={"bootstrap_servers": settings.kafka.bootstrap_servers},
+        topics={"prefix": settings.topics.prefix},
+        lm={"backends": {"sim": {"model": SIM_30MS}}, "pool_variants": {"general": "sim"}},
+        reliability={"session_timeout_s": 10.0 if membership == "static" else 6.0},
+    )
+    stack = start_stack(settings, ["general"])
+    args = ["worker", "--pool", "general"]
+    args += ["--instance-id", "2"] if membership == "static" else []
+    victim = _start_agent(settings, tmp_path / "victim.log", *args)
+    restarted: subprocess.Popen[bytes] | None = None
+    partitions = PoolPartitions(settings, "general")
+    answered_at: dict[str, float] = {}
+    try:
+        _wait_for_members(settings, f"{settings.topics.prefix}pool.general", 2, 60)
+        tail = Tail(settings, ["responses"])
+        async with AsyncClient(settings) as client:
+
+            async def one(question: str) -> tuple[str, Result | DSPexError, float]:
+                outcome = await _timed(client, question)
+                if isinstance(outcome[1], Result):
+                    answered_at[outcome[1].request_id] = time.monotonic()
+                return outcome
+
+            tasks, killed_at, start = [], 0.0, time.monotonic()
+            for tick in range(int(LOAD_S * RATE)):
+                question = f"steady {tick} {uuid.uuid4().hex[:6]}"
+                tasks.append(asyncio.create_task(one(question)))
+                if not killed_at and time.monotonic() - start >= KILL_AT_S:
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    victim.wait(10)
+                    restarted = _start_agent(settings, tmp_path / "restarted.log", *args)
+                await asyncio.sleep(max(0.0, start + (tick + 1) / RATE - time.monotonic()))
+            outcomes = await asyncio.gather(*tasks)
+        total = len(outcomes)
+        tail.wait(lambda t: len({r["request_id"] for r in t.of("responses")}) >= total, 30, "all")
+        tail.close()
+        placed = partitions.of()
+    finally:
+        partitions.close()
+        for process in (victim, restarted):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(45)
+    stack.check_alive()
+
+    results = [r for _, r, _ in outcomes if isinstance(r, Result)]
+    lost = [(q, repr(r)) for q, r, _ in outcomes if not isinstance(r, Result)]
+    first_after: dict[int, float] = {}
+    for result in results:
+        at, partition = answered_at[result.request_id], placed.get(result.request_id)
+        if at > killed_at and partition is not None:
+            first_after[partition] = min(first_after.get(partition, at), at)
+    recovery = {p: round(at - killed_at, 2) for p, at in sorted(first_after.items())}
+    slowest = max(recovery.values())
+    print(
+        f"\nkill -9 of 1 of 2 workers ({membership}) at {RATE}/s: sent {total}, "
+        f"answered {len(results)} (once each), lost {len(lost)}; seconds from the kill to "
+        f"each partition's first answer {recovery}; slowest {slowest:.2f}s; "
+        f"victim exit {victim.returncode}"
+    )
+    assert victim.returncode == -signal.SIGKILL
+    assert lost == []
+    assert len({r.request_id for r in results}) == len(results) == total
+    assert all(r.outputs == {"answer": q} for q, r, _ in outcomes if isinstance(r, Result))
+    partition_count = len(set(placed.values()))
+    assert len(recovery) == partition_count, (recovery, partition_count)
+    assert slowest <= 10.0, recovery

@@ -48,12 +48,17 @@ def test_a_stream_agent_freezes_its_heap_after_it_is_built_and_before_it_runs(
 
 def test_a_pool_worker_freezes_its_heap_before_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     frozen: list[bool] = []
+    instances: list[str | None] = []
 
-    def main(settings: object, pool: str) -> int:
+    def main(settings: object, pool: str, instance_id: str | None = None) -> int:
         frozen.append(gc.get_freeze_count() > 0)
+        instances.append(instance_id)
         return 0
 
     monkeypatch.setattr(cli.worker, "main", main)
     result = CliRunner().invoke(cli.app, ["worker", "--pool", "general"])
     assert result.exit_code == 0, result.output
-    assert frozen == [True]
+    result = CliRunner().invoke(cli.app, ["worker", "--pool", "general", "--instance-id", "2"])
+    assert result.exit_code == 0, result.output
+    assert frozen == [True, True]
+    assert instances == [None, "2"]

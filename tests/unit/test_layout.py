@@ -168,3 +168,19 @@ def test_agents_top_level_holds_only_entry_points() -> None:
     assert top == ["__init__.py", "__main__.py", "cli.py"]
     rooms = {p.name for p in (ROOT / "agents").iterdir() if (p / "__init__.py").exists()}
     assert rooms == PROCESSES | LAYERS
+
+
+def test_the_public_api_loads_lazily_and_completely() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dspex\n"
+        "assert 'confluent_kafka' not in sys.modules, 'import dspex must stay light'\n"
+        "missing = [n for n in dspex.__all__ if getattr(dspex, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert sorted(dspex.__all__) == sorted(dspex._HOME_OF)\n"
+        "assert dspex.Client is dspex.streams.Client\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,339 @@
+"""The one consumer loop of the request path: consume, handle concurrently, commit what is done.
+
+Every process on the request path (the router and its retrier, the pool workers)
+runs one :class:`ConsumerLoop`: a confluent-kafka (librdkafka) consumer in a
+consumer group, whose messages are handled as asyncio tasks, up to a limit at
+once. A handler returns when everything the message caused is on the broker;
+only then does its offset count as done, and a partition is committed only up to
+its lowest unfinished offset (:class:`~dspex.agents.plumbing.offsets.OffsetTracker`):
+at-least-once, never skipping a message that is still running.
+
+Threads. Every call on the consumer handle (``consume``, ``commit``, ``pause``,
+``close``) runs on one dedicated thread, because librdkafka serialises calls on a
+handle and runs rebalance callbacks *inside* ``consume()``. A callback that waited
+for work needing the same handle would wait until its timeout: the 40 s stall of
+round 2. So the callbacks never wait: on a revoke they commit, synchronously and
+from inside the callback, the offsets already known to be done for the revoked
+partitions, and forget them; requests still running there finish and answer (a
+new owner may run them again: clients dedupe by request id).
+
+Rebalances. ``cooperative-sticky`` assignment revokes only the partitions that
+move, so the others keep answering through a rebalance. With an ``instance_id``
+(static membership, ``group.instance.id``) a supervised process that restarts
+within ``session.timeout.ms`` takes its partitions back without any rebalance.
+
+Back-pressure: at the limit the loop stops taking messages and waits for a slot;
+only when no slot frees up for ``keepalive_s`` (long jobs) does it ``pause()`` its
+partitions and keep polling, so the group never evicts it (``max.poll.interval.ms``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from dspex.agents.plumbing.messages import Consumed
+from dspex.agents.plumbing.offsets import OffsetTracker
+from dspex.agents.plumbing.offsets import TopicPartition as TP
+from dspex.streams import kafka
+from dspex.streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Handle = Callable[[Consumed], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How one consumer loop consumes: its group, identity and limits."""
+
+    topics: tuple[str, ...]
+    group_id: str
+    client_id: str
+    limit: int
+    instance_id: str | None = None
+    """Static membership (``group.instance.id``); None: a dynamic member."""
+    commit_interval_s: float = 0.2
+    drain_timeout_s: float = 30.0
+    poll_timeout_s: float = 0.1
+    keepalive_s: float = 5.0
+
+
+class ConsumerLoop:
+    """A consumer-group member that runs ``handle`` for each message, concurrently.
+
+    ``busy`` (default: the messages in flight) says how many messages hold a slot;
+    a worker subtracts those only waiting for acknowledgements.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: LoopConfig,
+        handle: Handle,
+        *,
+        busy: Callable[[], int] | None = None,
+        conf: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self._settings = settings
+        self._handle = handle
+        self._busy = busy or self.in_flight
+        self._conf = dict(conf or {})
+        self._tracker = OffsetTracker()
+        self._lock = threading.Lock()  # the tracker is shared with the rebalance callbacks
+        self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
+        self._generation: dict[TP, int] = {}
+        self._paused = False
+        self._fatal: BaseException | None = None
+        self.assigned = asyncio.Event()
+        """Set once the group assigned this member at least one partition."""
+
+    def in_flight(self) -> int:
+        """Messages received and not yet finished."""
+        with self._lock:
+            return self._tracker.in_flight()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set (or a handler fails), then drain, commit and close.
+
+        Raises the first exception a handler raised, after the graceful stop.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.config.client_id}-kafka")
+        self._consumer = await self._in_kafka_thread(self._subscribe)
+        committer = asyncio.create_task(self._commit_periodically(), name="commits")
+        try:
+            await self._fetch_until(stop)
+        finally:
+            await self._drain()
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
+            await self._commit()
+            await self._in_kafka_thread(self._consumer.close)
+            self._thread.shutdown(wait=False)
+        if self._fatal is not None:
+            raise self._fatal
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def _subscribe(self) -> Consumer:
+        session_ms = int(self._settings.reliability.session_timeout_s * 1000)
+        conf: dict[str, Any] = {
+            "client.id": self.config.client_id,
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(500, session_ms // 5),
+            # only partitions that move are revoked: the rest keep answering
+            "partition.assignment.strategy": "cooperative-sticky",
+            **self._conf,
+        }
+        if self.config.instance_id:
+            conf["group.instance.id"] = self.config.instance_id
+        consumer = kafka.consumer(self._settings, self.config.group_id, **conf)
+        consumer.subscribe(
+            list(self.config.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        return consumer
+
+    # -- fetching -------------------------------------------------------------------------
+
+    async def _fetch_until(self, stop: asyncio.Event) -> None:
+        busy_since: float | None = None
+        while not stop.is_set() and self._fatal is None:
+            free = self._free_slots()
+            if free > 0:
+                busy_since = None
+                await self._set_paused(False)
+                await self._fetch(free)
+                continue
+            busy_since = busy_since or time.monotonic()
+            if time.monotonic() - busy_since < self.config.keepalive_s:
+                await self._wait_for_a_slot()
+            else:  # long jobs: keep calling consume() so the group keeps us, but take nothing
+                await self._set_paused(True)
+                await self._fetch(1)
+
+    def _free_slots(self) -> int:
+        """Up to ``limit`` messages holding a slot, and at most ``2 * limit`` held in all."""
+        limit = self.config.limit
+        return min(limit - self._busy(), 2 * limit - self.in_flight())
+
+    async def _fetch(self, wanted: int) -> None:
+        for message in await self._in_kafka_thread(partial(self._take, wanted)):
+            self._dispatch(message)
+
+    def _take(self, wanted: int) -> list[Message]:
+        # consume(n, t) returns only when n messages arrived or t passed: wait for one,
+        # then take what else is already fetched without waiting
+        first: list[Message] = self._consumer.consume(1, self.config.poll_timeout_s)
+        if not first or wanted <= 1:
+            return first
+        rest: list[Message] = self._consumer.consume(wanted - 1, 0)
+        return [*first, *rest]
+
+    async def _wait_for_a_slot(self) -> None:
+        if not self._tasks:
+            await asyncio.sleep(self.config.poll_timeout_s)
+            return
+        await asyncio.wait(
+            list(self._tasks),
+            timeout=self.config.poll_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+
+    async def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused:
+            return
+        self._paused = paused
+        await self._in_kafka_thread(partial(self._pause_assigned, paused))
+        logger.info(
+            "partitions %s client_id=%s in_flight=%d",
+            "paused" if paused else "resumed",
+            self.config.client_id,
+            self.in_flight(),
+        )
+
+    def _pause_assigned(self, paused: bool) -> None:
+        assigned = self._consumer.assignment()
+        if paused:
+            self._consumer.pause(assigned)
+        else:
+            self._consumer.resume(assigned)
+
+    def _dispatch(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
+            return
+        consumed = Consumed.from_message(message)
+        tp = (consumed.topic, consumed.partition)
+        with self._lock:
+            self._tracker.started(tp, consumed.offset)
+            generation = self._generation.get(tp, 0)
+        task = asyncio.create_task(self._run(consumed, tp, generation), name=consumed.where())
+        self._tasks[task] = (tp, consumed.offset)
+        task.add_done_callback(self._on_task_done)
+
+    async def _run(self, consumed: Consumed, tp: TP, generation: int) -> None:
+        await self._handle(consumed)
+        # in the handler's last step (no await since its records were delivered), so
+        # busy() never counts a finished message for a loop turn
+        with self._lock:
+            if self._generation.get(tp, 0) == generation:  # not revoked since it started
+                self._tracker.finished(tp, consumed.offset)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        tp, offset = self._tasks.pop(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error(
+                "handler failed topic=%s partition=%d offset=%d: %s; stopping", *tp, offset, exc
+            )
+            self._fatal = self._fatal or exc
+
+    # -- committing -----------------------------------------------------------------------
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.commit_interval_s)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        with self._lock:
+            offsets = self._tracker.uncommitted()
+        if offsets:
+            await self._in_kafka_thread(partial(self._commit_now, offsets))
+
+    def _commit_now(self, offsets: dict[TP, int]) -> None:
+        """Commit ``offsets`` on the kafka thread (or inside a rebalance callback)."""
+        tps = [TopicPartition(topic, part, off) for (topic, part), off in offsets.items()]
+        try:
+            self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:  # e.g. a partition just moved: its new owner redoes it
+            logger.warning(
+                "commit failed group=%s offsets=%s: %s", self.config.group_id, offsets, exc
+            )
+            return
+        with self._lock:
+            self._tracker.committed(offsets)
+
+    # -- rebalancing (callbacks run inside consume(), on the kafka thread) -----------------
+
+    def _on_assign(self, _: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("assigned group=%s partitions=%s", self.config.group_id, _names(partitions))
+        if partitions:
+            self._loop.call_soon_threadsafe(self.assigned.set)
+        if self._paused:  # the loop decides again; new partitions start resumed
+            self._loop.call_soon_threadsafe(setattr, self, "_paused", False)
+
+    def _on_revoke(self, _: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is done on ``partitions`` now, from this callback, and forget them.
+
+        Never waits for running requests: that would need the loop, which may be
+        waiting for this very thread.
+        """
+        tps = {(p.topic, p.partition) for p in partitions}
+        if not tps:
+            return
+        with self._lock:
+            done = {tp: o for tp, o in self._tracker.uncommitted().items() if tp in tps}
+            running = self._tracker.in_flight(tps)
+        if done:
+            self._commit_now(done)
+        self._forget(tps)
+        logger.info(
+            "revoked group=%s partitions=%s committed=%d still_running=%d",
+            self.config.group_id,
+            _names(partitions),
+            len(done),
+            running,
+        )
+
+    def _on_lost(self, _: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.warning("lost group=%s partitions=%s", self.config.group_id, _names(partitions))
+        self._forget({(p.topic, p.partition) for p in partitions})
+
+    def _forget(self, tps: Iterable[TP]) -> None:
+        with self._lock:
+            self._tracker.forget(tps)
+            for tp in tps:
+                self._generation[tp] = self._generation.get(tp, 0) + 1
+
+    # -- stopping -------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(list(self._tasks), timeout=self.config.drain_timeout_s)
+        if late:
+            logger.warning(
+                "stopping: cancelling %d message(s) still running after %.0fs (not committed)",
+                len(late),
+                self.config.drain_timeout_s,
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _in_kafka_thread(self, call: Callable[[], _T]) -> _T:
+        return await self._loop.run_in_executor(self._thread, call)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{p.topic}[{p.partition}]" for p in partitions)
