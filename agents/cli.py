@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -27,10 +28,19 @@ app = typer.Typer(help="Run one DSPex agent process.", no_args_is_help=True)
 SettingsFile = Annotated[Path | None, typer.Option("--settings", help="TOML settings file.")]
 
 
+InstanceId = Annotated[
+    str | None,
+    typer.Option(
+        help="Stable id of a supervised process (static group membership): restarted "
+        "within the session timeout, it takes its partitions back without a rebalance."
+    ),
+]
+
+
 @app.command("router")
-def router(settings_file: SettingsFile = None) -> None:
+def router(settings_file: SettingsFile = None, instance_id: InstanceId = None) -> None:
     """The router agent: validate, resolve, route and cache requests."""
-    _serve(make_router, settings_file)
+    _serve(partial(make_router, instance_id=instance_id), settings_file)
 
 
 @app.command("learner")
@@ -49,13 +59,7 @@ def metrics(settings_file: SettingsFile = None) -> None:
 def pool_worker(
     pool: Annotated[str, typer.Option(help="general, optimizer or gpu")],
     settings_file: SettingsFile = None,
-    instance_id: Annotated[
-        str | None,
-        typer.Option(
-            help="Stable id of a supervised worker (static group membership): restarted "
-            "within the session timeout, it takes its partitions back without a rebalance."
-        ),
-    ] = None,
+    instance_id: InstanceId = None,
 ) -> None:
     """One member of a worker pool's consumer group."""
     if pool not in ("general", "optimizer", "gpu"):

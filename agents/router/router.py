@@ -1,16 +1,19 @@
 """The router agent: validates every request, answers from the cache or forwards it to a pool.
 
-:class:`RouterHandler` is the whole decision for one record, free of faust:
-bytes in, records out (unit-tested without a broker). :class:`RouterApp` wires
-it into a faust app — one agent on ``requests`` (concurrency 1, so one session's
-requests keep their order into the pool topics), one on ``retry`` (the retrier:
-sends each transiently failed request back to its pool once its backoff is over,
-:mod:`dspex.agents.plumbing.retry`) — plus a :class:`CompactedReader` that materializes the
-``programs``, ``routing``, ``variables`` and ``cache`` topics for every instance
-(shared variables: :mod:`dspex.agents.router.variables`; the result cache, which workers
-fill: :mod:`dspex.agents.router.cache`). The router never reads ``responses``. Its records go
-out through librdkafka (:class:`~dspex.agents.plumbing.publisher.Publisher`, as in the worker);
-a request is acked, and so becomes committable, once the broker has all of them.
+:class:`RouterHandler` is the whole decision for one record: bytes in, records
+out (unit-tested without a broker). :class:`RouterApp` runs it on the request
+path's shared :class:`~dspex.agents.plumbing.loop.ConsumerLoop` (librdkafka, no
+faust): one consumer-group member reading ``requests`` and ``retry`` (the
+retrier: each transiently failed request goes back to its pool once its backoff is
+over, :mod:`dspex.agents.plumbing.retry`), plus a :class:`CompactedReader` that
+materializes the ``programs``, ``routing``, ``variables`` and ``cache`` topics for
+every instance (shared variables: :mod:`dspex.agents.router.variables`; the result
+cache, which workers fill: :mod:`dspex.agents.router.cache`). The router never reads
+``responses``. Its records go out through librdkafka
+(:class:`~dspex.agents.plumbing.publisher.Publisher`, as in the worker); a request
+is done, and so committable, once the broker has all of them. Records are produced
+in the order their requests were consumed, so one session's requests keep their
+order into the pool topics.
 
 Nothing invalid reaches a pool: an undecodable record becomes a DeadLetter
 (stage ``decode``); a rejected request becomes a DeadLetter *and* one final
@@ -26,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable, Container
 from typing import Any
 
 from dspex.agents.plumbing.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
-from dspex.agents.plumbing.faustapp import faust_app, serve_until_signalled
+from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
@@ -73,6 +77,8 @@ COMPONENT = "router"
 READY_TIMEOUT_S = 60.0
 FLUSH_TIMEOUT_S = 10.0
 SEND_ATTEMPTS = 5
+IN_FLIGHT = 2000  # requests routed but not yet acknowledged, and retries waiting
+DRAIN_TIMEOUT_S = 70.0  # a graceful stop forwards waiting retries (backoff <= 60 s)
 
 
 class RouterHandler:
@@ -295,7 +301,7 @@ def with_program_metric(request: Record, registered: Record | None) -> dict[str,
 
 
 class RouterApp:
-    """The router as a faust app plus the compacted-topic reader; start/stop or ``run()``."""
+    """The router process: the handler on the shared consumer loop, plus the compacted views."""
 
     def __init__(
         self,
@@ -304,21 +310,20 @@ class RouterApp:
         app_id: str,
         resolver: ProgramResolver,
         chooser: RouteChooser | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self.settings = settings
         topics = Topics(settings.topics)
         serde = make_serde(settings)
-        bootstrap = kafka.bootstrap_servers(settings)
         self._topics = topics
         self._admin = kafka.admin_client(settings)
-        self.app: Any = faust_app(settings, app_id, bootstrap)
         self.programs = ProgramCatalog()
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
         self.cache = ResultCache(settings.router.cache_max_entries)
         self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
         self.reader = CompactedReader(
-            bootstrap,
+            kafka.bootstrap_servers(settings),
             settings.kafka,
             serde,
             {
@@ -343,153 +348,79 @@ class RouterApp:
             existing_topics=KnownTopics(self._list_topics),
             variables=self.variables,
         )
+        self._retry_topic = topics.name("retry")
+        self._own_topics = frozenset(name for name, _ in topics.all())
+        self.config = LoopConfig(
+            topics=(topics.name("requests"), self._retry_topic),
+            group_id=app_id,
+            client_id=app_id,
+            limit=IN_FLIGHT,
+            instance_id=f"{app_id}-{instance_id}" if instance_id else None,
+            drain_timeout_s=DRAIN_TIMEOUT_S,
+        )
         self._app_id = app_id
         self._serde = serde
         self._publisher: Publisher | None = None  # made in start(), on the running loop
         self._deliveries: asyncio.Task[None] | None = None
-        self._acking: set[asyncio.Future[None]] = set()
-        self._retrying: set[asyncio.Future[None]] = set()
-        self._add_agents()
+        self._consuming: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.consumer: ConsumerLoop | None = None
 
     def _list_topics(self) -> list[str]:
         return list(self._admin.list_topics(timeout=5).topics)
 
-    def _add_agents(self) -> None:
-        requests = self._raw_topic("requests")
-        self.app.agent(requests, name="route", concurrency=1)(self._route_agent)
-        self.app.agent(self._raw_topic("retry"), name="retry", concurrency=1)(self._retry_agent)
+    async def handle(self, consumed: Consumed) -> None:
+        """Route one ``requests`` record, or forward one ``retry`` record once it is due.
 
-    def _raw_topic(self, short: str) -> Any:
-        return self.app.topic(
-            self._topics.name(short), key_serializer="raw", value_serializer="raw"
-        )
+        Returns once the broker has every record it caused, so the loop may commit it.
+        A retry waits for its not-before time in its own task: a long backoff never
+        holds up a shorter one behind it (kept in memory only: after a crash the next
+        router reads the record again from the committed offset).
+        """
+        if consumed.topic == self._retry_topic:
+            delay_s, outs = self.handler.handle_retry(consumed)
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+        else:
+            outs = self.handler.handle_request(consumed)
+        await self.deliver(consumed, outs)
 
-    async def _route_agent(self, stream: Any) -> None:
-        # Acks are manual: a request's offset may be committed only once every record
-        # it caused (pool record, or error Response + DeadLetter) is on the broker.
-        # faust commits up to the first unacked offset, so sends stay pipelined.
-        manual = stream.noack()
-        async for event in manual.events():
-            original = Consumed.from_faust(event.message)
-            try:
-                outs = self.handler.handle_request(original)
-            except Exception:  # handle_request answers bad input itself: this is a bug
-                logger.exception("dropping request %s", original.where())
-                event.ack()  # redoing it would only hit the bug again
-                continue
+    async def deliver(self, consumed: Consumed, outs: list[Outgoing]) -> None:
+        """Produce ``outs`` and return once the broker has them all; resend what failed.
+
+        A record for a DSPex topic is resent (with backoff) until the broker takes it:
+        giving up would lose a request. A record for a client's reply topic is given
+        up after :data:`SEND_ATTEMPTS` (e.g. the topic was deleted after the request
+        was checked): that client's request times out.
+        """
+        attempt = 0
+        while outs:
             delivered = [await self._send(out) for out in outs]
-            self._ack_when_delivered(event, original, outs, delivered)
-
-    async def _retry_agent(self, stream: Any) -> None:
-        # Manual acks, as in _route_agent. Each record waits for its not-before time in
-        # a task of its own, so a long backoff never holds up a shorter one behind it;
-        # the commit stays before every record not yet forwarded (kept in memory only:
-        # after a crash the next router reads them again from the committed offset).
-        # A rebalance or a graceful stop waits for them (faust's wait_empty).
-        manual = stream.noack()
-        async for event in manual.events():
-            original = Consumed.from_faust(event.message)
-            try:
-                delay_s, outs = self.handler.handle_retry(original)
-            except Exception:  # handle_retry dead-letters bad records itself: this is a bug
-                logger.exception("dropping retry record %s", original.where())
-                event.ack()
-                continue
-            task = asyncio.ensure_future(self._forward_when_due(event, original, outs, delay_s))
-            self._retrying.add(task)
-            task.add_done_callback(self._retrying.discard)
-
-    async def _forward_when_due(
-        self, event: Any, original: Consumed, outs: list[Outgoing], delay_s: float
-    ) -> None:
-        await asyncio.sleep(delay_s)
-        delivered = [await self._send(out) for out in outs]
-        self._ack_when_delivered(event, original, outs, delivered)
+            await asyncio.wait(delivered)
+            failed = [(o, f) for o, f in zip(outs, delivered, strict=True) if _failed(f)]
+            if not failed:
+                return
+            attempt += 1
+            outs = [o for o, _ in failed if attempt < SEND_ATTEMPTS or o.topic in self._own_topics]
+            _log_failed_send(consumed, failed, attempt, gave_up=not outs)
+            if outs:
+                await asyncio.sleep(min(2.0**attempt * 0.1, 5.0))
 
     async def _send(self, out: Outgoing) -> asyncio.Future[Any]:
         """Queue one record; the returned future resolves once the broker has it.
 
-        The router's records go out through librdkafka (the worker's Publisher), not
-        faust's aiokafka producer, whose pure-Python sender was 12 % of the router's
-        CPU samples (docs/benchmarks.md). produce() never blocks: a record for a topic
-        that does not exist fails its delivery once librdkafka gives up on its metadata.
+        produce() never blocks: a record for a topic that does not exist fails its
+        delivery once librdkafka gives up on its metadata, and a record produce()
+        refuses (e.g. an invalid topic name) fails its own future only.
         """
         try:
             if self._publisher is None:
                 raise RuntimeError("the router sends only between start() and stop()")
             return await self._publisher.send_bytes(out.topic, out.key, out.value, out.headers)
-        except Exception as exc:  # e.g. an invalid topic name: fail this record only
+        except Exception as exc:
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             return failed
-
-    def _ack_when_delivered(
-        self,
-        event: Any,
-        original: Consumed,
-        outs: list[Outgoing],
-        delivered: list[asyncio.Future[Any]],
-    ) -> None:
-        """Ack the request once the broker has all its records; resend what failed first.
-
-        Callbacks, not a task per request: the common case (every record delivered)
-        costs one callback per record and the ack.
-        """
-        if not delivered:
-            event.ack()
-            return
-        waiting = len(delivered)
-
-        def on_delivery(_: asyncio.Future[Any]) -> None:
-            nonlocal waiting
-            waiting -= 1
-            if waiting:
-                return
-            failed = [(o, f) for o, f in zip(outs, delivered, strict=True) if _failed(f)]
-            if not failed:
-                event.ack()
-                return
-            task = asyncio.ensure_future(self._resend(event, original, failed))
-            self._acking.add(task)
-            task.add_done_callback(self._acking.discard)
-
-        for future in delivered:
-            future.add_done_callback(on_delivery)
-
-    async def _resend(
-        self,
-        event: Any,
-        original: Consumed,
-        failed: list[tuple[Outgoing, asyncio.Future[Any]]],
-    ) -> None:
-        """Send the records the broker did not take again (with backoff), then ack."""
-        for attempt in range(1, SEND_ATTEMPTS + 1):
-            error = next((f.exception() for _, f in failed if not f.cancelled()), "cancelled")
-            logger.warning(
-                "forwarding failed %s attempt=%d/%d topic=%s error=%s",
-                original.where(),
-                attempt,
-                SEND_ATTEMPTS,
-                failed[0][0].topic,
-                error,
-            )
-            if attempt == SEND_ATTEMPTS:
-                break
-            await asyncio.sleep(min(2.0**attempt * 0.1, 5.0))
-            outs = [o for o, _ in failed]
-            delivered = [await self._send(o) for o in outs]
-            await asyncio.wait(delivered)
-            failed = [(o, f) for o, f in zip(outs, delivered, strict=True) if _failed(f)]
-            if not failed:
-                event.ack()
-                return
-        # Not acked: the committed offset stays before this request, so a restarted
-        # router routes it again (the consumer-group lag shows the stall meanwhile).
-        logger.error(
-            "request left unacked after %d attempts %s; it is redone when the router restarts",
-            SEND_ATTEMPTS,
-            original.where(),
-        )
 
     async def start(self) -> None:
         """Check the topics, load programs and routing tables, then start consuming."""
@@ -505,15 +436,34 @@ class RouterApp:
         producer = kafka.producer(self.settings, **{"client.id": self._app_id})
         self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
         self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
-        await self.app.start()
+        self.consumer = ConsumerLoop(self.settings, self.config, self.handle)
+        self._consuming = asyncio.create_task(self.consumer.run(self._stopping), name="consume")
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start, route until ``stop`` is set (or consuming fails), then stop."""
+        await self.start()
+        stopped = asyncio.create_task(stop.wait())
+        waiting: list[asyncio.Future[Any]] = [stopped]
+        if self._consuming is not None:
+            waiting.append(self._consuming)
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            await self.stop()
 
     async def stop(self) -> None:
-        """Stop consuming (committing what was processed) and stop the reader.
+        """Stop consuming (drain, commit), flush the producer, stop following the views.
 
-        faust waits for every unacked record first, so retries still waiting are
-        forwarded on time before the router leaves (at most the longest backoff).
+        Raises what made consuming fail, if anything did.
         """
-        await self.app.stop()  # acks need delivery reports: the deliveries task still runs
+        self._stopping.set()
+        failure: BaseException | None = None
+        if self._consuming is not None:
+            try:
+                await self._consuming
+            except Exception as exc:  # reported after the rest is stopped
+                failure = exc
         if self._publisher is not None:
             left = await self._publisher.flush(FLUSH_TIMEOUT_S)
             if left:
@@ -524,10 +474,12 @@ class RouterApp:
                 await self._deliveries
         await self.reader.stop()
         await self._refused.flush()
+        if failure is not None:
+            raise failure
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents router`` entry point)."""
-        serve_until_signalled(self)
+        asyncio.run(_serve_until_signalled(self))
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
@@ -540,18 +492,59 @@ class RouterApp:
         return {name: len(meta.partitions) for name, meta in live.items()}
 
 
+async def _serve_until_signalled(router: RouterApp) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await router.serve(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _log_failed_send(
+    consumed: Consumed,
+    failed: list[tuple[Outgoing, asyncio.Future[Any]]],
+    attempt: int,
+    *,
+    gave_up: bool,
+) -> None:
+    error = next((f.exception() for _, f in failed if not f.cancelled()), "cancelled")
+    if gave_up:
+        logger.error(
+            "gave up sending %s after %d attempts topic=%s error=%s",
+            consumed.where(),
+            attempt,
+            failed[0][0].topic,
+            error,
+        )
+    elif attempt == 1 or attempt % 10 == 0:  # once, then every tenth: a long outage stays readable
+        logger.warning(
+            "sending failed %s attempt=%d topic=%s error=%s; resending",
+            consumed.where(),
+            attempt,
+            failed[0][0].topic,
+            error,
+        )
+
+
 def make_router(
     settings: Settings,
     *,
     app_id: str | None = None,
     resolver: ProgramResolver | None = None,
     chooser: RouteChooser | None = None,
+    instance_id: str | None = None,
 ) -> RouterApp:
-    """The router for ``settings``; ``app_id`` (faust id and consumer group) defaults to
-    ``<prefix>router``; ``resolver`` defaults to ``dspex.agents.runtime.programs``."""
+    """The router for ``settings``; ``app_id`` (client id and consumer group) defaults to
+    ``<prefix>router``; ``resolver`` defaults to ``dspex.agents.runtime.programs``;
+    ``instance_id`` makes it a static group member (a supervised process)."""
     return RouterApp(
         settings,
         app_id=app_id or f"{settings.topics.prefix}router",
         resolver=resolver or ProgramsResolver(),
         chooser=chooser,
+        instance_id=instance_id,
     )

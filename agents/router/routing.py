@@ -2,7 +2,7 @@
 
 Everything here is a pure function of a decoded ``Request`` record, the
 materialized catalogs and the settings, so it is unit-tested without a broker.
-:mod:`dspex.agents.router.router` wires it to faust.
+:mod:`dspex.agents.router.router` runs it on the consumer loop.
 
 Routing order: a ``pool_hint`` wins (reason ``hint``); else a variant sampled by
 weight from the program's RoutingTable (or the ``*`` default table) decides the

@@ -97,6 +97,7 @@ def agent_commands(
     extra = ["--settings", str(settings_file)] if settings_file else []
     base = [sys.executable, "-m", "dspex.agents"]
     commands = {name: [*base, name, *extra] for name in ("router", "learner", "metrics")}
+    commands["router"] = [*base, "router", "--instance-id", "1", *extra]  # quick restarts
     for pool in POOLS:
         count = getattr(settings.pools, pool).processes if processes is None else processes[pool]
         for n in range(count):

@@ -97,7 +97,7 @@ class Stack:
 
     @property
     def groups(self) -> dict[str, str]:
-        """Consumer group per process name (the router's is its faust app id)."""
+        """Consumer group per process name."""
         prefix = self.settings.topics.prefix
         return {"router": f"{prefix}router"} | {p: f"{prefix}pool.{p}" for p in self.pools}
 
@@ -105,8 +105,11 @@ class Stack:
         """Start every process, then wait until each one's consumer group is stable."""
         env = agent_env(self.settings)
         base = [sys.executable, "-m", "dspex.agents"]
-        commands = {"router": [*base, "router"]}
-        commands |= {pool: [*base, "worker", "--pool", pool] for pool in self.pools}
+        # static members, as under `dspex up`: a restarted process takes its partitions back
+        commands = {"router": [*base, "router", "--instance-id", "1"]}
+        commands |= {
+            pool: [*base, "worker", "--pool", pool, "--instance-id", "1"] for pool in self.pools
+        }
         for name, argv in commands.items():
             log = (self.log_dir / f"{name}.log").open("wb")
             try:

@@ -148,26 +148,38 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
-    """The router is killed between batches and a new one takes over its consumer group.
+    """The router is killed between batches and restarted at once, as the supervisor does.
 
     Requests the dead router had read but not yet forwarded must be routed by its
-    successor: the router acks a request only once its pool record is on the broker.
+    successor: the router's offset for a request is committed only once its pool
+    record is on the broker. The restarted router has the same ``--instance-id``
+    (static membership), so it takes the partitions back without waiting for the
+    dead one's session to expire. Measured: seconds from the kill to the first
+    answer to a request sent after it (which only the new router can route).
     """
     settings = echo_settings(settings)
     stack = start_stack(settings, ["general"])
     victim = stack.processes["router"]
     tail = Tail(settings, ["responses"])
+    answered_at: dict[str, float] = {}
     async with AsyncClient(settings) as client:
-        tasks = []
+
+        async def one(question: str) -> tuple[str, Result | DSPexError, float]:
+            outcome = await _timed(client, question)
+            answered_at[question] = time.monotonic()
+            return outcome
+
+        tasks, killed_at = [], 0.0
         for batch in range(BATCHES):
             questions = [f"router {batch}.{n} {uuid.uuid4().hex[:6]}" for n in range(BATCH_SIZE)]
-            tasks += [asyncio.create_task(_timed(client, q)) for q in questions]
+            tasks += [asyncio.create_task(one(q)) for q in questions]
             if batch == KILL_AFTER_BATCH:
                 await asyncio.sleep(0.05)  # let the router be mid-batch
                 os.kill(victim.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
                 victim.wait(10)
                 stack.processes["router"] = _start_agent(
-                    settings, tmp_path / "router2.log", "router"
+                    settings, tmp_path / "router2.log", "router", "--instance-id", "1"
                 )
             await asyncio.sleep(INTERVAL_S)
         outcomes = await asyncio.gather(*tasks)
@@ -180,13 +192,17 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     wrong = [
         q for q, r, _ in outcomes if isinstance(r, Result) and r.outputs != {"answer": f"echo: {q}"}
     ]
+    sent_after = [q for q, _, sent_at in outcomes if sent_at > killed_at]
+    first_answer_s = min(answered_at[q] for q in sent_after) - killed_at
     print(
         f"\nkill -9 of the router after batch {KILL_AFTER_BATCH}: sent {len(outcomes)}, "
-        f"answered {len(answered)}, lost {len(lost)}; victim exit {victim.returncode}"
+        f"answered {len(answered)}, lost {len(lost)}; first answer to a request sent after "
+        f"the kill {first_answer_s:.2f}s after it; victim exit {victim.returncode}"
     )
     assert victim.returncode == -signal.SIGKILL
     assert lost == [] and wrong == []
     assert len(answered) == BATCHES * BATCH_SIZE
+    assert first_answer_s <= 10.0
 
 
 @pytest.mark.parametrize("args", [["router"], ["worker", "--pool", "general"]])

@@ -40,7 +40,7 @@ def test_a_stream_agent_freezes_its_heap_after_it_is_built_and_before_it_runs(
         def run(self) -> None:
             seen.append(f"run frozen={gc.get_freeze_count() > 0}")
 
-    monkeypatch.setattr(cli, f"make_{command}", lambda settings: Agent())
+    monkeypatch.setattr(cli, f"make_{command}", lambda settings, **options: Agent())
     result = CliRunner().invoke(cli.app, [command])
     assert result.exit_code == 0, result.output
     assert seen == ["built frozen=False", "run frozen=True"]

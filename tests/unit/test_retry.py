@@ -404,30 +404,6 @@ def test_an_unknown_pool_is_dead_lettered_at_stage_retry(pool: bytes) -> None:
     assert letter["original_value"] == b"\xc3\x01bytes" and RETRY_POOL in letter["error_message"]
 
 
-class FakeEvent:
-    def __init__(self, original: Consumed, acked: list[int]) -> None:
-        self.message = original  # has every field original_of reads
-        self._acked = acked
-
-    def ack(self) -> bool:
-        self._acked.append(self.message.offset)
-        return True
-
-
-class FakeStream:
-    """faust's manual-ack stream: yields the events (which record their own acks)."""
-
-    def __init__(self, events: list[FakeEvent]) -> None:
-        self._events = events
-
-    def noack(self) -> FakeStream:
-        return self
-
-    async def events(self) -> Any:
-        for event in self._events:
-            yield event
-
-
 class FakeConfluentProducer:
     """Takes every record and reports its delivery at once."""
 
@@ -441,20 +417,26 @@ class FakeConfluentProducer:
 
 async def test_the_retrier_does_not_hold_a_short_backoff_behind_a_long_one() -> None:
     producer = FakeConfluentProducer()
-    router = RouterApp.__new__(RouterApp)  # only the retry agent's parts: no broker, no faust app
+    router = RouterApp.__new__(RouterApp)  # only the retry path's parts: no broker
     router.handler = _router(lambda: NOW_MS)
-    router._retrying = set()
+    router._retry_topic = "dspex.retry"
+    router._own_topics = frozenset()
     router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
-    acked: list[int] = []
+    done: list[int] = []
     long_one = _retry_record(b"general", NOW_MS + 300, offset=1)
     short_one = _retry_record(b"gpu", NOW_MS + 50, offset=2)
-    stream = FakeStream([FakeEvent(long_one, acked), FakeEvent(short_one, acked)])
 
-    await asyncio.wait_for(router._retry_agent(stream), 1)  # returns at once: nothing waits
-    assert producer.sent == [] and len(router._retrying) == 2
-    await asyncio.wait_for(asyncio.gather(*router._retrying), 5)
+    async def handle(record: Consumed) -> None:
+        await router.handle(record)
+        done.append(record.offset)
+
+    # the loop runs each record as its own task, as ConsumerLoop does
+    tasks = [asyncio.create_task(handle(r)) for r in (long_one, short_one)]
+    await asyncio.sleep(0)
+    assert producer.sent == []  # both wait for their not-before time
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert [topic for topic, _ in producer.sent] == ["dspex.pool.gpu", "dspex.pool.general"]
-    assert acked == [2, 1]  # each acked once forwarded; faust commits past both
+    assert done == [2, 1]  # each done (so committable) once forwarded
 
 
 # -- the flaky simulation -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.agents.router.cache import ResultCache, cache_key, effective_variables, is_cacheable
-from dspex.agents.router.router import RouterApp, RouterHandler, with_program_metric
+from dspex.agents.router.router import SEND_ATTEMPTS, RouterApp, RouterHandler, with_program_metric
 from dspex.agents.router.routing import (
     KnownTopics,
     ProgramsResolver,
@@ -524,8 +524,8 @@ async def test_a_send_fails_only_its_own_record() -> None:
         await lost
 
 
-async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failures_resent() -> None:
-    failures = {"app.flaky": 1}  # the first send to app.flaky fails, the second works
+async def test_a_request_is_done_once_all_its_records_are_delivered_and_failures_resent() -> None:
+    failures = {"app.flaky": 1, "dspex.pool.general": 6}  # the first sends fail
     sent: list[str] = []
 
     class Producer:
@@ -536,33 +536,49 @@ async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failure
             err = KafkaError(KafkaError._MSG_TIMED_OUT) if left > 0 else None
             kw["on_delivery"](err, None)
 
-    acked: list[str] = []
+    router = RouterApp.__new__(RouterApp)
+    router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    router._own_topics = frozenset({"dspex.pool.general"})
+    where = Consumed("dspex.requests", 0, 7, b"k", b"v", ())
 
-    class Event:
-        def __init__(self, name: str) -> None:
-            self.name = name
+    async def forward(*topics: str) -> None:
+        await router.deliver(where, [Outgoing(topic, b"k", b"v") for topic in topics])
 
-        def ack(self) -> bool:
-            acked.append(self.name)
-            return True
+    await asyncio.wait_for(forward("app.a", "app.b"), 5)
+    await asyncio.wait_for(forward(), 5)
+    assert sent == ["app.a", "app.b"]
+    await asyncio.wait_for(forward("app.ok", "app.flaky"), 5)
+    assert sent[2:] == ["app.ok", "app.flaky", "app.flaky"]  # only the failed one resent
+    # a DSPex topic is resent until the broker takes it (here the 7th send): never lost
+    router_sleep = asyncio.sleep
+
+    async def fast_sleep(_: float) -> None:
+        await router_sleep(0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "sleep", fast_sleep)
+        await asyncio.wait_for(forward("dspex.pool.general"), 5)
+    assert sent[5:] == ["dspex.pool.general"] * 7
+
+
+async def test_a_reply_topic_that_keeps_failing_is_given_up_after_the_attempts() -> None:
+    sent: list[str] = []
+
+    class Producer:
+        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
+            sent.append(topic)
+            kw["on_delivery"](KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), None)
 
     router = RouterApp.__new__(RouterApp)
     router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
-    router._acking = set()
+    router._own_topics = frozenset({"dspex.responses"})
     where = Consumed("dspex.requests", 0, 7, b"k", b"v", ())
+    real_sleep = asyncio.sleep
 
-    async def forward(name: str, *topics: str) -> None:
-        outs = [Outgoing(topic, b"k", b"v") for topic in topics]
-        delivered = [await router._send(out) for out in outs]
-        router._ack_when_delivered(Event(name), where, outs, delivered)
+    async def fast_sleep(_: float) -> None:
+        await real_sleep(0)
 
-    await forward("clean", "app.a", "app.b")
-    await forward("none")
-    await asyncio.sleep(0)  # done callbacks run on the next loop iteration
-    assert sorted(acked) == ["clean", "none"] and not router._acking  # no task: common path
-    await forward("flaky", "app.ok", "app.flaky")
-    await asyncio.sleep(0)
-    assert len(router._acking) == 1  # the resend task
-    await asyncio.wait_for(asyncio.gather(*router._acking), 5)
-    assert acked[2:] == ["flaky"]
-    assert sent == ["app.a", "app.b", "app.ok", "app.flaky", "app.flaky"]  # only it resent
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "sleep", fast_sleep)
+        await asyncio.wait_for(router.deliver(where, [Outgoing("app.gone", b"k", b"v")]), 5)
+    assert sent == ["app.gone"] * SEND_ATTEMPTS
