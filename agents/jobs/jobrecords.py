@@ -14,8 +14,8 @@ from typing import Any
 
 from dspex.agents.jobs.optimize import OptimizationResult, Progress
 from dspex.agents.plumbing.messages import ErrorInfo
+from dspex.schemas.times import now
 from dspex.streams.client.programs import program_version_record
-from dspex.streams.times import now
 from dspex.streams.variables import VariableStore, new_update, variable_key
 
 Record = dict[str, Any]

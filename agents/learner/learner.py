@@ -40,11 +40,11 @@ from dspex.agents.plumbing.faustapp import (
 )
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
+from dspex.schemas.times import to_ms
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import LearnerSettings, Settings
-from dspex.streams.times import to_ms
 from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)

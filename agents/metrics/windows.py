@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspex.streams.times import to_ms
+from dspex.schemas.times import to_ms
 
 Record = dict[str, Any]
 SeriesKey = tuple[str, str, str]  # (program, pool, variant)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Record, TokenUsage
-from dspex.streams.times import millis_between, now, now_ms
+from dspex.schemas.times import millis_between, now, now_ms
 
 # Error messages are for people; a clipped message keeps a record small.
 _MAX_MESSAGE = 2000
