@@ -8,8 +8,10 @@ and no dict literal elsewhere in the source writes a contract record by hand.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from io import BytesIO
@@ -103,7 +105,6 @@ def required_only(name: str) -> dict[str, Any]:
 def test_every_record_of_the_contract_has_a_constructor() -> None:
     missing = [name for name in DEFINITIONS if not callable(getattr(records, snake(name), None))]
     assert missing == []
-    assert len(TOP_LEVEL) == 11
     assert {"ErrorInfo", "Route", "Health", "Usage", "Timings"} <= set(NESTED)
 
 
@@ -168,3 +169,137 @@ def test_maps_and_arrays_are_copied_not_shared() -> None:
     assert record["metadata"] == metadata
     assert record["metadata"] is not metadata
     assert records.request(request_id="r", created_at=0)["inputs"] == {}
+
+
+# -- (c) no contract record is written by hand outside schemas/records.py -----------------------
+
+MIN_FIELDS = 5  # a dict literal naming this many fields of a record, or all of a small one ...
+SMALLEST = 3  # ... of at least this many fields (a {"key": ..., "value": ...} is anything)
+
+
+def hand_written(source: str, filename: str) -> list[str]:
+    """``file:line Name`` for each dict literal in ``source`` that is a contract record.
+
+    A literal is one when its constant keys include every required field of a
+    record (those without a default) and at least :data:`MIN_FIELDS` of its fields
+    (all of them for a record with fewer). ``dict(a=..., b=...)`` counts too.
+    """
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        keys = _literal_keys(node)
+        for name, definition in DEFINITIONS.items():
+            fields = {f["name"] for f in definition["fields"]}
+            required = {f["name"] for f in definition["fields"] if "default" not in f}
+            enough = min(MIN_FIELDS, len(fields))
+            if len(fields) >= SMALLEST and required <= keys and len(keys & fields) >= enough:
+                found.append(f"{filename}:{getattr(node, 'lineno', 0)} {name}")
+    return found
+
+
+def _literal_keys(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Dict):
+        return {
+            k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+        }
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+        return {k.arg for k in node.keywords if k.arg is not None}
+    return set()
+
+
+def sources() -> Iterator[Path]:
+    for folder in ("agents", "streams", "schemas"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path != ROOT / "schemas" / "records.py":
+                yield path
+
+
+def test_no_contract_record_is_written_by_hand() -> None:
+    found = [
+        hit
+        for path in sources()
+        for hit in hand_written(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert found == [], "build these with dspex.schemas.records"
+
+
+# Verbatim excerpts of what the guard replaced: a full Telemetry, a full Response,
+# and a Response whose required fields sat in a shared head merged into each chunk.
+# (Run over the whole tree as it was before dspex.schemas.records, the guard found
+# 41 hand-written records, every one of which now goes through a constructor.)
+OLD_FEEDBACK = """
+def feedback_record(request_id, quality, *, program_id, variant=None):
+    now = datetime.now(UTC)
+    return {
+        "kind": "feedback",
+        "request_id": request_id,
+        "program_id": program_id,
+        "program_version": None,
+        "pool": None,
+        "variant": variant,
+        "worker_id": None,
+        "emitted_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
+        "latency_ms": None,
+        "queue_wait_ms": None,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cost_usd": None,
+        "success": None,
+        "error_class": None,
+        "cache_hit": False,
+        "quality": float(quality),
+        "health": None,
+    }
+"""
+OLD_CACHED_RESPONSE = """
+def cached_response(request_id, outputs, program, now_ms):
+    return {
+        "request_id": request_id,
+        "seq": 0,
+        "final": True,
+        "status": "ok",
+        "delta": "",
+        "outputs": dict(outputs),
+        "error": None,
+        "cached": True,
+        "program_id": program.get("program_id"),
+        "program_version": program.get("program_version"),
+        "pool": None,
+        "produced_at": now_ms,
+    }
+"""
+OLD_RESPONSE_HEAD = """
+def _response_head(request, pool, version):
+    return {
+        "request_id": request["request_id"],
+        "cached": False,
+        "program_id": request.get("program_id"),
+        "program_version": version if version is not None else request.get("program_version"),
+        "pool": pool,
+        "produced_at": now(),
+    }
+"""
+KEYWORD_DICT = """
+beat = dict(kind="health", pool=pool, worker_id=worker_id, emitted_at=now(), health=sample)
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        (OLD_FEEDBACK, "Telemetry"),
+        (OLD_CACHED_RESPONSE, "Response"),
+        (OLD_RESPONSE_HEAD, "Response"),
+        (KEYWORD_DICT, "Telemetry"),
+    ],
+)
+def test_the_guard_catches_the_hand_written_records_it_replaced(source: str, name: str) -> None:
+    assert [hit.split()[-1] for hit in hand_written(textwrap.dedent(source), "old.py")] == [name]
+
+
+def test_the_guard_leaves_partial_field_sets_alone() -> None:
+    source = """
+    fields = {"program_id": p, "program_version": v, "signature": s, "module_type": m,
+              "module_config_json": c, "state_json": j, "tools": t}
+    wanted = {"stage": s, "error_class": e, "request_id": r, "component": c}
+    """
+    assert hand_written(textwrap.dedent(source), "partial.py") == []
