@@ -4,7 +4,9 @@ Every topic carries one of these records (see the README's topic table). The
 ``.avsc`` files are the public contract that clients in any language code
 against; this package loads them lazily, computes their Parsing Canonical Form
 and CRC-64-AVRO fingerprint, and keeps every released version so that old data
-stays readable (:mod:`dspex.schemas.evolution`). :mod:`dspex.schemas.samples` builds valid
+stays readable (:mod:`dspex.schemas.evolution`). :mod:`dspex.schemas.records` is the one
+place each record is built (a typed constructor per schema), :mod:`dspex.schemas.times`
+the one place timestamps are converted; :mod:`dspex.schemas.samples` builds valid
 example records.
 
 It imports nothing from ``streams`` or ``agents``.

@@ -12,9 +12,10 @@ and ``when`` conditions are described in ``docs/variables.md``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
+from dspex.schemas import records
+from dspex.schemas.times import now
 from dspex.streams._vartypes import (
     MODULE_TYPES,
     NAME,
@@ -145,21 +146,21 @@ def new_update(
         same_type = previous is not None and previous["var_type"] == kind
         constraints = constraints_of(previous) if previous is not None and same_type else {}
     earlier = previous or {}
-    record = {
-        "name": name,
-        "var_type": kind,
-        "value_json": encode_json("value_json", value),
-        "constraints_json": encode_json("constraints_json", dict(constraints)),
-        "scope": scope,
-        "scope_ref": scope_ref,
-        "version": int(earlier.get("version", 0)) + 1,
-        "previous_value_json": earlier.get("value_json"),
-        "updated_at": _now(),
-        "updated_by": updated_by,
-        "source": source,
-        "reason": reason,
-        "observers": list(observers or earlier.get("observers") or []),
-    }
+    record = records.variable_update(
+        name=name,
+        var_type=kind,
+        value_json=encode_json("value_json", value),
+        constraints_json=encode_json("constraints_json", dict(constraints)),
+        scope=scope,
+        scope_ref=scope_ref,
+        version=int(earlier.get("version", 0)) + 1,
+        previous_value_json=earlier.get("value_json"),
+        updated_at=now(),
+        updated_by=updated_by,
+        source=source,
+        reason=reason,
+        observers=list(observers or earlier.get("observers") or []),
+    )
     validate_update(record)
     return record
 
@@ -306,11 +307,6 @@ class _Resolver:
             if current is None or canonical_text(current) not in allowed:
                 return False
         return True
-
-
-def _now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _ref_label(record: Mapping[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """The records an optimizer job writes, and reading the compacted topics it needs.
 
-Pure builders (plain dicts shaped by ``schemas/*.avsc``): progress and final
-Response chunks keyed by job id, ``kind="optimizer"`` Telemetry, the result's
-ProgramVersion and its program-scoped VariableUpdates.
+Pure builders over the contract's constructors (:mod:`dspex.schemas.records`):
+progress and final Response chunks keyed by job id, ``kind="optimizer"``
+Telemetry, the result's ProgramVersion, its program-scoped VariableUpdates and
+the canary RoutingTable.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from dspex.agents.jobs.optimize import OptimizationResult, Progress
 from dspex.agents.plumbing.messages import ErrorInfo
+from dspex.schemas import records
+from dspex.schemas.times import now
 from dspex.streams.client.programs import program_version_record
-from dspex.streams.times import now
 from dspex.streams.variables import VariableStore, new_update, variable_key
 
 Record = dict[str, Any]
@@ -44,15 +46,15 @@ def progress_response(head: JobHead, seq: int, progress: Progress) -> Record:
         "message": progress.message,
         "worker": head.worker_id,
     }
-    return {
-        **_head(head, head.program_version),
-        "seq": seq,
-        "final": False,
-        "status": "progress",
-        "delta": describe(progress) + "\n",
-        "outputs": {name: json.dumps(value) for name, value in numbers.items()},
-        "error": None,
-    }
+    return _response(
+        head,
+        head.program_version,
+        seq=seq,
+        final=False,
+        status="progress",
+        delta=describe(progress) + "\n",
+        outputs={name: json.dumps(value) for name, value in numbers.items()},
+    )
 
 
 def describe(progress: Progress) -> str:
@@ -79,52 +81,59 @@ def final_response(
     version: int | None = None,
 ) -> Record:
     """The job's one final chunk: ``ok`` with the result, else ``error``/``cancelled`` + error."""
-    return {
-        **_head(head, version if version is not None else head.program_version),
-        "seq": seq,
-        "final": True,
-        "status": status,
-        "delta": "",
-        "outputs": {k: json.dumps(v) for k, v in outputs.items()} if outputs is not None else None,
-        "error": error.record() if error is not None else None,
-    }
+    return _response(
+        head,
+        version if version is not None else head.program_version,
+        seq=seq,
+        final=True,
+        status=status,
+        outputs={k: json.dumps(v) for k, v in outputs.items()} if outputs is not None else None,
+        error=error.record() if error is not None else None,
+    )
 
 
-def _head(head: JobHead, version: int | None) -> Record:
-    return {
-        "request_id": head.job_id,
-        "cached": False,
-        "program_id": head.program_id or None,
-        "program_version": version,
-        "pool": POOL,
-        "produced_at": now(),
-    }
+def _response(
+    head: JobHead,
+    version: int | None,
+    *,
+    seq: int,
+    final: bool,
+    status: str,
+    delta: str = "",
+    outputs: Mapping[str, str] | None = None,
+    error: Record | None = None,
+) -> Record:
+    return records.response(
+        request_id=head.job_id,
+        seq=seq,
+        final=final,
+        status=status,
+        delta=delta,
+        outputs=outputs,
+        error=error,
+        program_id=head.program_id or None,
+        program_version=version,
+        pool=POOL,
+        produced_at=now(),
+    )
 
 
 def telemetry(
     head: JobHead, elapsed_s: float, quality: float | None, success: bool | None = None
 ) -> Record:
     """``kind="optimizer"``: the job's best score so far (learner and metrics ignore the kind)."""
-    return {
-        "kind": "optimizer",
-        "request_id": head.job_id,
-        "program_id": head.program_id or None,
-        "program_version": head.program_version,
-        "pool": POOL,
-        "variant": None,
-        "worker_id": head.worker_id,
-        "emitted_at": now(),
-        "latency_ms": elapsed_s * 1000.0,
-        "queue_wait_ms": None,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "cost_usd": None,
-        "success": success,
-        "error_class": None,
-        "cache_hit": False,
-        "quality": quality,
-        "health": None,
-    }
+    return records.telemetry(
+        kind="optimizer",
+        request_id=head.job_id,
+        program_id=head.program_id or None,
+        program_version=head.program_version,
+        pool=POOL,
+        worker_id=head.worker_id,
+        emitted_at=now(),
+        latency_ms=elapsed_s * 1000.0,
+        success=success,
+        quality=quality,
+    )
 
 
 def result_outputs(
@@ -153,7 +162,7 @@ def result_version(
 ) -> Record:
     """The compiled program as the next ProgramVersion (``created_by`` = the job id)."""
     base = result.candidate
-    record = program_version_record(
+    return program_version_record(
         base.program_id or "",
         base.signature,
         version=latest + 1,
@@ -168,9 +177,8 @@ def result_version(
             f"{result.score_after:.4f}"
         ),
         created_by=job_id,
+        score=result.score_after,
     )
-    record["score"] = result.score_after
-    return record
 
 
 def variable_updates(
@@ -229,27 +237,17 @@ def canary_table(
     pool = str(pools[0]) if pools else "general"
 
     def variant(number: int, share: float) -> Record:
-        return {
-            "name": f"v{number}",
-            "model": None,
-            "module_type": None,
-            "pool": pool,
-            "weight": share,
-            "variables": {},
-            "program_version": number,
-        }
+        return records.variant(name=f"v{number}", pool=pool, weight=share, program_version=number)
 
-    return {
-        "program_id": program_id,
-        "version": int(previous.get("version") or 0) + 1,
-        "created_at": now_ms,
-        "objective": previous.get("objective") or "balanced",
-        "reason": (
+    return records.routing_table(
+        program_id=program_id,
+        version=int(previous.get("version") or 0) + 1,
+        created_at=now_ms,
+        objective=previous.get("objective") or "balanced",
+        reason=(
             f"canary: optimizer job {job_id} published version {version}; "
             f"{weight:.0%} of traffic to it, the rest to its parent {parent}"
         ),
-        "variants": [variant(parent, 1.0 - weight), variant(version, weight)],
-        "fallback": [],
-        "learned_from": [],
-        "pool_hints": dict(previous.get("pool_hints") or {}),
-    }
+        variants=[variant(parent, 1.0 - weight), variant(version, weight)],
+        pool_hints=previous.get("pool_hints") or {},
+    )

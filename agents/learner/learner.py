@@ -40,11 +40,12 @@ from dspex.agents.plumbing.faustapp import (
 )
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
+from dspex.schemas import records
+from dspex.schemas.times import to_ms
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import LearnerSettings, Settings
-from dspex.streams.times import to_ms
 from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -228,20 +229,20 @@ class Learner:
         now: float,
     ) -> Record:
         earlier = {v["name"]: v for v in (previous or {}).get("variants", [])}
-        return {
-            "program_id": program_id,
-            "version": version,
-            "created_at": int(now * 1000),
-            "objective": self.config.objective_for(program_id).label(),
-            "reason": decision.reason,
-            "variants": [
+        return records.routing_table(
+            program_id=program_id,
+            version=version,
+            created_at=int(now * 1000),
+            objective=self.config.objective_for(program_id).label(),
+            reason=decision.reason,
+            variants=[
                 _variant(name, weight, decision.pools[name], earlier.get(name))
                 for name, weight in sorted(decision.weights.items())
             ],
-            "fallback": decision.fallback,
-            "learned_from": decision.learned_from,
-            "pool_hints": self.pool_hints(),
-        }
+            fallback=decision.fallback,
+            learned_from=decision.learned_from,
+            pool_hints=self.pool_hints(),
+        )
 
     def pool_hints(self) -> dict[str, int]:
         """Consumers per pool for all the load this learner has seen, across programs."""
@@ -277,15 +278,15 @@ class Learner:
 def _variant(name: str, weight: float, pool: str, earlier: Record | None) -> Record:
     """One table variant; model, module type, variables and program version carry over."""
     earlier = earlier or {}
-    return {
-        "name": name,
-        "model": earlier.get("model"),
-        "module_type": earlier.get("module_type"),
-        "pool": pool,
-        "weight": weight,
-        "variables": dict(earlier.get("variables") or {}),
-        "program_version": earlier.get("program_version"),
-    }
+    return records.variant(
+        name=name,
+        model=earlier.get("model"),
+        module_type=earlier.get("module_type"),
+        pool=pool,
+        weight=weight,
+        variables=earlier.get("variables") or {},
+        program_version=earlier.get("program_version"),
+    )
 
 
 class LearnerApp:

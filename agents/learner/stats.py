@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from dspex.schemas import records
 from dspex.streams.settings import BanditConfig
 
 Record = dict[str, Any]
@@ -188,15 +189,15 @@ class ArmStats:
 
     def summary(self, name: str, cfg: BanditConfig) -> Record:
         """The Avro ``VariantStats`` record of this arm."""
-        return {
-            "variant": name,
-            "count": round(self.n, 3),
-            "successes": round(self.successes, 3),
-            "mean_latency_ms": round(self.mean_latency_ms, 3),
-            "p95_latency_ms": _round(self.p95_ms(cfg.p95_min_count)),
-            "mean_quality": _round(self.q_sum / self.q_n if self.q_n > TINY else None),
-            "mean_cost_usd": _round(self.c_sum / self.c_n if self.c_n > TINY else None, 9),
-        }
+        return records.variant_stats(
+            variant=name,
+            count=round(self.n, 3),
+            successes=round(self.successes, 3),
+            mean_latency_ms=round(self.mean_latency_ms, 3),
+            p95_latency_ms=_round(self.p95_ms(cfg.p95_min_count)),
+            mean_quality=_round(self.q_sum / self.q_n if self.q_n > TINY else None),
+            mean_cost_usd=_round(self.c_sum / self.c_n if self.c_n > TINY else None, 9),
+        )
 
     def to_dict(self) -> Record:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hist"}

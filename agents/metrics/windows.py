@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspex.streams.times import to_ms
+from dspex.schemas import records
+from dspex.schemas.times import to_ms
 
 Record = dict[str, Any]
 SeriesKey = tuple[str, str, str]  # (program, pool, variant)
@@ -226,9 +227,12 @@ def snapshots(closed: Closed, window_s: float) -> list[tuple[str, Record]]:
 def _record(
     name: str, labels: dict[str, str], closed: Closed, bucket: Bucket, window_s: float
 ) -> Record:
-    record = gauge(name, labels, closed.start_ms, closed.end_ms, None)
     latencies = bucket.latencies.values
-    record.update(
+    return records.metric_snapshot(
+        name=name,
+        window_start=closed.start_ms,
+        window_end=closed.end_ms,
+        labels=labels,
         count=bucket.count,
         rate_per_s=bucket.count / window_s,
         latency_p50_ms=percentile(latencies, 0.50),
@@ -238,41 +242,30 @@ def _record(
         tokens=bucket.tokens,
         cost_usd=bucket.cost_usd,
     )
-    return record
 
 
 def _waits(labels: dict[str, str], closed: Closed, bucket: Bucket, window_s: float) -> Record:
-    record = gauge("queue_wait", labels, closed.start_ms, closed.end_ms, None)
     waits = bucket.waits.values
-    record.update(
+    return records.metric_snapshot(
+        name="queue_wait",
+        window_start=closed.start_ms,
+        window_end=closed.end_ms,
+        labels=labels,
         count=len(waits),
         rate_per_s=len(waits) / window_s,
         latency_p50_ms=percentile(waits, 0.50),
         latency_p95_ms=percentile(waits, 0.95),
         latency_p99_ms=percentile(waits, 0.99),
     )
-    return record
 
 
 def gauge(
     name: str, labels: Mapping[str, str], start_ms: int, end_ms: int, value: float | None
 ) -> Record:
     """A MetricSnapshot with only a gauge ``value`` (e.g. ``pool.lag``)."""
-    return {
-        "name": name,
-        "window_start": start_ms,
-        "window_end": end_ms,
-        "labels": dict(labels),
-        "count": 0,
-        "rate_per_s": 0.0,
-        "latency_p50_ms": None,
-        "latency_p95_ms": None,
-        "latency_p99_ms": None,
-        "error_rate": 0.0,
-        "tokens": 0,
-        "cost_usd": 0.0,
-        "value": value,
-    }
+    return records.metric_snapshot(
+        name=name, window_start=start_ms, window_end=end_ms, labels=labels, value=value
+    )
 
 
 def totals(records: Iterable[Record]) -> int:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from dspex.schemas.times import to_ms
 from dspex.streams.errors import InvalidRequest
-from dspex.streams.times import to_ms
 
 # A deadline further out than the requests topic's retention cannot be meant.
 MAX_DEADLINE_AHEAD_MS = 7 * 24 * 60 * 60 * 1000

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from dspex.schemas import records
 from dspex.streams.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -97,13 +98,13 @@ class ErrorInfo:
     status: str = "error"
 
     def record(self) -> Record:
-        return {
-            "error_class": self.error_class,
-            "message": self.message,
-            "field": self.field,
-            "stage": self.stage,
-            "retryable": self.retryable,
-        }
+        return records.error_info(
+            error_class=self.error_class,
+            message=self.message,
+            field=self.field,
+            stage=self.stage,
+            retryable=self.retryable,
+        )
 
     @classmethod
     def from_exception(cls, exc: BaseException, stage: str, *, status: str = "error") -> ErrorInfo:

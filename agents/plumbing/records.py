@@ -1,9 +1,9 @@
-"""The records of the contract an agent writes, one builder per record kind.
+"""The records of the contract an agent writes, derived from what happened to a request.
 
 Pure functions: a request, what happened to it and a clock reading in, one
-Response / Execution / Telemetry / DeadLetter record out, as plain dicts shaped
-by ``schemas/*.avsc``. Agents encode them with the serde and produce them; tests
-encode them to prove they match the contract. No agent writes these dicts by hand.
+Response / Execution / Telemetry / DeadLetter record out, built with the
+contract's constructors (:mod:`dspex.schemas.records`). Agents encode them with
+the serde and produce them; tests encode them to prove they match the contract.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Record, TokenUsage
-from dspex.streams.times import millis_between, now, now_ms
+from dspex.schemas import records
+from dspex.schemas.times import millis_between, now, now_ms
 
 # Error messages are for people; a clipped message keeps a record small.
 _MAX_MESSAGE = 2000
@@ -56,15 +57,7 @@ def encode_outputs(outputs: Mapping[str, Any]) -> dict[str, str]:
 
 def chunk_response(request: Mapping[str, Any], seq: int, delta: str, pool: str) -> Record:
     """A non-final streamed chunk (status "progress") carrying ``delta`` text."""
-    return {
-        **_response_head(request, pool, None),
-        "seq": seq,
-        "final": False,
-        "status": "progress",
-        "delta": delta,
-        "outputs": None,
-        "error": None,
-    }
+    return _response(request, pool, None, seq=seq, final=False, status="progress", delta=delta)
 
 
 def final_response(
@@ -72,26 +65,43 @@ def final_response(
 ) -> Record:
     """The one final chunk: outputs when ``result`` is ok, else its error."""
     ok = result.status == "ok"
-    return {
-        **_response_head(request, pool, result.program_version),
-        "seq": seq,
-        "final": True,
-        "status": result.status,
-        "delta": "",
-        "outputs": encode_outputs(result.outputs) if ok else None,
-        "error": None if ok or result.error is None else result.error.record(),
-    }
+    return _response(
+        request,
+        pool,
+        result.program_version,
+        seq=seq,
+        final=True,
+        status=result.status,
+        outputs=encode_outputs(result.outputs) if ok else None,
+        error=None if ok or result.error is None else result.error.record(),
+    )
 
 
-def _response_head(request: Mapping[str, Any], pool: str, version: int | None) -> Record:
-    return {
-        "request_id": request["request_id"],
-        "cached": False,
-        "program_id": request.get("program_id"),
-        "program_version": version if version is not None else request.get("program_version"),
-        "pool": pool,
-        "produced_at": now(),
-    }
+def _response(
+    request: Mapping[str, Any],
+    pool: str,
+    version: int | None,
+    *,
+    seq: int,
+    final: bool,
+    status: str,
+    delta: str = "",
+    outputs: Mapping[str, str] | None = None,
+    error: Record | None = None,
+) -> Record:
+    return records.response(
+        request_id=request["request_id"],
+        seq=seq,
+        final=final,
+        status=status,
+        delta=delta,
+        outputs=outputs,
+        error=error,
+        program_id=request.get("program_id"),
+        program_version=version if version is not None else request.get("program_version"),
+        pool=pool,
+        produced_at=now(),
+    )
 
 
 def execution(
@@ -103,27 +113,25 @@ def execution(
     attempt: int = 1,
 ) -> Record:
     """The audit record of one attempt to run ``request``."""
-    route = request.get("route")
-    return {
-        "request_id": request["request_id"],
-        "program_id": request.get("program_id"),
-        "program_version": _version(request, result),
-        "signature": request.get("signature") or "",
-        "module_type": _module_type(request),
-        "inputs": _capped(request.get("inputs") or {}),
-        "outputs": _capped(encode_outputs(result.outputs)) if result.status == "ok" else {},
-        "variables": dict(request.get("variables") or {}),
-        "trace_json": None if result.trace is None else _trace(result.trace),
-        "route": dict(route) if route else None,
-        "timings": _timings(request, result),
-        "usage": _usage(result.usage),
-        "cost_usd": None,
-        "error": result.error.record() if result.error else None,
-        "worker_id": worker_id,
-        "pool": pool,
-        "attempt": attempt,
-        "metadata": dict(request.get("metadata") or {}),
-    }
+    return records.execution(
+        request_id=request["request_id"],
+        program_id=request.get("program_id"),
+        program_version=_version(request, result),
+        signature=request.get("signature") or "",
+        module_type=_module_type(request),
+        inputs=_capped(request.get("inputs") or {}),
+        outputs=_capped(encode_outputs(result.outputs)) if result.status == "ok" else {},
+        variables=request.get("variables") or {},
+        trace_json=None if result.trace is None else _trace(result.trace),
+        route=request.get("route") or None,
+        timings=_timings(request, result),
+        usage=_usage(result.usage),
+        error=result.error.record() if result.error else None,
+        worker_id=worker_id,
+        pool=pool,
+        attempt=attempt,
+        metadata=request.get("metadata") or {},
+    )
 
 
 # The audit record must fit the broker's 1 MB message limit whatever the request
@@ -165,13 +173,13 @@ def _module_type(request: Mapping[str, Any]) -> str:
 
 
 def _timings(request: Mapping[str, Any], result: ExecutionResult) -> Record:
-    return {
-        "received_at": result.received_at,
-        "started_at": result.started_at,
-        "finished_at": result.finished_at,
-        "queue_wait_ms": queue_wait_ms(request, result),
-        "run_ms": result.run_ms,
-    }
+    return records.timings(
+        received_at=result.received_at,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        queue_wait_ms=queue_wait_ms(request, result),
+        run_ms=result.run_ms,
+    )
 
 
 def queue_wait_ms(request: Mapping[str, Any], result: ExecutionResult) -> float:
@@ -181,7 +189,12 @@ def queue_wait_ms(request: Mapping[str, Any], result: ExecutionResult) -> float:
 
 
 def _usage(usage: TokenUsage) -> Record:
-    return TokenUsage(*usage)._asdict()
+    tokens = TokenUsage(*usage)
+    return records.usage(
+        prompt_tokens=tokens.prompt_tokens,
+        completion_tokens=tokens.completion_tokens,
+        total_tokens=tokens.total_tokens,
+    )
 
 
 def telemetry(
@@ -198,27 +211,24 @@ def telemetry(
     ``health`` carries its circuit breaker's state when a breaker was involved.
     """
     route = request.get("route") or {}
-    return {
-        "kind": "execution",
-        "request_id": request["request_id"],
-        "program_id": request.get("program_id"),
-        "program_version": _version(request, result),
-        "pool": pool,
-        "variant": result.variant or route.get("variant"),
-        "worker_id": worker_id,
-        "emitted_at": now(),
+    return records.telemetry(
+        kind="execution",
+        request_id=request["request_id"],
+        program_id=request.get("program_id"),
+        program_version=_version(request, result),
+        pool=pool,
+        variant=result.variant or route.get("variant"),
+        worker_id=worker_id,
+        emitted_at=now(),
         # the contract defines latency end to end: created_at to the final response
-        "latency_ms": millis_between(request["created_at"], result.finished_at),
-        "queue_wait_ms": queue_wait_ms(request, result),
-        "prompt_tokens": result.usage[0],
-        "completion_tokens": result.usage[1],
-        "cost_usd": None,
-        "success": result.status == "ok",
-        "error_class": result.error.error_class if result.error else None,
-        "cache_hit": False,
-        "quality": None,
-        "health": _health(result, in_flight),
-    }
+        latency_ms=millis_between(request["created_at"], result.finished_at),
+        queue_wait_ms=queue_wait_ms(request, result),
+        prompt_tokens=result.usage[0],
+        completion_tokens=result.usage[1],
+        success=result.status == "ok",
+        error_class=result.error.error_class if result.error else None,
+        health=_health(result, in_flight),
+    )
 
 
 def _health(result: ExecutionResult, in_flight: int) -> Record | None:
@@ -229,35 +239,20 @@ def _health(result: ExecutionResult, in_flight: int) -> Record | None:
 
 def health_sample(in_flight: int, breaker_state: str) -> Record:
     """The Avro ``Health`` record: in-flight requests, breaker state, resident memory."""
-    return {
-        "in_flight": in_flight,
-        "breaker_state": breaker_state,
-        "memory_bytes": recent_rss_bytes(),
-    }
+    return records.health(
+        in_flight=in_flight, breaker_state=breaker_state, memory_bytes=recent_rss_bytes()
+    )
 
 
 def health(worker_id: str, pool: str, in_flight: int, breaker_state: str) -> Record:
     """A worker's periodic Telemetry of kind ``health``."""
-    return {
-        "kind": "health",
-        "request_id": None,
-        "program_id": None,
-        "program_version": None,
-        "pool": pool,
-        "variant": None,
-        "worker_id": worker_id,
-        "emitted_at": now(),
-        "latency_ms": None,
-        "queue_wait_ms": None,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "cost_usd": None,
-        "success": None,
-        "error_class": None,
-        "cache_hit": False,
-        "quality": None,
-        "health": health_sample(in_flight, breaker_state),
-    }
+    return records.telemetry(
+        kind="health",
+        pool=pool,
+        worker_id=worker_id,
+        emitted_at=now(),
+        health=health_sample(in_flight, breaker_state),
+    )
 
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -307,24 +302,24 @@ def dead_letter(
     """
     value = original.value
     omitted = value is not None and len(value) > MAX_EMBEDDED_BYTES
-    return {
-        "original_topic": original.topic,
-        "original_partition": original.partition,
-        "original_offset": original.offset,
-        "original_timestamp": original.timestamp_ms,
-        "original_key": original.key,
-        "original_value": None if omitted else value,
-        "original_value_bytes": -1 if value is None else len(value),
-        "original_value_omitted": omitted,
-        "original_headers": [{"key": k, "value": v} for k, v in original.headers],
-        "error_class": error.error_class,
-        "error_message": _clip(_message(error)),
-        "stage": error.stage or "execute",
-        "attempts": attempts,
-        "failed_at": now_ms() if failed_at_ms is None else failed_at_ms,
-        "request_id": request_id,
-        "component": component,
-    }
+    return records.dead_letter(
+        original_topic=original.topic,
+        original_partition=original.partition,
+        original_offset=original.offset,
+        original_timestamp=original.timestamp_ms,
+        original_key=original.key,
+        original_value=None if omitted else value,
+        original_headers=[records.kafka_header(key=k, value=v) for k, v in original.headers],
+        original_value_bytes=-1 if value is None else len(value),
+        original_value_omitted=omitted,
+        error_class=error.error_class,
+        error_message=_clip(_message(error)),
+        stage=error.stage or "execute",
+        attempts=attempts,
+        failed_at=now_ms() if failed_at_ms is None else failed_at_ms,
+        request_id=request_id,
+        component=component,
+    )
 
 
 def error_response(
@@ -336,20 +331,15 @@ def error_response(
 ) -> Record:
     """The one final ``Response`` chunk that tells a waiting client why its request failed."""
     program = program or {}
-    return {
-        "request_id": request_id,
-        "seq": 0,
-        "final": True,
-        "status": error.status,
-        "delta": "",
-        "outputs": None,
-        "error": {**error.record(), "message": _clip(_message(error))},
-        "cached": False,
-        "program_id": program.get("program_id"),
-        "program_version": program.get("program_version"),
-        "pool": None,
-        "produced_at": produced_at_ms,
-    }
+    return records.response(
+        request_id=request_id,
+        final=True,
+        status=error.status,
+        error=replace(error, message=_clip(_message(error))).record(),
+        program_id=program.get("program_id"),
+        program_version=program.get("program_version"),
+        produced_at=produced_at_ms,
+    )
 
 
 def _message(error: ErrorInfo) -> str:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dspex.agents.router.routing import Route
+from dspex.schemas import records
 from dspex.streams.settings import LMSettings
 
 NONDETERMINISTIC_MODULES = frozenset({"BestOfN", "Refine"})
@@ -156,20 +157,16 @@ def cached_response(
     request_id: str, outputs: Mapping[str, str], program: Mapping[str, Any], now_ms: int
 ) -> dict[str, Any]:
     """The one final ``Response`` chunk the router answers a cache hit with (no pool)."""
-    return {
-        "request_id": request_id,
-        "seq": 0,
-        "final": True,
-        "status": "ok",
-        "delta": "",
-        "outputs": dict(outputs),
-        "error": None,
-        "cached": True,
-        "program_id": program.get("program_id"),
-        "program_version": program.get("program_version"),
-        "pool": None,
-        "produced_at": now_ms,
-    }
+    return records.response(
+        request_id=request_id,
+        final=True,
+        status="ok",
+        outputs=outputs,
+        cached=True,
+        program_id=program.get("program_id"),
+        program_version=program.get("program_version"),
+        produced_at=now_ms,
+    )
 
 
 def _number(text: str) -> float | None:

@@ -58,6 +58,7 @@ from dspex.agents.router.routing import (
     reply_topic,
 )
 from dspex.agents.router.variables import RefusedUpdates, SharedVariables
+from dspex.schemas import records
 from dspex.streams import kafka
 from dspex.streams.errors import (
     ConfigError,
@@ -198,13 +199,16 @@ class RouterHandler:
             hit = self._cached(request, program, key, now)
             if hit is not None:
                 return [hit]
-        forwarded = {
-            **request,
-            **program,
-            "variables": variables,
-            "route": route.record(now, key),
-            "metadata": with_program_metric(request, registered),
-        }
+        # the decoded request has every Request field; the program and route complete it
+        forwarded = records.request(
+            **{
+                **request,
+                **program,
+                "variables": variables,
+                "route": route.record(now, key),
+                "metadata": with_program_metric(request, registered),
+            }
+        )
         return [self._forward(original, forwarded, route.pool)]
 
     def _registered(self, program_id: str, version: int | None, route: Route) -> Record:

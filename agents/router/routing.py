@@ -31,6 +31,7 @@ from dspex.agents.runtime.programs import (
     validate,
 )
 from dspex.agents.runtime.tools import ToolRegistry, default_tools
+from dspex.schemas import records
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import POOLS, LMSettings
 
@@ -91,16 +92,16 @@ class Route:
 
     def record(self, decided_at_ms: int, cache_key: str | None) -> Record:
         """The ``route`` field of a forwarded Request."""
-        return {
-            "pool": self.pool,
-            "variant": self.variant,
-            "model": self.model,
-            "module_type": self.module_type,
-            "routing_table_version": self.table_version,
-            "decided_at": decided_at_ms,
-            "cache_key": cache_key,
-            "reason": self.reason,
-        }
+        return records.route(
+            pool=self.pool,
+            variant=self.variant,
+            model=self.model,
+            module_type=self.module_type,
+            routing_table_version=self.table_version,
+            decided_at=decided_at_ms,
+            cache_key=cache_key,
+            reason=self.reason,
+        )
 
 
 def check_request(

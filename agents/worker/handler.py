@@ -34,7 +34,7 @@ from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
 from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
 from dspex.agents.worker.execution import Executor, Outcome, classify
-from dspex.streams import times
+from dspex.schemas import times
 from dspex.streams.errors import SerdeError
 
 logger = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ the execution first and the score after it, and credits the variant that ran it.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 from typing import Any
 
+from dspex.schemas import records
+from dspex.schemas.times import now
 from dspex.streams.errors import InvalidRequest
 
 
@@ -28,24 +29,11 @@ def feedback_record(
         raise InvalidRequest("quality", f"must be a number in [0, 1], got {quality!r}")
     if not math.isfinite(quality) or not 0.0 <= quality <= 1.0:
         raise InvalidRequest("quality", f"must be in [0, 1], got {quality!r}")
-    now = datetime.now(UTC)
-    return {
-        "kind": "feedback",
-        "request_id": request_id,
-        "program_id": program_id,
-        "program_version": None,
-        "pool": None,
-        "variant": variant,
-        "worker_id": None,
-        "emitted_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
-        "latency_ms": None,
-        "queue_wait_ms": None,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "cost_usd": None,
-        "success": None,
-        "error_class": None,
-        "cache_hit": False,
-        "quality": float(quality),
-        "health": None,
-    }
+    return records.telemetry(
+        kind="feedback",
+        request_id=request_id,
+        program_id=program_id,
+        variant=variant,
+        emitted_at=now(),
+        quality=float(quality),
+    )

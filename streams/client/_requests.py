@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
+from dspex.schemas import records
+from dspex.schemas.times import millis
 from dspex.streams.errors import InvalidRequest
 
 CONTENT_TYPE = "application/vnd.dspex.request+avro"
@@ -74,18 +76,6 @@ class Program:
         """``program`` itself, or the registered program a plain string names."""
         return program if isinstance(program, Program) else cls.registered(program)
 
-    def request_fields(self) -> dict[str, Any]:
-        """The Request fields that name this program."""
-        return {
-            "program_id": self.program_id,
-            "program_version": self.version,
-            "signature": self.signature,
-            "module_type": self.module_type,
-            "state_json": self.state_json,
-            "module_config_json": self.module_config_json,
-            "tools": list(self.tools),
-        }
-
 
 class RequestOptions(TypedDict, total=False):
     """Per-request options shared by ``submit``, ``stream`` and ``submit_many``.
@@ -121,27 +111,33 @@ def build_request(
     unknown = set(options) - set(RequestOptions.__annotations__)
     if unknown:
         raise TypeError(f"unknown request option(s): {sorted(unknown)}")
-    created = _millis(now or datetime.now(UTC))
+    created = millis(now or datetime.now(UTC))
     deadline_s = float(options.get("deadline_s", DEFAULT_DEADLINE_S))
     if not math.isfinite(deadline_s) or deadline_s <= 0:
         raise InvalidRequest(
             "deadline_s", f"must be a positive number of seconds, got {deadline_s}"
         )
-    return {
-        "request_id": str(uuid.uuid4()),
-        "created_at": created,
-        "deadline_at": created + timedelta(seconds=deadline_s),
-        "session_id": options.get("session_id"),
-        **Program.of(program).request_fields(),
-        "inputs": json_map("inputs", inputs),
-        "variables": json_map("variables", options.get("variables") or {}),
-        "pool_hint": options.get("pool_hint"),
-        "stream": stream,
-        "cache": bool(options.get("cache", True)),
-        "reply_topic": reply_topic,
-        "metadata": dict(options.get("metadata") or {}),
-        "route": None,
-    }
+    named = Program.of(program)
+    return records.request(
+        request_id=str(uuid.uuid4()),
+        created_at=created,
+        deadline_at=created + timedelta(seconds=deadline_s),
+        session_id=options.get("session_id"),
+        program_id=named.program_id,
+        program_version=named.version,
+        signature=named.signature,
+        module_type=named.module_type,
+        module_config_json=named.module_config_json,
+        state_json=named.state_json,
+        inputs=json_map("inputs", inputs),
+        variables=json_map("variables", options.get("variables") or {}),
+        pool_hint=options.get("pool_hint"),
+        stream=stream,
+        cache=bool(options.get("cache", True)),
+        reply_topic=reply_topic,
+        tools=named.tools,
+        metadata=options.get("metadata") or {},
+    )
 
 
 def json_map(kind: str, values: Mapping[str, Any]) -> dict[str, str]:
@@ -171,8 +167,3 @@ def request_headers(record: Mapping[str, Any]) -> list[tuple[str, str | bytes | 
         headers.append((HEADER_REPLY_TOPIC, str(record["reply_topic"]).encode()))
     headers.append((HEADER_CONTENT_TYPE, CONTENT_TYPE.encode()))
     return headers
-
-
-def _millis(moment: datetime) -> datetime:
-    # Avro timestamp-millis keeps milliseconds: round here so the record equals its round trip
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
+from dspex.schemas import records, times
 from dspex.streams.client._replies import Chunk, Inbox
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.reader import latest_by_key, read_to_end
@@ -130,33 +131,33 @@ def job_record(
     dataset, topic = options.get("dataset"), options.get("dataset_topic")
     if (dataset is None) == (topic is None):
         raise InvalidRequest("dataset", "give inline examples or a dataset topic (exactly one)")
-    return {
-        "job_id": options.get("job_id") or str(uuid.uuid4()),
-        "created_at": _millis(now or datetime.now(UTC)),
-        "program_id": program_id,
-        "program_version": options.get("program_version"),
-        "optimizer": options.get("optimizer"),
-        "optimizer_config_json": _json("optimizer_config", options.get("optimizer_config") or {}),
-        "dataset_json": None if dataset is None else _json("dataset", list(dataset)),
-        "dataset_topic": topic,
-        "val_fraction": float(options.get("val_fraction", 0.5)),
-        "metric": options["metric"],
-        "search_json": _json("search", options.get("search") or {}),
-        "reply_topic": reply_topic,
-        "requested_by": options.get("requested_by", ""),
-        "canary_weight": options.get("canary_weight"),
-    }
+    return records.optimization_job(
+        job_id=options.get("job_id") or str(uuid.uuid4()),
+        created_at=now or times.now(),
+        program_id=program_id,
+        program_version=options.get("program_version"),
+        optimizer=options.get("optimizer"),
+        optimizer_config_json=_json("optimizer_config", options.get("optimizer_config") or {}),
+        dataset_json=None if dataset is None else _json("dataset", list(dataset)),
+        dataset_topic=topic,
+        val_fraction=float(options.get("val_fraction", 0.5)),
+        metric=options["metric"],
+        search_json=_json("search", options.get("search") or {}),
+        reply_topic=reply_topic,
+        requested_by=options.get("requested_by", ""),
+        canary_weight=options.get("canary_weight"),
+    )
 
 
 def control_record(job_id: str, action: str, requested_by: str, reason: str) -> dict[str, Any]:
     """A JobControl record (``action`` "cancel")."""
-    return {
-        "job_id": job_id,
-        "action": action,
-        "requested_at": _millis(datetime.now(UTC)),
-        "requested_by": requested_by,
-        "reason": reason,
-    }
+    return records.job_control(
+        job_id=job_id,
+        action=action,
+        requested_at=times.now(),
+        requested_by=requested_by,
+        reason=reason,
+    )
 
 
 class JobInbox(Inbox):
@@ -195,10 +196,6 @@ def _json(name: str, value: Any) -> str:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(name, f"not JSON-serializable: {exc}") from exc
-
-
-def _millis(moment: datetime) -> datetime:
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def job_status(settings: Settings, serde: Serde, job_id: str) -> Record | None:

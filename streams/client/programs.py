@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
+from dspex.schemas import records
+from dspex.schemas.times import now
 from dspex.streams.reader import read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
@@ -33,24 +34,24 @@ def program_version_record(
     metric: str | None,
     description: str | None,
     created_by: str,
+    score: float | None = None,
 ) -> dict[str, Any]:
-    """A ProgramVersion record ready for the serde."""
-    now = datetime.now(UTC)
-    return {
-        "program_id": program_id,
-        "version": version,
-        "signature": signature,
-        "module_type": module_type,
-        "module_config_json": module_config_json,
-        "state_json": state_json or "{}",
-        "tools": list(tools),
-        "metric": metric,
-        "score": None,
-        "description": description or "",
-        "parent_version": parent_version,
-        "created_at": now.replace(microsecond=now.microsecond // 1000 * 1000),
-        "created_by": created_by,
-    }
+    """A ProgramVersion record ready for the serde (``score``: its metric's, when measured)."""
+    return records.program_version(
+        program_id=program_id,
+        version=version,
+        signature=signature,
+        module_type=module_type,
+        module_config_json=module_config_json,
+        state_json=state_json or "{}",
+        tools=list(tools),
+        metric=metric,
+        score=score,
+        description=description or "",
+        parent_version=parent_version,
+        created_at=now(),
+        created_by=created_by,
+    )
 
 
 def latest_version(

@@ -24,8 +24,9 @@ from confluent_kafka import TopicPartition
 from dspex.agents.plumbing.messages import TokenUsage
 from dspex.agents.worker.execution import Executor, Outcome
 from dspex.agents.worker.worker import PoolWorker
+from dspex.schemas import times
 from dspex.schemas.samples import sample
-from dspex.streams import kafka, times
+from dspex.streams import kafka
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import GeneralPoolSettings, PoolsSettings, Settings

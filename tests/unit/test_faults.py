@@ -282,7 +282,7 @@ async def test_a_partly_streamed_answer_is_never_replayed() -> None:
 
 def test_telemetry_names_the_answering_variant_and_its_breaker() -> None:
     from dspex.agents.plumbing.records import ExecutionResult
-    from dspex.streams.times import now
+    from dspex.schemas.times import now
 
     t = now()
     result = ExecutionResult("ok", t, t, t, variant="backup", breaker_state="half-open")

@@ -38,8 +38,8 @@ from dspex.agents.runtime.lms.simulations import SimOptions
 from dspex.agents.worker.execution import Outcome
 from dspex.agents.worker.faults import BackendFailure, BackendsExhausted, is_retryable
 from dspex.agents.worker.handler import Destinations, WorkerHandler
+from dspex.schemas import times
 from dspex.schemas.samples import sample
-from dspex.streams import times
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import SingleObjectSerde
 from dspex.streams.settings import LMBackend, Settings, load_settings

@@ -22,8 +22,8 @@ from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
 from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.worker.execution import Outcome, backend_overrides, classify
 from dspex.agents.worker.handler import Destinations, WorkerHandler, score_against_gold
+from dspex.schemas import times
 from dspex.schemas.samples import sample
-from dspex.streams import times
 from dspex.streams.errors import (
     BrokerUnavailable,
     CorruptRecord,
