@@ -1,11 +1,12 @@
 """Kafka client plumbing: where the cluster is, and well-configured clients for it.
 
-The one place that turns settings into client configuration, for every client
-library DSPex uses: confluent-kafka (librdkafka, :func:`client_conf`, with
-:meth:`KafkaSettings.to_librdkafka`), aiokafka (:func:`aiokafka_options`) and faust
-(:func:`sasl_credentials` and :func:`ssl_context`, which the faust app wraps in
-its own credential types). Delivery guarantees (idempotence, acks=all) and
-security settings are decided here once.
+The one place that turns settings into client configuration, for both client
+libraries DSPex uses: confluent-kafka (librdkafka: :func:`client_conf`, with
+:meth:`KafkaSettings.to_librdkafka`), on the whole request path and for every
+compacted-topic reader, and faust (:func:`sasl_credentials` and :func:`ssl_context`,
+which the learning and metrics agents' faust app wraps in its own credential
+types). Delivery guarantees (idempotence, acks=all) and security settings are
+decided here once.
 """
 
 from __future__ import annotations
@@ -118,21 +119,3 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
         key = str(kafka.ssl_key_location) if kafka.ssl_key_location is not None else None
         context.load_cert_chain(str(kafka.ssl_certificate_location), key, password)
     return context
-
-
-def aiokafka_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Connection keyword arguments for aiokafka clients (secrets revealed here only)."""
-    options: dict[str, Any] = {
-        "client_id": kafka.client_id,
-        "security_protocol": kafka.security_protocol,
-    }
-    context = ssl_context(kafka)
-    if context is not None:
-        options["ssl_context"] = context
-    sasl = sasl_credentials(kafka)
-    if sasl is not None:
-        options["sasl_mechanism"] = sasl.mechanism
-        options["sasl_plain_username"] = sasl.username
-        if sasl.password is not None:
-            options["sasl_plain_password"] = sasl.password
-    return options

@@ -303,7 +303,7 @@ class LearnerApp:
         self.routing = RoutingCatalog()
         routing_topic = self._topics.name("routing")
         views = {routing_topic: ("RoutingTable", self.routing.apply)}
-        self.reader = CompactedReader(bootstrap, settings.kafka, serde, views)
+        self.reader = CompactedReader(settings, serde, views)
         # Written only by the telemetry agent (concurrency 1): its changelog partition is
         # the telemetry partition of the program, so the partition counts must match.
         partitions = self._topics.spec("telemetry").partitions

@@ -279,7 +279,7 @@ class MetricsApp:
         self.exporter = Exporter(registry)
         self.metrics = Metrics(settings, serde, self.exporter)
         views = {self._topics.name("routing"): ("RoutingTable", self.exporter.apply_routing)}
-        self.reader = CompactedReader(self._bootstrap, settings.kafka, serde, views)
+        self.reader = CompactedReader(settings, serde, views)
         self._admin: AdminClient | None = None
         self._server: Any = None
         self.port: int | None = None

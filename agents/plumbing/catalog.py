@@ -1,10 +1,10 @@
 """In-memory views of the compacted ``programs`` and ``routing`` topics, and their reader.
 
 Every router instance needs *all* programs and routing tables, and needs them
-again after a restart, so these topics are not read through the faust consumer
+again after a restart, so these topics are not read through a consumer
 group (which would split partitions between instances and resume from committed
 offsets). :class:`CompactedReader` assigns every partition to a group-less
-aiokafka consumer, reads from the beginning, reports ready once it has caught up
+librdkafka consumer, reads from the beginning, reports ready once it has caught up
 with the end offsets it saw at start, then keeps following: a new program
 version, routing table or variable (:mod:`dspex.agents.router.variables`) takes effect
 without a restart. A *recent* topic (the result cache) is read from near its
@@ -17,18 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
+from confluent_kafka import TopicPartition
 
 from dspex.agents.plumbing.messages import Consumed
+from dspex.streams import kafka
 from dspex.streams.errors import DSPexError, InvalidRequest, PermanentError, SerdeError
-from dspex.streams.kafka import aiokafka_options
+from dspex.streams.reader import watermarks
 from dspex.streams.serde import Serde
-from dspex.streams.settings import KafkaSettings
+from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+READ_TIMEOUT_S = 30.0
 
 Record = dict[str, Any]
 Apply = Callable[[str, Record | None], object]
@@ -92,12 +99,16 @@ class RoutingCatalog:
 
 
 class CompactedReader:
-    """Follows whole compacted topics from offset 0 and feeds each record to a view."""
+    """Follows whole compacted topics from offset 0 and feeds each record to a view.
+
+    A group-less librdkafka consumer (a throwaway group id, nothing committed) reads
+    every partition on one thread of its own; records are decoded and applied on
+    the event loop, so views need no locks.
+    """
 
     def __init__(
         self,
-        bootstrap: str,
-        kafka: KafkaSettings,
+        settings: Settings,
         serde: Serde,
         views: Mapping[str, tuple[str, Apply]],
         *,
@@ -115,13 +126,13 @@ class CompactedReader:
         unknown = set(recent or {}) - set(views)
         if unknown:
             raise ValueError(f"recent topics without a view: {sorted(unknown)}")
-        self._bootstrap = bootstrap
-        self._kafka = kafka
+        self._settings = settings
         self._serde = serde
         self._views = dict(views)
         self._recent = dict(recent or {})
         self._on_refused = on_refused
         self._consumer: Any = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dspex-compacted")
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         """Set once every topic but the recent ones is read up to its end offset at start."""
@@ -129,36 +140,43 @@ class CompactedReader:
         """Set once every topic, the recent ones too, is read up to its end offset at start."""
 
     async def start(self, partitions: Mapping[str, int]) -> None:
-        """Assign every partition (``partitions``: count per topic) from the beginning."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        """Assign every partition (``partitions``: count per topic); recent ones near the end."""
+        self._consumer = await self._call(self._make_consumer)
+        tps = [TopicPartition(t, p) for t in self._views for p in range(partitions[t])]
+        ranges = await self._call(partial(self._assign, tps))
+        self._task = asyncio.create_task(self._follow(ranges), name="compacted-reader")
+
+    def _make_consumer(self) -> Any:
+        return kafka.consumer(
+            self._settings,
+            f"dspex-compacted-{uuid.uuid4().hex}",
             # optimizer jobs publish programs and variables in transactions: a fenced
             # job runner's aborted records must never be served
-            isolation_level="read_committed",
-            **aiokafka_options(self._kafka),
+            **{"isolation.level": "read_committed", "enable.partition.eof": False},
         )
-        await self._consumer.start()
-        tps = [TopicPartition(t, p) for t in self._views for p in range(partitions[t])]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        ends = await self._consumer.end_offsets(tps)
-        await self._seek_recent(tps, partitions, ends)
-        self._task = asyncio.create_task(self._follow(tps, ends), name="compacted-reader")
 
-    async def _seek_recent(
-        self, tps: list[Any], partitions: Mapping[str, int], ends: Mapping[Any, int]
-    ) -> None:
-        """Start each recent topic's partitions ``budget / partitions`` records before the end."""
-        recent = [tp for tp in tps if tp.topic in self._recent]
-        if not recent:
-            return
-        beginnings = await self._consumer.beginning_offsets(recent)
-        for tp in recent:
-            per_partition = -(-self._recent[tp.topic] // max(partitions[tp.topic], 1))
-            self._consumer.seek(tp, max(beginnings[tp], ends[tp] - per_partition))
+    def _assign(self, tps: list[TopicPartition]) -> dict[tuple[str, int], tuple[int, int]]:
+        """Assign each partition at its start; ``(start, end)`` offsets per partition.
+
+        :func:`~dspex.streams.reader.watermarks` retries the leaderless moments of a
+        topic created just before.
+        """
+        counts: dict[str, int] = {}
+        for tp in tps:
+            counts[tp.topic] = counts.get(tp.topic, 0) + 1
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        for topic in counts:
+            marks = watermarks(self._consumer, topic, READ_TIMEOUT_S)
+            for tp in (tp for tp in tps if tp.topic == topic):
+                low, high = marks[tp.partition]
+                start = low
+                if topic in self._recent:
+                    start = max(low, high - -(-self._recent[topic] // counts[topic]))
+                ranges[(topic, tp.partition)] = (start, high)
+        self._consumer.assign(
+            [TopicPartition(t, p, start) for (t, p), (start, _) in ranges.items()]
+        )
+        return ranges
 
     async def stop(self) -> None:
         """Stop following and close the consumer."""
@@ -167,79 +185,75 @@ class CompactedReader:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            await self._call(self._consumer.close)
+        self._thread.shutdown(wait=False)
 
-    async def _follow(self, tps: list[Any], ends: Mapping[Any, int]) -> None:
-        required = [tp for tp in tps if tp.topic not in self._recent]
-        recent = [tp for tp in tps if tp.topic in self._recent]
+    async def _follow(self, ranges: Mapping[tuple[str, int], tuple[int, int]]) -> None:
+        # a partition with nothing to read at start is caught up already
+        behind = {tp: end for tp, (start, end) in ranges.items() if end > start}
+        required = {tp for tp in behind if tp[0] not in self._recent}
+        recent = {tp for tp in behind if tp[0] in self._recent}
         while True:
             try:
-                batches = await self._consumer.getmany(timeout_ms=200)
-                for messages in batches.values():
-                    for message in messages:
-                        refused = self._apply(message)
-                        if refused is not None:
-                            await self._report(message, refused)
-                # positions only grow: once ready, warm waits on the recent topics alone
-                if not self.ready.is_set():
-                    if await self._caught_up(required, ends):
-                        self.ready.set()
-                elif not self.warm.is_set() and await self._caught_up(recent, ends):
-                    self.warm.set()
+                for message in await self._call(partial(self._consumer.consume, 500, 0.2)):
+                    if message.error() is None:
+                        await self._take(message)
+                await self._update_readiness(behind, required, recent)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("compacted reader failed; retrying in 1s")
                 await asyncio.sleep(1.0)
 
-    async def _caught_up(self, tps: list[Any], ends: Mapping[Any, int]) -> bool:
-        for tp in tps:
-            if await self._consumer.position(tp) < ends[tp]:
-                return False
-        return True
+    async def _take(self, message: Any) -> None:
+        refused = self._apply(message)
+        if refused is not None:
+            await self._report(message, refused)
+
+    async def _update_readiness(
+        self, behind: dict[tuple[str, int], int], required: set[Any], recent: set[Any]
+    ) -> None:
+        if behind and not self.warm.is_set():
+            # positions, not offsets: compacted partitions and transaction markers leave holes
+            tps = [TopicPartition(t, p) for t, p in behind]
+            for tp in await self._call(partial(self._consumer.position, tps)):
+                if tp.offset >= behind[(tp.topic, tp.partition)]:
+                    del behind[(tp.topic, tp.partition)]
+        if not self.ready.is_set() and not required & behind.keys():
+            self.ready.set()
+        if self.ready.is_set() and not recent & behind.keys():
+            self.warm.set()
 
     def _apply(self, message: Any) -> DSPexError | None:
-        schema, apply = self._views[message.topic]
-        key = (message.key or b"").decode("utf-8", "replace")
+        topic = str(message.topic())
+        schema, apply = self._views[topic]
+        key = (message.key() or b"").decode("utf-8", "replace")
+        value = message.value()
         try:
             record = None
-            if message.value is not None:
-                record = self._serde.decode(message.value, topic=message.topic, expect=schema)
+            if value is not None:
+                record = self._serde.decode(value, topic=topic, expect=schema)
             refused = apply(key, record.record if record is not None else None)
         except (SerdeError, KeyError, TypeError) as exc:
-            logger.warning(
-                "skipping unreadable record topic=%s partition=%s offset=%s error=%s",
-                message.topic,
-                message.partition,
-                message.offset,
-                exc,
-            )
+            logger.warning("skipping unreadable record %s error=%s", _where(message), exc)
             return exc if isinstance(exc, SerdeError) else None
         if isinstance(refused, PermanentError):
-            logger.warning(
-                "refused record topic=%s partition=%s offset=%s key=%s error=%s",
-                message.topic,
-                message.partition,
-                message.offset,
-                key,
-                refused,
-            )
+            logger.warning("refused record %s key=%s error=%s", _where(message), key, refused)
             return refused
         return None
 
     async def _report(self, message: Any, error: DSPexError) -> None:
         if self._on_refused is None:
             return
-        original = Consumed(
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key,
-            value=message.value,
-            headers=tuple(message.headers or ()),
-            timestamp_ms=message.timestamp,
-        )
+        original = Consumed.from_message(message)
         try:
             await self._on_refused(original, error, self.ready.is_set())
         except Exception:  # reporting must not stop the views from following
             logger.exception("could not report refused record %s", original.where())
+
+    async def _call(self, call: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+
+def _where(message: Any) -> str:
+    return f"topic={message.topic()} partition={message.partition()} offset={message.offset()}"

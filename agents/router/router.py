@@ -327,8 +327,7 @@ class RouterApp:
         self.cache = ResultCache(settings.router.cache_max_entries)
         self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
         self.reader = CompactedReader(
-            kafka.bootstrap_servers(settings),
-            settings.kafka,
+            settings,
             serde,
             {
                 topics.name("programs"): ("ProgramVersion", self.programs.apply),

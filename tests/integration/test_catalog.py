@@ -39,8 +39,7 @@ async def test_recent_topic_replays_its_newest_records_only_then_follows(
 
     catalog, cache = RoutingCatalog(), ResultCache(1000)
     reader = CompactedReader(
-        kafka.bootstrap_servers(settings),
-        settings.kafka,
+        settings,
         serde,
         {routing: ("RoutingTable", catalog.apply), cache_topic: ("Response", cache.apply)},
         recent={cache_topic: BUDGET},

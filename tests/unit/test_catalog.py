@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition  # type: ignore[import-untyped]
+from confluent_kafka import TopicPartition
 
 from dspex.agents.plumbing.catalog import CompactedReader
 from dspex.streams.serde import make_serde
@@ -16,32 +16,42 @@ from dspex.streams.settings import load_settings
 class StuckConsumer:
     """No new records; ``routing`` is at its end, ``cache`` stays behind forever."""
 
-    def __init__(self, positions: dict[Any, int]) -> None:
+    def __init__(self, positions: dict[tuple[str, int], int]) -> None:
         self.positions = positions
 
-    async def getmany(self, timeout_ms: int) -> dict[Any, list[Any]]:
-        await asyncio.sleep(0)
-        return {}
+    def consume(self, count: int, timeout: float) -> list[Any]:
+        return []
 
-    async def position(self, tp: Any) -> int:
-        return self.positions[tp]
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions[(tp.topic, 0)]) for tp in tps]
 
 
 def _reader(**kwargs: Any) -> CompactedReader:
     settings = load_settings()
     views = {"routing": ("RoutingTable", print), "cache": ("Response", print)}
-    return CompactedReader("localhost:9", settings.kafka, make_serde(settings), views, **kwargs)
+    return CompactedReader(settings, make_serde(settings), views, **kwargs)
 
 
 async def test_a_recent_topic_behind_its_end_does_not_hold_ready() -> None:
     reader = _reader(recent={"cache": 10})
-    routing, cache = TopicPartition("routing", 0), TopicPartition("cache", 0)
-    reader._consumer = StuckConsumer({routing: 5, cache: 3})
-    task = asyncio.create_task(reader._follow([routing, cache], {routing: 5, cache: 9}))
+    reader._consumer = StuckConsumer({("routing", 0): 5, ("cache", 0): 3})
+    ranges = {("routing", 0): (0, 5), ("cache", 0): (0, 9)}
+    task = asyncio.create_task(reader._follow(ranges))
     try:
         await asyncio.wait_for(reader.ready.wait(), 5)
         await asyncio.sleep(0.05)
         assert not reader.warm.is_set()
+    finally:
+        task.cancel()
+
+
+async def test_partitions_with_nothing_to_read_are_ready_at_once() -> None:
+    reader = _reader()
+    reader._consumer = StuckConsumer({})
+    task = asyncio.create_task(reader._follow({("routing", 0): (4, 4), ("cache", 0): (0, 0)}))
+    try:
+        await asyncio.wait_for(reader.warm.wait(), 5)
+        assert reader.ready.is_set()
     finally:
         task.cancel()
 

@@ -1,4 +1,4 @@
-"""Settings -> client configuration for every Kafka client library (dspex.streams.kafka)."""
+"""Settings -> client configuration for librdkafka and faust (dspex.streams.kafka)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,7 @@ def test_plaintext_has_no_tls_and_no_sasl() -> None:
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:9092")
     assert kafka.ssl_context(settings) is None
     assert kafka.sasl_credentials(settings) is None
-    assert kafka.aiokafka_options(settings) == {
-        "client_id": settings.client_id,
-        "security_protocol": "PLAINTEXT",
-    }
+    assert settings.to_librdkafka()["security.protocol"] == "PLAINTEXT"
 
 
 def test_sasl_ssl_gives_every_library_the_same_credentials_and_ca(tmp_path: Path) -> None:
@@ -68,9 +65,8 @@ def test_sasl_ssl_gives_every_library_the_same_credentials_and_ca(tmp_path: Path
     assert isinstance(context, ssl.SSLContext)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert any(ca["subject"] for ca in context.get_ca_certs())
-    options = kafka.aiokafka_options(settings)
-    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
-    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("router", "s3cret")
+    sasl = kafka.sasl_credentials(settings)
+    assert sasl == kafka.SaslCredentials("SCRAM-SHA-512", "router", "s3cret")
     conf = settings.to_librdkafka()
     assert (conf["sasl.username"], conf["sasl.password"]) == ("router", "s3cret")
     assert conf["ssl.ca.location"] == str(cert)
