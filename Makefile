@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint unit integration bench bench-routing bench-router-ab tools lock clean
+.PHONY: up test lint unit integration bench bench-routing tools lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,6 @@ bench: $(STAMP)
 bench-routing: $(STAMP)
 	$(BIN)/python -m tests.bench.routing_run --out bench-results
 
-## bench-router-ab: what faust costs the router: faust router vs a confluent-kafka request loop
-bench-router-ab: $(STAMP)
-	$(BIN)/python -m tests.bench.router_ab --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
