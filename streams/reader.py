@@ -101,6 +101,31 @@ def scan_to_end(consumer: Consumer, topic: str, timeout_s: float) -> Iterator[Me
                 del ends[tp.partition]
 
 
+def group_lag(settings: Settings, group: str, topic: str, timeout_s: float = 10.0) -> int:
+    """Messages of ``topic`` that consumer group ``group`` has not committed yet.
+
+    Reads the group's committed offsets through a consumer of that group id that
+    never joins it (``committed()``), and the partitions' watermarks. A partition
+    the group never committed counts from its earliest offset. Not the Admin API's
+    ``list_consumer_group_offsets``: that path crashed long-running processes with
+    a SIGSEGV in librdkafka when the broker came back (librdkafka #5040). The
+    consumer lives for this one call.
+    """
+    consumer = kafka.consumer(settings, group)
+    try:
+        marks = watermarks(consumer, topic, timeout_s)
+        tps = [TopicPartition(topic, partition) for partition in marks]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=timeout_s)}
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"group={group} topic={topic}: cannot read offsets: {exc}") from exc
+    finally:
+        consumer.close()
+    return sum(
+        max(0, high - max(committed.get(partition, -1), low))
+        for partition, (low, high) in marks.items()
+    )
+
+
 def end_offsets(consumer: Consumer, topic: str, timeout_s: float) -> list[TopicPartition]:
     """Every partition of ``topic`` at its current high-water mark."""
     marks = watermarks(consumer, topic, timeout_s)

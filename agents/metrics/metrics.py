@@ -22,8 +22,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from dspex.agents.metrics.windows import BadTelemetry, Closed, Sample, Windows, gauge, snapshots
@@ -33,6 +31,7 @@ from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
+from dspex.streams.reader import group_lag
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -234,7 +233,7 @@ class Metrics:
         return Outgoing(self.dlq_topic, original.key, value)
 
 
-def pool_lags(admin: AdminClient, groups: Mapping[str, tuple[str, str]]) -> dict[str, int]:
+def pool_lags(settings: Settings, groups: Mapping[str, tuple[str, str]]) -> dict[str, int]:
     """Messages behind per pool: ``groups`` maps pool -> (consumer group, topic).
 
     A partition the group never committed counts from its earliest offset. A pool
@@ -243,28 +242,10 @@ def pool_lags(admin: AdminClient, groups: Mapping[str, tuple[str, str]]) -> dict
     lags = {}
     for pool, (group, topic) in groups.items():
         try:
-            lags[pool] = _lag(admin, group, topic)
+            lags[pool] = group_lag(settings, group, topic, ADMIN_TIMEOUT_S)
         except Exception as exc:
             logger.warning("consumer lag unavailable pool=%s group=%s error=%s", pool, group, exc)
     return lags
-
-
-def _lag(admin: AdminClient, group: str, topic: str) -> int:
-    metadata = admin.list_topics(topic, timeout=ADMIN_TIMEOUT_S).topics[topic]
-    if metadata.error is not None:
-        raise ConfigError(f"topic={topic}: {metadata.error}")
-    tps = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
-    request = [ConsumerGroupTopicPartitions(group, tps)]
-    future = admin.list_consumer_group_offsets(request, request_timeout=ADMIN_TIMEOUT_S)[group]
-    committed = {tp.partition: tp.offset for tp in future.result().topic_partitions}
-    ends = _offsets(admin, tps, OffsetSpec.latest())  # type: ignore[no-untyped-call]
-    starts = _offsets(admin, tps, OffsetSpec.earliest())  # type: ignore[no-untyped-call]
-    return sum(max(0, ends[p] - max(committed.get(p, -1), starts[p])) for p in ends)
-
-
-def _offsets(admin: AdminClient, tps: list[TopicPartition], spec: Any) -> dict[int, int]:
-    futures = admin.list_offsets({tp: spec for tp in tps}, request_timeout=ADMIN_TIMEOUT_S)
-    return {tp.partition: future.result().offset for tp, future in futures.items()}
 
 
 class MetricsApp:
@@ -280,7 +261,6 @@ class MetricsApp:
         self.metrics = Metrics(settings, serde, self.exporter)
         views = {self._topics.name("routing"): ("RoutingTable", self.exporter.apply_routing)}
         self.reader = CompactedReader(settings, serde, views)
-        self._admin: AdminClient | None = None
         self._server: Any = None
         self.port: int | None = None
         self._add_agents()
@@ -313,7 +293,7 @@ class MetricsApp:
         closed = self.metrics.due()
         outgoing = [out for window in closed for out in self.metrics.encode(window)]
         if closed:
-            lags = await asyncio.to_thread(pool_lags, self._admin_client(), self._lag_groups())
+            lags = await asyncio.to_thread(pool_lags, self.settings, self._lag_groups())
             outgoing += self.metrics.lag_snapshots(closed[-1], lags)
         for out in outgoing:
             await self._send(out)
@@ -323,11 +303,6 @@ class MetricsApp:
         prefix = self.settings.topics.prefix
         pools = [name for name, _ in self.settings.pools.items()]
         return {p: (f"{prefix}pool.{p}", self._topics.name(f"pool.{p}")) for p in pools}
-
-    def _admin_client(self) -> AdminClient:
-        if self._admin is None:
-            self._admin = kafka.admin_client(self.settings)
-        return self._admin
 
     async def _send(self, out: Outgoing) -> None:
         send = self.app.producer.send(out.topic, out.key, out.value, None, None, None)
@@ -373,7 +348,8 @@ class MetricsApp:
         serve_until_signalled(self)
 
     def _check_topics(self) -> dict[str, int]:
-        live = self._admin_client().list_topics(timeout=ADMIN_TIMEOUT_S).topics
+        # short-lived: an admin handle kept across a broker restart can abort the process
+        live = kafka.admin_client(self.settings).list_topics(timeout=ADMIN_TIMEOUT_S).topics
         names = [self._topics.name(short) for short in ("telemetry", "metrics", "routing", "dlq")]
         missing = [name for name in names if name not in live]
         if missing:

@@ -320,7 +320,6 @@ class RouterApp:
         topics = Topics(settings.topics)
         serde = make_serde(settings)
         self._topics = topics
-        self._admin = kafka.admin_client(settings)
         self.programs = ProgramCatalog()
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
@@ -370,7 +369,9 @@ class RouterApp:
         self.consumer: ConsumerLoop | None = None
 
     def _list_topics(self) -> list[str]:
-        return list(self._admin.list_topics(timeout=5).topics)
+        # a short-lived admin handle: one kept across a broker restart can abort the
+        # process inside librdkafka (docs/reliability.md)
+        return list(kafka.admin_client(self.settings).list_topics(timeout=5).topics)
 
     async def handle(self, consumed: Consumed) -> None:
         """Route one ``requests`` record, or forward one ``retry`` record once it is due.
@@ -486,7 +487,7 @@ class RouterApp:
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
-        live = self._admin.list_topics(timeout=10).topics
+        live = kafka.admin_client(self.settings).list_topics(timeout=10).topics
         missing = [name for name, _ in self._topics.all() if name not in live]
         if missing:
             raise ConfigError(
