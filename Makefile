@@ -53,7 +53,7 @@ integration: $(STAMP)
 
 ## lock: re-resolve the whole dependency tree with hashes (after editing pyproject.toml)
 lock: $(STAMP)
-	$(BIN)/uv pip compile --generate-hashes --python-version 3.11 --extra dev \
+	$(BIN)/uv pip compile --generate-hashes --python-version 3.11 --extra dev --extra server \
 		--custom-compile-command "make lock" pyproject.toml -o requirements.lock
 
 clean:

@@ -8,7 +8,10 @@ top-level import name (``agents`` is also the OpenAI Agents SDK's).
 public API (``from dspex import Client``) is the client library's.
 
 - wheel: ``sources`` in pyproject.toml maps each folder under ``dspex/``; this
-  hook adds ``streams/__init__.py`` as ``dspex/__init__.py``.
+  hook adds a copy of ``streams/__init__.py`` as ``dspex/__init__.py``. A copy,
+  because hatch leaves a force-included project file out of its own place:
+  ``dspex/streams/__init__.py`` would be missing and ``dspex.streams`` would
+  install as a namespace package.
 - editable (``pip install -e .``): hatch cannot add a prefix to a path in dev
   mode, so this hook links ``build/dev/dspex/`` to the folders (relative
   symlinks) and pyproject's ``dev-mode-dirs`` puts ``build/dev`` on
@@ -18,6 +21,8 @@ public API (``from dspex import Client``) is the client library's.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +53,21 @@ class DSPexLayout(BuildHookInterface):  # type: ignore[type-arg]
     """Adds ``dspex/__init__.py`` to wheels; links the dev tree for editable installs."""
 
     PLUGIN_NAME = "custom"
+    _copies: Path | None = None
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
         if version == "editable":
             link_dev_tree(Path(self.root))
-        else:
-            build_data["force_include"]["streams/__init__.py"] = "dspex/__init__.py"
+            return
+        # Outside the project, so hatch still ships streams/__init__.py in its own place.
+        self._copies = Path(tempfile.mkdtemp(prefix="dspex-build-"))
+        package_init = self._copies / "__init__.py"
+        shutil.copyfile(Path(self.root) / "streams" / "__init__.py", package_init)
+        build_data["force_include"][str(package_init)] = "dspex/__init__.py"
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        if self._copies is not None:
+            shutil.rmtree(self._copies, ignore_errors=True)
+            self._copies = None

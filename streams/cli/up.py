@@ -18,6 +18,7 @@ from dspex.streams.client.client import Client, Program
 from dspex.streams.errors import DSPexError
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
 from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.extras import require_server_extra
 from dspex.streams.ops.supervisor import Supervisor
 from dspex.streams.settings import POOLS, Settings
 
@@ -38,6 +39,8 @@ def up(
     once: Annotated[bool, typer.Option(help="Stop everything after the demo.")] = False,
 ) -> None:
     """Start everything: broker (unless a cluster is configured), topics, router, pools."""
+    if agents:
+        require_server_extra()  # before the broker starts: the agents could not run
     settings = settings_of(ctx)
     started = ensure_cluster(settings)
     out.print(topics_table(create_topics(settings)))
