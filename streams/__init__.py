@@ -50,35 +50,8 @@ if TYPE_CHECKING:
     )
     from dspex.streams.settings import Settings, load_settings
 
-_HOMES = {
-    "dspex.streams.client.client": (
-        "AsyncClient",
-        "Chunk",
-        "Client",
-        "ClientClosed",
-        "JobOptions",
-        "JobProgress",
-        "JobResult",
-        "Program",
-        "RequestFailed",
-        "RequestOptions",
-        "RequestTimeout",
-        "Result",
-        "VariableOptions",
-        "VariableScope",
-    ),
-    "dspex.streams.errors": (
-        "BrokerUnavailable",
-        "ConfigError",
-        "DSPexError",
-        "InvalidRequest",
-        "PermanentError",
-        "ProgramError",
-        "RetryableError",
-    ),
-    "dspex.streams.settings": ("Settings", "load_settings"),
-}
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+# where the public names live, searched in this order on first use
+_HOMES = ("dspex.streams.client.client", "dspex.streams.errors", "dspex.streams.settings")
 
 __all__ = [
     "AsyncClient",
@@ -108,12 +81,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _HOME_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    if name in __all__:
+        for home in _HOMES:
+            value = getattr(importlib.import_module(home), name, None)
+            if value is not None:
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

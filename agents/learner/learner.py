@@ -36,6 +36,7 @@ from dspex.agents.plumbing.catalog import CompactedReader, RoutingCatalog
 from dspex.agents.plumbing.faustapp import (
     create_changelogs,
     faust_app,
+    send,
     serve_until_signalled,
 )
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
@@ -44,6 +45,7 @@ from dspex.schemas import records
 from dspex.schemas.times import to_ms
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
+from dspex.streams.ops.admin import require_topics
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import LearnerSettings, Settings
 from dspex.streams.topics import Topics
@@ -53,7 +55,6 @@ logger = logging.getLogger(__name__)
 Record = dict[str, Any]
 COMPONENT = "learner"
 READY_TIMEOUT_S = 60.0
-SEND_TIMEOUT_S = 10.0
 NEEDED_TOPICS = ("telemetry", "routing", "dlq")
 
 
@@ -357,11 +358,7 @@ class LearnerApp:
                 await self._send(self.learner.encode(program_id, table))
 
     async def _send(self, out: Outgoing) -> None:
-        send = self.app.producer.send(out.topic, out.key, out.value, None, None, None)
-        try:
-            await asyncio.wait_for(send, SEND_TIMEOUT_S)
-        except TimeoutError:
-            logger.error("send timed out topic=%s", out.topic)
+        await send(self.app, out)
 
     async def start(self) -> None:
         """Check the topics, read the routing tables, then start learning."""
@@ -385,16 +382,10 @@ class LearnerApp:
         serve_until_signalled(self)
 
     def _check_topics(self) -> dict[str, int]:
-        admin = kafka.admin_client(self.settings)
-        live = admin.list_topics(timeout=10).topics
         names = [self._topics.name(short) for short in NEEDED_TOPICS]
-        missing = [name for name in names if name not in live]
-        if missing:
-            raise ConfigError(
-                f"learner: topics missing: {', '.join(missing)}; run `dspex topics create`"
-            )
+        partitions = require_topics(kafka.admin_client(self.settings), names, "learner")
         create_changelogs(self.settings, self.app)
-        return {name: len(live[name].partitions) for name in names}
+        return partitions
 
 
 def make_learner(

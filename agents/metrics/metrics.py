@@ -26,11 +26,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from dspex.agents.metrics.windows import BadTelemetry, Closed, Sample, Windows, gauge, snapshots
 from dspex.agents.plumbing.catalog import CompactedReader
-from dspex.agents.plumbing.faustapp import faust_app, serve_until_signalled
+from dspex.agents.plumbing.faustapp import faust_app, send, serve_until_signalled
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
-from dspex.streams.errors import ConfigError, SerdeError
+from dspex.streams.errors import SerdeError
+from dspex.streams.ops.admin import require_topics
 from dspex.streams.reader import group_lag
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 COMPONENT = "metrics"
-SEND_TIMEOUT_S = 10.0
 ADMIN_TIMEOUT_S = 10.0
 SERIES = ("program", "pool", "variant")
 # seconds: from a cached answer (ms) to a slow optimizer job (minutes)
@@ -305,11 +305,7 @@ class MetricsApp:
         return {p: (f"{prefix}pool.{p}", self._topics.name(f"pool.{p}")) for p in pools}
 
     async def _send(self, out: Outgoing) -> None:
-        send = self.app.producer.send(out.topic, out.key, out.value, None, None, None)
-        try:
-            await asyncio.wait_for(send, SEND_TIMEOUT_S)
-        except TimeoutError:
-            logger.error("send timed out topic=%s", out.topic)
+        await send(self.app, out)
 
     async def start(self) -> None:
         """Check the topics, serve Prometheus, follow routing, then start aggregating."""
@@ -349,14 +345,8 @@ class MetricsApp:
 
     def _check_topics(self) -> dict[str, int]:
         # short-lived: an admin handle kept across a broker restart can abort the process
-        live = kafka.admin_client(self.settings).list_topics(timeout=ADMIN_TIMEOUT_S).topics
         names = [self._topics.name(short) for short in ("telemetry", "metrics", "routing", "dlq")]
-        missing = [name for name in names if name not in live]
-        if missing:
-            raise ConfigError(
-                f"metrics: topics missing: {', '.join(missing)}; run `dspex topics create`"
-            )
-        return {name: len(live[name].partitions) for name in names}
+        return require_topics(kafka.admin_client(self.settings), names, "metrics")
 
 
 def make_metrics(

@@ -7,6 +7,7 @@ faust message is described for dead letters, so every agent behaves alike.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import tempfile
 from pathlib import Path
@@ -20,9 +21,12 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
+from dspex.agents.plumbing.messages import Outgoing
 from dspex.streams import kafka
 from dspex.streams.ops.admin import await_visible
 from dspex.streams.settings import KafkaSettings, Settings
+
+logger = logging.getLogger(__name__)
 
 FETCH_MAX_WAIT_MS = 100
 """How long the broker may hold a faust agent's fetch when there is nothing to return.
@@ -146,6 +150,18 @@ def _credentials(settings: KafkaSettings) -> Any:
             ssl_context=context,
         )
     return faust.SSLCredentials(context) if context is not None else None
+
+
+SEND_TIMEOUT_S = 10.0
+
+
+async def send(app: Any, out: Outgoing) -> None:
+    """Produce ``out`` through the faust app's producer; a timeout is logged, not raised."""
+    sending = app.producer.send(out.topic, out.key, out.value, None, None, None)
+    try:
+        await asyncio.wait_for(sending, SEND_TIMEOUT_S)
+    except TimeoutError:
+        logger.error("send timed out topic=%s", out.topic)
 
 
 class ServedAgent(Protocol):

@@ -67,6 +67,7 @@ from dspex.streams.errors import (
     PermanentError,
     SerdeError,
 )
+from dspex.streams.ops.admin import require_topics
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -487,13 +488,10 @@ class RouterApp:
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
-        live = kafka.admin_client(self.settings).list_topics(timeout=10).topics
-        missing = [name for name, _ in self._topics.all() if name not in live]
-        if missing:
-            raise ConfigError(
-                f"router: topics missing: {', '.join(missing)}; run `dspex topics create`"
-            )
-        return {name: len(meta.partitions) for name, meta in live.items()}
+        # a short-lived admin handle: one kept across a broker restart can abort the
+        # process inside librdkafka (docs/reliability.md)
+        names = [name for name, _ in self._topics.all()]
+        return require_topics(kafka.admin_client(self.settings), names, "router")
 
 
 async def _serve_until_signalled(router: RouterApp) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from dspex.streams.errors import BrokerUnavailable, TopicConfigError
+from dspex.streams.errors import BrokerUnavailable, ConfigError, TopicConfigError
 from dspex.streams.topics import TopicSpec
 
 logger = logging.getLogger(__name__)
@@ -139,3 +139,15 @@ def _differences(spec: TopicSpec, partitions: int, live: dict[str, str]) -> list
         if live.get(key) != value:
             diffs.append(f"{key}: catalog {value}, cluster {live.get(key)}")
     return diffs
+
+
+def require_topics(admin: AdminClient, names: Iterable[str], who: str) -> dict[str, int]:
+    """Partition counts of every live topic; a ConfigError naming those of ``names`` missing.
+
+    ``who`` (e.g. ``router``) starts the message, which says how to fix it.
+    """
+    live = admin.list_topics(timeout=10).topics
+    missing = [name for name in names if name not in live]
+    if missing:
+        raise ConfigError(f"{who}: topics missing: {', '.join(missing)}; run `dspex topics create`")
+    return {name: len(meta.partitions) for name, meta in live.items()}

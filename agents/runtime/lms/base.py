@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import dspy
 from dspy.lm15 import Request
@@ -89,6 +89,32 @@ def prompt_output_fields(system: str) -> list[tuple[str, str]]:
     _, _, section = system.partition("Your output fields are:")
     section, _, _ = section.partition("All interactions will be structured")
     return _FIELD_LINE.findall(section)
+
+
+E = TypeVar("E", bound="StatelessEngine")
+
+
+class StatelessEngine:
+    """What a DSPy engine of DSPex's own must offer besides answering: no state, nothing to close.
+
+    The sync engines subclass this; :class:`AsyncEngine` is the async counterpart.
+    """
+
+    def close(self) -> None:
+        return None
+
+    def dump_state(self) -> dict[str, Any]:
+        return {}
+
+
+class AsyncEngine(Generic[E]):
+    """An async engine over a sync one (``self.sync``): holds nothing to close."""
+
+    def __init__(self, sync: E) -> None:
+        self.sync = sync
+
+    async def aclose(self) -> None:
+        return None
 
 
 def words(text: str) -> int:

@@ -27,7 +27,9 @@ from dspy.lm15 import (
 
 from dspex.agents.runtime.lms.base import (
     ECHO_MODEL,
+    AsyncEngine,
     InlineLM,
+    StatelessEngine,
     last_user_text,
     prompt_inputs,
     prompt_output_fields,
@@ -64,7 +66,7 @@ class EchoLM(InlineLM):
         self.latency_s = latency_s
 
 
-class EchoEngine:
+class EchoEngine(StatelessEngine):
     """Synchronous DSPy engine behind :class:`EchoLM` (stateless, thread-safe)."""
 
     def complete(self, request: Request) -> Response:
@@ -84,22 +86,16 @@ class EchoEngine:
             yield StreamDeltaEvent(delta=TextDelta(text=token))
         yield StreamEndEvent(finish_reason="stop", usage=response.usage)
 
-    def close(self) -> None:
-        return None
-
-    def dump_state(self) -> dict[str, Any]:
-        return {}
-
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> EchoEngine:
         return cls()
 
 
-class AsyncEchoEngine:
+class AsyncEchoEngine(AsyncEngine[EchoEngine]):
     """Async counterpart of :class:`EchoEngine`; ``latency_s`` is awaited per call."""
 
     def __init__(self, sync: EchoEngine, *, latency_s: float = 0.0) -> None:
-        self.sync = sync
+        super().__init__(sync)
         self.latency_s = latency_s
 
     async def complete(self, request: Request) -> Response:
@@ -112,9 +108,6 @@ class AsyncEchoEngine:
             if self.latency_s and event.type == "delta":
                 await asyncio.sleep(self.latency_s / 10)
             yield event
-
-    async def aclose(self) -> None:
-        return None
 
 
 def echo_reply(system: str, user: str) -> str:

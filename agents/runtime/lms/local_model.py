@@ -34,6 +34,8 @@ from dspy.lm15 import (
 
 from dspex.agents.runtime.lms.base import (
     LLAMA_CPP_MODEL,
+    AsyncEngine,
+    StatelessEngine,
     last_user_text,
     prompt_inputs,
     prompt_output_fields,
@@ -94,7 +96,7 @@ class LlamaCppLM(dspy.LM):  # type: ignore[misc]
         )
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(StatelessEngine):
     """DSPy engine: completion-style generation per output field, adapter-formatted."""
 
     def __init__(self, backend: LMBackend) -> None:
@@ -160,18 +162,9 @@ class LlamaCppEngine:
             if text:
                 yield text
 
-    def close(self) -> None:
-        return None
 
-    def dump_state(self) -> dict[str, Any]:
-        return {}
-
-
-class AsyncLlamaCppEngine:
+class AsyncLlamaCppEngine(AsyncEngine[LlamaCppEngine]):
     """Async face of :class:`LlamaCppEngine`: generation runs in a worker thread."""
-
-    def __init__(self, sync: LlamaCppEngine) -> None:
-        self.sync = sync
 
     async def complete(self, request: Request) -> Response:
         return await asyncio.to_thread(self.sync.complete, request)
@@ -184,9 +177,6 @@ class AsyncLlamaCppEngine:
             if event is done:
                 return
             yield event
-
-    async def aclose(self) -> None:
-        return None
 
 
 def _completion_prompt(inputs: dict[str, str]) -> str:

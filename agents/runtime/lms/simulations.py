@@ -48,7 +48,9 @@ from dspy.lm15 import (
 )
 
 from dspex.agents.runtime.lms.base import (
+    AsyncEngine,
     InlineLM,
+    StatelessEngine,
     last_user_text,
     prompt_inputs,
     prompt_output_fields,
@@ -170,7 +172,7 @@ class SimulatedLM(InlineLM):
         self.latency_s = options.delay_s
 
 
-class SimEngine:
+class SimEngine(StatelessEngine):
     """Synchronous DSPy engine behind :class:`SimulatedLM` (stateless, thread-safe)."""
 
     def __init__(self, options: SimOptions) -> None:
@@ -201,18 +203,9 @@ class SimEngine:
         response = self.complete(request)
         yield from _events(response)
 
-    def close(self) -> None:
-        return None
 
-    def dump_state(self) -> dict[str, Any]:
-        return {}
-
-
-class AsyncSimEngine:
+class AsyncSimEngine(AsyncEngine[SimEngine]):
     """Async counterpart of :class:`SimEngine`: the delay is awaited, not slept."""
-
-    def __init__(self, sync: SimEngine) -> None:
-        self.sync = sync
 
     async def complete(self, request: Request) -> Response:
         if self.sync.options.delay_s:
@@ -223,9 +216,6 @@ class AsyncSimEngine:
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         for event in _events(await self.complete(request)):
             yield event
-
-    async def aclose(self) -> None:
-        return None
 
 
 def _events(response: Response) -> Iterator[Any]:
