@@ -63,7 +63,10 @@ def _run_agents(
     settings: Settings, settings_file: Path | None, stop: threading.Event, demo: bool, once: bool
 ) -> bool:
     supervisor = Supervisor(
-        agent_commands(settings, settings_file), on_event=lambda line: err.print(f"[dim]{line}[/]")
+        agent_commands(settings, settings_file),
+        on_event=lambda line: err.print(f"[dim]{line}[/]"),
+        # the cluster by address: a child restarted during a broker outage waits for it
+        env={"DSPEX_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers(settings)},
     )
     runner = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor")
     runner.start()

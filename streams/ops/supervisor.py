@@ -3,13 +3,16 @@
 ``dspex up`` describes each process as a command line (``python -m dspex.agents router``,
 ``python -m dspex.agents worker --pool general`` ...), so this module never imports the
 agents: the process boundary keeps ``streams`` independent of ``agents``. Children
-inherit the environment, so they build the same settings (and find the same local
-broker) as the parent.
+inherit the environment, so they build the same settings as the parent, plus what
+``env`` adds: ``dspex up`` names the cluster it started, so a child restarted while
+that broker is down waits for it (librdkafka reconnects) instead of exiting because
+no local broker is running.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -41,8 +44,10 @@ class Supervisor:
         *,
         on_event: Callable[[str], None] = lambda line: None,
         max_backoff_s: float = 30.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.children = [Child(name, list(argv)) for name, argv in children.items()]
+        self._env = {**os.environ, **env} if env else None
         self._on_event = on_event
         self._max_backoff_s = max_backoff_s
         self._lock = threading.Lock()
@@ -114,7 +119,7 @@ class Supervisor:
         self._on_event(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
 
     def _start(self, child: Child, now: float) -> None:
-        child.process = subprocess.Popen(child.argv)  # noqa: S603 - our own argv
+        child.process = subprocess.Popen(child.argv, env=self._env)  # noqa: S603 - our own argv
         child.started_at = now
         logger.info("process started name=%s pid=%d", child.name, child.process.pid)
         self._on_event(f"{child.name} started (pid {child.process.pid})")

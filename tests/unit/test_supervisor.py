@@ -77,3 +77,26 @@ def test_children_can_be_added_and_retired_while_running() -> None:
         "w-1 stopped (code 0)",
         "w-2 stopped (code 0)",
     }
+
+
+def test_children_get_the_extra_environment_on_every_start(tmp_path: object) -> None:
+    from pathlib import Path
+
+    out = Path(str(tmp_path)) / "seen"
+    # appends what it sees, then exits 1: the supervisor restarts it with the same env
+    reporter = [
+        sys.executable,
+        "-c",
+        f"import os; seen = os.environ['DSPEX_KAFKA__BOOTSTRAP_SERVERS']; "
+        f"open({str(out)!r}, 'a').write(seen + '\\n'); raise SystemExit(1)",
+    ]
+    sup = Supervisor({"reporter": reporter}, env={"DSPEX_KAFKA__BOOTSTRAP_SERVERS": "10.9.8.7:9"})
+    stop = threading.Event()
+    runner = threading.Thread(target=sup.run, args=(stop,), kwargs={"drain_timeout_s": 10})
+    runner.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().split()) < 2):
+        time.sleep(0.1)
+    stop.set()
+    runner.join(30)
+    assert out.read_text().split()[:2] == ["10.9.8.7:9", "10.9.8.7:9"]
