@@ -8,16 +8,15 @@ import math
 import random
 import uuid
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, Overloaded
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
-from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.agents.router.cache import ResultCache, cache_key, effective_variables, is_cacheable
 from dspex.agents.router.router import RouterApp, RouterHandler, with_program_metric
@@ -32,6 +31,7 @@ from dspex.agents.router.routing import (
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import LMBackend, LMSettings, Settings
+from tests.fakes import FakeEvent, FakeProducer, FakeResolver
 
 NOW_MS = 1_800_000_000_000
 SETTINGS = Settings(
@@ -145,11 +145,11 @@ def test_catalog_prefers_program_table_then_default() -> None:
     catalog = RoutingCatalog()
     catalog.apply("*", table(variant("d", 1.0), program_id="*"))
     catalog.apply("p", table(variant("own", 1.0)))
-    assert catalog.table_for("p")["variants"][0]["name"] == "own"  # type: ignore[index]
-    assert catalog.table_for("q")["program_id"] == "*"  # type: ignore[index]
-    assert catalog.table_for(None)["program_id"] == "*"  # type: ignore[index]
+    assert (catalog.table_for("p") or {})["variants"][0]["name"] == "own"
+    assert (catalog.table_for("q") or {})["program_id"] == "*"
+    assert (catalog.table_for(None) or {})["program_id"] == "*"
     catalog.apply("p", None)
-    assert catalog.table_for("p")["program_id"] == "*"  # type: ignore[index]
+    assert (catalog.table_for("p") or {})["program_id"] == "*"
 
 
 def test_program_catalog_resolves_latest_or_named_version() -> None:
@@ -275,24 +275,6 @@ def test_rejection_records_are_valid_avro() -> None:
 
 
 # --- the request pipeline ------------------------------------------------------------
-
-
-class FakeResolver:
-    """Stands in for dspex.agents.runtime.programs: inline signatures need a ``question`` input."""
-
-    def resolve(self, request: Mapping[str, Any], registered: Mapping[str, Any] | None) -> Any:
-        if "question" not in (request.get("inputs") or {}):
-            raise InvalidRequest("inputs.question", "missing input")
-        base = registered or {}
-        return {
-            "program_id": request.get("program_id"),
-            "program_version": base.get("version"),
-            "signature": request.get("signature") or base.get("signature"),
-            "module_type": request.get("module_type") or base.get("module_type") or "Predict",
-            "module_config_json": "{}",
-            "state_json": base.get("state_json"),
-            "tools": [],
-        }
 
 
 def handler(cache: ResultCache | None = None) -> RouterHandler:
@@ -496,73 +478,51 @@ async def test_a_send_fails_only_its_own_record() -> None:
     # the router produces through librdkafka: produce() never blocks; a record the
     # broker refuses (e.g. its topic was deleted after the request was checked) fails
     # its delivery future, and a produce() that raises fails that record only
-    class Producer:
-        def __init__(self) -> None:
-            self.callbacks: list[Any] = []
-
-        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
-            if topic == "bad topic name":
-                raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
-            self.callbacks.append(kw["on_delivery"])
-
-        def poll(self, _: float) -> int:
-            return 0
-
-    producer = Producer()
-    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
-    app = SimpleNamespace(_publisher=publisher)
-    send = RouterApp._send
-    refused = await send(app, Outgoing("bad topic name", b"k", b"v"))  # type: ignore[arg-type]
+    producer = FakeProducer(fail_topics=["app.gone"])
+    router = RouterApp.__new__(RouterApp)  # only its sending parts: no broker, no faust app
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
+    refused = await router._send(Outgoing("bad topic name", b"k", b"v"))
     with pytest.raises(KafkaException):
         await refused
-    ok = await send(app, Outgoing("app.replies", b"k", b"v"))  # type: ignore[arg-type]
-    lost = await send(app, Outgoing("app.gone", b"k", b"v"))  # type: ignore[arg-type]
-    producer.callbacks[0](None, None)
-    producer.callbacks[1](KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), None)
+    ok = await router._send(Outgoing("app.replies", b"k", b"v"))
+    lost = await router._send(Outgoing("app.gone", b"k", b"v"))
+    router._publisher.poll()  # the delivery reports: app.replies delivered, app.gone refused
     assert await ok is None
     with pytest.raises(DeliveryFailed, match=r"topic=app\.gone"):
         await lost
 
 
 async def test_a_request_is_acked_once_all_its_records_are_delivered_and_failures_resent() -> None:
-    failures = {"app.flaky": 1}  # the first send to app.flaky fails, the second works
-    sent: list[str] = []
-
-    class Producer:
-        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
-            sent.append(topic)
-            left = failures.get(topic, 0)
-            failures[topic] = left - 1
-            err = KafkaError(KafkaError._MSG_TIMED_OUT) if left > 0 else None
-            kw["on_delivery"](err, None)
-
-    acked: list[str] = []
-
-    class Event:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def ack(self) -> bool:
-            acked.append(self.name)
-            return True
-
+    producer = FakeProducer()
+    producer.failing["app.flaky"] = 1  # the first send to app.flaky fails, the second works
+    acked: list[int] = []
     router = RouterApp.__new__(RouterApp)
-    router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     router._acking = set()
-    where = Consumed("dspex.requests", 0, 7, b"k", b"v", ())
+    clean, none, flaky = (
+        Consumed("dspex.requests", 0, offset, b"k", b"v", ()) for offset in (1, 2, 3)
+    )
 
-    async def forward(name: str, *topics: str) -> None:
+    async def forward(where: Consumed, *topics: str) -> None:
         outs = [Outgoing(topic, b"k", b"v") for topic in topics]
         delivered = [await router._send(out) for out in outs]
-        router._ack_when_delivered(Event(name), where, outs, delivered)
+        router._ack_when_delivered(FakeEvent(where, acked), where, outs, delivered)
 
-    await forward("clean", "app.a", "app.b")
-    await forward("none")
+    await forward(clean, "app.a", "app.b")
+    await forward(none)
+    router._publisher.poll()  # the delivery reports, as the deliveries task serves them
     await asyncio.sleep(0)  # done callbacks run on the next loop iteration
-    assert sorted(acked) == ["clean", "none"] and not router._acking  # no task: common path
-    await forward("flaky", "app.ok", "app.flaky")
+    # acked, and no task: the common path
+    assert sorted(acked) == [clean.offset, none.offset] and not router._acking
+    await forward(flaky, "app.ok", "app.flaky")
+    router._publisher.poll()
     await asyncio.sleep(0)
     assert len(router._acking) == 1  # the resend task
-    await asyncio.wait_for(asyncio.gather(*router._acking), 5)
-    assert acked[2:] == ["flaky"]
+    server = asyncio.create_task(serve_deliveries(router._publisher))  # the resend's report
+    try:
+        await asyncio.wait_for(asyncio.gather(*router._acking), 5)
+    finally:
+        server.cancel()
+    assert acked[2:] == [flaky.offset]
+    sent = producer.topics()
     assert sent == ["app.a", "app.b", "app.ok", "app.flaky", "app.flaky"]  # only it resent
