@@ -8,7 +8,9 @@ where it is passed in (no ``type: ignore``):
 - :class:`FakeExecutor` — :class:`dspex.agents.worker.execution.Executor`
   (the worker's program runner);
 - :class:`FakeResolver` — :class:`dspex.agents.router.routing.ProgramResolver`;
-- :class:`FakeStream` and :class:`FakeEvent` — the faust stream a manual-ack agent reads.
+- :class:`FakeStream` and :class:`FakeEvent` — the faust stream a manual-ack agent reads;
+- :class:`FailingRegistry` — :class:`dspex.streams.serde.confluent.RegistryClient`
+  (a Schema Registry that fails every call).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka.schema_registry import Schema as RegistrySchema
 
 from dspex.agents.plumbing.messages import Consumed, Header, TokenUsage
 from dspex.agents.plumbing.publisher import DeliveryReport
@@ -226,3 +229,16 @@ class FakeStream:
     async def events(self) -> AsyncIterator[FakeEvent]:
         for event in self._events:
             yield event
+
+
+class FailingRegistry:
+    """A Schema Registry client whose every call raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def register_schema(self, subject_name: str, schema: RegistrySchema) -> int:
+        raise self.error
+
+    def get_schema(self, schema_id: int) -> RegistrySchema:
+        raise self.error

@@ -166,7 +166,8 @@ async def test_stream_yields_ordered_chunks_ending_in_final(
         chunks = [c async for c in client.stream(INLINE, {"question": "q"}, deadline_s=20)]
     assert [c.seq for c in chunks] == [0, 1, 2, 3]
     assert [c.final for c in chunks] == [False, False, False, True]
-    assert "".join(c.delta for c in chunks) == chunks[-1].outputs["answer"]  # type: ignore[index]
+    assert chunks[-1].outputs is not None
+    assert "".join(c.delta for c in chunks) == chunks[-1].outputs["answer"]
     assert responder.seen[0][0]["stream"] is True
 
 

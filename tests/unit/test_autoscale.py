@@ -19,6 +19,7 @@ def test_hints_are_clamped_to_each_pools_bounds() -> None:
     hints = {"general": 9, "optimizer": 2, "gpu": 5}
     assert desired_processes(hints, pools) == {"general": 4, "optimizer": 2, "gpu": 1}
     assert desired_processes({"general": 1}, pools)["general"] == 2  # never below processes
+    # hints come off the wire: values of the wrong type must be ignored, which mypy would refuse
     assert desired_processes({"general": True, "gpu": "3"}, pools) == {  # type: ignore[dict-item]
         "general": 2,
         "optimizer": 1,

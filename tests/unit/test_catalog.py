@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition  # type: ignore[import-untyped]
+from aiokafka import TopicPartition  # type: ignore[import-untyped]  # faust's; ships no hints
 
 from dspex.agents.plumbing.catalog import CompactedReader
 from dspex.streams.serde import make_serde
