@@ -27,7 +27,8 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import POOLS, Stack, Tail, end_offsets, wait_for_records
+from tests.integration.stack import POOLS, Stack
+from tests.integration.tail import OpenTail, Tail, end_offsets, wait_for_records
 
 CreateTopics = Callable[[], list[TopicReport]]
 StartStack = Callable[[Settings, Sequence[str]], Stack]
@@ -91,36 +92,33 @@ def _question(label: str) -> str:
 
 
 async def test_300_requests_over_three_pools_answered_exactly_once(
-    settings: Settings, start_stack: StartStack
+    settings: Settings, start_stack: StartStack, tails: OpenTail
 ) -> None:
     settings = echo_settings(settings)
     stack = start_stack(settings, POOLS)
-    tail = Tail(settings, ["responses", "executions", "dlq"])
+    tail = tails(["responses", "executions", "dlq"], settings=settings)
     questions = {pool: [_question(f"{pool} #{n}") for n in range(100)] for pool in POOLS}
-    try:
-        async with AsyncClient(settings) as client:
-            batches = await asyncio.gather(
-                *(
-                    client.submit_many(
-                        [(INLINE, {"question": q}) for q in questions[pool]],
-                        pool_hint=pool,
-                        deadline_s=120,
-                    )
-                    for pool in POOLS
+    async with AsyncClient(settings) as client:
+        batches = await asyncio.gather(
+            *(
+                client.submit_many(
+                    [(INLINE, {"question": q}) for q in questions[pool]],
+                    pool_hint=pool,
+                    deadline_s=120,
                 )
+                for pool in POOLS
             )
-        sent = {
-            result.request_id: (pool, question)
-            for pool, results in zip(POOLS, batches, strict=True)
-            for result, question in zip(results, questions[pool], strict=True)
-            if isinstance(result, Result)
-        }
-        failures = [r for results in batches for r in results if not isinstance(r, Result)]
-        tail.wait(lambda t: len(_finals(t)) >= len(sent), 60, "300 final responses")
-        tail.wait(lambda t: len(t.of("executions")) >= len(sent), 60, "300 executions")
-        tail.settle(2.0)
-    finally:
-        tail.close()
+        )
+    sent = {
+        result.request_id: (pool, question)
+        for pool, results in zip(POOLS, batches, strict=True)
+        for result, question in zip(results, questions[pool], strict=True)
+        if isinstance(result, Result)
+    }
+    failures = [r for results in batches for r in results if not isinstance(r, Result)]
+    tail.wait(lambda t: len(_finals(t)) >= len(sent), 60, "300 final responses")
+    tail.wait(lambda t: len(t.of("executions")) >= len(sent), 60, "300 executions")
+    tail.settle(2.0)
     stack.check_alive()
 
     finals = Counter(r["request_id"] for r in _finals(tail))
@@ -170,7 +168,7 @@ async def test_streamed_answer_equals_the_plain_answer(
 
 
 async def test_invalid_requests_are_answered_and_dead_lettered_while_valid_ones_flow(
-    settings: Settings, start_stack: StartStack
+    settings: Settings, start_stack: StartStack, tails: OpenTail
 ) -> None:
     settings = echo_settings(settings, max_request_bytes=2048)
     start_stack(settings, ["general"])
@@ -197,19 +195,16 @@ async def test_invalid_requests_are_answered_and_dead_lettered_while_valid_ones_
         calls.append((kind, program, inputs))
     calls.append(("valid last", INLINE, {"question": _question("valid last")}))
     pools_before = end_offsets(settings, POOL_TOPICS)
-    tail = Tail(settings, ["dlq"])
-    try:
-        producer = kafka.producer(settings)
-        producer.produce(Topics(settings.topics).name("requests"), garbage, b"garbage-key")
-        assert producer.flush(10) == 0
-        async with AsyncClient(settings) as client:
-            results = await client.submit_many(
-                [(program, inputs) for _, program, inputs in calls], deadline_s=60
-            )
-        tail.wait(lambda t: len(t.of("dlq")) >= len(invalid) + 1, 30, "dead letters")
-        tail.settle(1.0)
-    finally:
-        tail.close()
+    tail = tails(["dlq"], settings=settings)
+    producer = kafka.producer(settings)
+    producer.produce(Topics(settings.topics).name("requests"), garbage, b"garbage-key")
+    assert producer.flush(10) == 0
+    async with AsyncClient(settings) as client:
+        results = await client.submit_many(
+            [(program, inputs) for _, program, inputs in calls], deadline_s=60
+        )
+    tail.wait(lambda t: len(t.of("dlq")) >= len(invalid) + 1, 30, "dead letters")
+    tail.settle(1.0)
     pools_after = end_offsets(settings, POOL_TOPICS)
 
     outcome = dict(zip([kind for kind, _, _ in calls], results, strict=True))

@@ -37,7 +37,8 @@ from dspex.streams.client.jobs import JobProgress
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import REPO, Stack, Tail, _live, agent_env
+from tests.integration.stack import REPO, Stack, _live, agent_env
+from tests.integration.tail import OpenTail, Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     start_stack,
@@ -172,20 +173,9 @@ def start_optimizer(start_stack: StartStack, tmp_path: Path) -> Iterator[StartOp
         assert not unclean, (unclean, jobs.log_tails())
 
 
-@pytest.fixture
-def tails() -> Iterator[Callable[[Settings], Tail]]:
-    """Factory: a Tail of the topics a job writes, closed however the test ends."""
-    opened: list[Tail] = []
-
-    def tail(settings: Settings) -> Tail:
-        shorts = ["responses", "programs", "variables", "variables.history", "executions"]
-        shorts.append("routing")
-        opened.append(Tail(settings, [*shorts, "jobs.status"]))
-        return opened[-1]
-
-    yield tail
-    for tail in opened:
-        tail.close()
+JOB_OUTPUTS = ["responses", "programs", "variables", "variables.history", "executions"]
+JOB_OUTPUTS += ["routing", "jobs.status"]
+"""The topics a job writes to (read committed, as every consumer of them reads)."""
 
 
 def _finals(tail: Tail, job_id: str) -> list[dict[str, Any]]:
@@ -193,11 +183,11 @@ def _finals(tail: Tail, job_id: str) -> list[dict[str, Any]]:
 
 
 async def test_bootstrap_few_shot_job_raises_the_metric_and_the_router_serves_the_new_version(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT)
     start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     progress: list[JobProgress] = []
     async with AsyncClient(settings) as client:
         assert await client.publish_program("toy", "word -> answer") == 1
@@ -232,11 +222,11 @@ async def test_bootstrap_few_shot_job_raises_the_metric_and_the_router_serves_th
 
 
 async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_parent(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT)
     start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         assert await client.publish_program("toy", "word -> answer") == 1
         result = await client.optimize(
@@ -265,12 +255,12 @@ async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_paren
 async def test_variable_search_publishes_the_better_temperature(
     settings: Settings,
     start_optimizer: StartOptimizer,
-    tails: Callable[[Settings], Tail],
+    tails: OpenTail,
     tmp_path: Path,
 ) -> None:
     settings = sim_settings(settings, LOWTEMP, temperature=0.8)
     start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         await client.publish_program("toy", "word -> answer")
         result = await client.optimize(
@@ -334,7 +324,7 @@ def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_a_job_longer_than_max_poll_interval_completes_without_a_rebalance(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     max_poll_s = 8.0
     # every LM call takes 2.5 s: the compile alone (4 training examples) outlasts max.poll
@@ -362,11 +352,11 @@ async def test_a_job_longer_than_max_poll_interval_completes_without_a_rebalance
 
 
 async def test_a_sigkilled_runners_job_completes_once_on_the_other_runner(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT + "&delay=1.0")
     _, runners = start_optimizer(settings, 2)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         await client.publish_program("toy", "word -> answer")
         job_id = await client.submit_job(
@@ -398,11 +388,11 @@ async def test_a_sigkilled_runners_job_completes_once_on_the_other_runner(
 
 
 async def test_cancelling_a_running_job_ends_it_cancelled_and_publishes_nothing(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT + "&delay=1.0")
     _, runners = start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         await client.publish_program("toy", "word -> answer")
         job_id = await client.submit_job(
@@ -428,7 +418,7 @@ async def test_cancelling_a_running_job_ends_it_cancelled_and_publishes_nothing(
 def test_a_zombie_runners_completion_is_refused_and_invisible(
     settings: Settings,
     create_topics: Callable[[], list[TopicReport]],
-    tails: Callable[[Settings], Tail],
+    tails: OpenTail,
 ) -> None:
     """The transaction is fenced by the consumer group: only the partition's owner completes.
 
@@ -446,7 +436,7 @@ def test_a_zombie_runners_completion_is_refused_and_invisible(
     zombie, successor = (
         kafka.consumer(settings, group, **{"group.instance.id": "runner-a"}) for _ in range(2)
     )
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     try:
         origin = Consumed.from_message(_first_message(zombie, topics.name("jobs")))
         _first_message(successor, topics.name("jobs"))  # it owns the partition now

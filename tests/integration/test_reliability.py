@@ -29,7 +29,8 @@ from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program, Result
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings
-from tests.integration.stack import REPO, Tail, agent_env
+from tests.integration.stack import REPO, agent_env
+from tests.integration.tail import OpenTail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     echo_settings,
@@ -80,13 +81,14 @@ async def test_kill_9_of_a_general_worker_under_load_loses_nothing(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    tails: OpenTail,
 ) -> None:
     settings = echo_settings(settings)
     stack = start_stack(settings, ["general"])
     victim = _start_worker(settings, tmp_path / "victim.log")
     try:
         _wait_for_members(settings, f"{settings.topics.prefix}pool.general", 2, 60)
-        tail = Tail(settings, ["responses"])
+        tail = tails(["responses"], settings=settings)
         done: dict[str, float] = {}
         async with AsyncClient(settings) as client:
 
@@ -106,7 +108,6 @@ async def test_kill_9_of_a_general_worker_under_load_loses_nothing(
             outcomes = await asyncio.gather(*tasks)
         tail.wait(lambda t: len([r for r in t.of("responses") if r["final"]]) >= 400, 30, "400")
         tail.settle(2.0)
-        tail.close()
     finally:
         if victim.poll() is None:
             victim.kill()
@@ -143,6 +144,7 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    tails: OpenTail,
 ) -> None:
     """The router is killed between batches and a new one takes over its consumer group.
 
@@ -152,7 +154,7 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     settings = echo_settings(settings)
     stack = start_stack(settings, ["general"])
     victim = stack.processes["router"]
-    tail = Tail(settings, ["responses"])
+    tail = tails(["responses"], settings=settings)
     async with AsyncClient(settings) as client:
         tasks = []
         for batch in range(BATCHES):
@@ -168,7 +170,6 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
             await asyncio.sleep(INTERVAL_S)
         outcomes = await asyncio.gather(*tasks)
     tail.wait(lambda t: len([r for r in t.of("responses") if r["final"]]) >= 400, 30, "400")
-    tail.close()
     stack.check_alive()
 
     answered = [r for _, r, _ in outcomes if isinstance(r, Result)]
