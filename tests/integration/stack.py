@@ -4,7 +4,9 @@
 --pool P`` per pool as subprocesses — exactly what ``dspex up`` supervises — with
 the test's settings passed through the environment, waits until each has joined
 its consumer group, and stops them with SIGTERM (SIGKILL after a timeout) however
-the test ends. What they produced is read with a :class:`~tests.integration.tail.Tail`.
+the test ends. :meth:`Stack.wait_idle` waits until every process has committed all
+it consumed, so nothing it did can be redone; what they produced is read with a
+:class:`~tests.integration.tail.Tail`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from confluent_kafka import KafkaException
 
 from dspex.streams import kafka
 from dspex.streams.settings import POOLS, Settings, load_settings
+from tests.integration.tail import lag
 
 __all__ = ["POOLS", "REPO", "Stack", "agent_env"]
 REPO = Path(__file__).resolve().parents[2]
@@ -111,9 +114,10 @@ class Stack:
                 log.close()
             _live.add(process)
             self.processes[name] = process
-        self._wait_ready(ready_timeout_s)
+        self.wait_ready(ready_timeout_s)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Until every process's consumer group is stable with partitions assigned."""
         admin = kafka.admin_client(self.settings)
         waiting = dict(self.groups)
         deadline = time.monotonic() + timeout_s
@@ -128,6 +132,27 @@ class Stack:
                 if _stable_and_assigned(futures[group]):
                     del waiting[name]
             time.sleep(0.3)
+
+    @property
+    def inputs(self) -> dict[str, list[str]]:
+        """The topics each process's consumer group consumes (short names)."""
+        return {"router": ["requests", "retry"]} | {p: [f"pool.{p}"] for p in self.pools}
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until every process has committed all it consumed: nothing left that it could redo.
+
+        The worker commits a request once the broker has all its records; the router's
+        faust app commits acked records every commit interval (2.8 s by default).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lags = {n: lag(self.settings, self.groups[n], t) for n, t in self.inputs.items()}
+            if not any(lags.values()):
+                return
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not idle after {timeout_s}s: lag {lags}\n{self.log_tails()}")
+            time.sleep(0.2)
 
     def check_alive(self) -> None:
         """Fail (with the logs) when a process exited while it should be serving."""

@@ -144,10 +144,6 @@ class Tail:
         ends = self.ends()
         self.wait(lambda t: t.has_read(ends), timeout_s, f"the end offsets {ends}")
 
-    def settle(self, seconds: float) -> None:
-        """Keep reading for ``seconds``: anything produced twice shows up by then."""
-        time.sleep(seconds)
-
     async def caught_up(self, timeout_s: float = 30.0) -> None:
         """:meth:`catch_up` without blocking the event loop."""
         ends = await asyncio.to_thread(self.ends)

@@ -1,8 +1,12 @@
-"""The learning agent on a real broker: tables learned, versions kept, a restart, the router."""
+"""The learning agent on a real broker: tables learned, versions kept, a restart, the router.
+
+The learner decides at most once per publish interval and publishes a table only when
+the weights moved: a test takes "the last table" once the learner has no decision
+pending, as the table of the version it holds (:func:`_last_table`).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import signal
@@ -29,7 +33,7 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import BanditConfig, LearnerSettings, Settings
 from dspex.streams.topics import Topics
 from tests.integration.stack import REPO, agent_env
-from tests.integration.tail import OpenTail, Tail, until
+from tests.integration.tail import OpenTail, Tail, committed, until
 
 PROGRAM = "support.answer"
 WATCHED = ("routing", "pool.general", "pool.gpu")
@@ -129,8 +133,7 @@ async def test_learns_a_table_and_rebuilds_statistics_after_restart(
     await learner.start()
     try:
         await until(lambda: _counted(learner) >= 299.0, 40, "300 events counted")
-        await asyncio.sleep(1.5)  # a last table, if the tail of the events moved weights
-        learned = _tables(watcher)[-1]
+        learned = await _last_table(learner, watcher)
     finally:
         await learner.stop()
     versions = [t["version"] for t in _tables(watcher)]
@@ -177,8 +180,7 @@ async def test_client_feedback_moves_traffic_to_the_better_answers(
     await learner.start()
     try:
         await until(lambda: _quality_seen(learner) >= 119.0, 40, "120 feedback records applied")
-        await asyncio.sleep(1.5)
-        table = _tables(watcher)[-1]
+        table = await _last_table(learner, watcher)
     finally:
         await learner.stop()
     quality = {row["variant"]: row["mean_quality"] for row in table["learned_from"]}
@@ -221,7 +223,9 @@ async def test_kill_9_of_the_learner_rebuilds_its_statistics(
             90,
             "a table learned from all 300 events",
         )
-        await asyncio.sleep(4.0)  # past faust's commit interval (2.8 s)
+        # the kill must come after faust's commit (every 2.8 s) of all 300 events
+        group = f"{settings.topics.prefix}learner"
+        await committed(settings, group, ["telemetry"])
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         for _ in range(20):
@@ -266,6 +270,18 @@ def _tables(watcher: Tail) -> list[dict[str, Any]]:
     return [r for r in watcher.of("routing") if r["program_id"] == PROGRAM]
 
 
+async def _last_table(learner: LearnerApp, watcher: Tail) -> dict[str, Any]:
+    """The table of what ``learner`` has counted, once no decision on it is pending."""
+    pending = learner.learner.dirty
+    await until(lambda: PROGRAM not in pending, 10, "a decision on everything counted")
+    version = learner.learner.state[PROGRAM].version  # a decision that moved nothing keeps it
+    return await watcher.until(
+        lambda t: next((x for x in _tables(t) if x["version"] == version), None),
+        10,
+        f"routing table v{version}",
+    )
+
+
 async def test_router_applies_the_learned_table(
     settings: Settings, watcher: Tail, app_ids: list[str]
 ) -> None:
@@ -290,8 +306,7 @@ async def test_router_applies_the_learned_table(
     await learner.start()
     try:
         await until(lambda: _counted(learner) >= 199.0, 40, "200 events counted")
-        await asyncio.sleep(1.5)
-        table = _tables(watcher)[-1]
+        table = await _last_table(learner, watcher)
         await until(lambda: _applied(router, table["version"]), 30, "the router applying it")
         requests = [_request(producer) for _ in range(40)]
         producer.flush()

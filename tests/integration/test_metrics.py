@@ -77,7 +77,8 @@ async def produce_traffic(settings: Settings) -> int:
     )
     window_ms = int(WINDOW_S * 1000)
     now = int(time.time() * 1000)
-    await asyncio.sleep((window_ms - now % window_ms) / 1000 + 0.05)  # a fresh window
+    # a clock wait, not a guess: the executions must all fall in one fresh window
+    await asyncio.sleep((window_ms - now % window_ms) / 1000 + 0.05)
     start = now - now % window_ms + window_ms
     telemetry = topics.name("telemetry")
     for i in range(1, 101):

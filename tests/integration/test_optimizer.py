@@ -14,7 +14,6 @@ see the printed figures.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -239,14 +238,22 @@ async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_paren
         )
         assert result.ok and result.program_version == 2, result.error
         tail.wait(lambda t: bool(t.of("routing")), 10, "the canary routing table")
-        await asyncio.sleep(1.0)  # the router follows the routing topic
+        # the router follows the routing topic on its own consumer: without the table it
+        # serves the latest version, so an answer from the parent shows the table applied
+        probes, give_up = 1, time.monotonic() + 30
+        while (await client.submit("toy", {"word": "probe"}, cache=False)).program_version != 1:
+            assert time.monotonic() < give_up, "the router never served the canary's parent"
+            probes += 1
         answers = await client.submit_many(
             [("toy", {"word": f"w{n}"}) for n in range(30)], cache=False
         )
     (table,) = tail.of("routing")
     variants = {v["name"]: (v["program_version"], v["weight"]) for v in table["variants"]}
     served = Counter(a.program_version for a in answers if isinstance(a, Result))
-    print(f"\ncanary table {variants}: 30 requests served by versions {dict(served)}")
+    print(
+        f"\ncanary table {variants} (applied by probe {probes}): "
+        f"30 requests served by versions {dict(served)}"
+    )
     assert variants == {"v1": (1, 0.5), "v2": (2, 0.5)}
     assert result.job_id in table["reason"]
     assert sum(served.values()) == 30 and set(served) == {1, 2}  # P(one side only) ~ 2e-9
@@ -313,7 +320,9 @@ async def test_variable_search_publishes_the_better_temperature(
     job_id = run.stdout.split("job ", 1)[1].split()[0]
     status = _dspex(settings, "optimize", "status", job_id)
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "ok", status.stderr
-    tail.settle(1.0)
+    # the job's records and its status are one transaction, committed before the status
+    # read ok: whatever it published is on the topics now
+    tail.catch_up()
     assert len(tail.of("variables.history")) == 1
 
 
@@ -373,7 +382,9 @@ async def test_a_sigkilled_runners_job_completes_once_on_the_other_runner(
     recovered_s = time.monotonic() - killed_at
     assert victim, "the job never reached its compile phase"
     assert final.status == "ok" and final.outputs and final.outputs["program_version"] == 2
-    tail.settle(3.0)
+    # the survivor's records, status and job offset were one committed transaction, and
+    # the victim is dead: read everything now on the topics, nothing can follow
+    tail.catch_up()
     finals = _finals(tail, job_id)
     versions = [r for r in tail.of("programs") if r["created_by"] == job_id]
     statuses = [r for r in tail.of("jobs.status") if r["request_id"] == job_id]
@@ -408,7 +419,7 @@ async def test_cancelling_a_running_job_ends_it_cancelled_and_publishes_nothing(
                 final = chunk
     assert final.status == "cancelled" and final.error is not None
     assert final.error["error_class"] == "Cancelled" and "tester" in final.error["message"]
-    tail.settle(2.0)
+    tail.catch_up()  # the cancellation committed with its records: all of them are read now
     assert not [r for r in tail.of("programs") if r["created_by"] == job_id]
     (status,) = [r for r in tail.of("jobs.status") if r["request_id"] == job_id]
     assert status["status"] == "cancelled"
@@ -443,7 +454,7 @@ def test_a_zombie_runners_completion_is_refused_and_invisible(
         result = Outgoing(topics.name("jobs.status"), b"job-1", b"result")
         refused = Completion(settings, worker_id="zombie", group_id=group)
         assert not refused.commit(zombie, origin, [result], owns=lambda: True)
-        tail.settle(2.0)
+        tail.catch_up()  # past the aborted records and the abort marker
         assert tail.records["jobs.status"] == []  # aborted: read-committed sees nothing
         tp = TopicPartition(topics.name("jobs"), 0)
         assert successor.committed([tp], timeout=10)[0].offset < 0  # and no offset moved

@@ -97,12 +97,13 @@ async def test_a_request_whose_first_call_fails_is_answered_ok_on_its_retry(
     tails: OpenTail,
 ) -> None:
     settings = flaky_settings(settings, fail=1)
-    start_stack(settings, ["general"])
+    stack = start_stack(settings, ["general"])
     tail = tails(["executions", "retry", "dlq", "responses"], settings=settings)
     questions = [f"retry me {n} {uuid.uuid4().hex[:6]}" for n in range(4)]
     outcomes = await _ask(settings, questions)
     tail.wait(lambda t: len(t.of("executions")) >= 5, 30, "five executions")
-    tail.settle(2.0)  # anything produced twice shows up by then
+    stack.wait_idle()  # router and worker committed all they consumed: nothing is redone
+    tail.catch_up()  # anything produced twice is read by now
     _report("first call fails", outcomes, tail)
 
     assert all(isinstance(o, Result) for o in outcomes), outcomes
@@ -124,11 +125,12 @@ async def test_a_request_that_always_fails_is_dead_lettered_once_after_every_att
     tails: OpenTail,
 ) -> None:
     settings = flaky_settings(settings, fail=1_000_000)
-    start_stack(settings, ["general"])
+    stack = start_stack(settings, ["general"])
     tail = tails(["executions", "retry", "dlq", "responses"], settings=settings)
     outcomes = await _ask(settings, [f"doomed {uuid.uuid4().hex[:6]}"])
     tail.wait(lambda t: len(t.of("dlq")) >= 1, 30, "the dead letter")
-    tail.settle(2.0)
+    stack.wait_idle()
+    tail.catch_up()
     _report("every call fails", outcomes, tail)
 
     (failed,) = outcomes
@@ -191,7 +193,11 @@ async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
         )
     outcomes = await asyncio.wait_for(asking, 60)
     tail.wait(lambda t: len(t.of("executions")) >= 2, 30, "two executions")
-    tail.settle(2.0)
+    # after SIGTERM the old router forwarded the retry itself: the new one may still be
+    # importing, and the teardown's SIGTERM must find it running (it checks exit 0)
+    await asyncio.to_thread(stack.wait_ready)
+    stack.wait_idle()  # the new router committed the retry, the worker its pool record
+    tail.catch_up()
     _report(f"router stopped ({stop.name}) while a retry waited", outcomes, tail)
 
     assert exit_code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)

@@ -2,8 +2,10 @@
 
 Requests are produced straight to ``pool.general`` the way the router forwards
 them. The worker runs in-process as an asyncio task; a fake executor
-(:mod:`tests.fakes`) makes completion order random and counts concurrency. Counts
-are printed so a reader sees the figures (sent, answered, duplicated, requests/s).
+(:mod:`tests.fakes`) makes completion order random and counts concurrency. Before a
+test counts duplicates, the worker has committed every request (so it redoes none)
+and the tail has read its topics to their end. Counts are printed so a reader
+sees the figures (sent, answered, duplicated, requests/s).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import GeneralPoolSettings, PoolsSettings, Settings
 from dspex.streams.topics import Topics
 from tests.fakes import FakeExecutor
-from tests.integration.tail import OpenTail, Tail, lag
+from tests.integration.tail import OpenTail, Tail, committed, lag
 
 CreateTopics = Callable[[], list[TopicReport]]
 OUTPUTS = ("responses", "executions", "telemetry", "dlq")
@@ -128,7 +130,8 @@ async def test_hundred_requests_answered_once_each_and_committed(
         await outputs.until(lambda o: len(_finals(o)) >= 100, 60, "100 answers")
         elapsed = time.monotonic() - started
         await outputs.until(lambda o: len(_measured(o)) >= 100, 60, "100 telemetry records")
-        await asyncio.sleep(1.0)  # keep reading: anything produced twice shows up now
+        await committed(settings, group, ["pool.general"])  # it handled all: none is redone
+        await outputs.caught_up()  # and all it wrote is read
     finals = Counter(r["request_id"] for r in _finals(outputs))
     assert finals == Counter({r["request_id"]: 1 for r in requests})
     assert all(r["status"] == "ok" for r in _finals(outputs))
@@ -213,12 +216,13 @@ async def test_expired_deadline_times_out_without_running(
 
 async def test_the_same_request_twice_is_answered_once(settings: Settings, outputs: Tail) -> None:
     request = _request(9)
-    executor = _executor()
-    async with running(_worker(settings, executor, _group())):
+    executor, group = _executor(), _group()
+    async with running(_worker(settings, executor, group)):
         _produce_requests(settings, [request, request])
         await outputs.until(lambda o: len(_finals(o)) == 1, 60, "the answer")
         _produce_requests(settings, [request])  # and once more, after it was answered
-        await asyncio.sleep(1.5)  # keep reading: anything produced twice shows up now
+        await committed(settings, group, ["pool.general"])  # all three handled
+        await outputs.caught_up()  # and whatever they were answered with is read
     assert len(_finals(outputs)) == 1
     assert executor.calls == Counter({request["request_id"]: 1})
 
@@ -248,7 +252,8 @@ async def test_graceful_stop_then_new_worker_answers_everything_exactly_once(
     stopped_after = len(_finals(outputs))
     async with running(_worker(settings, second, group)):
         await outputs.until(lambda o: len(_finals(o)) >= 40, 60, "40 answers")
-        await asyncio.sleep(1.5)  # keep reading: anything produced twice shows up now
+        await committed(settings, group, ["pool.general"])  # all 40 handled by the two
+        await outputs.caught_up()
     answered = Counter(r["request_id"] for r in _finals(outputs))
     runs = first.calls + second.calls
     lost = [r["request_id"] for r in requests if r["request_id"] not in answered]
