@@ -98,7 +98,7 @@ class ConfluentRequestLoop:
                 return
             self._acked(tp, offset)
 
-        headers = list(out.headers) or None
+        headers: list[tuple[str, str | bytes | None]] | None = list(out.headers) or None
         self._producer.produce(
             out.topic, out.value, out.key, headers=headers, on_delivery=delivered
         )

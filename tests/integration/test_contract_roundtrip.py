@@ -36,7 +36,8 @@ def _reference_decode(data: bytes) -> dict[str, Any]:
     assert writer is not None
     parsed = avro.schema.parse(json.dumps(writer.definition))
     reader = avro.io.DatumReader(parsed)
-    record: dict[str, Any] = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    assert isinstance(record, dict)
     return record
 
 

@@ -9,7 +9,12 @@ from pydantic import ValidationError
 
 from dspex.streams.cli.up import agent_commands
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
-from dspex.streams.settings import PoolSettings, PoolsSettings, load_settings
+from dspex.streams.settings import (
+    GeneralPoolSettings,
+    PoolSettings,
+    PoolsSettings,
+    load_settings,
+)
 
 
 def test_hints_are_clamped_to_each_pools_bounds() -> None:
@@ -28,7 +33,9 @@ def test_hints_are_clamped_to_each_pools_bounds() -> None:
     assert scalable(pools)
     fixed = PoolSettings(processes=1)
     assert not scalable(
-        PoolsSettings(general={"processes": 2, "max_processes": None}, optimizer=fixed, gpu=fixed)
+        PoolsSettings(
+            general=GeneralPoolSettings(processes=2, max_processes=None), optimizer=fixed, gpu=fixed
+        )
     )
 
 
