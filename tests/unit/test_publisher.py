@@ -17,6 +17,8 @@ async def test_an_idle_publisher_is_not_polled_and_a_send_wakes_the_server() -> 
     publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     server = asyncio.create_task(serve_deliveries(publisher))
     try:
+        # clock waits on purpose: what is tested is how often the server polls as time
+        # passes (every DELIVERY_POLL_S while a record waits, never while none does)
         await asyncio.sleep(40 * DELIVERY_POLL_S)
         assert producer.polls == 1  # one look at start, then asleep: no 5 ms wake-ups
 
