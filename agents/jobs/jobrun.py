@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
-from confluent_kafka import Producer
 
 from dspex.agents.jobs import jobrecords as jr
 from dspex.agents.jobs.datasets import examples_from_json, examples_from_topic, split
@@ -39,6 +38,7 @@ from dspex.agents.jobs.optimize import (
     Progress,
 )
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
+from dspex.agents.plumbing.publisher import Producer
 from dspex.agents.plumbing.records import dead_letter
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.programs import ProgramSpec, parse_signature, spec_from_version

@@ -4,6 +4,9 @@
 that resolves when the broker acknowledges it (the delivery report) or fails
 with :class:`DeliveryFailed`. The worker commits a request's offset only once
 every future of that request has resolved.
+
+:class:`Producer` is the seam: the part of confluent-kafka's producer that a
+publisher (and a job's progress emitter) calls, so a test can hand in a fake.
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message
 
 from dspex.streams.errors import RetryableError
 from dspex.streams.serde import Serde
@@ -24,6 +27,40 @@ logger = logging.getLogger(__name__)
 
 _FULL_QUEUE_BACKOFF_S = 0.005
 DELIVERY_POLL_S = 0.005
+
+
+DeliveryReport = Callable[[KafkaError | None, Message], None]
+"""librdkafka's delivery callback: the error (None: delivered) and the message."""
+
+
+class Producer(Protocol):
+    """What DSPex calls on a confluent-kafka ``Producer``; ``confluent_kafka.Producer`` is one.
+
+    Delivery reports are served by ``poll`` and ``flush`` (never inside ``produce``);
+    ``len()`` counts the records whose report has not been served yet.
+    """
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None = None,
+        *,
+        on_delivery: DeliveryReport | None = None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> None:
+        """Queue one record; raises BufferError when the local queue is full."""
+        ...
+
+    def poll(self, timeout: float = -1) -> int:
+        """Serve the delivery reports that are ready; how many were served."""
+        ...
+
+    def flush(self, timeout: float = -1) -> int:
+        """Wait until every record is delivered (or ``timeout``); how many are left."""
+        ...
+
+    def __len__(self) -> int: ...
 
 
 class DeliveryFailed(RetryableError):

@@ -4,6 +4,7 @@ Framing: magic byte ``00``, the registry's schema id as 4 big-endian bytes, then
 the Avro binary body. Subjects follow the TopicNameStrategy (``<topic>-value``).
 The current schema is registered on the first encode per topic and schema; a
 writer schema is fetched by id on the first decode of that id. Both are cached.
+The registry is reached through :class:`RegistryClient`, the two calls the serde makes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
@@ -56,6 +57,18 @@ def registry_client(settings: Settings) -> SchemaRegistryClient:
     return client
 
 
+class RegistryClient(Protocol):
+    """What the serde calls on a Schema Registry client; ``SchemaRegistryClient`` is one."""
+
+    def register_schema(self, subject_name: str, schema: RegistrySchema) -> int:
+        """Register ``schema`` under ``subject_name`` (idempotent); its schema id."""
+        ...
+
+    def get_schema(self, schema_id: int) -> RegistrySchema:
+        """The schema registered with ``schema_id``."""
+        ...
+
+
 class ConfluentSerde:
     """Serde for the Confluent wire format through a Schema Registry.
 
@@ -64,7 +77,7 @@ class ConfluentSerde:
     record by its full name.
     """
 
-    def __init__(self, client: SchemaRegistryClient, catalog: SchemaCatalog | None = None) -> None:
+    def __init__(self, client: RegistryClient, catalog: SchemaCatalog | None = None) -> None:
         self._client = client
         self._catalog = catalog if catalog is not None else default_catalog()
         self._writers: dict[tuple[str, str], tuple[bytes, AvroSchema]] = {}

@@ -1,9 +1,9 @@
-"""Integration fixtures: one real broker per session, fresh uuid-named topics per test."""
+"""Integration fixtures: one real broker per session, fresh uuid-named topics per test, tails."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -13,6 +13,7 @@ from dspex.streams.ops.admin import TopicReport, ensure_topics
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
 from tests.integration.brokers import any_broker
+from tests.integration.tail import OpenTail, Tail
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -61,3 +62,23 @@ def create_topics(
     if doomed:
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
             future.result()
+
+
+@pytest.fixture
+def tails(settings: Settings) -> Iterator[OpenTail]:
+    """Factory: a :class:`Tail` of this test's topics, closed however the test ends.
+
+    Pass ``settings`` when the test made its own copy (same prefix, other options).
+    """
+    opened: list[Tail] = []
+
+    def open_tail(
+        shorts: Iterable[str], *, settings: Settings | None = None, from_beginning: bool = False
+    ) -> Tail:
+        opened.append(Tail(settings or default, shorts, from_beginning=from_beginning))
+        return opened[-1]
+
+    default = settings
+    yield open_tail
+    for tail in opened:
+        tail.close()

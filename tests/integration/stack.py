@@ -4,8 +4,9 @@
 --pool P`` per pool as subprocesses — exactly what ``dspex up`` supervises — with
 the test's settings passed through the environment, waits until each has joined
 its consumer group, and stops them with SIGTERM (SIGKILL after a timeout) however
-the test ends. :class:`Tail` reads topics from their current end with a consumer
-of its own, so a test can count what was really produced.
+the test ends. :meth:`Stack.wait_idle` waits until every process has committed all
+it consumed, so nothing it did can be redone; what they produced is read with a
+:class:`~tests.integration.tail.Tail`.
 """
 
 from __future__ import annotations
@@ -16,24 +17,20 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from dspex.streams import kafka
-from dspex.streams.reader import end_offsets as end_offsets_of
-from dspex.streams.serde import make_serde
 from dspex.streams.settings import POOLS, Settings, load_settings
-from dspex.streams.topics import Topics
+from tests.integration.tail import lag
 
-__all__ = ["POOLS", "REPO", "Stack", "Tail", "agent_env", "end_offsets", "wait_for_records"]
+__all__ = ["POOLS", "REPO", "Stack", "agent_env"]
 REPO = Path(__file__).resolve().parents[2]
 
 _live: set[subprocess.Popen[bytes]] = set()
@@ -120,9 +117,10 @@ class Stack:
                 log.close()
             _live.add(process)
             self.processes[name] = process
-        self._wait_ready(ready_timeout_s)
+        self.wait_ready(ready_timeout_s)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Until every process's consumer group is stable with partitions assigned."""
         admin = kafka.admin_client(self.settings)
         waiting = dict(self.groups)
         deadline = time.monotonic() + timeout_s
@@ -137,6 +135,27 @@ class Stack:
                 if _stable_and_assigned(futures[group]):
                     del waiting[name]
             time.sleep(0.3)
+
+    @property
+    def inputs(self) -> dict[str, list[str]]:
+        """The topics each process's consumer group consumes (short names)."""
+        return {"router": ["requests", "retry"]} | {p: [f"pool.{p}"] for p in self.pools}
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until every process has committed all it consumed: nothing left that it could redo.
+
+        The worker commits a request once the broker has all its records; the router's
+        faust app commits acked records every commit interval (2.8 s by default).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lags = {n: lag(self.settings, self.groups[n], t) for n, t in self.inputs.items()}
+            if not any(lags.values()):
+                return
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not idle after {timeout_s}s: lag {lags}\n{self.log_tails()}")
+            time.sleep(0.2)
 
     def check_alive(self) -> None:
         """Fail (with the logs) when a process exited while it should be serving."""
@@ -183,101 +202,3 @@ def _stable_and_assigned(described: Future[Any]) -> bool:
         return False
     assigned = [m for m in description.members if m.assignment.topic_partitions]
     return bool(description.state.name == "STABLE" and assigned)
-
-
-class Tail:
-    """Reads topics from their end as of construction, decoding every record, in a thread.
-
-    ``records[short]`` holds ``(key, record)`` pairs per short topic name; a record the
-    serde cannot decode is kept as ``None`` (and counted in ``undecodable``).
-    """
-
-    def __init__(self, settings: Settings, shorts: Iterable[str]) -> None:
-        topics = Topics(settings.topics)
-        self._names = {topics.name(s): s for s in shorts}
-        self._serde = make_serde(settings)
-        self.records: dict[str, list[tuple[bytes | None, dict[str, Any] | None]]] = {
-            s: [] for s in self._names.values()
-        }
-        self._lock = threading.Lock()
-        self._consumer = kafka.consumer(settings, f"e2e-tail-{uuid.uuid4().hex}")
-        self._consumer.assign(_ends(self._consumer, self._names))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="e2e-tail", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for message in self._consumer.consume(500, 0.1):
-                if message.error() is not None:
-                    continue
-                topic = str(message.topic())
-                try:
-                    record: dict[str, Any] | None = self._serde.decode(
-                        message.value() or b"", topic=topic
-                    ).record
-                except Exception:
-                    record = None
-                with self._lock:
-                    self.records[self._names[topic]].append((message.key(), record))
-
-    def of(self, short: str) -> list[dict[str, Any]]:
-        """The decoded records read so far from ``short``."""
-        with self._lock:
-            return [r for _, r in self.records[short] if r is not None]
-
-    def wait(self, check: Callable[[Tail], bool], timeout_s: float, what: str) -> None:
-        """Poll until ``check(self)``; an AssertionError naming ``what`` at the timeout."""
-        deadline = time.monotonic() + timeout_s
-        while not check(self):
-            if time.monotonic() > deadline:
-                counts = {s: len(r) for s, r in self.records.items()}
-                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}: {counts}")
-            time.sleep(0.1)
-
-    def settle(self, seconds: float) -> None:
-        """Keep reading for ``seconds``: anything produced twice shows up by then."""
-        time.sleep(seconds)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._consumer.close()
-
-
-def _ends(consumer: Any, names: Mapping[str, str]) -> list[TopicPartition]:
-    # end_offsets retries the leaderless moments of a topic created just before
-    return [tp for topic in names for tp in end_offsets_of(consumer, topic, 10.0)]
-
-
-def end_offsets(settings: Settings, shorts: Iterable[str]) -> dict[str, int]:
-    """Sum of the high-water marks of each topic: how many records it ever received."""
-    topics = Topics(settings.topics)
-    consumer = kafka.consumer(settings, f"e2e-offsets-{uuid.uuid4().hex}")
-    try:
-        totals = {}
-        for short in shorts:
-            ends = _ends(consumer, {topics.name(short): short})
-            totals[short] = sum(tp.offset for tp in ends)
-        return totals
-    finally:
-        consumer.close()
-
-
-def wait_for_records(settings: Settings, topic: str, count: int, timeout_s: float) -> None:
-    """Until ``topic`` (any topic, by its full name) holds at least ``count`` records."""
-    consumer = kafka.consumer(settings, f"e2e-{uuid.uuid4().hex}")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            total = 0
-            for p in meta.partitions or {}:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                total += high - low
-            if total >= count:
-                return
-            assert time.monotonic() < deadline, f"{topic}: {total} records after {timeout_s}s"
-            time.sleep(0.2)
-    finally:
-        consumer.close()

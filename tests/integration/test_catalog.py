@@ -12,6 +12,7 @@ from dspex.streams import kafka
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.tail import until
 
 PARTITIONS = 6  # the catalog's `cache` partitions
 PER_PARTITION = 20
@@ -56,10 +57,6 @@ async def test_recent_topic_replays_its_newest_records_only_then_follows(
 
         producer.produce(cache_topic, value, b"live")  # written after start: followed
         producer.flush(10)
-        for _ in range(300):
-            if cache.get("live") is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert cache.get("live") is not None
+        await until(lambda: cache.get("live") is not None, 30, "the live record followed")
     finally:
         await reader.stop()

@@ -6,11 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from typing import Any
-
-from confluent_kafka import TopicPartition
 
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.records import dead_letter
@@ -20,6 +17,7 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.tail import OpenTail
 
 
 def test_tail_prints_decoded_records_and_names_undecodable_ones(
@@ -80,7 +78,7 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
 
 
 def test_dlq_list_and_replay_resubmit_the_original_bytes(
-    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+    settings: Settings, create_topics: Callable[[], list[TopicReport]], tails: OpenTail
 ) -> None:
     create_topics()
     topics = Topics(settings.topics)
@@ -130,15 +128,8 @@ def test_dlq_list_and_replay_resubmit_the_original_bytes(
     assert replay.returncode == 0, replay.stderr
     assert "1 record(s) replayed" in replay.stdout
 
-    consumer = kafka.consumer(settings, f"t-{request['request_id']}")
-    consumer.subscribe([topics.name("requests")])
-    msg = None
-    for _ in range(60):
-        msg = consumer.poll(0.5)
-        if msg is not None and msg.error() is None:
-            break
-    consumer.close()
-    assert msg is not None
+    requests = tails(["requests"], from_beginning=True)
+    msg = requests.wait(lambda t: next(iter(t.messages("requests")), None), 30, "the replay")
     assert msg.key() == b"k1"
     assert msg.value() == original
     headers = dict(msg.headers() or [])
@@ -147,7 +138,7 @@ def test_dlq_list_and_replay_resubmit_the_original_bytes(
 
 
 def test_dlq_replay_reads_an_omitted_original_back_from_its_topic(
-    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+    settings: Settings, create_topics: Callable[[], list[TopicReport]], tails: OpenTail
 ) -> None:
     create_topics()
     topics = Topics(settings.topics)
@@ -180,12 +171,14 @@ def test_dlq_replay_reads_an_omitted_original_back_from_its_topic(
     )
     assert replay.returncode == 0, replay.stderr
     assert "1 record(s) replayed" in replay.stdout
-    consumer = kafka.consumer(settings, f"t-{uuid.uuid4().hex}")
-    consumer.assign([TopicPartition(requests, msg.partition(), msg.offset() + 1)])
-    replayed = None
-    for _ in range(60):
-        replayed = consumer.poll(0.5)
-        if replayed is not None and replayed.error() is None:
-            break
-    consumer.close()
-    assert replayed is not None and replayed.value() == big and replayed.key() == b"big"
+    tail = tails(["requests"], from_beginning=True)
+    where = (msg.partition(), msg.offset())
+    replayed = tail.wait(
+        lambda t: next(
+            (m for m in t.messages("requests") if (m.partition(), m.offset()) != where), None
+        ),
+        30,
+        "the replay after the original",
+    )
+    assert replayed.partition() == msg.partition() and replayed.offset() > msg.offset()
+    assert replayed.value() == big and replayed.key() == b"big"

@@ -39,6 +39,7 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.tail import OpenTail, Tail
 
 CreateTopics = Callable[[], list[TopicReport]]
 INLINE = Program.inline("question -> answer")
@@ -166,7 +167,8 @@ async def test_stream_yields_ordered_chunks_ending_in_final(
         chunks = [c async for c in client.stream(INLINE, {"question": "q"}, deadline_s=20)]
     assert [c.seq for c in chunks] == [0, 1, 2, 3]
     assert [c.final for c in chunks] == [False, False, False, True]
-    assert "".join(c.delta for c in chunks) == chunks[-1].outputs["answer"]  # type: ignore[index]
+    assert chunks[-1].outputs is not None
+    assert "".join(c.delta for c in chunks) == chunks[-1].outputs["answer"]
     assert responder.seen[0][0]["stream"] is True
 
 
@@ -231,14 +233,19 @@ def test_submit_many_matches_fifty_answers_by_id(responder: Responder, settings:
 async def test_submit_many_returns_a_bad_request_in_its_place_and_keeps_no_inbox(
     responder: Responder, settings: Settings
 ) -> None:
-    requests = [(INLINE, {"n": 0}), (INLINE, {"n": float("nan")}), (INLINE, {"n": 2})]
+    requests: list[tuple[Program, dict[str, Any]]] = [
+        (INLINE, {"n": 0}),
+        (INLINE, {"n": float("nan")}),
+        (INLINE, {"n": 2}),
+    ]
     async with AsyncClient(settings) as client:
         results = await client.submit_many(requests, deadline_s=30)
         assert len(client._dispatcher) == 0  # every inbox discarded once answered
     assert isinstance(results[1], InvalidRequest) and results[1].field == "inputs.n"
     for n in (0, 2):
-        _check(results[n], n)
-        assert 0 < results[n].elapsed_s < 30
+        result = results[n]
+        _check(result, n)
+        assert isinstance(result, Result) and 0 < result.elapsed_s < 30
 
 
 async def test_unanswered_request_times_out_within_deadline_and_grace(
@@ -293,42 +300,31 @@ async def test_two_clients_on_the_shared_topic_each_get_only_their_answers(
         _check(result, n)
 
 
-def test_publish_program_numbers_versions(settings: Settings, create_topics: CreateTopics) -> None:
+def test_publish_program_numbers_versions(
+    settings: Settings, create_topics: CreateTopics, tails: OpenTail
+) -> None:
     create_topics()
     with Client(settings) as client:
         first = client.publish_program("qa", "question -> answer", description="first")
         second = client.publish_program("qa", "question -> answer", module_type="ChainOfThought")
         other = client.publish_program("other", "x -> y")
     assert (first, second, other) == (1, 2, 1)
-    serde = make_serde(settings)
-    assert sorted(_program_versions_of(settings, serde, "qa", expected=3)) == [1, 2]
+    programs = tails(["programs"], from_beginning=True)
+    programs.catch_up()  # the client returned once the broker had them: all 3 are there
+    assert sorted(_program_versions_of(programs, make_serde(settings), "qa", expected=3)) == [1, 2]
 
 
-def _program_versions_of(
-    settings: Settings, serde: Serde, program_id: str, expected: int
-) -> list[int]:
-    """Read ``expected`` records from the programs topic; the versions of ``program_id``."""
-    topic = Topics(settings.topics).name("programs")
-    consumer = kafka.consumer(settings, f"test-{uuid.uuid4().hex}")
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+def _program_versions_of(programs: Tail, serde: Serde, program_id: str, expected: int) -> list[int]:
+    """The versions of ``program_id`` on the programs topic, which holds ``expected`` records."""
+    messages = programs.messages("programs")
+    assert len(messages) == expected and programs.errors == []
     versions: list[int] = []
-    messages = []
-    try:
-        for _ in range(20):
-            messages += consumer.consume(num_messages=expected, timeout=0.5)
-            if len(messages) >= expected:
-                break
-        assert len(messages) == expected
-        for message in messages:
-            record = serde.decode(
-                message.value() or b"", topic=topic, expect="ProgramVersion"
-            ).record
-            if record["program_id"] == program_id:
-                assert message.key() == program_id.encode()
-                versions.append(record["version"])
-    finally:
-        consumer.close()
+    for message in messages:
+        topic = str(message.topic())
+        record = serde.decode(message.value() or b"", topic=topic, expect="ProgramVersion").record
+        if record["program_id"] == program_id:
+            assert message.key() == program_id.encode()
+            versions.append(record["version"])
     return versions
 
 

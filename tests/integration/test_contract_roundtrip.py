@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -24,24 +23,9 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import CATALOG, Topics
+from tests.integration.tail import OpenTail
 
 TOPIC_FOR_SCHEMA = {spec.schema: spec.name for spec in reversed(CATALOG)}
-
-
-def _consume_all(settings: Settings, topic: str, expected: int) -> list[Any]:
-    consumer = kafka.consumer(settings, f"test-{uuid.uuid4().hex}")
-    consumer.subscribe([topic])
-    messages: list[Any] = []
-    try:
-        for _ in range(60):
-            for msg in consumer.consume(num_messages=expected, timeout=1.0):
-                assert msg.error() is None, msg.error()
-                messages.append(msg)
-            if len(messages) >= expected:
-                break
-    finally:
-        consumer.close()
-    return messages
 
 
 def _reference_decode(data: bytes) -> dict[str, Any]:
@@ -52,16 +36,18 @@ def _reference_decode(data: bytes) -> dict[str, Any]:
     assert writer is not None
     parsed = avro.schema.parse(json.dumps(writer.definition))
     reader = avro.io.DatumReader(parsed)
-    record: dict[str, Any] = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[10:])))
+    assert isinstance(record, dict)
     return record
 
 
 @pytest.mark.parametrize("name", sorted(TOPIC_FOR_SCHEMA))
 def test_every_record_type_round_trips_through_the_broker(
-    name: str, settings: Settings, create_topics: Callable[[], list[TopicReport]]
+    name: str, settings: Settings, create_topics: Callable[[], list[TopicReport]], tails: OpenTail
 ) -> None:
     create_topics()
-    topic = Topics(settings.topics).name(TOPIC_FOR_SCHEMA[name])
+    short = TOPIC_FOR_SCHEMA[name]
+    topic = Topics(settings.topics).name(short)
     serde = make_serde(settings)
     records = [sample(name) for _ in range(5)]
     producer = kafka.producer(settings)
@@ -69,11 +55,14 @@ def test_every_record_type_round_trips_through_the_broker(
         producer.produce(topic, key=f"k{i}".encode(), value=serde.encode(name, record, topic=topic))
     assert producer.flush(30) == 0
 
-    messages = _consume_all(settings, topic, len(records))
-    assert len(messages) == len(records)
+    tail = tails([short], from_beginning=True)
+    tail.catch_up()  # the producer flushed: all of them are on the topic
+    messages = tail.messages(short)
+    assert len(messages) == len(records) and tail.errors == []
     by_key = {msg.key(): msg.value() for msg in messages}
     for i, record in enumerate(records):
         data = by_key[f"k{i}".encode()]
+        assert data is not None
         decoded = serde.decode(data, topic=topic, expect=name)
         assert decoded.schema_name == name
         assert decoded.record == record

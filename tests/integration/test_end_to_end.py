@@ -6,7 +6,9 @@ client is :mod:`dspex.streams.client.client`, and programs run through DSPy. Eve
 the GPU smoke routes all pools to ``dspex/echo`` (the deterministic simulation:
 a ``str`` output is ``"echo: "`` + the first input), so answers are exact. A
 separate consumer tails the output topics to count what was really produced, and
-the reliability figures are printed (run with ``-s`` to see them).
+the reliability figures are printed (run with ``-s`` to see them). Before a test
+counts what was *not* produced, it waits until every agent has committed all it
+consumed (:meth:`Stack.wait_idle`) and the tail has read the topics to their end.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import POOLS, Stack, Tail, end_offsets, wait_for_records
+from tests.integration.stack import POOLS, Stack
+from tests.integration.tail import OpenTail, Tail, end_offsets, wait_for_records
 
 CreateTopics = Callable[[], list[TopicReport]]
 StartStack = Callable[[Settings, Sequence[str]], Stack]
@@ -91,36 +94,34 @@ def _question(label: str) -> str:
 
 
 async def test_300_requests_over_three_pools_answered_exactly_once(
-    settings: Settings, start_stack: StartStack
+    settings: Settings, start_stack: StartStack, tails: OpenTail
 ) -> None:
     settings = echo_settings(settings)
     stack = start_stack(settings, POOLS)
-    tail = Tail(settings, ["responses", "executions", "dlq"])
+    tail = tails(["responses", "executions", "dlq"], settings=settings)
     questions = {pool: [_question(f"{pool} #{n}") for n in range(100)] for pool in POOLS}
-    try:
-        async with AsyncClient(settings) as client:
-            batches = await asyncio.gather(
-                *(
-                    client.submit_many(
-                        [(INLINE, {"question": q}) for q in questions[pool]],
-                        pool_hint=pool,
-                        deadline_s=120,
-                    )
-                    for pool in POOLS
+    async with AsyncClient(settings) as client:
+        batches = await asyncio.gather(
+            *(
+                client.submit_many(
+                    [(INLINE, {"question": q}) for q in questions[pool]],
+                    pool_hint=pool,
+                    deadline_s=120,
                 )
+                for pool in POOLS
             )
-        sent = {
-            result.request_id: (pool, question)
-            for pool, results in zip(POOLS, batches, strict=True)
-            for result, question in zip(results, questions[pool], strict=True)
-            if isinstance(result, Result)
-        }
-        failures = [r for results in batches for r in results if not isinstance(r, Result)]
-        tail.wait(lambda t: len(_finals(t)) >= len(sent), 60, "300 final responses")
-        tail.wait(lambda t: len(t.of("executions")) >= len(sent), 60, "300 executions")
-        tail.settle(2.0)
-    finally:
-        tail.close()
+        )
+    sent = {
+        result.request_id: (pool, question)
+        for pool, results in zip(POOLS, batches, strict=True)
+        for result, question in zip(results, questions[pool], strict=True)
+        if isinstance(result, Result)
+    }
+    failures = [r for results in batches for r in results if not isinstance(r, Result)]
+    tail.wait(lambda t: len(_finals(t)) >= len(sent), 60, "300 final responses")
+    tail.wait(lambda t: len(t.of("executions")) >= len(sent), 60, "300 executions")
+    stack.wait_idle()  # every agent committed all it consumed: nothing is redone after this
+    tail.catch_up()  # and everything they produced has been read
     stack.check_alive()
 
     finals = Counter(r["request_id"] for r in _finals(tail))
@@ -170,10 +171,10 @@ async def test_streamed_answer_equals_the_plain_answer(
 
 
 async def test_invalid_requests_are_answered_and_dead_lettered_while_valid_ones_flow(
-    settings: Settings, start_stack: StartStack
+    settings: Settings, start_stack: StartStack, tails: OpenTail
 ) -> None:
     settings = echo_settings(settings, max_request_bytes=2048)
-    start_stack(settings, ["general"])
+    stack = start_stack(settings, ["general"])
     invalid = {
         "malformed signature": (Program.inline("question answer"), {"question": "x"}, "signature"),
         "unknown module type": (
@@ -197,19 +198,17 @@ async def test_invalid_requests_are_answered_and_dead_lettered_while_valid_ones_
         calls.append((kind, program, inputs))
     calls.append(("valid last", INLINE, {"question": _question("valid last")}))
     pools_before = end_offsets(settings, POOL_TOPICS)
-    tail = Tail(settings, ["dlq"])
-    try:
-        producer = kafka.producer(settings)
-        producer.produce(Topics(settings.topics).name("requests"), garbage, b"garbage-key")
-        assert producer.flush(10) == 0
-        async with AsyncClient(settings) as client:
-            results = await client.submit_many(
-                [(program, inputs) for _, program, inputs in calls], deadline_s=60
-            )
-        tail.wait(lambda t: len(t.of("dlq")) >= len(invalid) + 1, 30, "dead letters")
-        tail.settle(1.0)
-    finally:
-        tail.close()
+    tail = tails(["dlq"], settings=settings)
+    producer = kafka.producer(settings)
+    producer.produce(Topics(settings.topics).name("requests"), garbage, b"garbage-key")
+    assert producer.flush(10) == 0
+    async with AsyncClient(settings) as client:
+        results = await client.submit_many(
+            [(program, inputs) for _, program, inputs in calls], deadline_s=60
+        )
+    tail.wait(lambda t: len(t.of("dlq")) >= len(invalid) + 1, 30, "dead letters")
+    stack.wait_idle()  # the router committed every request: all it will write is written
+    tail.catch_up()
     pools_after = end_offsets(settings, POOL_TOPICS)
 
     outcome = dict(zip([kind for kind, _, _ in calls], results, strict=True))
@@ -254,18 +253,30 @@ async def test_a_deterministic_repeat_is_answered_from_the_cache_without_a_pool(
     settings: Settings, start_stack: StartStack
 ) -> None:
     settings = echo_settings(settings)
-    start_stack(settings, ["general"])
+    stack = start_stack(settings, ["general"])
     question = _question("Capital of France?")
     cache_topic = f"{settings.topics.prefix}cache"
+    watched = [*POOL_TOPICS, "executions"]
     async with AsyncClient(settings) as client:
         first = await client.submit(INLINE, {"question": question}, deadline_s=60)
         await asyncio.to_thread(wait_for_records, settings, cache_topic, 1, 30.0)
-        await asyncio.sleep(0.5)  # the router follows `cache` on its own consumer
-        before = end_offsets(settings, [*POOL_TOPICS, "executions"])
-        second = await client.submit(INLINE, {"question": question}, deadline_s=60)
-        await asyncio.sleep(1.0)  # anything a pool did for it would be on the topics by now
-        after = end_offsets(settings, [*POOL_TOPICS, "executions"])
-    print(f"\ncache: first pool={first.pool}, repeat cached={second.cached}; {before} -> {after}")
+        # the router follows `cache` on its own consumer: repeat until it answers from it
+        tries, give_up = 0, time.monotonic() + 30
+        while True:
+            tries += 1
+            await asyncio.to_thread(stack.wait_idle)  # all that earlier requests did is done
+            before = end_offsets(settings, watched)
+            second = await client.submit(INLINE, {"question": question}, deadline_s=60)
+            if second.cached or time.monotonic() > give_up:
+                break
+        # the router committed the repeat, the worker everything forwarded before it: what a
+        # pool did for the repeat would be on the topics now
+        await asyncio.to_thread(stack.wait_idle)
+        after = end_offsets(settings, watched)
+    print(
+        f"\ncache: first pool={first.pool}, repeat cached={second.cached} at try {tries}; "
+        f"{before} -> {after}"
+    )
     assert (first.cached, first.pool) == (False, "general")
     assert (second.cached, second.pool, second.status) == (True, None, "ok")
     assert second.outputs == first.outputs == {"answer": f"echo: {question}"}

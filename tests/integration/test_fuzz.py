@@ -29,7 +29,7 @@ from dspex.streams.client._requests import Program, build_request, request_heade
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import Tail
+from tests.integration.tail import OpenTail, Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     echo_settings,
@@ -169,19 +169,18 @@ def _accounted(tail: Tail, corpus: list[Fuzzed]) -> Callable[[Tail], bool]:
 async def test_fuzzed_requests_are_contained_and_valid_ones_answered(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
     settings = echo_settings(settings)
     stack = start_stack(settings, ["general"])
     corpus = _corpus(settings, _huge_size(settings))
-    tail = Tail(settings, ["responses", "dlq"])
+    tail = tails(["responses", "dlq"], settings=settings)
     started = time.monotonic()
-    try:
-        _produce(settings, corpus)
-        tail.wait(_accounted(tail, corpus), 120, "every fuzzed record accounted for")
-        tail.settle(2.0)
-    finally:
-        tail.close()
+    _produce(settings, corpus)
+    tail.wait(_accounted(tail, corpus), 120, "every fuzzed record accounted for")
     elapsed = time.monotonic() - started
+    stack.wait_idle()  # every agent committed all it consumed: nothing more will be written
+    tail.catch_up()
     alive = {name: process.poll() for name, process in stack.processes.items()}
 
     finals = [r for r in tail.of("responses") if r["final"]]

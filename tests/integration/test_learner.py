@@ -1,14 +1,17 @@
-"""The learning agent on a real broker: tables learned, versions kept, a restart, the router."""
+"""The learning agent on a real broker: tables learned, versions kept, a restart, the router.
+
+The learner decides at most once per publish interval and publishes a table only when
+the weights moved: a test takes "the last table" once the learner has no decision
+pending, as the table of the version it holds (:func:`_last_table`).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,40 +33,10 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import BanditConfig, LearnerSettings, Settings
 from dspex.streams.topics import Topics
 from tests.integration.stack import REPO, agent_env
+from tests.integration.tail import OpenTail, Tail, committed, until
 
 PROGRAM = "support.answer"
 WATCHED = ("routing", "pool.general", "pool.gpu")
-
-
-class Watcher:
-    """Reads the routing and pool topics in a thread and keeps every decoded record."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topics = Topics(settings.topics)
-        self.serde = make_serde(settings)
-        self.records: list[tuple[str, dict[str, Any]]] = []
-        self._consumer = kafka.consumer(settings, f"watcher-{uuid.uuid4().hex}")
-        self._consumer.subscribe([self.topics.name(t) for t in WATCHED])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self._consumer.poll(0.1)
-            if message is None or message.error():
-                continue
-            topic = str(message.topic())
-            record = self.serde.decode(bytes(message.value() or b""), topic=topic).record
-            self.records.append((topic.removeprefix(self.topics.settings.prefix), record))
-        self._consumer.close()
-
-    def tables(self) -> list[dict[str, Any]]:
-        return [r for t, r in self.records if t == "routing" and r["program_id"] == PROGRAM]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 class Producer:
@@ -110,20 +83,11 @@ class Producer:
         self.producer.flush(10)
 
 
-async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
-    return result
-
-
 @pytest.fixture
-def watcher(settings: Settings) -> Any:
-    watcher = Watcher(settings)
-    yield watcher
-    watcher.close()
+def watcher(create_topics: Callable[[], object], tails: OpenTail) -> Tail:
+    """A tail of the routing and pool topics, from their beginning (it creates the topics)."""
+    create_topics()
+    return tails(WATCHED, from_beginning=True)
 
 
 @pytest.fixture
@@ -152,9 +116,8 @@ def weights(table: dict[str, Any]) -> dict[str, float]:
 
 
 async def test_learns_a_table_and_rebuilds_statistics_after_restart(
-    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, app_ids: list[str]
+    settings: Settings, watcher: Tail, app_ids: list[str]
 ) -> None:
-    create_topics()
     producer = Producer(settings)
     for i in range(300):
         good = i % 2 == 0
@@ -170,13 +133,12 @@ async def test_learns_a_table_and_rebuilds_statistics_after_restart(
     await learner.start()
     try:
         await until(lambda: _counted(learner) >= 299.0, 40, "300 events counted")
-        await asyncio.sleep(1.5)  # a last table, if the tail of the events moved weights
-        learned = watcher.tables()[-1]
+        learned = await _last_table(learner, watcher)
     finally:
         await learner.stop()
-    versions = [t["version"] for t in watcher.tables()]
+    versions = [t["version"] for t in _tables(watcher)]
     print(f"\nfirst run: 300 events -> versions {versions}, weights {weights(learned)}")
-    print(f"tables: {[(t['version'], weights(t), counts(t)) for t in watcher.tables()]}")
+    print(f"tables: {[(t['version'], weights(t), counts(t)) for t in _tables(watcher)]}")
     print(f"learned_from {counts(learned)}; reason: {learned['reason']}")
     assert versions == list(range(1, len(versions) + 1))
     assert weights(learned)["good"] >= 0.8 and weights(learned)["bad"] >= 0.05
@@ -198,10 +160,9 @@ async def test_learns_a_table_and_rebuilds_statistics_after_restart(
 
 
 async def test_client_feedback_moves_traffic_to_the_better_answers(
-    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, app_ids: list[str]
+    settings: Settings, watcher: Tail, app_ids: list[str]
 ) -> None:
     """Both variants always succeed; only the clients' quality scores tell them apart."""
-    create_topics()
     producer = Producer(settings)
     answered = [(f"req-{i}", "terse" if i % 2 else "thorough") for i in range(120)]
     for request_id, variant in answered:
@@ -219,8 +180,7 @@ async def test_client_feedback_moves_traffic_to_the_better_answers(
     await learner.start()
     try:
         await until(lambda: _quality_seen(learner) >= 119.0, 40, "120 feedback records applied")
-        await asyncio.sleep(1.5)
-        table = watcher.tables()[-1]
+        table = await _last_table(learner, watcher)
     finally:
         await learner.stop()
     quality = {row["variant"]: row["mean_quality"] for row in table["learned_from"]}
@@ -231,14 +191,13 @@ async def test_client_feedback_moves_traffic_to_the_better_answers(
 
 
 async def test_kill_9_of_the_learner_rebuilds_its_statistics(
-    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, tmp_path: Path
+    settings: Settings, watcher: Tail, tmp_path: Path
 ) -> None:
     """A SIGKILLed learner's successor recovers the statistics from the changelog.
 
     Counts must be neither cold (lost) nor doubled (telemetry re-read past the
     committed offset on top of the recovered table), and the table versions go on.
     """
-    create_topics()
     settings = settings.model_copy(
         update={"learner": learner_settings(candidates={"good": "general", "bad": "general"})}
     )
@@ -260,11 +219,13 @@ async def test_kill_9_of_the_learner_rebuilds_its_statistics(
     victim = start("learner-1.log")
     try:
         first = await until(
-            lambda: next((t for t in watcher.tables()[::-1] if counted(t) >= 299.0), None),
+            lambda: next((t for t in _tables(watcher)[::-1] if counted(t) >= 299.0), None),
             90,
             "a table learned from all 300 events",
         )
-        await asyncio.sleep(4.0)  # past faust's commit interval (2.8 s)
+        # the kill must come after faust's commit (every 2.8 s) of all 300 events
+        group = f"{settings.topics.prefix}learner"
+        await committed(settings, group, ["telemetry"])
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         for _ in range(20):
@@ -300,15 +261,30 @@ def _counted(learner: LearnerApp) -> float:
     return sum(arm.n for arm in stats.arms.values())
 
 
-def _with_variant(watcher: Watcher, variant: str) -> dict[str, Any] | None:
-    tables = [t for t in watcher.tables() if variant in weights(t)]
+def _with_variant(watcher: Tail, variant: str) -> dict[str, Any] | None:
+    tables = [t for t in _tables(watcher) if variant in weights(t)]
     return tables[-1] if tables else None
 
 
+def _tables(watcher: Tail) -> list[dict[str, Any]]:
+    return [r for r in watcher.of("routing") if r["program_id"] == PROGRAM]
+
+
+async def _last_table(learner: LearnerApp, watcher: Tail) -> dict[str, Any]:
+    """The table of what ``learner`` has counted, once no decision on it is pending."""
+    pending = learner.learner.dirty
+    await until(lambda: PROGRAM not in pending, 10, "a decision on everything counted")
+    version = learner.learner.state[PROGRAM].version  # a decision that moved nothing keeps it
+    return await watcher.until(
+        lambda t: next((x for x in _tables(t) if x["version"] == version), None),
+        10,
+        f"routing table v{version}",
+    )
+
+
 async def test_router_applies_the_learned_table(
-    settings: Settings, create_topics: Callable[[], object], watcher: Watcher, app_ids: list[str]
+    settings: Settings, watcher: Tail, app_ids: list[str]
 ) -> None:
-    create_topics()
     producer = Producer(settings)
     producer.send("programs", "ProgramVersion", PROGRAM, _program())
     for i in range(200):
@@ -330,8 +306,7 @@ async def test_router_applies_the_learned_table(
     await learner.start()
     try:
         await until(lambda: _counted(learner) >= 199.0, 40, "200 events counted")
-        await asyncio.sleep(1.5)
-        table = watcher.tables()[-1]
+        table = await _last_table(learner, watcher)
         await until(lambda: _applied(router, table["version"]), 30, "the router applying it")
         requests = [_request(producer) for _ in range(40)]
         producer.flush()
@@ -354,13 +329,10 @@ def _applied(router: Any, version: int) -> bool:
     return table is not None and table["version"] >= version
 
 
-def _routes(watcher: Watcher, request_ids: list[str]) -> list[dict[str, Any]] | None:
+def _routes(watcher: Tail, request_ids: list[str]) -> list[dict[str, Any]] | None:
     wanted = set(request_ids)
-    routes = [
-        r["route"]
-        for t, r in watcher.records
-        if t.startswith("pool.") and r["request_id"] in wanted
-    ]
+    forwarded = [*watcher.of("pool.general"), *watcher.of("pool.gpu")]
+    routes = [r["route"] for r in forwarded if r["request_id"] in wanted]
     return routes if len(routes) >= len(wanted) else None
 
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -31,39 +30,16 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
 from tests.integration.brokers import free_port
+from tests.integration.tail import OpenTail, Tail, until
 
 WINDOW_S = 2.0
 SERIES = {"program_id": "qa", "pool": "general", "variant": "echo"}
 
 
-class Snapshots:
-    """Reads the metrics topic in a thread and keeps every decoded snapshot."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.serde = make_serde(settings)
-        self.records: list[dict[str, Any]] = []
-        self._consumer = kafka.consumer(settings, f"snapshots-{uuid.uuid4().hex}")
-        self._consumer.subscribe([Topics(settings.topics).name("metrics")])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self._consumer.poll(0.1)
-            if message is not None and not message.error():
-                topic = str(message.topic())
-                decoded = self.serde.decode(bytes(message.value() or b""), topic=topic)
-                self.records.append(decoded.record)
-        self._consumer.close()
-
-    def find(self, name: str, labels: dict[str, str]) -> dict[str, Any] | None:
-        found = [r for r in self.records if r["name"] == name and r["labels"] == labels]
-        return found[-1] if found else None
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+def snapshot(tail: Tail, name: str, labels: dict[str, str]) -> dict[str, Any] | None:
+    """The last snapshot of ``name`` with exactly ``labels`` read from the metrics topic."""
+    found = [r for r in tail.of("metrics") if r["name"] == name and r["labels"] == labels]
+    return found[-1] if found else None
 
 
 def metrics_settings(settings: Settings) -> Settings:
@@ -92,15 +68,6 @@ async def agent(
         future.result()
 
 
-async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
-    return result
-
-
 async def produce_traffic(settings: Settings) -> int:
     """100 executions (latency 1..100 ms, every 4th failed) in one window, plus noise."""
     topics, serde, producer = (
@@ -110,7 +77,8 @@ async def produce_traffic(settings: Settings) -> int:
     )
     window_ms = int(WINDOW_S * 1000)
     now = int(time.time() * 1000)
-    await asyncio.sleep((window_ms - now % window_ms) / 1000 + 0.05)  # a fresh window
+    # a clock wait, not a guess: the executions must all fall in one fresh window
+    await asyncio.sleep((window_ms - now % window_ms) / 1000 + 0.05)
     start = now - now % window_ms + window_ms
     telemetry = topics.name("telemetry")
     for i in range(1, 101):
@@ -163,15 +131,14 @@ def _table() -> dict[str, Any]:
     }
 
 
-async def test_snapshots_prometheus_endpoint_and_top(settings: Settings, agent: MetricsApp) -> None:
-    snapshots = Snapshots(settings)
-    try:
-        start = await produce_traffic(settings)
-        got = await until(lambda: snapshots.find("requests", SERIES), 30, "a requests snapshot")
-        lag = await until(lambda: snapshots.find("pool.lag", {"pool": "general"}), 10, "pool.lag")
-        pool = snapshots.find("pool.requests", {"pool": "general"})
-    finally:
-        snapshots.close()
+async def test_snapshots_prometheus_endpoint_and_top(
+    settings: Settings, agent: MetricsApp, tails: OpenTail
+) -> None:
+    snapshots = tails(["metrics"], from_beginning=True)
+    start = await produce_traffic(settings)
+    got = await snapshots.until(lambda t: snapshot(t, "requests", SERIES), 30, "requests")
+    lag = await snapshots.until(lambda t: snapshot(t, "pool.lag", {"pool": "general"}), 10, "lag")
+    pool = snapshot(snapshots, "pool.requests", {"pool": "general"})
     percentiles = [got[f"latency_p{p}_ms"] for p in (50, 95, 99)]
     print(f"\nsnapshot: count={got['count']} rate={got['rate_per_s']}/s p50/95/99={percentiles}")
     assert got["window_start"].timestamp() * 1000 == start

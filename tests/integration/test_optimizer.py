@@ -14,7 +14,6 @@ see the printed figures.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -37,7 +36,8 @@ from dspex.streams.client.jobs import JobProgress
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import REPO, Stack, Tail, _live, agent_env
+from tests.integration.stack import REPO, Stack, _live, agent_env
+from tests.integration.tail import OpenTail, Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     start_stack,
@@ -172,20 +172,9 @@ def start_optimizer(start_stack: StartStack, tmp_path: Path) -> Iterator[StartOp
         assert not unclean, (unclean, jobs.log_tails())
 
 
-@pytest.fixture
-def tails() -> Iterator[Callable[[Settings], Tail]]:
-    """Factory: a Tail of the topics a job writes, closed however the test ends."""
-    opened: list[Tail] = []
-
-    def tail(settings: Settings) -> Tail:
-        shorts = ["responses", "programs", "variables", "variables.history", "executions"]
-        shorts.append("routing")
-        opened.append(Tail(settings, [*shorts, "jobs.status"]))
-        return opened[-1]
-
-    yield tail
-    for tail in opened:
-        tail.close()
+JOB_OUTPUTS = ["responses", "programs", "variables", "variables.history", "executions"]
+JOB_OUTPUTS += ["routing", "jobs.status"]
+"""The topics a job writes to (read committed, as every consumer of them reads)."""
 
 
 def _finals(tail: Tail, job_id: str) -> list[dict[str, Any]]:
@@ -193,11 +182,11 @@ def _finals(tail: Tail, job_id: str) -> list[dict[str, Any]]:
 
 
 async def test_bootstrap_few_shot_job_raises_the_metric_and_the_router_serves_the_new_version(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT)
     start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     progress: list[JobProgress] = []
     async with AsyncClient(settings) as client:
         assert await client.publish_program("toy", "word -> answer") == 1
@@ -232,11 +221,11 @@ async def test_bootstrap_few_shot_job_raises_the_metric_and_the_router_serves_th
 
 
 async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_parent(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT)
     start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         assert await client.publish_program("toy", "word -> answer") == 1
         result = await client.optimize(
@@ -249,14 +238,22 @@ async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_paren
         )
         assert result.ok and result.program_version == 2, result.error
         tail.wait(lambda t: bool(t.of("routing")), 10, "the canary routing table")
-        await asyncio.sleep(1.0)  # the router follows the routing topic
+        # the router follows the routing topic on its own consumer: without the table it
+        # serves the latest version, so an answer from the parent shows the table applied
+        probes, give_up = 1, time.monotonic() + 30
+        while (await client.submit("toy", {"word": "probe"}, cache=False)).program_version != 1:
+            assert time.monotonic() < give_up, "the router never served the canary's parent"
+            probes += 1
         answers = await client.submit_many(
             [("toy", {"word": f"w{n}"}) for n in range(30)], cache=False
         )
     (table,) = tail.of("routing")
     variants = {v["name"]: (v["program_version"], v["weight"]) for v in table["variants"]}
     served = Counter(a.program_version for a in answers if isinstance(a, Result))
-    print(f"\ncanary table {variants}: 30 requests served by versions {dict(served)}")
+    print(
+        f"\ncanary table {variants} (applied by probe {probes}): "
+        f"30 requests served by versions {dict(served)}"
+    )
     assert variants == {"v1": (1, 0.5), "v2": (2, 0.5)}
     assert result.job_id in table["reason"]
     assert sum(served.values()) == 30 and set(served) == {1, 2}  # P(one side only) ~ 2e-9
@@ -265,12 +262,12 @@ async def test_a_canary_job_splits_traffic_between_the_new_version_and_its_paren
 async def test_variable_search_publishes_the_better_temperature(
     settings: Settings,
     start_optimizer: StartOptimizer,
-    tails: Callable[[Settings], Tail],
+    tails: OpenTail,
     tmp_path: Path,
 ) -> None:
     settings = sim_settings(settings, LOWTEMP, temperature=0.8)
     start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         await client.publish_program("toy", "word -> answer")
         result = await client.optimize(
@@ -323,7 +320,9 @@ async def test_variable_search_publishes_the_better_temperature(
     job_id = run.stdout.split("job ", 1)[1].split()[0]
     status = _dspex(settings, "optimize", "status", job_id)
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "ok", status.stderr
-    tail.settle(1.0)
+    # the job's records and its status are one transaction, committed before the status
+    # read ok: whatever it published is on the topics now
+    tail.catch_up()
     assert len(tail.of("variables.history")) == 1
 
 
@@ -334,7 +333,7 @@ def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_a_job_longer_than_max_poll_interval_completes_without_a_rebalance(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     max_poll_s = 8.0
     # every LM call takes 2.5 s: the compile alone (4 training examples) outlasts max.poll
@@ -362,11 +361,11 @@ async def test_a_job_longer_than_max_poll_interval_completes_without_a_rebalance
 
 
 async def test_a_sigkilled_runners_job_completes_once_on_the_other_runner(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT + "&delay=1.0")
     _, runners = start_optimizer(settings, 2)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         await client.publish_program("toy", "word -> answer")
         job_id = await client.submit_job(
@@ -383,7 +382,9 @@ async def test_a_sigkilled_runners_job_completes_once_on_the_other_runner(
     recovered_s = time.monotonic() - killed_at
     assert victim, "the job never reached its compile phase"
     assert final.status == "ok" and final.outputs and final.outputs["program_version"] == 2
-    tail.settle(3.0)
+    # the survivor's records, status and job offset were one committed transaction, and
+    # the victim is dead: read everything now on the topics, nothing can follow
+    tail.catch_up()
     finals = _finals(tail, job_id)
     versions = [r for r in tail.of("programs") if r["created_by"] == job_id]
     statuses = [r for r in tail.of("jobs.status") if r["request_id"] == job_id]
@@ -398,11 +399,11 @@ async def test_a_sigkilled_runners_job_completes_once_on_the_other_runner(
 
 
 async def test_cancelling_a_running_job_ends_it_cancelled_and_publishes_nothing(
-    settings: Settings, start_optimizer: StartOptimizer, tails: Callable[[Settings], Tail]
+    settings: Settings, start_optimizer: StartOptimizer, tails: OpenTail
 ) -> None:
     settings = sim_settings(settings, FEWSHOT + "&delay=1.0")
     _, runners = start_optimizer(settings, 1)
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     async with AsyncClient(settings) as client:
         await client.publish_program("toy", "word -> answer")
         job_id = await client.submit_job(
@@ -418,7 +419,7 @@ async def test_cancelling_a_running_job_ends_it_cancelled_and_publishes_nothing(
                 final = chunk
     assert final.status == "cancelled" and final.error is not None
     assert final.error["error_class"] == "Cancelled" and "tester" in final.error["message"]
-    tail.settle(2.0)
+    tail.catch_up()  # the cancellation committed with its records: all of them are read now
     assert not [r for r in tail.of("programs") if r["created_by"] == job_id]
     (status,) = [r for r in tail.of("jobs.status") if r["request_id"] == job_id]
     assert status["status"] == "cancelled"
@@ -428,7 +429,7 @@ async def test_cancelling_a_running_job_ends_it_cancelled_and_publishes_nothing(
 def test_a_zombie_runners_completion_is_refused_and_invisible(
     settings: Settings,
     create_topics: Callable[[], list[TopicReport]],
-    tails: Callable[[Settings], Tail],
+    tails: OpenTail,
 ) -> None:
     """The transaction is fenced by the consumer group: only the partition's owner completes.
 
@@ -446,14 +447,14 @@ def test_a_zombie_runners_completion_is_refused_and_invisible(
     zombie, successor = (
         kafka.consumer(settings, group, **{"group.instance.id": "runner-a"}) for _ in range(2)
     )
-    tail = tails(settings)
+    tail = tails(JOB_OUTPUTS, settings=settings)
     try:
         origin = Consumed.from_message(_first_message(zombie, topics.name("jobs")))
         _first_message(successor, topics.name("jobs"))  # it owns the partition now
         result = Outgoing(topics.name("jobs.status"), b"job-1", b"result")
         refused = Completion(settings, worker_id="zombie", group_id=group)
         assert not refused.commit(zombie, origin, [result], owns=lambda: True)
-        tail.settle(2.0)
+        tail.catch_up()  # past the aborted records and the abort marker
         assert tail.records["jobs.status"] == []  # aborted: read-committed sees nothing
         tp = TopicPartition(topics.name("jobs"), 0)
         assert successor.committed([tp], timeout=10)[0].offset < 0  # and no offset moved

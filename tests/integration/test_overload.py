@@ -22,7 +22,7 @@ from pathlib import Path
 from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings, load_settings
-from tests.integration.stack import Tail
+from tests.integration.tail import OpenTail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     start_stack,
@@ -52,13 +52,14 @@ def overload_settings(settings: Settings) -> Settings:
 async def test_three_times_the_sustainable_rate_stays_bounded_and_answers_everyone(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
     settings = overload_settings(settings)
     stack = start_stack(settings, ["general"])
     pids = {name: process.pid for name, process in stack.processes.items()}
     before = {name: rss_mb(pid) for name, pid in pids.items()}
     peak = dict(before)
-    tail = Tail(settings, ["telemetry"])
+    tail = tails(["telemetry"], settings=settings)
     program = Program.inline("question -> answer")
 
     async def one(client: AsyncClient, question: str) -> Result | DSPexError:
@@ -79,7 +80,6 @@ async def test_three_times_the_sustainable_rate_stays_bounded_and_answers_everyo
         outcomes = await asyncio.gather(*tasks)
     stack.check_alive()
     health = [r["health"] for r in tail.of("telemetry") if r["kind"] == "health"]
-    tail.close()
 
     statuses = Counter(
         "ok"

@@ -33,7 +33,8 @@ from dspex.streams.reader import end_offsets
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import REPO, Tail, agent_env
+from tests.integration.stack import REPO, agent_env
+from tests.integration.tail import OpenTail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     echo_settings,
@@ -84,13 +85,14 @@ async def test_kill_9_of_a_general_worker_under_load_loses_nothing(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    tails: OpenTail,
 ) -> None:
     settings = echo_settings(settings)
     stack = start_stack(settings, ["general"])
     victim = _start_worker(settings, tmp_path / "victim.log")
     try:
         _wait_for_members(settings, f"{settings.topics.prefix}pool.general", 2, 60)
-        tail = Tail(settings, ["responses"])
+        tail = tails(["responses"], settings=settings)
         done: dict[str, float] = {}
         async with AsyncClient(settings) as client:
 
@@ -109,8 +111,8 @@ async def test_kill_9_of_a_general_worker_under_load_loses_nothing(
                 await asyncio.sleep(INTERVAL_S)
             outcomes = await asyncio.gather(*tasks)
         tail.wait(lambda t: len([r for r in t.of("responses") if r["final"]]) >= 400, 30, "400")
-        tail.settle(2.0)
-        tail.close()
+        stack.wait_idle()  # the survivors committed all they consumed: nothing more is redone
+        tail.catch_up()  # and every duplicate already produced has been read
     finally:
         if victim.poll() is None:
             victim.kill()
@@ -147,6 +149,7 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    tails: OpenTail,
 ) -> None:
     """The router is killed between batches and restarted at once, as the supervisor does.
 
@@ -160,7 +163,7 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
     settings = echo_settings(settings)
     stack = start_stack(settings, ["general"])
     victim = stack.processes["router"]
-    tail = Tail(settings, ["responses"])
+    tail = tails(["responses"], settings=settings)
     answered_at: dict[str, float] = {}
     async with AsyncClient(settings) as client:
 
@@ -184,7 +187,6 @@ async def test_kill_9_of_the_router_under_load_loses_nothing(
             await asyncio.sleep(INTERVAL_S)
         outcomes = await asyncio.gather(*tasks)
     tail.wait(lambda t: len([r for r in t.of("responses") if r["final"]]) >= 400, 30, "400")
-    tail.close()
     stack.check_alive()
 
     answered = [r for _, r, _ in outcomes if isinstance(r, Result)]
@@ -265,6 +267,7 @@ async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    tails: OpenTail,
     membership: str,
 ) -> None:
     """Two general-pool workers at 25 requests/s (30 ms simulated LM); one is SIGKILLed.
@@ -293,7 +296,7 @@ async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
     answered_at: dict[str, float] = {}
     try:
         _wait_for_members(settings, f"{settings.topics.prefix}pool.general", 2, 60)
-        tail = Tail(settings, ["responses"])
+        tail = tails(["responses"], settings=settings)
         async with AsyncClient(settings) as client:
 
             async def one(question: str) -> tuple[str, Result | DSPexError, float]:
@@ -315,7 +318,6 @@ async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
             outcomes = await asyncio.gather(*tasks)
         total = len(outcomes)
         tail.wait(lambda t: len({r["request_id"] for r in t.of("responses")}) >= total, 30, "all")
-        tail.close()
         placed = partitions.of()
     finally:
         partitions.close()

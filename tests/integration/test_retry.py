@@ -28,7 +28,8 @@ import pytest
 from dspex.agents.plumbing.retry import RETRY_HEADERS
 from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
 from dspex.streams.settings import Settings, load_settings
-from tests.integration.stack import REPO, Tail, agent_env
+from tests.integration.stack import REPO, agent_env
+from tests.integration.tail import OpenTail, Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
     start_stack,
@@ -93,18 +94,17 @@ def _report(name: str, outcomes: list[Any], tail: Tail) -> None:
 async def test_a_request_whose_first_call_fails_is_answered_ok_on_its_retry(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
     settings = flaky_settings(settings, fail=1)
-    start_stack(settings, ["general"])
-    tail = Tail(settings, ["executions", "retry", "dlq", "responses"])
+    stack = start_stack(settings, ["general"])
+    tail = tails(["executions", "retry", "dlq", "responses"], settings=settings)
     questions = [f"retry me {n} {uuid.uuid4().hex[:6]}" for n in range(4)]
-    try:
-        outcomes = await _ask(settings, questions)
-        tail.wait(lambda t: len(t.of("executions")) >= 5, 30, "five executions")
-        tail.settle(2.0)  # anything produced twice shows up by then
-        _report("first call fails", outcomes, tail)
-    finally:
-        tail.close()
+    outcomes = await _ask(settings, questions)
+    tail.wait(lambda t: len(t.of("executions")) >= 5, 30, "five executions")
+    stack.wait_idle()  # router and worker committed all they consumed: nothing is redone
+    tail.catch_up()  # anything produced twice is read by now
+    _report("first call fails", outcomes, tail)
 
     assert all(isinstance(o, Result) for o in outcomes), outcomes
     answers = sorted(o.outputs["answer"] for o in outcomes if isinstance(o, Result))
@@ -122,17 +122,16 @@ async def test_a_request_whose_first_call_fails_is_answered_ok_on_its_retry(
 async def test_a_request_that_always_fails_is_dead_lettered_once_after_every_attempt(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
     settings = flaky_settings(settings, fail=1_000_000)
-    start_stack(settings, ["general"])
-    tail = Tail(settings, ["executions", "retry", "dlq", "responses"])
-    try:
-        outcomes = await _ask(settings, [f"doomed {uuid.uuid4().hex[:6]}"])
-        tail.wait(lambda t: len(t.of("dlq")) >= 1, 30, "the dead letter")
-        tail.settle(2.0)
-        _report("every call fails", outcomes, tail)
-    finally:
-        tail.close()
+    stack = start_stack(settings, ["general"])
+    tail = tails(["executions", "retry", "dlq", "responses"], settings=settings)
+    outcomes = await _ask(settings, [f"doomed {uuid.uuid4().hex[:6]}"])
+    tail.wait(lambda t: len(t.of("dlq")) >= 1, 30, "the dead letter")
+    stack.wait_idle()
+    tail.catch_up()
+    _report("every call fails", outcomes, tail)
 
     (failed,) = outcomes
     assert isinstance(failed, RequestFailed)
@@ -169,6 +168,7 @@ async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
     stop: signal.Signals,
+    tails: OpenTail,
 ) -> None:
     """kill -9: the retry was never acked, so the next router reads and forwards it.
 
@@ -176,28 +176,29 @@ async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
     """
     settings = flaky_settings(settings, fail=1, backoff_s=(4.0,))
     stack = start_stack(settings, ["general"])
-    tail = Tail(settings, ["executions", "retry", "dlq"])
-    try:
-        asking = asyncio.create_task(_ask(settings, [f"survive {uuid.uuid4().hex[:6]}"]))
-        await asyncio.to_thread(_wait_for_line, tmp_path / "router.log", "retry scheduled", 30)
-        old = stack.processes["router"]
-        old.send_signal(stop)
-        exit_code = await asyncio.to_thread(old.wait, 45)
-        log = (tmp_path / "router2.log").open("wb")
-        with log:
-            stack.processes["router"] = subprocess.Popen(
-                [sys.executable, "-m", "dspex.agents", "router"],
-                env=agent_env(settings),
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        outcomes = await asyncio.wait_for(asking, 60)
-        tail.wait(lambda t: len(t.of("executions")) >= 2, 30, "two executions")
-        tail.settle(2.0)
-        _report(f"router stopped ({stop.name}) while a retry waited", outcomes, tail)
-    finally:
-        tail.close()
+    tail = tails(["executions", "retry", "dlq"], settings=settings)
+    asking = asyncio.create_task(_ask(settings, [f"survive {uuid.uuid4().hex[:6]}"]))
+    await asyncio.to_thread(_wait_for_line, tmp_path / "router.log", "retry scheduled", 30)
+    old = stack.processes["router"]
+    old.send_signal(stop)
+    exit_code = await asyncio.to_thread(old.wait, 45)
+    log = (tmp_path / "router2.log").open("wb")
+    with log:
+        stack.processes["router"] = subprocess.Popen(
+            [sys.executable, "-m", "dspex.agents", "router"],
+            env=agent_env(settings),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    outcomes = await asyncio.wait_for(asking, 60)
+    tail.wait(lambda t: len(t.of("executions")) >= 2, 30, "two executions")
+    # after SIGTERM the old router forwarded the retry itself: the new one may still be
+    # importing, and the teardown's SIGTERM must find it running (it checks exit 0)
+    await asyncio.to_thread(stack.wait_ready)
+    stack.wait_idle()  # the new router committed the retry, the worker its pool record
+    tail.catch_up()
+    _report(f"router stopped ({stop.name}) while a retry waited", outcomes, tail)
 
     assert exit_code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     (answer,) = outcomes

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,52 +15,9 @@ from dspex.streams import kafka
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.tail import OpenTail, Tail, until
 
 WATCHED = ("pool.general", "pool.gpu", "responses", "dlq")
-
-
-class Collector:
-    """Reads the router's output topics in a thread and keeps every decoded record."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topics = Topics(settings.topics)
-        self.serde = make_serde(settings)
-        self.records: list[tuple[str, dict[str, Any]]] = []
-        self._consumer = kafka.consumer(settings, f"collector-{uuid.uuid4().hex}")
-        self._consumer.subscribe([self.topics.name(t) for t in WATCHED])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self._consumer.poll(0.1)
-            if message is None or message.error():
-                continue
-            topic, value = str(message.topic()), bytes(message.value() or b"")
-            record = self.serde.decode(value, topic=topic).record
-            short = topic.removeprefix(self.topics.settings.prefix)
-            self.records.append((short, record))
-        self._consumer.close()
-
-    def on(self, topic: str, request_id: str) -> list[dict[str, Any]]:
-        return [r for t, r in self.records if t == topic and r.get("request_id") == request_id]
-
-    async def wait(self, topic: str, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
-        await until(lambda: bool(self.on(topic, request_id)), timeout_s, f"{request_id} {topic}")
-        return self.on(topic, request_id)[0]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
-async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 class Client:
@@ -111,10 +66,18 @@ async def router(
 
 
 @pytest.fixture
-def collector(settings: Settings) -> Any:
-    collector = Collector(settings)
-    yield collector
-    collector.close()
+def collector(router: RouterApp, tails: OpenTail) -> Tail:
+    """A tail of the router's output topics (the router fixture created them)."""
+    return tails(WATCHED, from_beginning=True)
+
+
+def on(tail: Tail, short: str, request_id: str) -> list[dict[str, Any]]:
+    return [r for r in tail.of(short) if r.get("request_id") == request_id]
+
+
+async def first_on(tail: Tail, short: str, request_id: str) -> dict[str, Any]:
+    found = await tail.until(lambda t: on(t, short, request_id), 30, f"{request_id} {short}")
+    return found[0]
 
 
 @pytest.fixture
@@ -123,7 +86,7 @@ def client(settings: Settings) -> Client:
 
 
 async def test_forwards_valid_and_rejects_invalid_without_stalling(
-    router: RouterApp, collector: Collector, client: Client
+    router: RouterApp, collector: Tail, client: Client
 ) -> None:
     valid = client.request()
     gpu = client.request(pool_hint="gpu")
@@ -131,40 +94,40 @@ async def test_forwards_valid_and_rejects_invalid_without_stalling(
     invalid = client.request(inputs={})
     after = client.request()
 
-    forwarded = await collector.wait("pool.general", valid["request_id"])
+    forwarded = await first_on(collector, "pool.general", valid["request_id"])
     assert forwarded["route"]["pool"] == "general" and forwarded["route"]["reason"] == "static"
     assert forwarded["route"]["variant"] == "echo" and forwarded["route"]["model"] == "dspex/echo"
     assert (forwarded["signature"], forwarded["module_type"]) == ("question -> answer", "Predict")
-    assert (await collector.wait("pool.gpu", gpu["request_id"]))["route"]["reason"] == "hint"
+    assert (await first_on(collector, "pool.gpu", gpu["request_id"]))["route"]["reason"] == "hint"
 
-    await until(
-        lambda: any(t == "dlq" and r["stage"] == "decode" for t, r in collector.records),
+    letter = await collector.until(
+        lambda t: next((r for r in t.of("dlq") if r["stage"] == "decode"), None),
         30,
         "decode dead letter",
     )
-    letter = next(r for t, r in collector.records if t == "dlq" and r["stage"] == "decode")
     assert letter["original_value"] == b"\x00\x01 definitely not avro"
     assert letter["original_key"] == b"junk-key" and letter["component"] == "router"
 
-    response = await collector.wait("responses", invalid["request_id"])
+    response = await first_on(collector, "responses", invalid["request_id"])
     assert response["status"] == "error" and response["error"]["field"] == "inputs.question"
-    assert (await collector.wait("dlq", invalid["request_id"]))["stage"] == "validate"
-    assert not collector.on("pool.general", invalid["request_id"])
-    await collector.wait("pool.general", after["request_id"])
+    assert (await first_on(collector, "dlq", invalid["request_id"]))["stage"] == "validate"
+    await first_on(collector, "pool.general", after["request_id"])
+    await collector.caught_up()  # all the router wrote so far is read: nothing forwarded it
+    assert not on(collector, "pool.general", invalid["request_id"])
 
 
 async def test_programs_published_mid_run_take_effect(
-    router: RouterApp, collector: Collector, client: Client
+    router: RouterApp, collector: Tail, client: Client
 ) -> None:
     unknown = client.request(program_id="support.answer", signature=None)
-    response = await collector.wait("responses", unknown["request_id"])
+    response = await first_on(collector, "responses", unknown["request_id"])
     assert response["error"]["field"] == "program_id"
 
     for version in (1, 2):
         client.send("programs", "ProgramVersion", "support.answer", program_version(version))
         await until(_has_version(router, version), 30, f"program version {version}")
         request = client.request(program_id="support.answer", signature=None)
-        forwarded = await collector.wait("pool.general", request["request_id"])
+        forwarded = await first_on(collector, "pool.general", request["request_id"])
         assert forwarded["program_version"] == version
         assert forwarded["signature"] == "question -> answer"
         assert forwarded["state_json"] == json.dumps({"version": version})
@@ -194,10 +157,10 @@ def program_version(version: int) -> dict[str, Any]:
 
 
 async def test_a_cache_record_is_served_without_a_pool(
-    router: RouterApp, collector: Collector, client: Client
+    router: RouterApp, collector: Tail, client: Client
 ) -> None:
     first = client.request()
-    forwarded = await collector.wait("pool.general", first["request_id"])
+    forwarded = await first_on(collector, "pool.general", first["request_id"])
     key = forwarded["route"]["cache_key"]
     assert key
     worker_answer = {
@@ -211,9 +174,10 @@ async def test_a_cache_record_is_served_without_a_pool(
     await until(lambda: router.cache.get(key) is not None, 30, "cache fill")
 
     second = client.request()
-    answer = await collector.wait("responses", second["request_id"])
+    answer = await first_on(collector, "responses", second["request_id"])
     assert answer["cached"] is True and answer["outputs"] == {"answer": json.dumps("Paris")}
     assert answer["pool"] is None and answer["status"] == "ok"
     uncached = client.request(cache=False)
-    await collector.wait("pool.general", uncached["request_id"])
-    assert not collector.on("pool.general", second["request_id"])
+    await first_on(collector, "pool.general", uncached["request_id"])
+    await collector.caught_up()
+    assert not on(collector, "pool.general", second["request_id"])

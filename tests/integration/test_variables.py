@@ -29,7 +29,7 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 from dspex.streams.variables import variable_key
-from tests.integration.stack import Tail, end_offsets
+from tests.integration.tail import OpenTail, Tail, end_offsets, until
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     CreateTopics,
     StartStack,
@@ -84,13 +84,14 @@ def _temperature(value: str) -> Callable[[dict[str, Any]], bool]:
     return lambda execution: execution["variables"].get("temperature") == value
 
 
-def _produce_raw(settings: Settings, short: str, key: str, record: dict[str, Any]) -> None:
-    """Produce a VariableUpdate straight to a topic: no client, no validation."""
+def _produce_raw(settings: Settings, short: str, key: str, record: dict[str, Any]) -> bytes:
+    """Produce a VariableUpdate straight to a topic: no client, no validation; its bytes."""
     topic = Topics(settings.topics).name(short)
     producer = kafka.producer(settings)
     value = make_serde(settings).encode("VariableUpdate", record, topic=topic)
     producer.produce(topic, value, key.encode())
     assert producer.flush(30) == 0
+    return value
 
 
 def _refusals(tail: Tail, topic: str) -> list[dict[str, Any]]:
@@ -100,68 +101,64 @@ def _refusals(tail: Tail, topic: str) -> list[dict[str, Any]]:
 async def test_variables_steer_requests_and_a_bad_update_keeps_the_last_good_value(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
     settings = echo_settings(settings)
     variables_topic = Topics(settings.topics).name("variables")
     start_stack(settings, ["general"])
+    tail = tails(["executions", "dlq"], settings=settings)
     async with AsyncClient(settings) as client:
-        tail = Tail(settings, ["executions", "dlq"])
-        try:
-            await client.publish_program(PROGRAM, "question -> answer")
-            first = await client.set_variable(
-                "temperature",
-                0.2,
-                var_type="float",
-                constraints={"min": 0, "max": 1},
-                program=PROGRAM,
-                reason="start cool",
-                updated_by="test",
-                observers=[PROGRAM],
-            )
-            assert (first["version"], first["scope_ref"]) == (1, PROGRAM)
-            applied, tries_set = await _run_until(client, tail, _temperature("0.2"))
-            assert applied["module_type"] == "Predict"
+        await client.publish_program(PROGRAM, "question -> answer")
+        first = await client.set_variable(
+            "temperature",
+            0.2,
+            var_type="float",
+            constraints={"min": 0, "max": 1},
+            program=PROGRAM,
+            reason="start cool",
+            updated_by="test",
+            observers=[PROGRAM],
+        )
+        assert (first["version"], first["scope_ref"]) == (1, PROGRAM)
+        applied, tries_set = await _run_until(client, tail, _temperature("0.2"))
+        assert applied["module_type"] == "Predict"
 
-            await client.set_variable("temperature", 0.6, program=PROGRAM, reason="warmer")
-            _, tries_change = await _run_until(client, tail, _temperature("0.6"))
+        await client.set_variable("temperature", 0.6, program=PROGRAM, reason="warmer")
+        _, tries_change = await _run_until(client, tail, _temperature("0.6"))
 
-            await client.set_variable(
-                "module", "ChainOfThought", var_type="module", program=PROGRAM
-            )
-            cot, tries_module = await _run_until(
-                client, tail, lambda e: e["module_type"] == "ChainOfThought"
-            )
-            assert cot["variables"]["temperature"] == "0.6" and "answer" in cot["outputs"]
+        await client.set_variable("module", "ChainOfThought", var_type="module", program=PROGRAM)
+        cot, tries_module = await _run_until(
+            client, tail, lambda e: e["module_type"] == "ChainOfThought"
+        )
+        assert cot["variables"]["temperature"] == "0.6" and "answer" in cot["outputs"]
 
-            # Refused at the producer: nothing reaches either topic.
-            before = end_offsets(settings, ["variables", "variables.history"])
-            with pytest.raises(InvalidRequest, match=r"value_json.*above the maximum 1"):
-                await client.set_variable("temperature", 7, program=PROGRAM)
-            assert end_offsets(settings, ["variables", "variables.history"]) == before
+        # Refused at the producer: nothing reaches either topic.
+        before = end_offsets(settings, ["variables", "variables.history"])
+        with pytest.raises(InvalidRequest, match=r"value_json.*above the maximum 1"):
+            await client.set_variable("temperature", 7, program=PROGRAM)
+        assert end_offsets(settings, ["variables", "variables.history"]) == before
 
-            # Refused by the router: dead-lettered, the last good value stays in force.
-            current = await client.get_variable("temperature", program=PROGRAM)
-            assert current is not None and current["version"] == 2
-            bad = {**current, "version": 3, "value_json": "7", "previous_value_json": "0.6"}
-            _produce_raw(settings, "variables", TEMPERATURE_KEY, bad)
-            tail.wait(lambda t: bool(_refusals(t, variables_topic)), 30, "variables dead letter")
-            letter = _refusals(tail, variables_topic)[0]
-            assert letter["component"] == "router" and letter["error_class"] == "InvalidRequest"
-            assert "value_json" in letter["error_message"] and "maximum" in letter["error_message"]
-            assert letter["original_key"] == TEMPERATURE_KEY.encode()
-            kept, _ = await _run_until(client, tail, lambda e: True)
-            assert kept["variables"]["temperature"] == "0.6"
-            assert (await client.get_variable("temperature", program=PROGRAM)) == current
+        # Refused by the router: dead-lettered, the last good value stays in force.
+        current = await client.get_variable("temperature", program=PROGRAM)
+        assert current is not None and current["version"] == 2
+        bad = {**current, "version": 3, "value_json": "7", "previous_value_json": "0.6"}
+        _produce_raw(settings, "variables", TEMPERATURE_KEY, bad)
+        tail.wait(lambda t: bool(_refusals(t, variables_topic)), 30, "variables dead letter")
+        letter = _refusals(tail, variables_topic)[0]
+        assert letter["component"] == "router" and letter["error_class"] == "InvalidRequest"
+        assert "value_json" in letter["error_message"] and "maximum" in letter["error_message"]
+        assert letter["original_key"] == TEMPERATURE_KEY.encode()
+        kept, _ = await _run_until(client, tail, lambda e: True)
+        assert kept["variables"]["temperature"] == "0.6"
+        assert (await client.get_variable("temperature", program=PROGRAM)) == current
 
-            # The next good update goes above the refused version and is applied.
-            fixed = await client.set_variable("temperature", 0.1, program=PROGRAM, reason="fix")
-            assert fixed["version"] == 4 and fixed["previous_value_json"] == "0.6"
-            _, tries_fixed = await _run_until(client, tail, _temperature("0.1"))
+        # The next good update goes above the refused version and is applied.
+        fixed = await client.set_variable("temperature", 0.1, program=PROGRAM, reason="fix")
+        assert fixed["version"] == 4 and fixed["previous_value_json"] == "0.6"
+        _, tries_fixed = await _run_until(client, tail, _temperature("0.1"))
 
-            history = await client.variable_history("temperature", program=PROGRAM)
-            listed = {r["name"]: r for r in await client.list_variables()}
-        finally:
-            tail.close()
+        history = await client.variable_history("temperature", program=PROGRAM)
+        listed = {r["name"]: r for r in await client.list_variables()}
     letters = len(_refusals(tail, variables_topic))
     print(
         f"\nvariables applied after tries: set={tries_set} change={tries_change} "
@@ -206,42 +203,41 @@ async def routers(settings: Settings, create_topics: CreateTopics) -> AsyncItera
     _delete_topics_with_prefix(settings, started.app_id)
 
 
-async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def test_a_restarted_router_keeps_the_good_value_and_does_not_dead_letter_again(
-    settings: Settings, routers: Routers
+    settings: Settings, routers: Routers, tails: OpenTail
 ) -> None:
     router = await routers.start()
-    tail = Tail(settings, ["dlq"])
+    tail = tails(["dlq"])
     variables_topic = Topics(settings.topics).name("variables")
-    try:
-        async with AsyncClient(settings) as client:
-            good = await client.set_variable("temperature", 0.3, var_type="probability")
-        await _until(lambda: router.variables.store.get("temperature") == good, 30, "good value")
-        bad = {**good, "version": 2, "value_json": "1.5"}
-        _produce_raw(settings, "variables", "temperature", bad)
-        old = {**good, "value_json": "0.9"}  # not newer than the version in force
-        _produce_raw(settings, "variables", "temperature", old)
-        # the router runs on this event loop: wait without blocking it
-        await _until(lambda: len(_refusals(tail, variables_topic)) >= 2, 30, "two dead letters")
-        messages = sorted(r["error_message"] for r in _refusals(tail, variables_topic))
-        assert "is not newer than the version in force (1)" in messages[0]
-        assert messages[1].startswith("value_json: a probability must lie in [0, 1]")
-        assert router.variables.store.get("temperature") == good
-        await routers.stop(router)
+    async with AsyncClient(settings) as client:
+        good = await client.set_variable("temperature", 0.3, var_type="probability")
+    await until(lambda: router.variables.store.get("temperature") == good, 30, "good value")
+    bad = {**good, "version": 2, "value_json": "1.5"}
+    _produce_raw(settings, "variables", "temperature", bad)
+    old = {**good, "value_json": "0.9"}  # not newer than the version in force
+    _produce_raw(settings, "variables", "temperature", old)
+    # the router runs on this event loop: wait without blocking it
+    await until(lambda: len(_refusals(tail, variables_topic)) >= 2, 30, "two dead letters")
+    messages = sorted(r["error_message"] for r in _refusals(tail, variables_topic))
+    assert "is not newer than the version in force (1)" in messages[0]
+    assert messages[1].startswith("value_json: a probability must lie in [0, 1]")
+    assert router.variables.store.get("temperature") == good
+    await routers.stop(router)
 
-        restarted = await routers.start()
-        assert restarted.variables.store.get("temperature") == good
-        assert restarted.variables.store.resolve(None) == {"temperature": "0.3"}
-        await asyncio.sleep(2.0)
-        assert len(_refusals(tail, variables_topic)) == 2  # replayed refusals are only logged
-    finally:
-        tail.close()
+    restarted = await routers.start()
+    assert restarted.variables.store.get("temperature") == good
+    assert restarted.variables.store.resolve(None) == {"temperature": "0.3"}
+    # A marker: one more bad update, refused live after the replay. The router reads the
+    # key's records in order and flushes each dead letter before the next, all to one
+    # partition, so a replayed refusal dead-lettered again would be read before it.
+    marker = {**good, "version": 3, "value_json": "2.5"}
+    sent = _produce_raw(settings, "variables", "temperature", marker)
+    await until(
+        lambda: any(r["original_value"] == sent for r in _refusals(tail, variables_topic)),
+        30,
+        "the marker's dead letter",
+    )
+    assert len(_refusals(tail, variables_topic)) == 3  # replayed refusals are only logged
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

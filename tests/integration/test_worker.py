@@ -1,8 +1,10 @@
 """The pool worker against a real broker: answers, audit records, commits, back-pressure, handover.
 
 Requests are produced straight to ``pool.general`` the way the router forwards
-them. The worker runs in-process as an asyncio task; a fake executor makes
-completion order random and counts concurrency. Counts are printed so a reader
+them. The worker runs in-process as an asyncio task; a fake executor
+(:mod:`tests.fakes`) makes completion order random and counts concurrency. Before a
+test counts duplicates, the worker has committed every request (so it redoes none)
+and the tail has read its topics to their end. Counts are printed so a reader
 sees the figures (sent, answered, duplicated, requests/s).
 """
 
@@ -10,19 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from confluent_kafka import TopicPartition
+import pytest
 
-from dspex.agents.plumbing.messages import TokenUsage
-from dspex.agents.worker.execution import Executor, Outcome
+from dspex.agents.worker.execution import Executor
 from dspex.agents.worker.worker import PoolWorker
 from dspex.schemas import times
 from dspex.schemas.samples import sample
@@ -31,34 +31,11 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import GeneralPoolSettings, PoolsSettings, Settings
 from dspex.streams.topics import Topics
+from tests.fakes import FakeExecutor
+from tests.integration.tail import OpenTail, Tail, committed, lag
 
 CreateTopics = Callable[[], list[TopicReport]]
 OUTPUTS = ("responses", "executions", "telemetry", "dlq")
-
-
-class FakeExecutor:
-    """Answers "echo: <question>" after a random sleep; counts calls and peak concurrency."""
-
-    def __init__(self, max_sleep_s: float = 0.05, min_sleep_s: float = 0.0, seed: int = 7) -> None:
-        self.calls: Counter[str] = Counter()
-        self.running = 0
-        self.peak = 0
-        self._sleep = (min_sleep_s, max_sleep_s)
-        self._rng = random.Random(seed)
-
-    async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
-        self.calls[request["request_id"]] += 1
-        self.running += 1
-        self.peak = max(self.peak, self.running)
-        try:
-            await asyncio.sleep(self._rng.uniform(*self._sleep))
-            answer = "echo: " + json.loads(request["inputs"]["question"])
-            if on_chunk is not None:
-                for word in answer.split(" "):
-                    await on_chunk(word + " ")
-            return Outcome({"answer": answer}, TokenUsage(5, 3, 8), [{"predictor": "fake"}], None)
-        finally:
-            self.running -= 1
 
 
 def _with_in_flight(settings: Settings, in_flight: int) -> Settings:
@@ -97,44 +74,17 @@ def _produce_requests(settings: Settings, requests: list[dict[str, Any]]) -> Non
     )
 
 
-class Outputs:
-    """Reads everything the worker writes, decoded, by short topic name."""
+def _finals(out: Tail) -> list[dict[str, Any]]:
+    return [r for r in out.of("responses") if r["final"]]
 
-    def __init__(self, settings: Settings) -> None:
-        topics = Topics(settings.topics)
-        self._short = {topics.name(n): n for n in OUTPUTS}
-        self._serde = make_serde(settings)
-        self._consumer = kafka.consumer(settings, f"test-{uuid.uuid4().hex}")
-        self._consumer.subscribe(list(self._short))
-        self.records: dict[str, list[dict[str, Any]]] = {n: [] for n in OUTPUTS}
 
-    def finals(self) -> list[dict[str, Any]]:
-        return [r for r in self.records["responses"] if r["final"]]
+def _measured(out: Tail) -> list[dict[str, Any]]:
+    """Telemetry of executions (workers also send periodic ``health`` records)."""
+    return [r for r in out.of("telemetry") if r["kind"] == "execution"]
 
-    def measured(self) -> list[dict[str, Any]]:
-        """Telemetry of executions (workers also send periodic ``health`` records)."""
-        return [r for r in self.records["telemetry"] if r["kind"] == "execution"]
 
-    def health(self) -> list[dict[str, Any]]:
-        return [r for r in self.records["telemetry"] if r["kind"] == "health"]
-
-    async def until(self, done: Callable[[Outputs], bool], timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done(self):
-            assert time.monotonic() < deadline, {n: len(r) for n, r in self.records.items()}
-            for msg in await asyncio.to_thread(self._consumer.consume, 1000, 0.2):
-                assert msg.error() is None, msg.error()
-                topic = msg.topic()
-                decoded = self._serde.decode(msg.value(), topic=topic)
-                self.records[self._short[topic]].append(decoded.record)
-
-    async def settle(self, seconds: float = 1.5) -> None:
-        """Keep reading for a while: anything produced twice shows up now."""
-        end = time.monotonic() + seconds
-        await self.until(lambda _: time.monotonic() > end, timeout_s=seconds + 30)
-
-    def close(self) -> None:
-        self._consumer.close()
+def _health(out: Tail) -> list[dict[str, Any]]:
+    return [r for r in out.of("telemetry") if r["kind"] == "health"]
 
 
 @asynccontextmanager
@@ -148,32 +98,22 @@ async def running(worker: PoolWorker) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(task, 60)
 
 
-@asynccontextmanager
-async def outputs(settings: Settings) -> AsyncIterator[Outputs]:
-    reader = Outputs(settings)
-    try:
-        yield reader
-    finally:
-        reader.close()
+@pytest.fixture
+def outputs(create_topics: CreateTopics, tails: OpenTail) -> Iterator[Tail]:
+    """Everything the worker writes, decoded (the topics are created first); all of it valid."""
+    create_topics()
+    out = tails(OUTPUTS, from_beginning=True)
+    yield out
+    assert out.errors == [] and out.undecodable() == 0
+
+
+def _executor(min_sleep_s: float = 0.0, max_sleep_s: float = 0.05, seed: int = 7) -> FakeExecutor:
+    """Completion order made random: each call sleeps a random time."""
+    return FakeExecutor(sleep_s=(min_sleep_s, max_sleep_s), seed=seed)
 
 
 def _worker(settings: Settings, executor: Executor | None, group: str, **kw: Any) -> PoolWorker:
     return PoolWorker(settings, "general", executor=executor, group_id=group, **kw)
-
-
-def _committed_equals_end(settings: Settings, group: str) -> None:
-    topic = Topics(settings.topics).name("pool.general")
-    partitions = Topics(settings.topics).spec("pool.general").partitions
-    consumer = kafka.consumer(settings, group)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
-        for p in range(partitions):
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > 0:
-                assert committed[p] == high, (p, committed[p], high)
-    finally:
-        consumer.close()
 
 
 def _group() -> str:
@@ -181,29 +121,28 @@ def _group() -> str:
 
 
 async def test_hundred_requests_answered_once_each_and_committed(
-    settings: Settings, create_topics: CreateTopics
+    settings: Settings, outputs: Tail
 ) -> None:
-    create_topics()
     requests = [_request(n) for n in range(100)]
     _produce_requests(settings, requests)
-    executor, group = FakeExecutor(max_sleep_s=0.05), _group()
-    async with outputs(settings) as out:
-        started = time.monotonic()
-        async with running(_worker(settings, executor, group)):
-            await out.until(lambda o: len(o.finals()) >= 100)
-            elapsed = time.monotonic() - started
-            await out.until(lambda o: len(o.measured()) >= 100)
-            await out.settle(1.0)
-    finals = Counter(r["request_id"] for r in out.finals())
+    executor, group = _executor(), _group()
+    started = time.monotonic()
+    async with running(_worker(settings, executor, group)):
+        await outputs.until(lambda o: len(_finals(o)) >= 100, 60, "100 answers")
+        elapsed = time.monotonic() - started
+        await outputs.until(lambda o: len(_measured(o)) >= 100, 60, "100 telemetry records")
+        await committed(settings, group, ["pool.general"])  # it handled all: none is redone
+        await outputs.caught_up()  # and all it wrote is read
+    finals = Counter(r["request_id"] for r in _finals(outputs))
     assert finals == Counter({r["request_id"]: 1 for r in requests})
-    assert all(r["status"] == "ok" for r in out.finals())
-    by_id = {r["request_id"]: r for r in out.finals()}
+    assert all(r["status"] == "ok" for r in _finals(outputs))
+    by_id = {r["request_id"]: r for r in _finals(outputs)}
     assert by_id[requests[7]["request_id"]]["outputs"] == {"answer": json.dumps("echo: question 7")}
-    assert Counter(r["request_id"] for r in out.records["executions"]) == finals
-    assert Counter(r["request_id"] for r in out.measured()) == finals
-    assert out.records["dlq"] == []
-    _committed_equals_end(settings, group)
-    stamps = sorted(r["produced_at"] for r in out.finals())
+    assert Counter(r["request_id"] for r in outputs.of("executions")) == finals
+    assert Counter(r["request_id"] for r in _measured(outputs)) == finals
+    assert outputs.of("dlq") == []
+    assert lag(settings, group, ["pool.general"]) == 0  # committed up to the end
+    stamps = sorted(r["produced_at"] for r in _finals(outputs))
     spread = max((stamps[-1] - stamps[0]).total_seconds(), 1e-3)
     print(
         f"\nworker: 100 requests, 100 answered, 0 duplicated; {100 / elapsed:.0f} requests/s "
@@ -212,17 +151,14 @@ async def test_hundred_requests_answered_once_each_and_committed(
     )
 
 
-async def test_worker_reports_its_health_periodically(
-    settings: Settings, create_topics: CreateTopics
-) -> None:
-    create_topics()
+async def test_worker_reports_its_health_periodically(settings: Settings, outputs: Tail) -> None:
     settings = settings.model_copy(
         update={"metrics": settings.metrics.model_copy(update={"worker_health_interval_s": 0.5})}
     )
-    worker = _worker(settings, FakeExecutor(), _group())
-    async with outputs(settings) as out, running(worker):
-        await out.until(lambda o: len(o.health()) >= 3)
-    samples = out.health()
+    worker = _worker(settings, _executor(), _group())
+    async with running(worker):
+        await outputs.until(lambda o: len(_health(o)) >= 3, 60, "3 health samples")
+    samples = _health(outputs)
     assert {r["worker_id"] for r in samples} == {worker.worker_id}
     assert all(r["pool"] == "general" and r["request_id"] is None for r in samples)
     assert all(r["health"]["memory_bytes"] > 10_000_000 for r in samples)  # a real RSS
@@ -230,14 +166,13 @@ async def test_worker_reports_its_health_periodically(
 
 
 async def test_streaming_request_gets_ordered_chunks_then_final(
-    settings: Settings, create_topics: CreateTopics
+    settings: Settings, outputs: Tail
 ) -> None:
-    create_topics()
     request = _request(3, stream=True)
     _produce_requests(settings, [request])
-    async with outputs(settings) as out, running(_worker(settings, FakeExecutor(), _group())):
-        await out.until(lambda o: len(o.finals()) == 1)
-    chunks = out.records["responses"]
+    async with running(_worker(settings, _executor(), _group())):
+        await outputs.until(lambda o: len(_finals(o)) == 1, 60, "the answer")
+    chunks = outputs.of("responses")
     assert [c["seq"] for c in chunks] == [0, 1, 2, 3]
     assert "".join(c["delta"] for c in chunks) == "echo: question 3 "
     assert [c["final"] for c in chunks] == [False, False, False, True]
@@ -245,82 +180,82 @@ async def test_streaming_request_gets_ordered_chunks_then_final(
 
 
 async def test_garbage_is_dead_lettered_and_the_rest_answered(
-    settings: Settings, create_topics: CreateTopics
+    settings: Settings, outputs: Tail
 ) -> None:
-    create_topics()
     requests = [_request(n) for n in range(5)]
     _produce(settings, [("junk", b"\xc3\x01not avro at all")])
     _produce_requests(settings, requests)
-    async with outputs(settings) as out, running(_worker(settings, FakeExecutor(), _group())):
-        await out.until(lambda o: len(o.finals()) == 5 and len(o.records["dlq"]) == 1)
-    (letter,) = out.records["dlq"]
+    async with running(_worker(settings, _executor(), _group())):
+        await outputs.until(
+            lambda o: len(_finals(o)) == 5 and len(o.of("dlq")) == 1,
+            60,
+            "5 answers and 1 dead letter",
+        )
+    (letter,) = outputs.of("dlq")
     assert (letter["stage"], letter["original_key"]) == ("decode", b"junk")
     assert letter["original_value"] == b"\xc3\x01not avro at all"
-    assert {r["request_id"] for r in out.finals()} == {r["request_id"] for r in requests}
+    assert {r["request_id"] for r in _finals(outputs)} == {r["request_id"] for r in requests}
 
 
 async def test_expired_deadline_times_out_without_running(
-    settings: Settings, create_topics: CreateTopics
+    settings: Settings, outputs: Tail
 ) -> None:
-    create_topics()
     late = _request(1, deadline_at=times.now() - timedelta(seconds=5))
-    executor = FakeExecutor()
-    async with outputs(settings) as out, running(_worker(settings, executor, _group())):
+    executor = _executor()
+    async with running(_worker(settings, executor, _group())):
         _produce_requests(settings, [late])
-        await out.until(lambda o: len(o.finals()) == 1 and len(o.measured()) == 1)
-    (final,) = out.finals()
+        await outputs.until(
+            lambda o: len(_finals(o)) == 1 and len(_measured(o)) == 1,
+            60,
+            "the answer and its telemetry",
+        )
+    (final,) = _finals(outputs)
     assert final["status"] == "timeout"
     assert final["error"]["error_class"] == "DeadlineExceeded"
     assert executor.calls == Counter()
 
 
-async def test_the_same_request_twice_is_answered_once(
-    settings: Settings, create_topics: CreateTopics
-) -> None:
-    create_topics()
+async def test_the_same_request_twice_is_answered_once(settings: Settings, outputs: Tail) -> None:
     request = _request(9)
-    executor = FakeExecutor()
-    async with outputs(settings) as out, running(_worker(settings, executor, _group())):
+    executor, group = _executor(), _group()
+    async with running(_worker(settings, executor, group)):
         _produce_requests(settings, [request, request])
-        await out.until(lambda o: len(o.finals()) == 1)
+        await outputs.until(lambda o: len(_finals(o)) == 1, 60, "the answer")
         _produce_requests(settings, [request])  # and once more, after it was answered
-        await out.settle(1.5)
-    assert len(out.finals()) == 1
+        await committed(settings, group, ["pool.general"])  # all three handled
+        await outputs.caught_up()  # and whatever they were answered with is read
+    assert len(_finals(outputs)) == 1
     assert executor.calls == Counter({request["request_id"]: 1})
 
 
-async def test_in_flight_limit_bounds_concurrency(
-    settings: Settings, create_topics: CreateTopics
-) -> None:
-    create_topics()
+async def test_in_flight_limit_bounds_concurrency(settings: Settings, outputs: Tail) -> None:
     settings = _with_in_flight(settings, 4)
-    executor = FakeExecutor(min_sleep_s=0.05, max_sleep_s=0.1)
+    executor = _executor(0.05, 0.1)
     _produce_requests(settings, [_request(n) for n in range(50)])
-    async with outputs(settings) as out, running(_worker(settings, executor, _group())) as task:
-        await out.until(lambda o: len(o.finals()) == 50)
+    async with running(_worker(settings, executor, _group())) as task:
+        await outputs.until(lambda o: len(_finals(o)) == 50, 60, "50 answers")
         assert not task.done()
     print(f"\nin_flight=4: peak concurrency {executor.peak}")
     assert executor.peak == 4
 
 
 async def test_graceful_stop_then_new_worker_answers_everything_exactly_once(
-    settings: Settings, create_topics: CreateTopics
+    settings: Settings, outputs: Tail
 ) -> None:
-    create_topics()
     settings = _with_in_flight(settings, 4)
     group = _group()
     requests = [_request(n) for n in range(40)]
-    first = FakeExecutor(min_sleep_s=0.05, max_sleep_s=0.1, seed=1)
-    second = FakeExecutor(min_sleep_s=0.05, max_sleep_s=0.1, seed=2)
-    async with outputs(settings) as out:
-        async with running(_worker(settings, first, group)):
-            _produce_requests(settings, requests)
-            await out.until(lambda o: len(o.finals()) >= 10)
-        stopped_after = len(out.finals())
-        async with running(_worker(settings, second, group)):
-            await out.until(lambda o: len(o.finals()) >= 40)
-            await out.settle(1.5)
-    answered = Counter(r["request_id"] for r in out.finals())
+    first = _executor(0.05, 0.1, seed=1)
+    second = _executor(0.05, 0.1, seed=2)
+    async with running(_worker(settings, first, group)):
+        _produce_requests(settings, requests)
+        await outputs.until(lambda o: len(_finals(o)) >= 10, 60, "10 answers")
+    stopped_after = len(_finals(outputs))
+    async with running(_worker(settings, second, group)):
+        await outputs.until(lambda o: len(_finals(o)) >= 40, 60, "40 answers")
+        await committed(settings, group, ["pool.general"])  # all 40 handled by the two
+        await outputs.caught_up()
+    answered = Counter(r["request_id"] for r in _finals(outputs))
     runs = first.calls + second.calls
     lost = [r["request_id"] for r in requests if r["request_id"] not in answered]
     duplicated = [rid for rid, n in answered.items() if n > 1]
@@ -332,23 +267,24 @@ async def test_graceful_stop_then_new_worker_answers_everything_exactly_once(
     assert lost == []
     assert duplicated == []
     assert all(n == 1 for n in runs.values())
-    _committed_equals_end(settings, group)
+    assert lag(settings, group, ["pool.general"]) == 0  # committed up to the end
 
 
-async def test_dspy_executor_answers_through_the_echo_lm(
-    settings: Settings, create_topics: CreateTopics
-) -> None:
-    create_topics()
+async def test_dspy_executor_answers_through_the_echo_lm(settings: Settings, outputs: Tail) -> None:
     plain, streamed = _request(1), _request(2, stream=True)
-    async with outputs(settings) as out, running(_worker(settings, None, _group())):
+    async with running(_worker(settings, None, _group())):
         _produce_requests(settings, [plain, streamed])
-        await out.until(lambda o: len(o.finals()) == 2 and len(o.records["executions"]) == 2)
-    by_id = {r["request_id"]: r for r in out.finals()}
+        await outputs.until(
+            lambda o: len(_finals(o)) == 2 and len(o.of("executions")) == 2,
+            60,
+            "2 answers and 2 executions",
+        )
+    by_id = {r["request_id"]: r for r in _finals(outputs)}
     assert by_id[plain["request_id"]]["status"] == "ok", by_id[plain["request_id"]]["error"]
     assert by_id[plain["request_id"]]["outputs"] == {"answer": json.dumps("echo: question 1")}
-    chunks = [r for r in out.records["responses"] if r["request_id"] == streamed["request_id"]]
+    chunks = [r for r in outputs.of("responses") if r["request_id"] == streamed["request_id"]]
     assert chunks[-1]["final"] and chunks[-1]["status"] == "ok"
     assert [c["seq"] for c in chunks] == list(range(len(chunks)))
-    execution = next(r for r in out.records["executions"] if r["request_id"] == plain["request_id"])
+    execution = next(r for r in outputs.of("executions") if r["request_id"] == plain["request_id"])
     assert execution["usage"]["total_tokens"] > 0
     assert json.loads(execution["trace_json"])

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dspex.agents import cli
+from dspex.agents.worker import worker
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +56,7 @@ def test_a_pool_worker_freezes_its_heap_before_it_serves(monkeypatch: pytest.Mon
         instances.append(instance_id)
         return 0
 
-    monkeypatch.setattr(cli.worker, "main", main)
+    monkeypatch.setattr(worker, "main", main)  # the module the worker command calls
     result = CliRunner().invoke(cli.app, ["worker", "--pool", "general"])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli.app, ["worker", "--pool", "general", "--instance-id", "2"])

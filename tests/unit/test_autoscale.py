@@ -9,7 +9,12 @@ from pydantic import ValidationError
 
 from dspex.streams.cli.up import agent_commands
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
-from dspex.streams.settings import PoolSettings, PoolsSettings, load_settings
+from dspex.streams.settings import (
+    GeneralPoolSettings,
+    PoolSettings,
+    PoolsSettings,
+    load_settings,
+)
 
 
 def test_hints_are_clamped_to_each_pools_bounds() -> None:
@@ -19,6 +24,7 @@ def test_hints_are_clamped_to_each_pools_bounds() -> None:
     hints = {"general": 9, "optimizer": 2, "gpu": 5}
     assert desired_processes(hints, pools) == {"general": 4, "optimizer": 2, "gpu": 1}
     assert desired_processes({"general": 1}, pools)["general"] == 2  # never below processes
+    # hints come off the wire: values of the wrong type must be ignored, which mypy would refuse
     assert desired_processes({"general": True, "gpu": "3"}, pools) == {  # type: ignore[dict-item]
         "general": 2,
         "optimizer": 1,
@@ -27,7 +33,9 @@ def test_hints_are_clamped_to_each_pools_bounds() -> None:
     assert scalable(pools)
     fixed = PoolSettings(processes=1)
     assert not scalable(
-        PoolsSettings(general={"processes": 2, "max_processes": None}, optimizer=fixed, gpu=fixed)
+        PoolsSettings(
+            general=GeneralPoolSettings(processes=2, max_processes=None), optimizer=fixed, gpu=fixed
+        )
     )
 
 

@@ -18,8 +18,10 @@ class StuckConsumer:
 
     def __init__(self, positions: dict[tuple[str, int], int]) -> None:
         self.positions = positions
+        self.fetches = 0
 
     def consume(self, count: int, timeout: float) -> list[Any]:
+        self.fetches += 1
         return []
 
     def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
@@ -34,12 +36,20 @@ def _reader(**kwargs: Any) -> CompactedReader:
 
 async def test_a_recent_topic_behind_its_end_does_not_hold_ready() -> None:
     reader = _reader(recent={"cache": 10})
-    reader._consumer = StuckConsumer({("routing", 0): 5, ("cache", 0): 3})
+    reader._consumer = consumer = StuckConsumer({("routing", 0): 5, ("cache", 0): 3})
     ranges = {("routing", 0): (0, 5), ("cache", 0): (0, 9)}
     task = asyncio.create_task(reader._follow(ranges))
     try:
         await asyncio.wait_for(reader.ready.wait(), 5)
-        await asyncio.sleep(0.05)
+        # two more rounds of the reader's loop, each checking whether the recent topic
+        # caught up: not a time that passed, the work that would have set warm
+        ready_at = consumer.fetches
+
+        async def two_more_rounds() -> None:
+            while consumer.fetches < ready_at + 2:
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(two_more_rounds(), 5)
         assert not reader.warm.is_set()
     finally:
         task.cancel()

@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import SecretStr
 
 from dspex.streams import kafka
 from dspex.streams.settings import KafkaSettings
@@ -56,7 +57,7 @@ def test_sasl_ssl_gives_every_library_the_same_credentials_and_ca(tmp_path: Path
         security_protocol="SASL_SSL",
         sasl_mechanism="SCRAM-SHA-512",
         sasl_username="router",
-        sasl_password="s3cret",  # noqa: S106 - a test credential
+        sasl_password=SecretStr("s3cret"),
         ssl_ca_location=cert,
         ssl_certificate_location=cert,
         ssl_key_location=key,

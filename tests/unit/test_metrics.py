@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]  # PyYAML: locked via dspy
+import yaml  # type: ignore[import-untyped]  # PyYAML (locked via dspy) ships no type hints
 from prometheus_client import CollectorRegistry
 
 from dspex.agents.metrics.metrics import Exporter, Metrics

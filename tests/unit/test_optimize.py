@@ -440,7 +440,12 @@ def test_job_record_needs_a_metric_and_exactly_one_dataset() -> None:
         job_record("toy", {"dataset_topic": "x"}, reply_topic=None)
     assert caught.value.field == "metric"
     with pytest.raises(TypeError, match="unknown job option"):
-        job_record("toy", {"metric": "f1", "dataset_topic": "x", "colour": 1}, reply_topic=None)  # type: ignore[typeddict-unknown-key]
+        # the unknown key is the point: what a caller without mypy can pass at run time
+        job_record(
+            "toy",
+            {"metric": "f1", "dataset_topic": "x", "colour": 1},  # type: ignore[typeddict-unknown-key]
+            reply_topic=None,
+        )
 
 
 def test_cli_search_syntax() -> None:

@@ -3,46 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from dspex.agents.plumbing.publisher import DELIVERY_POLL_S, Publisher, serve_deliveries
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import load_settings
+from tests.fakes import FakeProducer
 
 SERDE = make_serde(load_settings())
 
 
-class QueuedProducer:
-    """Holds each delivery report until ``broker_acks`` runs; ``poll`` serves acked ones."""
-
-    def __init__(self) -> None:
-        self.polls = 0
-        self.queued: list[Any] = []  # reports librdkafka has not handed over yet
-        self.ready: list[Any] = []  # reports the next poll() serves
-
-    def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
-        self.queued.append(kw["on_delivery"])
-
-    def broker_acks(self) -> None:
-        self.ready += self.queued
-        self.queued = []
-
-    def poll(self, _: float) -> int:
-        self.polls += 1
-        served, self.ready = self.ready, []
-        for callback in served:
-            callback(None, None)
-        return len(served)
-
-    def __len__(self) -> int:
-        return len(self.queued) + len(self.ready)
-
-
 async def test_an_idle_publisher_is_not_polled_and_a_send_wakes_the_server() -> None:
-    producer = QueuedProducer()
-    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    producer = FakeProducer(hold_acks=True)
+    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     server = asyncio.create_task(serve_deliveries(publisher))
     try:
+        # clock waits on purpose: what is tested is how often the server polls as time
+        # passes (every DELIVERY_POLL_S while a record waits, never while none does)
         await asyncio.sleep(40 * DELIVERY_POLL_S)
         assert producer.polls == 1  # one look at start, then asleep: no 5 ms wake-ups
 
@@ -64,9 +40,9 @@ async def test_an_idle_publisher_is_not_polled_and_a_send_wakes_the_server() -> 
 
 
 async def test_one_server_serves_every_publisher_it_was_given() -> None:
-    first, second = QueuedProducer(), QueuedProducer()
+    first, second = FakeProducer(hold_acks=True), FakeProducer(hold_acks=True)
     loop = asyncio.get_running_loop()
-    publishers = [Publisher(p, SERDE, loop) for p in (first, second)]  # type: ignore[arg-type]
+    publishers = [Publisher(p, SERDE, loop) for p in (first, second)]
     server = asyncio.create_task(serve_deliveries(*publishers))
     try:
         await asyncio.sleep(0)

@@ -1,9 +1,10 @@
 """The retry-topic path without a broker: the decision, the worker's records, the retrier.
 
 The worker side runs :class:`~dspex.agents.worker.handler.WorkerHandler` against a fake
-producer and a scripted executor; the router side runs
+producer and a flaky fake executor; the router side runs
 :meth:`dspex.agents.router.router.RouterHandler.handle_retry` and the retry agent's
-scheduling against a fake faust stream and producer. Clocks are fixed or fake.
+scheduling against a fake faust stream and producer (all from :mod:`tests.fakes`).
+Clocks are fixed or fake.
 The flaky backend is the ``dspex/sim?fail=N`` SIMULATION.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +23,7 @@ import pytest
 
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo
-from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher, serve_deliveries
 from dspex.agents.plumbing.retry import (
     ATTEMPT,
     NOT_BEFORE,
@@ -35,19 +37,21 @@ from dspex.agents.router.cache import ResultCache
 from dspex.agents.router.router import RouterApp, RouterHandler
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.lms.simulations import SimOptions
-from dspex.agents.worker.execution import Outcome
-from dspex.agents.worker.faults import BackendFailure, BackendsExhausted, is_retryable
+from dspex.agents.worker.execution import Executor, Outcome
+from dspex.agents.worker.faults import is_retryable
 from dspex.agents.worker.handler import Destinations, WorkerHandler
 from dspex.schemas import times
 from dspex.schemas.samples import sample
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import SingleObjectSerde
 from dspex.streams.settings import LMBackend, Settings, load_settings
+from tests.fakes import FakeExecutor, FakeProducer, FakeResolver
 
 SERDE = SingleObjectSerde()
 POOL_TOPIC = "dspex.pool.general"
+RETRY_TOPIC = "dspex.retry"
 TO = Destinations(
-    "dspex.responses", "dspex.executions", "dspex.telemetry", "dspex.dlq", "dspex.retry"
+    "dspex.responses", "dspex.executions", "dspex.telemetry", "dspex.dlq", RETRY_TOPIC
 )
 NOW_S = 1_800_000_000.0
 RETRYABLE = ErrorInfo("BackendsExhausted", "every LM backend failed", None, "execute", True)
@@ -145,61 +149,6 @@ def test_retry_due_names_a_missing_or_bad_header(
 # -- the worker ---------------------------------------------------------------------------
 
 
-class FakeProducer:
-    """Records what is produced (with headers); every delivery succeeds unless its topic fails."""
-
-    def __init__(self, fail_topics: tuple[str, ...] = ()) -> None:
-        self.produced: list[tuple[str, Any, bytes, list[tuple[str, bytes | None]]]] = []
-        self._reports: list[tuple[Callable[..., None], str]] = []
-        self._fail = fail_topics
-
-    def produce(
-        self,
-        topic: str,
-        value: bytes,
-        key: Any,
-        on_delivery: Callable[..., None],
-        headers: list[tuple[str, bytes | None]] | None = None,
-    ) -> None:
-        self.produced.append((topic, key, value, list(headers or [])))
-        self._reports.append((on_delivery, topic))
-
-    def poll(self, _: float = 0) -> int:
-        reports, self._reports = self._reports, []
-        for callback, topic in reports:
-            callback(_Refused() if topic in self._fail else None, None)
-        return len(reports)
-
-    def records(self, topic: str) -> list[dict[str, Any]]:
-        return [SERDE.decode(v, topic=t).record for t, _, v, _ in self.produced if t == topic]
-
-    def raw(self, topic: str) -> list[tuple[Any, bytes, list[tuple[str, bytes | None]]]]:
-        return [(k, v, h) for t, k, v, h in self.produced if t == topic]
-
-
-class _Refused:
-    def str(self) -> str:
-        return "Broker: Unknown topic or partition"
-
-
-class Flaky:
-    """An executor whose first ``fails`` calls fail as a backend outage, then answers."""
-
-    def __init__(self, fails: int, stream_first: bool = False) -> None:
-        self.fails = fails
-        self.calls = 0
-        self.stream_first = stream_first
-
-    async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
-        self.calls += 1
-        if self.stream_first and on_chunk is not None:
-            await on_chunk("Par")
-        if self.calls <= self.fails:
-            failure = BackendFailure("flaky", "LMServerError", "503", 1)
-            raise BackendsExhausted([failure], "closed", request["request_id"])
-        return Outcome({"answer": "Paris"})
-
-
 @dataclass
 class Worker:
     handler: WorkerHandler
@@ -207,12 +156,7 @@ class Worker:
     publisher: Publisher
 
     async def handle(self, *origins: Consumed) -> None:
-        async def serve() -> None:
-            while True:
-                self.publisher.poll()
-                await asyncio.sleep(0.001)
-
-        server = asyncio.create_task(serve())
+        server = asyncio.create_task(serve_deliveries(self.publisher))
         try:
             await asyncio.wait_for(asyncio.gather(*(self.handler.handle(o) for o in origins)), 5)
         finally:
@@ -220,15 +164,16 @@ class Worker:
 
     def retried(self, offset: int) -> Consumed:
         """The last retry record as the pool worker receives it after the retrier forwarded it."""
-        key, value, headers = self.producer.raw(TO.retry)[-1]
-        return Consumed(POOL_TOPIC, 1, offset, key.encode(), value, tuple(headers))
+        last = self.producer.raw(RETRY_TOPIC)[-1]
+        assert isinstance(last.key, str)
+        return Consumed(POOL_TOPIC, 1, offset, last.key.encode(), last.value, tuple(last.headers))
 
 
 def _worker(
-    executor: Any, policy: RetryTopicPolicy | None = None, fail: tuple[str, ...] = ()
+    executor: Executor, policy: RetryTopicPolicy | None = None, fail: tuple[str, ...] = ()
 ) -> Worker:
     producer = FakeProducer(fail)
-    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     handler = WorkerHandler(
         executor=executor,
         publisher=publisher,
@@ -265,10 +210,10 @@ def _origin(request: Mapping[str, Any]) -> Consumed:
 async def test_a_transient_failure_goes_to_the_retry_topic_and_the_retry_is_answered() -> None:
     request = _request()
     first = _origin(request)
-    worker = _worker(Flaky(fails=1))
+    worker = _worker(FakeExecutor(fails=1))
     await worker.handle(first)
 
-    ((key, value, headers),) = worker.producer.raw(TO.retry)
+    ((_, key, value, headers),) = worker.producer.raw(RETRY_TOPIC)
     assert key == request["request_id"] and value == first.value  # the bytes, unchanged
     assert dict(headers)[ATTEMPT] == b"2" and dict(headers)[RETRY_POOL] == b"general"
     assert ("trace", b"abc") in headers
@@ -286,12 +231,12 @@ async def test_a_transient_failure_goes_to_the_retry_topic_and_the_retry_is_answ
 
 
 async def test_exhausted_attempts_answer_the_error_and_dead_letter_once_with_the_count() -> None:
-    worker = _worker(Flaky(fails=99))
+    worker = _worker(FakeExecutor(fails=99))
     await worker.handle(_origin(_request()))
     await worker.handle(worker.retried(offset=3))
     await worker.handle(worker.retried(offset=4))
 
-    assert len(worker.producer.raw(TO.retry)) == 2
+    assert len(worker.producer.raw(RETRY_TOPIC)) == 2
     (response,) = worker.producer.records(TO.responses)
     assert response["status"] == "error" and response["error"]["retryable"] is True
     (letter,) = worker.producer.records(TO.dlq)
@@ -303,9 +248,9 @@ async def test_exhausted_attempts_answer_the_error_and_dead_letter_once_with_the
 
 
 async def test_a_streamed_chunk_means_no_retry() -> None:
-    worker = _worker(Flaky(fails=1, stream_first=True))
+    worker = _worker(FakeExecutor(fails=1))
     await worker.handle(_origin(_request(stream=True)))
-    assert worker.producer.raw(TO.retry) == []
+    assert worker.producer.raw(RETRY_TOPIC) == []
     chunks = worker.producer.records(TO.responses)
     assert [c["final"] for c in chunks] == [False, True] and chunks[-1]["status"] == "error"
     assert len(worker.producer.records(TO.dlq)) == 1
@@ -313,45 +258,47 @@ async def test_a_streamed_chunk_means_no_retry() -> None:
 
 async def test_a_deadline_shorter_than_the_backoff_answers_now() -> None:
     soon = _request(deadline_at=times.now() + timedelta(seconds=30))
-    worker = _worker(Flaky(fails=1), RetryTopicPolicy(3, (60.0,)))
+    worker = _worker(FakeExecutor(fails=1), RetryTopicPolicy(3, (60.0,)))
     await worker.handle(_origin(soon))
-    assert worker.producer.raw(TO.retry) == []
+    assert worker.producer.raw(RETRY_TOPIC) == []
     assert worker.producer.records(TO.responses)[0]["error"]["retryable"] is True
 
 
 async def test_permanent_errors_are_never_sent_round_again() -> None:
-    class Broken:
-        async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
-            raise InvalidRequest("inputs.question", "must not be empty")
+    async def broken(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        raise InvalidRequest("inputs.question", "must not be empty")
 
-    worker = _worker(Broken())
+    worker = _worker(FakeExecutor(broken))
     await worker.handle(_origin(_request()))
-    assert worker.producer.raw(TO.retry) == []
+    assert worker.producer.raw(RETRY_TOPIC) == []
     assert worker.producer.records(TO.dlq)[0]["attempts"] == 1
 
 
 async def test_a_redelivered_attempt_is_skipped_but_its_retry_is_not() -> None:
-    executor = Flaky(fails=1)
+    executor = FakeExecutor(fails=1)
     worker = _worker(executor)
-    first = _origin(_request())
+    request = _request()
+    first = _origin(request)
     await worker.handle(first)
     await worker.handle(first)  # the same pool record again (a rebalance): skipped
-    assert executor.calls == 1 and len(worker.producer.raw(TO.retry)) == 1
+    assert executor.calls == Counter({request["request_id"]: 1})
+    assert len(worker.producer.raw(RETRY_TOPIC)) == 1
     await worker.handle(worker.retried(offset=3))
-    assert executor.calls == 2 and len(worker.producer.records(TO.responses)) == 1
+    assert executor.calls == Counter({request["request_id"]: 2})
+    assert len(worker.producer.records(TO.responses)) == 1
 
 
 async def test_a_retry_record_the_broker_refuses_fails_the_message() -> None:
-    worker = _worker(Flaky(fails=1), fail=(TO.retry,))
+    worker = _worker(FakeExecutor(fails=1), fail=(RETRY_TOPIC,))
     with pytest.raises(DeliveryFailed, match=r"dspex\.retry"):
         await worker.handle(_origin(_request()))
 
 
 async def test_without_a_retry_topic_a_transient_failure_is_answered_at_once() -> None:
     producer = FakeProducer()
-    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     handler = WorkerHandler(
-        executor=Flaky(fails=1),
+        executor=FakeExecutor(fails=1),
         publisher=publisher,
         serde=SERDE,
         destinations=Destinations(TO.responses, TO.executions, TO.telemetry, TO.dlq),
@@ -361,7 +308,7 @@ async def test_without_a_retry_topic_a_transient_failure_is_answered_at_once() -
         retry_topic=RetryTopicPolicy(3, (1.0,)),
     )
     await Worker(handler, producer, publisher).handle(_origin(_request()))
-    assert producer.raw(TO.retry) == [] and len(producer.records(TO.dlq)) == 1
+    assert producer.raw(RETRY_TOPIC) == [] and len(producer.records(TO.dlq)) == 1
 
 
 # -- the retrier (router side) ------------------------------------------------------------
@@ -376,7 +323,7 @@ def _router(clock_ms: Callable[[], int] = lambda: NOW_MS) -> RouterHandler:
         SERDE,
         programs=ProgramCatalog(),
         routing=RoutingCatalog(),
-        resolver=None,  # type: ignore[arg-type]  # never reached by retry records
+        resolver=FakeResolver(),  # never reached by retry records
         cache=ResultCache(),
         clock=lambda: clock_ms() / 1000,
     )
@@ -404,24 +351,13 @@ def test_an_unknown_pool_is_dead_lettered_at_stage_retry(pool: bytes) -> None:
     assert letter["original_value"] == b"\xc3\x01bytes" and RETRY_POOL in letter["error_message"]
 
 
-class FakeConfluentProducer:
-    """Takes every record and reports its delivery at once."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None]] = []
-
-    def produce(self, topic: str, value: bytes, key: bytes | None, **kw: Any) -> None:
-        self.sent.append((topic, key))
-        kw["on_delivery"](None, None)
-
-
 async def test_the_retrier_does_not_hold_a_short_backoff_behind_a_long_one() -> None:
-    producer = FakeConfluentProducer()
+    producer = FakeProducer()
     router = RouterApp.__new__(RouterApp)  # only the retry path's parts: no broker
     router.handler = _router(lambda: NOW_MS)
     router._retry_topic = "dspex.retry"
     router._own_topics = frozenset()
-    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    router._publisher = publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     done: list[int] = []
     long_one = _retry_record(b"general", NOW_MS + 300, offset=1)
     short_one = _retry_record(b"gpu", NOW_MS + 50, offset=2)
@@ -430,12 +366,21 @@ async def test_the_retrier_does_not_hold_a_short_backoff_behind_a_long_one() -> 
         await router.handle(record)
         done.append(record.offset)
 
+    async def serve_deliveries() -> None:  # as the router's deliveries task does
+        while True:
+            publisher.poll()
+            await asyncio.sleep(0.01)
+
     # the loop runs each record as its own task, as ConsumerLoop does
     tasks = [asyncio.create_task(handle(r)) for r in (long_one, short_one)]
     await asyncio.sleep(0)
-    assert producer.sent == []  # both wait for their not-before time
-    await asyncio.wait_for(asyncio.gather(*tasks), 5)
-    assert [topic for topic, _ in producer.sent] == ["dspex.pool.gpu", "dspex.pool.general"]
+    assert producer.produced == []  # both wait for their not-before time
+    deliveries = asyncio.create_task(serve_deliveries())
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    finally:
+        deliveries.cancel()
+    assert producer.topics() == ["dspex.pool.gpu", "dspex.pool.general"]
     assert done == [2, 1]  # each done (so committable) once forwarded
 
 

@@ -8,16 +8,15 @@ import math
 import random
 import uuid
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, Overloaded
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
-from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.agents.router.cache import ResultCache, cache_key, effective_variables, is_cacheable
 from dspex.agents.router.router import SEND_ATTEMPTS, RouterApp, RouterHandler, with_program_metric
@@ -32,6 +31,7 @@ from dspex.agents.router.routing import (
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import LMBackend, LMSettings, Settings
+from tests.fakes import FakeProducer, FakeResolver
 
 NOW_MS = 1_800_000_000_000
 SETTINGS = Settings(
@@ -145,11 +145,11 @@ def test_catalog_prefers_program_table_then_default() -> None:
     catalog = RoutingCatalog()
     catalog.apply("*", table(variant("d", 1.0), program_id="*"))
     catalog.apply("p", table(variant("own", 1.0)))
-    assert catalog.table_for("p")["variants"][0]["name"] == "own"  # type: ignore[index]
-    assert catalog.table_for("q")["program_id"] == "*"  # type: ignore[index]
-    assert catalog.table_for(None)["program_id"] == "*"  # type: ignore[index]
+    assert (catalog.table_for("p") or {})["variants"][0]["name"] == "own"
+    assert (catalog.table_for("q") or {})["program_id"] == "*"
+    assert (catalog.table_for(None) or {})["program_id"] == "*"
     catalog.apply("p", None)
-    assert catalog.table_for("p")["program_id"] == "*"  # type: ignore[index]
+    assert (catalog.table_for("p") or {})["program_id"] == "*"
 
 
 def test_program_catalog_resolves_latest_or_named_version() -> None:
@@ -275,24 +275,6 @@ def test_rejection_records_are_valid_avro() -> None:
 
 
 # --- the request pipeline ------------------------------------------------------------
-
-
-class FakeResolver:
-    """Stands in for dspex.agents.runtime.programs: inline signatures need a ``question`` input."""
-
-    def resolve(self, request: Mapping[str, Any], registered: Mapping[str, Any] | None) -> Any:
-        if "question" not in (request.get("inputs") or {}):
-            raise InvalidRequest("inputs.question", "missing input")
-        base = registered or {}
-        return {
-            "program_id": request.get("program_id"),
-            "program_version": base.get("version"),
-            "signature": request.get("signature") or base.get("signature"),
-            "module_type": request.get("module_type") or base.get("module_type") or "Predict",
-            "module_config_json": "{}",
-            "state_json": base.get("state_json"),
-            "tools": [],
-        }
 
 
 def handler(cache: ResultCache | None = None) -> RouterHandler:
@@ -496,89 +478,70 @@ async def test_a_send_fails_only_its_own_record() -> None:
     # the router produces through librdkafka: produce() never blocks; a record the
     # broker refuses (e.g. its topic was deleted after the request was checked) fails
     # its delivery future, and a produce() that raises fails that record only
-    class Producer:
-        def __init__(self) -> None:
-            self.callbacks: list[Any] = []
-
-        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
-            if topic == "bad topic name":
-                raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
-            self.callbacks.append(kw["on_delivery"])
-
-        def poll(self, _: float) -> int:
-            return 0
-
-    producer = Producer()
-    publisher = Publisher(producer, SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
-    app = SimpleNamespace(_publisher=publisher)
-    send = RouterApp._send
-    refused = await send(app, Outgoing("bad topic name", b"k", b"v"))  # type: ignore[arg-type]
+    producer = FakeProducer(fail_topics=["app.gone"])
+    router = RouterApp.__new__(RouterApp)  # only its sending parts: no broker, no faust app
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
+    refused = await router._send(Outgoing("bad topic name", b"k", b"v"))
     with pytest.raises(KafkaException):
         await refused
-    ok = await send(app, Outgoing("app.replies", b"k", b"v"))  # type: ignore[arg-type]
-    lost = await send(app, Outgoing("app.gone", b"k", b"v"))  # type: ignore[arg-type]
-    producer.callbacks[0](None, None)
-    producer.callbacks[1](KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), None)
+    ok = await router._send(Outgoing("app.replies", b"k", b"v"))
+    lost = await router._send(Outgoing("app.gone", b"k", b"v"))
+    router._publisher.poll()  # the delivery reports: app.replies delivered, app.gone refused
     assert await ok is None
     with pytest.raises(DeliveryFailed, match=r"topic=app\.gone"):
         await lost
 
 
 async def test_a_request_is_done_once_all_its_records_are_delivered_and_failures_resent() -> None:
-    failures = {"app.flaky": 1, "dspex.pool.general": 6}  # the first sends fail
-    sent: list[str] = []
-
-    class Producer:
-        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
-            sent.append(topic)
-            left = failures.get(topic, 0)
-            failures[topic] = left - 1
-            err = KafkaError(KafkaError._MSG_TIMED_OUT) if left > 0 else None
-            kw["on_delivery"](err, None)
-
+    producer = FakeProducer()
+    producer.failing["app.flaky"] = 1  # the first send to app.flaky fails, the second works
+    producer.failing["dspex.pool.general"] = 6  # a DSPex topic: resent until taken
     router = RouterApp.__new__(RouterApp)
-    router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     router._own_topics = frozenset({"dspex.pool.general"})
     where = Consumed("dspex.requests", 0, 7, b"k", b"v", ())
+    server = asyncio.create_task(serve_deliveries(router._publisher))
 
     async def forward(*topics: str) -> None:
-        await router.deliver(where, [Outgoing(topic, b"k", b"v") for topic in topics])
+        outs = [Outgoing(topic, b"k", b"v") for topic in topics]
+        await asyncio.wait_for(router.deliver(where, outs), 5)
 
-    await asyncio.wait_for(forward("app.a", "app.b"), 5)
-    await asyncio.wait_for(forward(), 5)
-    assert sent == ["app.a", "app.b"]
-    await asyncio.wait_for(forward("app.ok", "app.flaky"), 5)
-    assert sent[2:] == ["app.ok", "app.flaky", "app.flaky"]  # only the failed one resent
-    # a DSPex topic is resent until the broker takes it (here the 7th send): never lost
-    router_sleep = asyncio.sleep
+    real_sleep = asyncio.sleep
 
-    async def fast_sleep(_: float) -> None:
-        await router_sleep(0)
+    async def fast_sleep(_: float) -> None:  # the resend backoff, without the wait
+        await real_sleep(0)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(asyncio, "sleep", fast_sleep)
-        await asyncio.wait_for(forward("dspex.pool.general"), 5)
-    assert sent[5:] == ["dspex.pool.general"] * 7
+    try:
+        await forward("app.a", "app.b")
+        await forward()
+        assert producer.topics() == ["app.a", "app.b"]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(asyncio, "sleep", fast_sleep)
+            await forward("app.ok", "app.flaky")
+            assert producer.topics()[2:] == ["app.ok", "app.flaky", "app.flaky"]  # only it
+            await forward("dspex.pool.general")
+    finally:
+        server.cancel()
+    assert producer.topics()[5:] == ["dspex.pool.general"] * 7  # never lost
 
 
 async def test_a_reply_topic_that_keeps_failing_is_given_up_after_the_attempts() -> None:
-    sent: list[str] = []
-
-    class Producer:
-        def produce(self, topic: str, value: bytes, key: Any, **kw: Any) -> None:
-            sent.append(topic)
-            kw["on_delivery"](KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), None)
-
+    producer = FakeProducer(fail_topics=["app.gone"])
     router = RouterApp.__new__(RouterApp)
-    router._publisher = Publisher(Producer(), SERDE, asyncio.get_running_loop())  # type: ignore[arg-type]
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
     router._own_topics = frozenset({"dspex.responses"})
     where = Consumed("dspex.requests", 0, 7, b"k", b"v", ())
+    server = asyncio.create_task(serve_deliveries(router._publisher))
     real_sleep = asyncio.sleep
 
     async def fast_sleep(_: float) -> None:
         await real_sleep(0)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(asyncio, "sleep", fast_sleep)
-        await asyncio.wait_for(router.deliver(where, [Outgoing("app.gone", b"k", b"v")]), 5)
-    assert sent == ["app.gone"] * SEND_ATTEMPTS
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(asyncio, "sleep", fast_sleep)
+            outs = [Outgoing("app.gone", b"k", b"v")]
+            await asyncio.wait_for(router.deliver(where, outs), 5)
+    finally:
+        server.cancel()
+    assert producer.topics() == ["app.gone"] * SEND_ATTEMPTS

@@ -21,6 +21,7 @@ from dspex.streams.errors import CorruptRecord, RegistryUnavailable, SchemaNotFo
 from dspex.streams.serde import ConfluentSerde, Serde, SingleObjectSerde, make_serde
 from dspex.streams.serde.confluent import registry_client
 from dspex.streams.settings import load_settings
+from tests.fakes import FailingRegistry
 
 TOPIC = "dspex.test"
 NAMES = schemas.names()
@@ -204,6 +205,7 @@ def test_nested_field_is_named() -> None:
 
 def test_not_a_mapping_is_refused(serde: Serde) -> None:
     with pytest.raises(SerdeError, match="expected a mapping, got list"):
+        # a list where a mapping is typed: what an untyped caller can pass at run time
         serde.encode("Request", [1, 2], topic=TOPIC)  # type: ignore[arg-type]
 
 
@@ -286,19 +288,6 @@ def test_registry_schema_of_a_foreign_record_is_refused() -> None:
 # -- registry failures ---------------------------------------------------------
 
 
-class FailingClient:
-    """Stands in for the registry client; every call raises ``error``."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    def register_schema(self, *args: Any, **kwargs: Any) -> int:
-        raise self.error
-
-    def get_schema(self, *args: Any, **kwargs: Any) -> Any:
-        raise self.error
-
-
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
@@ -311,7 +300,7 @@ class FailingClient:
     ],
 )
 def test_registry_errors_are_mapped(error: Exception, expected: type[Exception]) -> None:
-    serde = ConfluentSerde(FailingClient(error))  # type: ignore[arg-type]
+    serde = ConfluentSerde(FailingRegistry(error))
     with pytest.raises(expected, match=f"topic={TOPIC}: "):
         serde.decode(b"\x00\x00\x00\x00\x01\x00", topic=TOPIC)
     with pytest.raises(expected, match="Request"):

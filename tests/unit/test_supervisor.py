@@ -5,19 +5,27 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 from dspex.streams.ops.supervisor import Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 CRASHER = [sys.executable, "-c", "raise SystemExit(3)"]
-# Exits 0 on SIGTERM (the drain path), like the real agents.
+# Exits 0 on SIGTERM (the drain path), like the real agents; given a path, it writes
+# "ready" there once its handler is installed.
 DRAINER = [
     sys.executable,
     "-c",
-    "import signal, sys, time\n"
+    "import pathlib, signal, sys, time\n"
     "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "sys.argv[1:] and pathlib.Path(sys.argv[1]).write_text('ready')\n"
     "time.sleep(60)",
 ]
+
+
+def drainer(ready: Path) -> list[str]:
+    """A DRAINER that says when it is ready to drain."""
+    return [*DRAINER, str(ready)]
 
 
 def test_crashing_child_is_restarted_and_all_stop_cleanly() -> None:
@@ -41,7 +49,7 @@ def test_crashing_child_is_restarted_and_all_stop_cleanly() -> None:
         assert child.process is None or child.process.poll() is not None
 
 
-def test_children_can_be_added_and_retired_while_running() -> None:
+def test_children_can_be_added_and_retired_while_running(tmp_path: Path) -> None:
     events: list[str] = []
     sup = Supervisor({"w-1": DRAINER}, on_event=events.append)
     stop = threading.Event()
@@ -54,21 +62,34 @@ def test_children_can_be_added_and_retired_while_running() -> None:
             assert time.monotonic() < deadline, (text, events)
             time.sleep(0.05)
 
+    def wait_ready(ready: Path) -> None:  # its SIGTERM handler is installed, as an agent's
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert time.monotonic() < deadline, (ready, events)
+            time.sleep(0.05)
+
     try:
         wait_for("w-1 started")
         first = sup.children[0].process
-        sup.set_children({"w-1": DRAINER, "w-2": DRAINER, "w-3": DRAINER})
+        sup.set_children({"w-1": DRAINER, "w-2": DRAINER, "w-3": drainer(tmp_path / "w-3")})
         wait_for("w-3 started")
         assert sup.names() == ["w-1", "w-2", "w-3"]
         assert sup.children[0].process is first  # a kept child keeps its process
         retired = sup.children[2].process
-        time.sleep(1.0)  # let it install its SIGTERM handler, as a real agent would have
+        wait_ready(tmp_path / "w-3")
         sup.set_children({"w-1": DRAINER, "w-2": DRAINER})
         wait_for("w-3 retired")
         assert retired is not None and retired.wait(10) == 0  # drained on SIGTERM
-        time.sleep(1.0)  # a retired child is not restarted
-        assert not any("w-3 exited" in e for e in events)
+        # A marker: a child added now starts in a later pass of the supervisor's loop, the
+        # pass that would have seen w-3 exit (and then restarted it) had it been kept.
+        sup.set_children({"w-1": DRAINER, "w-2": DRAINER, "w-4": drainer(tmp_path / "w-4")})
+        wait_for("w-4 started")
+        assert not any("w-3 exited" in e for e in events)  # a retired child is not restarted
         assert sum("w-3 started" in e for e in events) == 1
+        marker = sup.children[2].process
+        wait_ready(tmp_path / "w-4")
+        sup.set_children({"w-1": DRAINER, "w-2": DRAINER})
+        assert marker is not None and marker.wait(10) == 0
     finally:
         stop.set()
         runner.join(30)

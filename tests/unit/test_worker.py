@@ -2,14 +2,15 @@
 
 Records are proven valid by encoding them with the real serde; the pipeline
 (``WorkerHandler``) runs against a fake producer whose delivery reports the
-test controls, and a fake executor.
+test controls, and a fake executor (:mod:`tests.fakes`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from dspex.agents.plumbing import records
 from dspex.agents.plumbing.deadlines import remaining_seconds
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, TokenUsage
-from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
+from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher, serve_deliveries
 from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.worker.execution import Outcome, backend_overrides, classify
 from dspex.agents.worker.handler import Destinations, WorkerHandler, score_against_gold
@@ -31,6 +32,7 @@ from dspex.streams.errors import (
     ProgramError,
 )
 from dspex.streams.serde import SingleObjectSerde
+from tests.fakes import FakeExecutor, FakeProducer
 
 POOL_TOPIC = "dspex.pool.general"
 TO = Destinations("dspex.responses", "dspex.executions", "dspex.telemetry", "dspex.dlq")
@@ -64,7 +66,7 @@ def _result(status: str = "ok", error: ErrorInfo | None = None) -> ExecutionResu
         t + timedelta(milliseconds=5),
         t + timedelta(milliseconds=25),
         outputs={"answer": "4", "confidence": 0.9} if status == "ok" else {},
-        usage=(10, 2, 12),
+        usage=TokenUsage(10, 2, 12),
         trace=[{"predictor": "predict", "inputs": {}, "outputs": {"answer": "4"}}],
         program_version=None,
         error=error,
@@ -236,52 +238,6 @@ def test_backend_overrides_from_variables() -> None:
 # -- the pipeline -------------------------------------------------------------------------
 
 
-class FakeProducer:
-    """Records what is produced; delivery reports arrive on poll(), failing for ``fail_topics``."""
-
-    def __init__(self, fail_topics: tuple[str, ...] = ()) -> None:
-        self.produced: list[tuple[str, Any, bytes]] = []
-        self._reports: list[tuple[Callable[..., None], str]] = []
-        self._fail = fail_topics
-
-    def produce(self, topic: str, value: bytes, key: Any, on_delivery: Callable[..., None]) -> None:
-        self.produced.append((topic, key, value))
-        self._reports.append((on_delivery, topic))
-
-    def poll(self, _: float = 0) -> int:
-        reports, self._reports = self._reports, []
-        for callback, topic in reports:
-            callback(_KafkaError() if topic in self._fail else None, None)
-        return len(reports)
-
-    def flush(self, _: float = 0) -> int:
-        self.poll()
-        return 0
-
-    def records(self, topic: str) -> list[dict[str, Any]]:
-        return [SERDE.decode(v, topic=t).record for t, _, v in self.produced if t == topic]
-
-
-class _KafkaError:
-    def str(self) -> str:
-        return "Broker: Unknown topic or partition"
-
-
-class FakeExecutor:
-    def __init__(
-        self, behave: Callable[[Mapping[str, Any], Any], Awaitable[Outcome]] | None = None
-    ):
-        self.calls = 0
-        self._behave = behave
-
-    async def execute(self, request: Mapping[str, Any], on_chunk: Any) -> Outcome:
-        self.calls += 1
-        if self._behave is not None:
-            return await self._behave(request, on_chunk)
-        question = json.loads(request["inputs"]["question"])
-        return Outcome({"answer": f"echo: {question}"}, TokenUsage(3, 4, 7), [], None)
-
-
 async def _pipeline(
     executor: FakeExecutor,
     producer: FakeProducer,
@@ -290,7 +246,7 @@ async def _pipeline(
     audit: FakeProducer | None = None,
 ) -> WorkerHandler:
     loop = asyncio.get_running_loop()
-    publisher = Publisher(producer, SERDE, loop)  # type: ignore[arg-type]
+    publisher = Publisher(producer, SERDE, loop)
     handler = WorkerHandler(
         executor=executor,
         publisher=publisher,
@@ -299,7 +255,7 @@ async def _pipeline(
         pool="general",
         worker_id="w1",
         in_flight=4,
-        audit_publisher=Publisher(audit, SERDE, loop) if audit else None,  # type: ignore[arg-type]
+        audit_publisher=Publisher(audit, SERDE, loop) if audit is not None else None,
     )
     await _run_handler(handler, *origins)
     return handler
@@ -307,14 +263,7 @@ async def _pipeline(
 
 async def _run_handler(handler: WorkerHandler, *origins: Consumed) -> None:
     publishers = {handler._publisher, handler._audit_publisher}
-
-    async def serve() -> None:
-        while True:
-            for publisher in publishers:
-                publisher.poll()
-            await asyncio.sleep(0.001)
-
-    server = asyncio.create_task(serve())
+    server = asyncio.create_task(serve_deliveries(*publishers))
     try:
         await asyncio.wait_for(asyncio.gather(*(handler.handle(o) for o in origins)), 5)
     finally:
@@ -331,7 +280,7 @@ async def test_a_request_is_answered_audited_and_measured() -> None:
     assert len(producer.records(TO.executions)) == 1
     assert len(producer.records(TO.telemetry)) == 1
     assert producer.records(TO.dlq) == []
-    keys = {key for _, key, _ in producer.produced}
+    keys = {key for _, key, _, _ in producer.produced}
     assert keys == {request["request_id"]}  # telemetry keys by program id, else request id
 
 
@@ -354,15 +303,15 @@ async def test_an_ok_answer_to_a_cacheable_request_is_offered_to_the_cache() -> 
     (entry,) = producer.records("dspex.cache")
     (final,) = [r for r in producer.records(TO.responses) if r["request_id"] == entry["request_id"]]
     assert entry == final and entry["request_id"] == cacheable["request_id"]
-    assert [k for t, k, _ in producer.produced if t == "dspex.cache"] == ["sha256:k1"]
+    assert [p.key for p in producer.raw("dspex.cache")] == ["sha256:k1"]
 
 
 async def test_execution_and_telemetry_go_through_the_audit_publisher() -> None:
     # the worker batches them (kafka.audit_linger_ms); answers leave at kafka.linger_ms
     answers, audit = FakeProducer(), FakeProducer()
     await _pipeline(FakeExecutor(), answers, _origin(_request()), audit=audit)
-    assert {t for t, _, _ in answers.produced} == {TO.responses}
-    assert sorted(t for t, _, _ in audit.produced) == [TO.executions, TO.telemetry]
+    assert set(answers.topics()) == {TO.responses}
+    assert sorted(audit.topics()) == [TO.executions, TO.telemetry]
 
 
 async def test_a_reply_topic_replaces_the_responses_topic() -> None:
@@ -404,7 +353,7 @@ async def test_an_expired_deadline_answers_timeout_without_running() -> None:
     producer = FakeProducer()
     late = _request(deadline_at=times.now() - timedelta(seconds=1))
     await _pipeline(executor, producer, _origin(late))
-    assert executor.calls == 0
+    assert executor.calls == Counter()
     (response,) = producer.records(TO.responses)
     assert response["status"] == "timeout"
     assert response["error"]["error_class"] == "DeadlineExceeded"
@@ -420,7 +369,7 @@ async def test_a_request_that_expired_waiting_in_the_pool_topic_answers_overload
         deadline_at=times.now() - timedelta(seconds=1),
     )
     await _pipeline(executor, producer, _origin(waited))
-    assert executor.calls == 0
+    assert executor.calls == Counter()
     (response,) = producer.records(TO.responses)
     assert response["status"] == "overloaded"
     assert response["error"]["error_class"] == "Overloaded"
@@ -460,7 +409,7 @@ async def test_the_same_request_twice_is_answered_once() -> None:
     producer = FakeProducer()
     handler = await _pipeline(executor, producer, _origin(request), _origin(request))
     await _run_handler(handler, _origin(request))  # a later redelivery too
-    assert executor.calls == 1
+    assert executor.calls == Counter({request["request_id"]: 1})
     assert len(producer.records(TO.responses)) == 1
 
 
