@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint unit integration bench bench-routing tools lock clean
+.PHONY: up test test-loaded lint unit integration bench bench-routing tools lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ up: $(STAMP)
 ## test: lint, type-check, then every unit and integration test against a real broker
 test: lint tools
 	$(BIN)/pytest --fail-on-skip
+
+## test-loaded: `make test` with two CPU-bound processes beside it (users' CI runners are shared)
+test-loaded: $(STAMP)
+	@set -e; \
+	  for n in 1 2; do $(PYTHON) -c "while True: pass" & echo $$! >> .loaders.pid; done; \
+	  trap 'kill $$(cat .loaders.pid) 2>/dev/null; rm -f .loaders.pid' EXIT; \
+	  $(MAKE) test
 
 ## tools: system programs the tests drive (Prometheus scrapes the metrics exporter)
 tools:
