@@ -19,6 +19,7 @@ from typing import Any
 from dspex.schemas.times import millis
 
 Record = dict[str, Any]
+"""A record of the contract as the serde takes and gives it: field name to value."""
 Timestamp = datetime | int
 """A ``timestamp-millis`` field: an aware ``datetime`` or UTC epoch milliseconds."""
 

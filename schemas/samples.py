@@ -16,10 +16,10 @@ from typing import Any
 
 from dspex.schemas import records, times
 from dspex.schemas.errors import UnknownSchema
+from dspex.schemas.records import Record
 
 __all__ = ["sample"]
 
-Record = dict[str, Any]
 _PROGRAM = "support.answer"
 _SIGNATURE = "question, context -> answer, confidence: float"
 

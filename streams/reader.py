@@ -15,7 +15,6 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -26,6 +25,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
 from dspex.streams.serde import Serde
@@ -33,7 +33,6 @@ from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 _BATCH = 500
 
 

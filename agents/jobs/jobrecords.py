@@ -16,11 +16,11 @@ from typing import Any
 from dspex.agents.jobs.optimize import OptimizationResult, Progress
 from dspex.agents.plumbing.messages import ErrorInfo
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.schemas.times import now
 from dspex.streams.client.programs import program_version_record
 from dspex.streams.variables import VariableStore, new_update, variable_key
 
-Record = dict[str, Any]
 POOL = "optimizer"
 SOURCE = "optimizer"
 

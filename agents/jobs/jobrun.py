@@ -42,6 +42,7 @@ from dspex.agents.plumbing.publisher import Producer
 from dspex.agents.plumbing.records import dead_letter
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.programs import ProgramSpec, parse_signature, spec_from_version
+from dspex.schemas.records import Record
 from dspex.streams.client.client import AsyncClient
 from dspex.streams.client.jobs import job_status
 from dspex.streams.client.programs import read_versions
@@ -55,7 +56,6 @@ from dspex.streams.variables import VariableStore, constraints_of, parse_value, 
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 COMPONENT = "jobs"
 
 

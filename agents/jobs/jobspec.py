@@ -26,8 +26,6 @@ import dspy
 from dspex.agents.runtime.scoring import Metric, get_metric
 from dspex.streams.errors import InvalidRequest
 
-Record = dict[str, Any]
-
 
 @dataclass(frozen=True)
 class Option:

@@ -13,12 +13,11 @@ import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from dspex.agents.learner.stats import TINY, ArmStats, ProgramStats, clean
+from dspex.schemas.records import Record
 from dspex.streams.settings import BanditConfig, Objective
 
-Record = dict[str, Any]
 _LOG2 = math.log(2)
 
 

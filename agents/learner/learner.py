@@ -42,6 +42,7 @@ from dspex.agents.plumbing.faustapp import (
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.schemas.times import to_ms
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, SerdeError
@@ -52,7 +53,6 @@ from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 COMPONENT = "learner"
 READY_TIMEOUT_S = 60.0
 NEEDED_TOPICS = ("telemetry", "routing", "dlq")

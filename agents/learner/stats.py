@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.streams.settings import BanditConfig
 
-Record = dict[str, Any]
 _LOG2 = math.log(2)
 _HIST_BASE = 1.25  # latency histogram: bucket i >= 1 holds [1.25**(i-1), 1.25**i) ms
 _HIST_BUCKETS = 64  # the last bucket (>= 1.25**62 ms, about 18 min) is open-ended

@@ -29,6 +29,7 @@ from dspex.agents.plumbing.catalog import CompactedReader
 from dspex.agents.plumbing.faustapp import faust_app, send, serve_until_signalled
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
+from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.errors import SerdeError
 from dspex.streams.ops.admin import require_topics
@@ -39,7 +40,6 @@ from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 COMPONENT = "metrics"
 ADMIN_TIMEOUT_S = 10.0
 SERIES = ("program", "pool", "variant")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.schemas.times import to_ms
 
-Record = dict[str, Any]
 SeriesKey = tuple[str, str, str]  # (program, pool, variant)
 INLINE = "inline"  # program label of inline signatures (no program_id)
 UNKNOWN = "unknown"

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from confluent_kafka import TopicPartition
 
 from dspex.agents.plumbing.messages import Consumed
+from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.errors import DSPexError, InvalidRequest, PermanentError, SerdeError
 from dspex.streams.reader import watermarks
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 READ_TIMEOUT_S = 30.0
 
-Record = dict[str, Any]
 Apply = Callable[[str, Record | None], object]
 """Takes one record (None: a tombstone); may return a PermanentError refusing it."""
 Refused = Callable[[Consumed, DSPexError, bool], Awaitable[None]]

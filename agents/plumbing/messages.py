@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.streams.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
 
-Record = dict[str, Any]
 Header = tuple[str, bytes | None]
 
 

@@ -18,8 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Record, TokenUsage
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo, TokenUsage
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.schemas.times import millis_between, now, now_ms
 
 # Error messages are for people; a clipped message keeps a record small.

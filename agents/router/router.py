@@ -59,6 +59,7 @@ from dspex.agents.router.routing import (
 )
 from dspex.agents.router.variables import RefusedUpdates, SharedVariables
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.errors import (
     ConfigError,
@@ -74,7 +75,6 @@ from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 COMPONENT = "router"
 READY_TIMEOUT_S = 60.0
 FLUSH_TIMEOUT_S = 10.0

@@ -32,12 +32,12 @@ from dspex.agents.runtime.programs import (
 )
 from dspex.agents.runtime.tools import ToolRegistry, default_tools
 from dspex.schemas import records
+from dspex.schemas.records import Record
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import POOLS, LMSettings
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 

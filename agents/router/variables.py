@@ -37,6 +37,7 @@ from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.records import dead_letter
 from dspex.agents.router.cache import effective_variables
 from dspex.agents.router.routing import Route
+from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.errors import DSPexError, InvalidRequest
 from dspex.streams.serde import Serde
@@ -46,7 +47,6 @@ from dspex.streams.variables import MODULE_TYPES, VariableStore
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 MODEL = "model"
 MODULE = "module"
 STAGE = "variables"

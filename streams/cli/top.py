@@ -21,6 +21,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.errors import DSPexError
@@ -28,7 +29,6 @@ from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 
-Record = dict[str, Any]
 CATCH_UP_S = 10.0
 WINDOWS_BACK = 3  # read this many metric windows before the end
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
 from dspex.schemas import records, times
+from dspex.schemas.records import Record
 from dspex.streams.client._replies import Chunk, Inbox
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.reader import latest_by_key, read_to_end
@@ -29,7 +30,6 @@ from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 DEFAULT_JOB_TIMEOUT_S = 7 * 24 * 3600.0
 
 

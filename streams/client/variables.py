@@ -23,6 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypedDict
 
+from dspex.schemas.records import Record
 from dspex.streams.reader import read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
@@ -31,7 +32,6 @@ from dspex.streams.variables import VariableStore, new_update, scope_ref_for, va
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 Headers = list[tuple[str, str | bytes | None]]
 Send = Callable[[str, bytes, bytes, Headers], Awaitable["asyncio.Future[None]"]]
 """How the client produces one message: returns a future resolved on delivery."""
