@@ -1,6 +1,8 @@
 """Figure 1, the Kafka ceiling: a bare confluent-kafka 3-hop relay in one Python process.
 
-client -> ``requests`` -> relay -> ``pool.general`` -> relay -> ``responses`` -> client,
+client -> ``requests`` -> relay -> ``pool.general`` -> relay -> ``responses`` -> client
+(a cache miss's path), and the 2-hop relay client -> ``requests`` -> relay ->
+``responses`` -> client (a cache hit's path),
 with the serde's encoded sizes of the real records, an idempotent ``acks=all``
 producer (DSPex's guarantees) batching up to 10,000 messages, and no decoding, DSPy
 or bookkeeping: the most this machine's broker and one Python process can move.
@@ -26,6 +28,7 @@ from tests.bench.messages import Payloads
 from tests.bench.stats import latency_ms, rate
 
 HOPS = ("requests", "pool.general", "responses")
+TWO_HOPS = ("requests", "responses")
 PRODUCER_TUNING: dict[str, Any] = {
     "linger.ms": 0,
     "batch.num.messages": 10_000,
@@ -38,29 +41,32 @@ _BATCH = 1_000
 
 @dataclass
 class Relay:
-    """The three hops' clients in one thread; ``pump()`` moves whatever is ready."""
+    """The hops' clients in one thread; ``pump()`` moves whatever is ready."""
 
     settings: Settings
     payloads: Payloads
     linger_ms: float = 0
+    hops: tuple[str, ...] = HOPS
     sent_at: dict[bytes, float] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         topics = Topics(self.settings.topics)
-        self.names = [topics.name(short) for short in HOPS]
+        self.names = [topics.name(short) for short in self.hops]
         ensure_topics(
             kafka.admin_client(self.settings),
-            [(n, topics.spec(s)) for n, s in zip(self.names, HOPS, strict=True)],
+            [(n, topics.spec(s)) for n, s in zip(self.names, self.hops, strict=True)],
         )
         self.producer: Producer = kafka.producer(
             self.settings, **{**PRODUCER_TUNING, "linger.ms": self.linger_ms}
         )
-        parts = [topics.spec(short).partitions for short in HOPS]
+        parts = [topics.spec(short).partitions for short in self.hops]
         self.consumers = [self._consumer(n, p) for n, p in zip(self.names, parts, strict=True)]
+        # what each relay step forwards: a pool record, then the response
+        self.forwards = [self.payloads.pool, self.payloads.response][-(len(self.hops) - 1) :]
 
     def _consumer(self, topic: str, partitions: int) -> Consumer:
-        group = f"{topic}.relay{self.linger_ms:g}"
+        group = f"{topic}.relay{self.linger_ms:g}.{len(self.hops)}"
         consumer = kafka.consumer(self.settings, group, **CONSUMER_TUNING)
         consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
         return consumer
@@ -71,11 +77,10 @@ class Relay:
         self._produce(self.names[0], key, self.payloads.request)
 
     def pump(self) -> None:
-        requests, pool, responses = self.consumers
-        for msg in _ok(requests.consume(_BATCH, 0)):
-            self._produce(self.names[1], msg.key(), self.payloads.pool)
-        for msg in _ok(pool.consume(_BATCH, 0)):
-            self._produce(self.names[2], msg.key(), self.payloads.response)
+        *steps, responses = self.consumers
+        for consumer, topic, value in zip(steps, self.names[1:], self.forwards, strict=True):
+            for msg in _ok(consumer.consume(_BATCH, 0)):
+                self._produce(topic, msg.key(), value)
         now = time.perf_counter()
         for msg in _ok(responses.consume(_BATCH, 0.0005)):
             started = self.sent_at.pop(msg.key() or b"", None)

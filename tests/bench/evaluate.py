@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+# Stated against what the same run measures for Kafka itself (issue: performance as
+# ratios to the physics): overhead beyond the bare 3-hop relay plus DSPy at the same
+# rate; cache hits against the bare 2-hop relay; misses against in-process DSPy.
 TARGETS = {
+    "overhead_p50_ms": ("<=", 2.0),
+    "overhead_p99_ms": ("<=", 10.0),
+    "cache_hit_over_two_hop_relay": (">=", 0.25),
     "pipeline_over_in_process": (">=", 0.5),
-    "overhead_p50_ms": ("<=", 5.0),
-    "overhead_p99_ms": ("<=", 25.0),
-    "cache_hit_per_s": (">=", 3000.0),
 }
 
 
@@ -21,6 +24,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     # against the tight loop it would also count what idleness costs the program itself.
     paced, reference = pipe["miss_paced"], inproc["run_paced"]["latency_ms"]
     hot = inproc["sync_loop"]["latency_ms"]
+    relay = report["ceiling"]["paced"]
     base = report["scaling"][0]["per_s"]
     ceiling = ceiling_per_s(report)
     return {
@@ -29,8 +33,14 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
         "ceiling_per_s": ceiling,
         "pipeline_over_ceiling": _div(miss, ceiling),
         "cache_hit_over_ceiling": _div(pipe["hit_saturation"]["per_s"], ceiling),
-        "overhead_p50_ms": round(paced["p50"] - reference["p50"], 3),
-        "overhead_p99_ms": round(paced["p99"] - reference["p99"], 3),
+        # beyond Kafka's own three hops and DSPy's own run, both at the same rate
+        "overhead_p50_ms": round(paced["p50"] - relay["p50"] - reference["p50"], 3),
+        "overhead_p99_ms": round(paced["p99"] - relay["p99"] - reference["p99"], 3),
+        "overhead_over_dspy_p50_ms": round(paced["p50"] - reference["p50"], 3),
+        "cache_hit_over_two_hop_relay": _div(
+            pipe["hit_saturation"]["per_s"], report["ceiling"]["two_hop"]["saturation"]["per_s"]
+        ),
+        "two_hop_relay_per_s": report["ceiling"]["two_hop"]["saturation"]["per_s"],
         "overhead_vs_tight_loop_p50_ms": round(paced["p50"] - hot["p50"], 3),
         "overhead_over_ceiling_p50_ms": round(paced["p50"] - report["ceiling"]["paced"]["p50"], 3),
         "linger_5ms_cost_p50_ms": round(

@@ -167,6 +167,10 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
             f"{ceil['linger_5ms']['saturation']['per_s']:,.0f}, "
             f"{ceil['linger_5ms']['paced']['p50']:.2f} / {ceil['linger_5ms']['paced']['p99']:.2f}",
         ),
+        (
+            "2-hop relay (a hit's path) msgs/s, p50 ms",
+            f"{ceil['two_hop']['saturation']['per_s']:,.0f}, {ceil['two_hop']['paced']['p50']:.2f}",
+        ),
         ("in-process sync loop calls/s", f"{inproc['sync_loop']['per_s']:,.0f}"),
         ("in-process run() async calls/s", f"{inproc['run_concurrent']['per_s']:,.0f}"),
         (

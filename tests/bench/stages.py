@@ -31,6 +31,7 @@ def run_ceiling(settings: Settings, cfg: BenchConfig, broker: Broker) -> dict[st
     payloads = Payloads.build(make_serde(settings), settings.topics.prefix)
     best = _relay_figures(settings, cfg, broker, payloads, linger_ms=0)
     dspex_linger = _relay_figures(settings, cfg, broker, payloads, linger_ms=5)
+    two_hop = _relay_figures(settings, cfg, broker, payloads, linger_ms=0, hops=ceiling.TWO_HOPS)
     return {
         "hops": list(ceiling.HOPS),
         "sizes_bytes": payloads.sizes(),
@@ -38,14 +39,20 @@ def run_ceiling(settings: Settings, cfg: BenchConfig, broker: Broker) -> dict[st
         "consumer_tuning": ceiling.CONSUMER_TUNING,
         **best,
         "linger_5ms": dspex_linger,
+        "two_hop": two_hop,
     }
 
 
 def _relay_figures(
-    settings: Settings, cfg: BenchConfig, broker: Broker, payloads: Payloads, linger_ms: float
+    settings: Settings,
+    cfg: BenchConfig,
+    broker: Broker,
+    payloads: Payloads,
+    linger_ms: float,
+    hops: tuple[str, ...] = ceiling.HOPS,
 ) -> dict[str, Any]:
-    prefix = f"{settings.topics.prefix}ceiling{linger_ms:g}."
-    relay = ceiling.Relay(bench_settings(broker.bootstrap, prefix), payloads, linger_ms)
+    prefix = f"{settings.topics.prefix}ceiling{linger_ms:g}.{len(hops)}."
+    relay = ceiling.Relay(bench_settings(broker.bootstrap, prefix), payloads, linger_ms, hops)
     try:
         # warm up connections, the producer id and a freshly started broker's JIT
         ceiling.paced(relay, 200, 0.5, offset=10**8)

@@ -32,7 +32,8 @@ def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path
     for figure in ("sync_loop", "run_sequential", "run_concurrent"):
         assert_positive(report["in_process"][figure], "per_s")
     assert_positive(report["in_process"]["run_paced"]["latency_ms"], "p50", "p99")
-    for ceiling in (report["ceiling"], report["ceiling"]["linger_5ms"]):
+    relays = (report["ceiling"], report["ceiling"]["linger_5ms"], report["ceiling"]["two_hop"])
+    for ceiling in relays:
         assert_positive(ceiling["saturation"], "per_s")
         assert_positive(ceiling["paced"], "p50", "p99")
     pipeline = report["pipeline"]
@@ -55,7 +56,7 @@ def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path
         "pipeline_over_in_process",
         "overhead_p50_ms",
         "overhead_p99_ms",
-        "cache_hit_per_s",
+        "cache_hit_over_two_hop_relay",
     }
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
     assert (tmp_path / "report.png").stat().st_size > 10_000
