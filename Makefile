@@ -8,15 +8,22 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: up test test-loaded lint unit integration bench bench-routing tools lock clean
 
-$(STAMP): requirements.lock pyproject.toml
+DEVTREE := build/dev/dspex/__init__.py
+
+$(STAMP): requirements.lock pyproject.toml deploy/packaging/hatch_build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $@
 
+# the editable install links build/dev/dspex/ (deploy/packaging/hatch_build.py); redo it if
+# build/ was removed while the virtualenv stayed
+$(DEVTREE): | $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+
 ## up: local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS is set) + topics + DSPex processes
-up: $(STAMP)
+up: $(STAMP) $(DEVTREE)
 	$(BIN)/dspex up
 
 ## test: lint, type-check, then every unit and integration test against a real broker
@@ -24,7 +31,7 @@ test: lint tools
 	$(BIN)/pytest --fail-on-skip
 
 ## test-loaded: `make test` with two CPU-bound processes beside it (users' CI runners are shared)
-test-loaded: $(STAMP)
+test-loaded: $(STAMP) $(DEVTREE)
 	@set -e; \
 	  for n in 1 2; do $(PYTHON) -c "while True: pass" & echo $$! >> .loaders.pid; done; \
 	  trap 'kill $$(cat .loaders.pid) 2>/dev/null; rm -f .loaders.pid' EXIT; \
@@ -38,25 +45,25 @@ tools:
 	  else echo "the tests need Prometheus: sudo apt-get install prometheus" >&2; exit 1; fi; }
 
 ## bench: the benchmark suite (JSON report, PNG chart, table) into bench-results/
-bench: $(STAMP)
+bench: $(STAMP) $(DEVTREE)
 	$(BIN)/python -m tests.bench.run --out bench-results
 
 ## bench-routing: learned vs static vs LiteLLM routing on simulated LM backends (bench-results/routing.json)
-bench-routing: $(STAMP)
+bench-routing: $(STAMP) $(DEVTREE)
 	$(BIN)/python -m tests.bench.routing_run --out bench-results
 
 
-lint: $(STAMP)
+lint: $(STAMP) $(DEVTREE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/mypy tests
 	$(BIN)/dspex schemas check
 
-unit: $(STAMP)
+unit: $(STAMP) $(DEVTREE)
 	$(BIN)/pytest tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(DEVTREE)
 	$(BIN)/pytest --fail-on-skip tests/integration
 
 ## lock: re-resolve the whole dependency tree with hashes (after editing pyproject.toml)
@@ -65,4 +72,4 @@ lock: $(STAMP)
 		--custom-compile-command "make lock" pyproject.toml -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
