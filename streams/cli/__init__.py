@@ -29,5 +29,6 @@ def main() -> None:
     try:
         app()
     except (DSPexError, SchemaError, schemas.SchemaContractError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        # one line whatever the terminal's width: scripts and log collectors read it whole
+        err.print(f"[red]error:[/] {' '.join(str(exc).split())}", soft_wrap=True, highlight=False)
         raise SystemExit(1) from None

@@ -25,7 +25,8 @@ ProgramOption = Annotated[str | None, typer.Option(help="The program id (program
 ModuleOption = Annotated[str | None, typer.Option(help="The module type (module scope).")]
 
 
-@variables_app.command("set")
+# ignore_unknown_options: a negative value (-0.5) is the value, not an option
+@variables_app.command("set", context_settings={"ignore_unknown_options": True})
 def variables_set(
     ctx: typer.Context,
     name: str,
