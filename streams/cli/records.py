@@ -9,10 +9,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from confluent_kafka import KafkaError, KafkaException
 
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, settings_of
-from dspex.streams.errors import DSPexError
+from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -41,11 +42,22 @@ def tail(
             "enable.partition.eof": False,
         },
     )
-    consumer.subscribe([physical])
     try:
+        _require_topic(consumer, physical)
+        consumer.subscribe([physical])
         _tail_loop(consumer, serde, physical, limit, idle)
     finally:
         consumer.close()
+
+
+def _require_topic(consumer: Any, topic: str) -> None:
+    """A ConfigError (exit 1, one line) when ``topic`` does not exist on the cluster."""
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"topic={topic}: no metadata: {exc.args[0].str()}") from exc
+    if metadata is None or metadata.error is not None:
+        raise ConfigError(f"topic {topic} does not exist (see `dspex topics list`)")
 
 
 def _tail_loop(consumer: Any, serde: Serde, topic: str, limit: int, idle: float) -> None:
@@ -57,7 +69,9 @@ def _tail_loop(consumer: Any, serde: Serde, topic: str, limit: int, idle: float)
                 return
             continue
         if msg.error():
-            err.print(f"[red]topic={topic}: {msg.error()}[/]")
+            if msg.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise ConfigError(f"topic {topic} does not exist (see `dspex topics list`)")
+            err.print(f"topic={topic}: {msg.error().str()}", soft_wrap=True, highlight=False)
             continue
         seen, last = seen + 1, time.monotonic()
         where = {"partition": msg.partition(), "offset": msg.offset(), "key": _text(msg.key())}

@@ -53,6 +53,24 @@ def test_tail_prints_decoded_records_and_names_undecodable_ones(
     assert "bad magic" in bad["error"]
 
 
+def test_tail_of_a_topic_that_does_not_exist_is_one_error_line_and_exit_1(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    create_topics()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+        "COLUMNS": "80",
+    }
+    cmd = [sys.executable, "-m", "dspex.streams", "tail", "nosuchtopic", "--idle", "5"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == ""
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: topic nosuchtopic does not exist (see `dspex topics list`)"]
+
+
 def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     settings: Settings, create_topics: Callable[[], list[TopicReport]]
 ) -> None:
