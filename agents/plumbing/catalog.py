@@ -195,7 +195,7 @@ class CompactedReader:
         recent = {tp for tp in behind if tp[0] in self._recent}
         while True:
             try:
-                for message in await self._call(partial(self._consumer.consume, 500, 0.2)):
+                for message in await self._call(self._take_ready):
                     if message.error() is None:
                         await self._take(message)
                 await self._update_readiness(behind, required, recent)
@@ -204,6 +204,13 @@ class CompactedReader:
             except Exception:
                 logger.exception("compacted reader failed; retrying in 1s")
                 await asyncio.sleep(1.0)
+
+    def _take_ready(self) -> list[Any]:
+        # consume(n, t) returns only when n records arrived or t passed: wait for the
+        # first, then take what else is fetched already, so a new record is applied at
+        # once (a program version a job just published must route the next request)
+        first: list[Any] = self._consumer.consume(1, 0.2)
+        return [*first, *self._consumer.consume(499, 0)] if first else first
 
     async def _take(self, message: Any) -> None:
         refused = self._apply(message)
