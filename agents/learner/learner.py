@@ -98,6 +98,9 @@ class Learner:
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     dirty: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)
+    """Programs whose newest evidence is not in a published table: no material move yet.
+    They get a table once ``refresh_interval_s`` has passed since their last one."""
     state: dict[str, _Published] = field(default_factory=dict)
     loads: dict[str, ProgramStats] = field(default_factory=dict)
     answered: RecentVariants = field(default_factory=lambda: RecentVariants(100_000))
@@ -181,17 +184,27 @@ class Learner:
         self.dirty.add(program_id)
 
     def due_tables(self) -> list[tuple[str, Record]]:
-        """RoutingTables to publish now: changed materially, rate limited per program."""
+        """RoutingTables to publish now: changed materially, rate limited per program.
+
+        Evidence that moved nothing materially is published with the next refresh
+        (``refresh_interval_s`` after the last table), so a table's ``learned_from``
+        catches up with every observation even after the traffic stops.
+        """
         now = self.clock()
+        refresh = self.config.refresh_interval_s
+        due = {p for p in self.stale if now - self._state(p).published_at >= refresh}
         tables = []
-        for program_id in sorted(self.dirty):
+        for program_id in sorted(self.dirty | due):
             state = self._state(program_id)
             if now - max(state.decided_at, state.published_at) < self.config.publish_interval_s:
                 continue
             self.dirty.discard(program_id)
+            self.stale.discard(program_id)
             table = self._decide(program_id, state, now)
             if table is not None:
                 tables.append((program_id, table))
+            else:
+                self.stale.add(program_id)
         return tables
 
     def _decide(self, program_id: str, state: _Published, now: float) -> Record | None:

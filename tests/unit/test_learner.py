@@ -1,0 +1,74 @@
+"""The learner's publication rhythm, without faust or a broker (a fake clock)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+from dspex.agents.learner.learner import Learner
+from dspex.agents.plumbing.catalog import RoutingCatalog
+from dspex.schemas import records
+from dspex.streams.serde import make_serde
+from dspex.streams.settings import BanditConfig, LearnerSettings, load_settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _learner(clock: Clock) -> Learner:
+    settings = load_settings()
+    config = LearnerSettings(
+        bandit=BanditConfig(half_life_s=3_600.0),
+        seed=7,
+        publish_interval_s=0.5,
+        refresh_interval_s=2.0,
+        candidates={"good": "general", "bad": "general"},
+    )
+    stats: dict[str, str] = {}
+    return Learner(
+        settings, config, make_serde(settings), stats, RoutingCatalog(), clock, random.Random(7)
+    )
+
+
+def _execution(variant: str, quality: float) -> dict[str, Any]:
+    return records.telemetry(
+        kind="execution",
+        program_id="qa",
+        pool="general",
+        variant=variant,
+        emitted_at=datetime.now(UTC),
+        latency_ms=100.0,
+        success=True,
+        quality=quality,
+    )
+
+
+def _counted(table: dict[str, Any]) -> float:
+    return float(sum(row["count"] for row in table["learned_from"]))
+
+
+def test_evidence_that_moves_nothing_is_published_with_the_next_refresh() -> None:
+    clock = Clock()
+    learner = _learner(clock)
+    tables = []
+    for i in range(300):  # a burst, as a busy consumer reads it: one decision at the end
+        learner.observe(_execution("good" if i % 2 == 0 else "bad", 0.95 if i % 2 == 0 else 0.5))
+    tables += learner.due_tables()
+    assert tables and _counted(tables[-1][1]) >= 299  # the burst moved the weights
+    for _ in range(20):  # more of the same: nothing moves materially
+        learner.observe(_execution("good", 0.95))
+    clock.now += 0.6
+    assert learner.due_tables() == []  # not published at once ...
+    clock.now += 0.6
+    assert learner.due_tables() == []  # ... nor before the refresh interval ...
+    clock.now += 1.0
+    ((program_id, refreshed),) = learner.due_tables()  # ... but then, with every observation
+    assert program_id == "qa" and _counted(refreshed) >= 319
+    clock.now += 5.0
+    assert learner.due_tables() == []  # nothing new since: no table
