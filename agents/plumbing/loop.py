@@ -83,21 +83,17 @@ class ConsumerLoop:
         handle: Handle,
         *,
         busy: Callable[[], int] | None = None,
-        conf: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self._settings = settings
         self._handle = handle
         self._busy = busy or self.in_flight
-        self._conf = dict(conf or {})
         self._tracker = OffsetTracker()
         self._lock = threading.Lock()  # the tracker is shared with the rebalance callbacks
         self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
         self._generation: dict[TP, int] = {}
         self._paused = False
         self._fatal: BaseException | None = None
-        self.assigned = asyncio.Event()
-        """Set once the group assigned this member at least one partition."""
 
     def in_flight(self) -> int:
         """Messages received and not yet finished."""
@@ -135,7 +131,6 @@ class ConsumerLoop:
             "heartbeat.interval.ms": max(500, session_ms // 5),
             # only partitions that move are revoked: the rest keep answering
             "partition.assignment.strategy": "cooperative-sticky",
-            **self._conf,
         }
         if self.config.instance_id:
             conf["group.instance.id"] = self.config.instance_id
@@ -277,8 +272,6 @@ class ConsumerLoop:
 
     def _on_assign(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("assigned group=%s partitions=%s", self.config.group_id, _names(partitions))
-        if partitions:
-            self._loop.call_soon_threadsafe(self.assigned.set)
         if self._paused:  # the loop decides again; new partitions start resumed
             self._loop.call_soon_threadsafe(setattr, self, "_paused", False)
 

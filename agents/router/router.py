@@ -367,7 +367,6 @@ class RouterApp:
         self._deliveries: asyncio.Task[None] | None = None
         self._consuming: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self.consumer: ConsumerLoop | None = None
 
     def _list_topics(self) -> list[str]:
         # a short-lived admin handle: one kept across a broker restart can abort the
@@ -441,8 +440,8 @@ class RouterApp:
         producer = kafka.producer(self.settings, **{"client.id": self._app_id})
         self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
         self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
-        self.consumer = ConsumerLoop(self.settings, self.config, self.handle)
-        self._consuming = asyncio.create_task(self.consumer.run(self._stopping), name="consume")
+        consumer = ConsumerLoop(self.settings, self.config, self.handle)
+        self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Start, route until ``stop`` is set (or consuming fails), then stop."""

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -29,10 +28,7 @@ import pytest
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program, Result
 from dspex.streams.errors import DSPexError
-from dspex.streams.reader import end_offsets
-from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
-from dspex.streams.topics import Topics
 from tests.integration.stack import REPO, agent_env
 from tests.integration.tail import OpenTail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
@@ -231,37 +227,6 @@ SIM_30MS = "dspex/sim?task=echo&delay=0.03"
 RATE, LOAD_S, KILL_AT_S = 25, 24.0, 8.0
 
 
-class PoolPartitions:
-    """Which pool partition each request went to: reads the pool topic in a thread."""
-
-    def __init__(self, settings: Settings, pool: str) -> None:
-        topic = Topics(settings.topics).name(f"pool.{pool}")
-        self._serde = make_serde(settings)
-        self._consumer = kafka.consumer(settings, f"partitions-{uuid.uuid4().hex}")
-        self._consumer.assign(end_offsets(self._consumer, topic, 10.0))
-        self._placed: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for message in self._consumer.consume(500, 0.1):
-                if message.error() is None and message.value():
-                    record = self._serde.decode(
-                        message.value() or b"", topic=str(message.topic())
-                    ).record
-                    self._placed[record["request_id"]] = int(message.partition() or 0)
-
-    def of(self) -> dict[str, int]:
-        return dict(self._placed)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._consumer.close()
-
-
 @pytest.mark.parametrize("membership", ["static", "dynamic"])
 async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
     settings: Settings,
@@ -292,7 +257,8 @@ async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
     args += ["--instance-id", "2"] if membership == "static" else []
     victim = _start_agent(settings, tmp_path / "victim.log", *args)
     restarted: subprocess.Popen[bytes] | None = None
-    partitions = PoolPartitions(settings, "general")
+    # which pool partition each request went to, read from the pool topic
+    pool = tails(["pool.general"], settings=settings)
     answered_at: dict[str, float] = {}
     try:
         _wait_for_members(settings, f"{settings.topics.prefix}pool.general", 2, 60)
@@ -318,9 +284,9 @@ async def test_kill_9_of_a_worker_every_partition_answers_again_within_10s(
             outcomes = await asyncio.gather(*tasks)
         total = len(outcomes)
         tail.wait(lambda t: len({r["request_id"] for r in t.of("responses")}) >= total, 30, "all")
-        placed = partitions.of()
+        pairs = zip(pool.records["pool.general"], pool.messages("pool.general"), strict=True)
+        placed = {rec["request_id"]: msg.partition() for (_, rec), msg in pairs if rec}
     finally:
-        partitions.close()
         for process in (victim, restarted):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
