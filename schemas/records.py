@@ -70,6 +70,9 @@ def request(
     reply_topic: str | None = None,
     tools: Sequence[str] = (),
     metadata: Mapping[str, str] = _EMPTY,
+    pipeline_id: str | None = None,
+    pipeline_version: int | None = None,
+    adapter: str | None = None,
     route: Mapping[str, Any] | None = None,
 ) -> Record:
     """A ``Request``: one program run asked for (``route`` set once the router forwards it)."""
@@ -108,8 +111,34 @@ def response(
     program_version: int | None = None,
     pool: str | None = None,
     produced_at: Timestamp,
+    stage: Mapping[str, Any] | None = None,
+    partial: bool = False,
+    stages: Sequence[Mapping[str, Any]] = (),
+    session: Mapping[str, Any] | None = None,
 ) -> Record:
     """A ``Response`` chunk: streamed text, or the final outputs or error."""
+    return _record(locals())
+
+
+def stage_status(
+    *,
+    name: str,
+    item: int | None = None,
+    state: str,
+    pool: str | None = None,
+    started_at: Timestamp | None = None,
+    finished_at: Timestamp | None = None,
+    items: int = 0,
+    error: str | None = None,
+) -> Record:
+    """A ``StageStatus``: one pipeline stage's (or map item's) state on a Response."""
+    return _record(locals())
+
+
+def session_turn(
+    *, session_id: str, turn: int, fresh: bool = False, expired: bool = False
+) -> Record:
+    """A ``SessionTurn``: where a session request's answer sits in its session."""
     return _record(locals())
 
 
@@ -246,6 +275,7 @@ def program_version(
     module_config_json: str = "{}",
     state_json: str = "{}",
     tools: Sequence[str] = (),
+    adapter: str | None = None,
     metric: str | None = None,
     score: float | None = None,
     description: str = "",
@@ -274,6 +304,45 @@ def variable_update(
     observers: Sequence[str] = (),
 ) -> Record:
     """A ``VariableUpdate``: a new value for one shared variable."""
+    return _record(locals())
+
+
+def pipeline_version(
+    *,
+    pipeline_id: str,
+    version: int,
+    inputs: str,
+    stages: Sequence[Mapping[str, Any]],
+    outputs: Mapping[str, str],
+    description: str = "",
+    created_at: Timestamp,
+    created_by: str = "",
+) -> Record:
+    """A ``PipelineVersion``: one published version of a pipeline (a DAG of programs)."""
+    return _record(locals())
+
+
+def pipeline_stage(
+    *,
+    name: str,
+    program_id: str | None = None,
+    program_version: int | None = None,
+    signature: str | None = None,
+    module_type: str | None = None,
+    inputs: Mapping[str, str] = _EMPTY,
+    map_over: str | None = None,
+    map_concurrency: int = 4,
+    when: Mapping[str, Any] | None = None,
+    optional: bool = False,
+    defaults: Mapping[str, str] = _EMPTY,
+    pool_hint: str | None = None,
+) -> Record:
+    """A ``PipelineStage``: one stage of a pipeline version."""
+    return _record(locals())
+
+
+def stage_condition(*, ref: str, values: Sequence[str]) -> Record:
+    """A ``StageCondition``: run a stage only when ``ref`` equals one of ``values``."""
     return _record(locals())
 
 

@@ -100,6 +100,46 @@ def _response() -> Record:
         program_version=4,
         pool="general",
         produced_at=times.now(),
+        partial=True,
+        stages=[
+            records.stage_status(
+                name="retrieve",
+                state="finished",
+                pool="general",
+                started_at=times.now() - timedelta(milliseconds=900),
+                finished_at=times.now() - timedelta(milliseconds=500),
+            ),
+            records.stage_status(name="enrich", state="defaulted", error="ProgramError: boom"),
+        ],
+        session=records.session_turn(session_id="user-42", turn=3),
+    )
+
+
+def _pipeline_version() -> Record:
+    return records.pipeline_version(
+        pipeline_id="support",
+        version=2,
+        inputs="question, topics: list[str]",
+        stages=[
+            records.pipeline_stage(
+                name="retrieve", program_id="search", inputs={"query": "$input.question"}
+            ),
+            records.pipeline_stage(
+                name="summarize",
+                signature="topic -> summary",
+                inputs={"topic": "$item"},
+                map_over="$input.topics",
+                map_concurrency=4,
+                when=records.stage_condition(ref="$stage.retrieve.found", values=[_j(True)]),
+                optional=True,
+                defaults={"summary": _j("")},
+                pool_hint="general",
+            ),
+        ],
+        outputs={"passages": "$stage.retrieve.passages", "summaries": "$stage.summarize.summary"},
+        description="retrieve, then summarize each topic",
+        created_at=times.now(),
+        created_by="alice",
     )
 
 
@@ -146,6 +186,7 @@ def _program_version() -> Record:
         module_config_json="{}",
         state_json=_j(state),
         tools=[],
+        adapter="JSONAdapter",
         metric="answer_exact_match",
         score=0.86,
         description="MIPROv2 instructions, 4 bootstrapped demos",
@@ -315,6 +356,7 @@ _BUILDERS: dict[str, Callable[[], Record]] = {
     "JobControl": _job_control,
     "MetricSnapshot": _metric_snapshot,
     "OptimizationJob": _optimization_job,
+    "PipelineVersion": _pipeline_version,
     "ProgramVersion": _program_version,
     "Request": _request,
     "Response": _response,

@@ -111,6 +111,13 @@ CATALOG: tuple[TopicSpec, ...] = (
         "Program versions (signature, module type, DSPy JSON state).",
     ),
     _compact(
+        "pipelines",
+        "PipelineVersion",
+        "pipeline id",
+        3,
+        "Pipeline versions (stages, references, map/when/optional); the pipeline agent runs them.",
+    ),
+    _compact(
         "variables",
         "VariableUpdate",
         "variable key: name | program/<program id>/<name> | module/<program id>/<module>/<name>",

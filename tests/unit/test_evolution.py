@@ -134,32 +134,32 @@ def test_generated_examples_are_valid(name: str) -> None:
 
 
 def test_release_is_a_no_op_when_unchanged(store: SchemaStore) -> None:
-    assert release("Request", store=store).version == 1
-    assert sorted(p.name for p in store.history_dir.glob("Request.*")) == ["Request.v1.avsc"]
+    assert release("JobControl", store=store).version == 1
+    assert sorted(p.name for p in store.history_dir.glob("JobControl.*")) == ["JobControl.v1.avsc"]
 
 
 def test_release_snapshots_a_compatible_change_as_the_next_version(store: SchemaStore) -> None:
-    current_file = store.root / "Request.avsc"
-    current_file.write_text(json.dumps(with_optional_field("Request"), indent=2) + "\n")
+    current_file = store.root / "JobControl.avsc"
+    current_file.write_text(json.dumps(with_optional_field("JobControl"), indent=2) + "\n")
     store.clear()
-    assert store.current("Request").version == 2
-    released = release("Request", store=store)
+    assert store.current("JobControl").version == 2
+    released = release("JobControl", store=store)
     assert released.version == 2
-    assert (store.history_dir / "Request.v2.avsc").read_text() == current_file.read_text()
-    assert [s.version for s in store.versions("Request")] == [1, 2]
-    v1 = store.versions("Request")[0]
+    assert (store.history_dir / "JobControl.v2.avsc").read_text() == current_file.read_text()
+    assert [s.version for s in store.versions("JobControl")] == [1, 2]
+    v1 = store.versions("JobControl")[0]
     assert store.by_fingerprint(v1.fingerprint) == v1
-    assert check("Request", store=store) == []
+    assert check("JobControl", store=store) == []
 
 
 def test_release_refuses_an_incompatible_change(store: SchemaStore) -> None:
-    changed = definition("Response")
+    changed = definition("OptimizationJob")
     changed["fields"].append({"name": "must_have", "type": "string", "doc": "Required."})
-    (store.root / "Response.avsc").write_text(json.dumps(changed))
+    (store.root / "OptimizationJob.avsc").write_text(json.dumps(changed))
     store.clear()
     with pytest.raises(schemas.IncompatibleSchema, match="must_have"):
-        release("Response", store=store)
-    assert not (store.history_dir / "Response.v2.avsc").exists()
+        release("OptimizationJob", store=store)
+    assert not (store.history_dir / "OptimizationJob.v2.avsc").exists()
 
 
 def test_doc_only_change_keeps_the_version(store: SchemaStore) -> None:

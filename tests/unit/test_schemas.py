@@ -24,6 +24,7 @@ EXPECTED = [
     "JobControl",
     "MetricSnapshot",
     "OptimizationJob",
+    "PipelineVersion",
     "ProgramVersion",
     "Request",
     "Response",

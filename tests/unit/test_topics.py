@@ -27,13 +27,21 @@ DESIGN_TOPICS = {
     "jobs.control",
     "jobs.status",
     "cache",
+    "pipelines",
 }
 
 
 def test_catalog_is_the_design_table() -> None:
     assert {spec.name for spec in CATALOG} == DESIGN_TOPICS
     compacted = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact"}
-    assert compacted == {"programs", "variables", "routing", "jobs.control", "jobs.status"}
+    assert compacted == {
+        "programs",
+        "pipelines",
+        "variables",
+        "routing",
+        "jobs.control",
+        "jobs.status",
+    }
     expiring = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact,delete"}
     assert expiring == {"cache"}  # the latest entry per key, for a week
 
