@@ -12,10 +12,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.client.client import Chunk, Client
-from dspex.streams.client.jobs import JobOptions, JobProgress, JobResult, job_status
+from dspex.streams.client.jobs import (
+    JobOptions,
+    JobProgress,
+    JobResult,
+    job_status,
+    job_submitted,
+)
 from dspex.streams.errors import ConfigError
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 optimize_app = typer.Typer(help="Optimizer jobs on the optimizer pool (docs/optimizer.md).")
 app.add_typer(optimize_app, name="optimize")
@@ -118,8 +125,16 @@ def optimize_cancel(
 
 @optimize_app.command("follow")
 def optimize_follow(ctx: typer.Context, job_id: str) -> None:
-    """Print a running job's progress from now until it ends."""
-    with Client(settings_of(ctx)) as client:
+    """Print a running job's progress from now until it ends (a finished job: its result)."""
+    settings = settings_of(ctx)
+    serde = make_serde(settings)
+    final = job_status(settings, serde, job_id)
+    if final is not None:
+        _print_result(JobResult.from_chunk(Chunk.from_record(final)))
+        return
+    if not job_submitted(settings, serde, job_id):
+        raise ConfigError(f"no job {job_id} on {Topics(settings.topics).name('jobs')}")
+    with Client(settings) as client:
         for chunk in client.follow_job(job_id):
             if not chunk.final:
                 out.print(chunk.delta, end="", highlight=False)
@@ -165,15 +180,26 @@ def read_dataset(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read dataset {path}: {exc}") from exc
-    try:
-        if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
+        try:
             rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"dataset {path}: not JSON lines or a JSON array: {exc}") from exc
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ConfigError(f"dataset {path}: every example must be a JSON object")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"dataset {path}: not a JSON array: {exc}") from exc
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ConfigError(f"dataset {path}: every example must be a JSON object")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            where = f"dataset {path} line {number}"
+            raise ConfigError(f"{where}: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"dataset {path} line {number}: an example must be a JSON object")
+        rows.append(row)
     return rows
 
 

@@ -332,7 +332,7 @@ class AsyncClient:
         ``timeout_s`` (default 7 days) without an end. See ``docs/optimizer.md``.
         """
         await self.start()
-        record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
+        record = await self._checked_job(program_id, job)
         inbox = self._open_job_inbox(record["job_id"], timeout_s)
         try:
             await self._produce_job(record)
@@ -343,9 +343,16 @@ class AsyncClient:
     async def submit_job(self, program_id: str, **job: Unpack[_jobs.JobOptions]) -> str:
         """Queue an optimizer job without waiting; return its job id (see :meth:`follow_job`)."""
         await self.start()
-        record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
+        record = await self._checked_job(program_id, job)
         await self._produce_job(record)
         return str(record["job_id"])
+
+    async def _checked_job(self, program_id: str, job: _jobs.JobOptions) -> dict[str, Any]:
+        """The job's record, refused here (``InvalidRequest``) if the runner would refuse it."""
+        record = _jobs.job_record(program_id, job, reply_topic=self.reply_topic)
+        check = _jobs.check_job_record
+        await asyncio.to_thread(check, self._settings, self._require_serde(), record)
+        return record
 
     def follow_job(
         self, job_id: str, *, timeout_s: float | None = None
@@ -371,8 +378,14 @@ class AsyncClient:
         await (await self._send(topic, str(record["job_id"]).encode(), value, headers))
 
     async def cancel_job(self, job_id: str, *, requested_by: str = "", reason: str = "") -> None:
-        """Ask the job's runner to stop it; it ends with a final "cancelled" Response."""
+        """Ask the job's runner to stop it; it ends with a final "cancelled" Response.
+
+        ``InvalidRequest`` (field ``job_id``) when no such job was submitted or it has
+        already finished.
+        """
         await self.start()
+        check = _jobs.check_cancellable
+        await asyncio.to_thread(check, self._settings, self._require_serde(), job_id)
         topic = Topics(self._settings.topics).name("jobs.control")
         record = _jobs.control_record(job_id, "cancel", requested_by, reason)
         value = self._require_serde().encode("JobControl", record, topic=topic)

@@ -22,7 +22,9 @@ from typing import Any, TypedDict
 from dspex.schemas import records, times
 from dspex.schemas.records import Record
 from dspex.streams.client._replies import Chunk, Inbox
+from dspex.streams.client.programs import latest_version
 from dspex.streams.errors import InvalidRequest
+from dspex.streams.optimizers import check_job
 from dspex.streams.reader import latest_by_key, read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
@@ -196,6 +198,41 @@ def _json(name: str, value: Any) -> str:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(name, f"not JSON-serializable: {exc}") from exc
+
+
+def check_job_record(settings: Settings, serde: Serde, record: Mapping[str, Any]) -> None:
+    """Refuse, before producing, a job the runner would refuse; ``InvalidRequest`` names the field.
+
+    The runner's own checks (:func:`dspex.streams.optimizers.check_job`) plus the
+    program: it must be registered, and a pinned version must exist.
+    """
+    check_job(record, backends=settings.lm.backends, max_trials=settings.jobs.max_trials)
+    topic = Topics(settings.topics).name("programs")
+    program_id = str(record["program_id"])
+    latest = latest_version(settings, serde, topic, program_id)
+    if latest == 0:
+        raise InvalidRequest("program_id", f"no program {program_id!r} is registered on {topic}")
+    pinned = record.get("program_version")
+    if pinned is not None and not 1 <= pinned <= latest:
+        raise InvalidRequest(
+            "program_version", f"{program_id} has versions 1..{latest}, not {pinned}"
+        )
+
+
+def check_cancellable(settings: Settings, serde: Serde, job_id: str) -> None:
+    """Refuse to cancel a job that was never submitted or has already finished."""
+    final = job_status(settings, serde, job_id)
+    if final is not None:
+        raise InvalidRequest("job_id", f"job {job_id} already finished ({final['status']})")
+    if not job_submitted(settings, serde, job_id):
+        topic = Topics(settings.topics).name("jobs")
+        raise InvalidRequest("job_id", f"no job {job_id} on {topic}")
+
+
+def job_submitted(settings: Settings, serde: Serde, job_id: str) -> bool:
+    """Whether an OptimizationJob with this id is still on the jobs topic."""
+    topic = Topics(settings.topics).name("jobs")
+    return bool(read_to_end(settings, serde, topic, "OptimizationJob", key=job_id))
 
 
 def job_status(settings: Settings, serde: Serde, job_id: str) -> Record | None:

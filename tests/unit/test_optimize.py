@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -35,12 +36,14 @@ from dspex.agents.jobs.optimize import (
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.lms.simulations import WRONG, SimOptions
 from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec, parse_signature, run
+from dspex.agents.runtime.scoring import metric_names
 from dspex.agents.runtime.tools import default_tools
 from dspex.schemas.samples import sample
-from dspex.streams.cli.optimize import parse_search
+from dspex.streams.cli.optimize import parse_search, read_dataset
 from dspex.streams.client._replies import Chunk
 from dspex.streams.client.jobs import JobInbox, job_record
 from dspex.streams.errors import ConfigError, InvalidRequest
+from dspex.streams.optimizers import METRIC_NAMES, check_job
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import LMBackend, Settings, load_settings
 from dspex.streams.variables import VariableStore, validate_update
@@ -480,3 +483,39 @@ def test_a_runner_refuses_a_poll_interval_below_the_session_timeout() -> None:
     settings = load_settings(jobs={"max_poll_interval_s": 5}, reliability={"session_timeout_s": 10})
     with pytest.raises(ConfigError, match=r"max_poll_interval_s=5 must be at least"):
         JobRunner(settings)
+
+
+def test_the_client_knows_the_metrics_the_runner_registers() -> None:
+    assert sorted(METRIC_NAMES) == metric_names()
+
+
+def test_the_client_check_refuses_what_the_runner_refuses_without_dspy() -> None:
+    def record(**fields: Any) -> dict[str, Any]:
+        base = job_record("toy", {"metric": "f1", "dataset": [{"q": "a"}]}, reply_topic=None)
+        return {**base, **fields}
+
+    cases = {
+        "optimizer": record(optimizer="Foo"),
+        "metric": record(optimizer="BootstrapFewShot", metric="nope"),
+        "val_fraction": record(optimizer="BootstrapFewShot", val_fraction=1.5),
+        "optimizer_config_json.max_rounds": record(
+            optimizer="BootstrapFewShot", optimizer_config_json='{"max_rounds": 0}'
+        ),
+        "search_json.colour": record(search_json='{"colour": {"choices": [1]}}'),
+    }
+    for field, bad in cases.items():
+        with pytest.raises(InvalidRequest) as caught:
+            check_job(bad, backends=["sim"], max_trials=8)
+        assert caught.value.field == field
+    ok = check_job(record(optimizer="BootstrapFewShot"), backends=["sim"], max_trials=8)
+    assert ok.optimizer == "BootstrapFewShot" and ok.trial_count == 1
+
+
+def test_a_dataset_error_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"q": 1}\n\n{"q": 2}\n{"q": 3}\n{"q": 4, oops}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"train.jsonl line 5: .*\(column 10\)"):
+        read_dataset(path)
+    path.write_text('{"q": 1}\n[1]\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 2: an example must be a JSON object"):
+        read_dataset(path)
