@@ -194,6 +194,11 @@ class LMBackend(_Section):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=512, ge=1)
 
+    @property
+    def simulated(self) -> bool:
+        """Whether this backend is one of DSPex's simulations (``dspex/echo``, ``dspex/sim``)."""
+        return self.model == "dspex/echo" or self.model.partition("?")[0] == "dspex/sim"
+
 
 def _default_backends() -> dict[str, LMBackend]:
     return {"echo": LMBackend(model="dspex/echo"), "local": LMBackend(model="dspex/llama-cpp")}
@@ -203,10 +208,10 @@ class LMSettings(_Section):
     """LM backends by variant name, and which variant each pool uses by default."""
 
     backends: dict[str, LMBackend] = Field(default_factory=_default_backends)
-    default_variant: str = "echo"
-    # The gpu pool hosts the local model; the others default to the echo simulation
-    # until real backends are configured.
-    pool_variants: dict[str, str] = Field(default_factory=lambda: {"gpu": "local"})
+    # Every pool answers with a real model unless configured otherwise: the local model
+    # (``local``) until a LiteLLM backend is named. The ``echo`` simulation is opt-in.
+    default_variant: str = "local"
+    pool_variants: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("backends")
     @classmethod

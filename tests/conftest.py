@@ -1,4 +1,4 @@
-"""Suite-wide pytest options.
+"""Suite-wide pytest options, and the LM backends the suite runs on.
 
 ``--fail-on-skip`` (used by ``make test`` and CI) turns any skipped test into a
 failed run: a skipped integration test would hide a missing broker or feature.
@@ -6,7 +6,16 @@ failed run: a skipped integration test would hide a missing broker or feature.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The product answers with the local model in every pool by default. The suite opts
+# into DSPex's echo SIMULATION for the general and optimizer pools (deterministic and
+# instant) and keeps the local model on the gpu pool, unless a test names other
+# backends; tests/unit/test_settings.py checks the product default without this.
+os.environ.setdefault("DSPEX_LM__DEFAULT_VARIANT", "echo")
+os.environ.setdefault("DSPEX_LM__POOL_VARIANTS", '{"gpu": "local"}')
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

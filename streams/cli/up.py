@@ -45,6 +45,9 @@ def up(
     started = ensure_cluster(settings)
     out.print(topics_table(create_topics(settings)))
     out.print(f"[green bold]DSPex is up[/] on {kafka.bootstrap_servers(settings)}")
+    if agents:
+        for line in pool_models(settings):
+            out.print(line, highlight=False)
     stop = _stop_on_signals()
     if agents:
         failed = _run_agents(settings, ctx.meta.get("settings_file"), stop, demo, once)
@@ -57,6 +60,17 @@ def up(
         out.print("local broker stopped")
     if failed:
         raise typer.Exit(1)
+
+
+def pool_models(settings: Settings) -> list[str]:
+    """One line per pool: the variant and model that answers, simulations labelled as such."""
+    lines = []
+    for pool in POOLS:
+        variant = settings.lm.variant_for_pool(pool)
+        backend = settings.lm.backends[variant]
+        label = "  [yellow](a SIMULATION, not a model)[/]" if backend.simulated else ""
+        lines.append(f"pool {pool:<9} answers with {variant} ({backend.model}){label}")
+    return lines
 
 
 def _run_agents(

@@ -9,6 +9,7 @@ Everything started here is stopped here, also on errors.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -69,9 +70,17 @@ def _local_pid(bootstrap: str) -> int | None:
 
 
 def bench_settings(bootstrap: str, prefix: str | None = None) -> Settings:
-    """Settings for this run's uuid topic prefix on ``bootstrap``."""
+    """Settings for this run's uuid topic prefix on ``bootstrap``.
+
+    The benchmarks measure DSPex, not a model: the general and optimizer pools answer
+    with the echo SIMULATION (the gpu pool keeps the local model), as in the tests.
+    """
     prefix = prefix or f"bench{uuid.uuid4().hex[:8]}."
-    return load_settings(kafka={"bootstrap_servers": bootstrap}, topics={"prefix": prefix})
+    return load_settings(
+        kafka={"bootstrap_servers": bootstrap},
+        topics={"prefix": prefix},
+        lm={"default_variant": "echo", "pool_variants": {"gpu": "local"}},
+    )
 
 
 @contextlib.contextmanager
@@ -157,6 +166,8 @@ def agent_env(settings: Settings, in_flight: int) -> dict[str, str]:
         "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "DSPEX_POOLS__GENERAL__IN_FLIGHT": str(in_flight),
+        "DSPEX_LM__DEFAULT_VARIANT": settings.lm.default_variant,
+        "DSPEX_LM__POOL_VARIANTS": json.dumps(settings.lm.pool_variants),
         "DSPEX_LOG_LEVEL": "WARNING",
     }
 

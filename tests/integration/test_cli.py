@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -78,13 +79,7 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
 
     ``create_topics`` is only here for its teardown: ``dspex up`` creates the topics.
     """
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "DSPEX_POOLS__GENERAL__PROCESSES": "1",
-        "COLUMNS": "200",
-    }
+    env = product_env(settings)
     cmd = [sys.executable, "-m", "dspex.streams", "up", "--once"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -93,6 +88,66 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     for name in ("router", "learner", "general-1", "optimizer-1", "gpu-1"):
         assert f"{name} stopped (code 0)" in run.stderr
     print(run.stdout.split("demo", 1)[1])
+
+
+def product_env(settings: Settings) -> dict[str, str]:
+    """The environment of a user who configured nothing but the broker (no test simulation)."""
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+        "DSPEX_POOLS__GENERAL__PROCESSES": "1",
+        "COLUMNS": "200",
+    }
+    for name in ("DSPEX_LM__DEFAULT_VARIANT", "DSPEX_LM__POOL_VARIANTS"):
+        env.pop(name, None)
+    return env
+
+
+def test_the_readme_quickstart_answers_with_the_local_model_in_every_pool(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    """`make up`, then the README's commands from another terminal: real-model answers."""
+    env = product_env(settings)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "dspex.streams", "up", "--no-demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            seen.append(line)
+            if "Ctrl-C (or SIGTERM)" in line:
+                break
+        banner = "".join(seen)
+        for pool in ("general", "optimizer", "gpu"):
+            assert f"pool {pool:<9} answers with local (dspex/llama-cpp)" in banner, banner
+        assert "SIMULATION" not in banner
+
+        def dspex(*args: str) -> subprocess.CompletedProcess[str]:
+            cmd = [sys.executable, "-m", "dspex.streams", *args]
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+        put = dspex("programs", "put", "qa", "question, context -> answer")
+        assert put.returncode == 0, put.stderr
+        answers = {
+            "general": dspex("submit", "qa", "question=Who did it?", "context=Alice did it"),
+            "gpu": dspex("submit", "question -> answer", "question=What is 2+2?", "--pool", "gpu"),
+        }
+        for pool, run in answers.items():
+            assert run.returncode == 0, run.stderr
+            assert f"pool={pool}" in run.stderr, run.stderr
+            assert run.stdout.strip(), f"{pool}: empty answer"
+            assert "echo" not in run.stdout.lower(), run.stdout
+            print(f"{pool}: {run.stdout.strip()!r}")
+    finally:
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=120)
+    assert up.returncode == 0, "".join(seen) + rest
 
 
 def test_dlq_list_and_replay_resubmit_the_original_bytes(

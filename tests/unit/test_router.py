@@ -41,6 +41,7 @@ SETTINGS = Settings(
             "local": LMBackend(model="dspex/llama-cpp"),
             "hot": LMBackend(model="openai/gpt-4o-mini", temperature=0.7),
         },
+        default_variant="echo",
         pool_variants={"gpu": "local"},
     )
 )

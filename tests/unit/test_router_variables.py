@@ -25,6 +25,7 @@ SETTINGS = Settings(
             "echo2": LMBackend(model="dspex/echo"),
             "hot": LMBackend(model="openai/gpt-4o-mini", temperature=0.7),
         },
+        default_variant="echo",
         pool_variants={},
     )
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dspex.streams.errors import ConfigError
-from dspex.streams.settings import load_settings
+from dspex.streams.settings import LMBackend, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +98,15 @@ def test_configured_backends_keep_the_builtin_ones_and_variants_must_exist() -> 
     assert settings.lm.variant_for_pool("gpu") == "local"
     with pytest.raises(ConfigError, match=r"pool_variants\.general"):
         load_settings(lm={"pool_variants": {"general": "nope"}})
+
+
+def test_every_pool_answers_with_a_real_model_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSPEX_LM__DEFAULT_VARIANT", raising=False)
+    monkeypatch.delenv("DSPEX_LM__POOL_VARIANTS", raising=False)
+    lm = load_settings().lm
+    for pool in ("general", "optimizer", "gpu"):
+        variant = lm.variant_for_pool(pool)
+        assert variant == "local" and not lm.backends[variant].simulated
+    assert lm.backends["echo"].simulated
+    assert LMBackend(model="dspex/sim?task=upper").simulated
+    assert not LMBackend(model="openai/gpt-4o-mini").simulated
