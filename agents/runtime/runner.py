@@ -127,7 +127,14 @@ def _usage(totals: Mapping[str, Mapping[str, Any]]) -> TokenUsage:
 def _outputs(prediction: Any) -> dict[str, Any]:
     if not isinstance(prediction, dspy.Prediction):
         raise ProgramError(f"program returned {type(prediction).__name__}, not a Prediction")
-    return {k: jsonable(v) for k, v in prediction.items() if k not in _HIDDEN_OUTPUTS}
+    outputs = {k: jsonable(v) for k, v in prediction.items() if k not in _HIDDEN_OUTPUTS}
+    # A signature's outputs are required: an empty text is no answer, not a silent success.
+    empty = [
+        name for name, value in outputs.items() if isinstance(value, str) and not value.strip()
+    ]
+    if empty:
+        raise ProgramError(f"the LM gave an empty {empty[0]!r} output")
+    return outputs
 
 
 def _trace(module: dspy.Module, trace: list[Any]) -> list[dict[str, Any]]:

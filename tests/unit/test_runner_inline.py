@@ -241,3 +241,10 @@ async def test_nothing_to_stream_runs_inline(thread_hops: list[str]) -> None:
     result, chunks = await _streamed(module, EchoLM())
     assert result.outputs == {"confidence": 0.5}
     assert chunks == [] and thread_hops == []
+
+
+async def test_an_empty_required_output_is_an_error_not_a_silent_success() -> None:
+    text = "[[ ## answer ## ]]\n  \n\n[[ ## confidence ## ]]\n0.5\n\n[[ ## ideas ## ]]\n[]\n"
+    raised = await _raised(ScriptedLM(FixedEngine(text + "[[ ## completed ## ]]")))
+    assert isinstance(raised, ProgramError)
+    assert str(raised) == "the LM gave an empty 'answer' output"
