@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = [
     "parse_field_list",
     "parse_signature_fields",
     "parse_type",
+    "stream_delta",
+    "stream_field",
     "type_name",
 ]
 
@@ -216,3 +219,28 @@ def type_name(annotation: Any) -> str:
     if annotation in _SCALARS.values():
         return str(annotation.__name__)
     return str(annotation).replace("typing.", "")
+
+
+def stream_field(fields: SignatureFields) -> tuple[str, bool] | None:
+    """The output a streamed answer carries, and whether it is text.
+
+    The last ``str`` output (not ``reasoning``), token by token; without one, the last
+    output, sent whole as its JSON (the same text as its value in the final outputs).
+    """
+    outputs = [(name, kind) for name, kind in fields.outputs if name != "reasoning"]
+    texts = [name for name, kind in outputs if kind is str]
+    if texts:
+        return texts[-1], True
+    return (outputs[-1][0], False) if outputs else None
+
+
+def stream_delta(fields: SignatureFields, outputs: Mapping[str, str]) -> str:
+    """What a stream of the answer with these (JSON-encoded) ``outputs`` concatenates to."""
+    chosen = stream_field(fields)
+    if chosen is None or chosen[0] not in outputs:
+        return ""
+    name, text = chosen
+    if not text:
+        return outputs[name]
+    value = json.loads(outputs[name])
+    return value if isinstance(value, str) else outputs[name]

@@ -28,6 +28,7 @@ from typing import Any
 from dspex.agents.router.routing import Route
 from dspex.schemas import records
 from dspex.streams.settings import LMSettings
+from dspex.streams.signatures import parse_signature_fields, stream_delta
 
 NONDETERMINISTIC_MODULES = frozenset({"BestOfN", "Refine"})
 
@@ -153,20 +154,30 @@ def decode_outputs(value: str) -> dict[str, str] | None:
     return outputs
 
 
-def cached_response(
-    request_id: str, outputs: Mapping[str, str], program: Mapping[str, Any], now_ms: int
-) -> dict[str, Any]:
-    """The one final ``Response`` chunk the router answers a cache hit with (no pool)."""
-    return records.response(
-        request_id=request_id,
-        final=True,
-        status="ok",
-        outputs=outputs,
-        cached=True,
-        program_id=program.get("program_id"),
-        program_version=program.get("program_version"),
-        produced_at=now_ms,
-    )
+def cached_responses(
+    request: Mapping[str, Any], outputs: Mapping[str, str], program: Mapping[str, Any], now_ms: int
+) -> list[dict[str, Any]]:
+    """The ``Response`` chunks the router answers a cache hit with (no pool).
+
+    A streamed request gets what a run would have streamed (the text output, or the
+    last output's JSON; see :func:`dspex.streams.signatures.stream_field`) as one
+    progress chunk, then the final chunk; otherwise the final chunk alone.
+    """
+    common = {
+        "request_id": request["request_id"],
+        "cached": True,
+        "program_id": program.get("program_id"),
+        "program_version": program.get("program_version"),
+        "produced_at": now_ms,
+    }
+    final = records.response(**common, final=True, status="ok", outputs=outputs)
+    if not request.get("stream"):
+        return [final]
+    delta = stream_delta(parse_signature_fields(program["signature"]), outputs)
+    if not delta:
+        return [final]
+    progress = records.response(**common, seq=0, final=False, status="progress", delta=delta)
+    return [progress, {**final, "seq": 1}]
 
 
 def _number(text: str) -> float | None:

@@ -44,7 +44,7 @@ from dspex.agents.plumbing.retry import RETRY_POOL, retry_due
 from dspex.agents.router.cache import (
     ResultCache,
     cache_key,
-    cached_response,
+    cached_responses,
     decode_outputs,
     is_cacheable,
 )
@@ -197,9 +197,9 @@ class RouterHandler:
             request, program, route, self._settings.lm, variables
         ):
             key = cache_key(program, request.get("inputs") or {}, variables, route)
-            hit = self._cached(request, program, key, now)
-            if hit is not None:
-                return [hit]
+            hits = self._cached(request, program, key, now)
+            if hits:
+                return hits
         # the decoded request has every Request field; the program and route complete it
         forwarded = records.request(
             **{
@@ -234,13 +234,13 @@ class RouterHandler:
         self._check_size(len(value), "state_json")
         return Outgoing(topic, original.key, value, original.headers)
 
-    def _cached(self, request: Record, program: Record, key: str, now: int) -> Outgoing | None:
+    def _cached(self, request: Record, program: Record, key: str, now: int) -> list[Outgoing]:
         stored = self._cache.get(key)
         outputs = decode_outputs(stored) if stored is not None else None
         if outputs is None:
-            return None
-        response = cached_response(request["request_id"], outputs, program, now)
-        return self._response(request, response)
+            return []
+        chunks = cached_responses(request, outputs, program, now)
+        return [self._response(request, chunk) for chunk in chunks]
 
     def _check_size(self, size: int, field: str) -> None:
         limit = self._settings.router.max_request_bytes

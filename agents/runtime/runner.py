@@ -9,6 +9,7 @@ ChatAdapter markup; each piece goes to ``on_chunk``.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -73,8 +74,21 @@ async def _execute(module: dspy.Module, inputs: dict[str, Any], on_chunk: OnChun
         if field is not None:
             return await _stream(module, inputs, field, on_chunk)
     if _is_async(module):
-        return await module.acall(**inputs)
-    return await dspy.asyncify(module)(**inputs)
+        prediction = await module.acall(**inputs)
+    else:
+        prediction = await dspy.asyncify(module)(**inputs)
+    if on_chunk is not None:
+        await _send_whole(prediction, on_chunk)
+    return prediction
+
+
+async def _send_whole(prediction: Any, on_chunk: OnChunk) -> None:
+    """No text output to stream: send the last output whole, as its JSON (as in the outputs)."""
+    if not isinstance(prediction, dspy.Prediction):
+        return
+    names = [k for k in prediction.keys() if k not in _HIDDEN_OUTPUTS and k != "reasoning"]
+    if names:
+        await on_chunk(json.dumps(jsonable(prediction[names[-1]]), default=str))
 
 
 def _is_async(module: dspy.Module) -> bool:

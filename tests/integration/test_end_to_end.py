@@ -14,6 +14,7 @@ consumed (:meth:`Stack.wait_idle`) and the tail has read the topics to their end
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -281,6 +282,37 @@ async def test_a_deterministic_repeat_is_answered_from_the_cache_without_a_pool(
     assert (second.cached, second.pool, second.status) == (True, None, "ok")
     assert second.outputs == first.outputs == {"answer": f"echo: {question}"}
     assert after == before
+
+
+async def test_a_streamed_cache_hit_and_a_list_output_stream_their_answer(
+    settings: Settings, start_stack: StartStack
+) -> None:
+    """Contract rule: the streamed chunks' deltas concatenate to the answer, for a cache hit
+    (the router streams the cached text) and for a program with no text output (its last
+    output, as JSON)."""
+    settings = echo_settings(settings)
+    start_stack(settings, ["general"])
+    question = _question("What is cached?")
+    ideas = Program.inline("topic -> ideas: list[str]")
+    async with AsyncClient(settings) as client:
+        first = await client.submit(INLINE, {"question": question}, deadline_s=60)
+        give_up, hit = time.monotonic() + 60, []
+        while time.monotonic() < give_up:  # the router follows `cache` on its own consumer
+            hit = [c async for c in client.stream(INLINE, {"question": question}, deadline_s=60)]
+            if hit[-1].cached:
+                break
+            await asyncio.sleep(0.5)
+        listed = [c async for c in client.stream(ideas, {"topic": "rain"}, deadline_s=60)]
+    print(f"\ncache hit chunks {[c.delta for c in hit]}; list chunks {[c.delta for c in listed]}")
+    assert hit[-1].cached and hit[-1].final and hit[-1].outputs == first.outputs
+    assert [c.seq for c in hit] == list(range(len(hit))) and len(hit) == 2
+    assert all(c.delta for c in hit[:-1]) and first.outputs is not None
+    assert "".join(c.delta for c in hit) == first.outputs["answer"]
+    final = listed[-1]
+    assert final.status == "ok" and final.outputs is not None
+    assert isinstance(final.outputs["ideas"], list)
+    assert all(c.delta for c in listed[:-1]) and len(listed) >= 2
+    assert json.loads("".join(c.delta for c in listed)) == final.outputs["ideas"]
 
 
 async def test_a_program_version_published_mid_run_is_used_by_later_requests(

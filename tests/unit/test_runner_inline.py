@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -236,11 +237,14 @@ async def test_streaming_keeps_dspys_async_call_and_streams_the_answer() -> None
     assert result == await run(build(), QUESTION, lm=EchoLM())
 
 
-async def test_nothing_to_stream_runs_inline(thread_hops: list[str]) -> None:
-    module = ProgramBuilder(default_tools()).build(ProgramSpec("question -> confidence: float"))
+async def test_no_text_output_runs_inline_and_streams_the_last_output_whole(
+    thread_hops: list[str],
+) -> None:
+    spec = ProgramSpec("question -> confidence: float, ideas: list[str]")
+    module = ProgramBuilder(default_tools()).build(spec)
     result, chunks = await _streamed(module, EchoLM())
-    assert result.outputs == {"confidence": 0.5}
-    assert chunks == [] and thread_hops == []
+    assert result.outputs["confidence"] == 0.5
+    assert chunks == [json.dumps(result.outputs["ideas"])] and thread_hops == []
 
 
 async def test_an_empty_required_output_is_an_error_not_a_silent_success() -> None:

@@ -49,3 +49,14 @@ def test_a_field_list_names_where_it_came_from() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_field_list("a, a", field="inputs")
     assert info.value.field == "inputs"
+
+
+def test_a_stream_carries_the_last_text_output_else_the_last_output_as_json() -> None:
+    from dspex.streams.signatures import stream_delta, stream_field
+
+    text = parse_signature_fields("q -> answer, reasoning, confidence: float")
+    assert stream_field(text) == ("answer", True)
+    assert stream_delta(text, {"answer": '"Paris"', "confidence": "0.9"}) == "Paris"
+    listed = parse_signature_fields("topic -> ideas: list[str], n: int")
+    assert stream_field(listed) == ("n", False)
+    assert stream_delta(listed, {"ideas": '["a"]', "n": "3"}) == "3"
