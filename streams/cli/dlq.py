@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import TopicPartition
 from rich.table import Table
 
 from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.errors import DSPexError
+from dspex.streams.reader import scan_to_end
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -158,22 +159,14 @@ def read_dead_letters(
     serde = make_serde(settings)
     consumer = kafka.consumer(settings, f"dspex-dlq-{uuid.uuid4().hex}")
     try:
-        ends = _ends(consumer, topic, timeout_s)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        give_up = time.monotonic() + timeout_s
-        while ends and time.monotonic() < give_up:
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error() is not None:
-                continue
+        # by position, not by the last record's offset: transaction markers (the workers
+        # write dead letters in transactions) sit after the last record of a partition
+        for msg in scan_to_end(consumer, topic, timeout_s):
             partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
             where = f"dlq[{partition}]@{offset}"
             record = _decode(serde, topic, msg.value() or b"", where)
             if record is not None and wanted.matches(record):
                 yield where, record
-            if offset + 1 >= ends[partition]:
-                del ends[partition]
-        if ends:
-            err.print(f"[yellow]{topic}: partitions {sorted(ends)} not read to the end[/]")
     finally:
         consumer.close()
 
@@ -185,15 +178,3 @@ def _decode(serde: Any, topic: str, value: bytes, where: str) -> dict[str, Any] 
         err.print(f"[yellow]skip {where}: {exc}[/]")
         return None
     return record
-
-
-def _ends(consumer: Any, topic: str, timeout_s: float) -> dict[int, int]:
-    metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-    ends = {}
-    for partition in metadata.partitions:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=timeout_s
-        )
-        if high > low:
-            ends[partition] = high
-    return ends
