@@ -342,17 +342,15 @@ class JobExecution:
 
     def _cancelled(self) -> JobOutcome:
         who = self.cancelled_by or "a cancel request"
-        error = ErrorInfo(
-            "Cancelled", f"job_id={self.job_id}: cancelled by {who}", None, "optimize"
-        )
+        # the Response's request_id (and a dead letter's) is the job id: not repeated here
+        error = ErrorInfo("Cancelled", f"cancelled by {who}", None, "optimize")
         final = jr.final_response(self._head_or_job(), self._seq(), "cancelled", error=error)
         return JobOutcome("cancelled", self._final(final, self.emitter.best, False), who)
 
     def _failed(self, exc: BaseException, stage: str) -> JobOutcome:
         field_name = exc.field if isinstance(exc, InvalidRequest) else None
         retryable = isinstance(exc, RetryableError)
-        message = f"job_id={self.job_id}: {exc}"
-        error = ErrorInfo(type(exc).__name__, message, field_name, stage, retryable)
+        error = ErrorInfo(type(exc).__name__, str(exc), field_name, stage, retryable)
         final = jr.final_response(self._head_or_job(), self._seq(), "error", error=error)
         dlq = self._topics.name("dlq")
         letter = dead_letter(
@@ -364,7 +362,7 @@ class JobExecution:
                 dlq, self._origin.key or b"", self._serde.encode("DeadLetter", letter, topic=dlq)
             )
         )
-        return JobOutcome("failed", records, message)
+        return JobOutcome("failed", records, error.message)
 
     def _final(self, final: Record, quality: float | None, success: bool) -> list[Outgoing]:
         head = self._head_or_job()

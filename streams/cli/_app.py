@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +13,20 @@ from dspex.streams.logs import configure_logging
 from dspex.streams.settings import Settings, load_settings
 
 app = typer.Typer(help="DSPex: DSPy programs behind Apache Kafka.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(*, stderr: bool) -> Console:
+    """A console for stdout or stderr: piped or redirected, nothing is wrapped or cut.
+
+    Rich fits output to 80 columns when there is no terminal, truncating table cells
+    (``dspex.poo…``) and wrapping lines that scripts and log collectors read whole.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 100_000)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 @app.callback()

@@ -81,6 +81,8 @@ def optimize_run(
 
 
 def _run_with_bar(client: Client, program_id: str, options: JobOptions) -> JobResult:
+    if not err.is_terminal:  # piped: a line per progress chunk, not a bar nobody sees redrawn
+        return client.optimize(program_id, on_progress=_print_progress, **options)
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -90,14 +92,42 @@ def _run_with_bar(client: Client, program_id: str, options: JobOptions) -> JobRe
     )
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task("queued", total=None, best="-")
+        seen = _Seen()
 
         def show(progress: JobProgress) -> None:
-            best = "-" if progress.best is None else f"{progress.best:.4f}"
-            text = f"{progress.phase} {progress.message}".strip()[:60]
-            bar.update(task, description=text, total=progress.trials or None, best=best)
-            bar.update(task, completed=progress.trial)
+            seen.update(progress)
+            bar.update(task, description=_headline(progress)[:60], total=seen.trials or None)
+            bar.update(task, completed=progress.trial, best=seen.best_text())
 
         return client.optimize(program_id, on_progress=show, **options)
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What the job reported so far: a chunk without a best score or a trial count keeps them."""
+
+    best: float | None = None
+    trials: int = 0
+
+    def update(self, progress: JobProgress) -> None:
+        self.best = progress.best if progress.best is not None else self.best
+        self.trials = progress.trials or self.trials
+
+    def best_text(self) -> str:
+        return "-" if self.best is None else f"{self.best:.4f}"
+
+
+def _headline(progress: JobProgress) -> str:
+    """``phase message``, the phase not twice (``compile finished``, not ``compile compile``)."""
+    if progress.message.split(" ", 1)[0] == progress.phase:
+        return progress.message
+    return f"{progress.phase} {progress.message}".strip()
+
+
+def _print_progress(progress: JobProgress) -> None:
+    trial = f" trial {progress.trial}/{progress.trials}" if progress.trials else ""
+    best = "" if progress.best is None else f" best={progress.best:.4f}"
+    err.print(f"{_headline(progress)}{trial}{best}", highlight=False, soft_wrap=True)
 
 
 def _print_result(result: JobResult) -> None:

@@ -60,12 +60,7 @@ def test_tail_of_a_topic_that_does_not_exist_is_one_error_line_and_exit_1(
     settings: Settings, create_topics: Callable[[], list[TopicReport]]
 ) -> None:
     create_topics()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "COLUMNS": "80",
-    }
+    env = cli_env(settings)
     cmd = [sys.executable, "-m", "dspex.streams", "tail", "nosuchtopic", "--idle", "5"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run.stderr
@@ -92,15 +87,20 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     print(run.stdout.split("demo", 1)[1])
 
 
-def product_env(settings: Settings) -> dict[str, str]:
-    """The environment of a user who configured nothing but the broker (no test simulation)."""
-    env = {
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `dspex` command on the test's broker and topics, 80 columns."""
+    return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "DSPEX_POOLS__GENERAL__PROCESSES": "1",
-        "COLUMNS": "200",
+        "COLUMNS": "80",
+        **extra,
     }
+
+
+def product_env(settings: Settings) -> dict[str, str]:
+    """The environment of a user who configured nothing but the broker (no test simulation)."""
+    env = cli_env(settings, DSPEX_POOLS__GENERAL__PROCESSES="1", COLUMNS="200")
     for name in ("DSPEX_LM__DEFAULT_VARIANT", "DSPEX_LM__POOL_VARIANTS"):
         env.pop(name, None)
     return env
@@ -263,3 +263,16 @@ def test_dlq_replay_reads_an_omitted_original_back_from_its_topic(
     )
     assert replayed.partition() == msg.partition() and replayed.offset() > msg.offset()
     assert replayed.value() == big and replayed.key() == b"big"
+
+
+def test_piped_tables_show_whole_names(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    """At 80 columns with no terminal, `topics list` printed `dspex.poo…`: nothing is cut now."""
+    create_topics()
+    cmd = [sys.executable, "-m", "dspex.streams", "topics", "list"]
+    run = subprocess.run(cmd, env=cli_env(settings), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    for name in ("pool.general", "pool.optimizer", "variables.history", "jobs.control"):
+        assert f"{settings.topics.prefix}{name}" in run.stdout, run.stdout
+    assert "…" not in run.stdout

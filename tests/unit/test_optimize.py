@@ -41,7 +41,7 @@ from dspex.agents.runtime.tools import default_tools
 from dspex.schemas.samples import sample
 from dspex.streams.cli.optimize import parse_search, read_dataset
 from dspex.streams.client._replies import Chunk
-from dspex.streams.client.jobs import JobInbox, job_record
+from dspex.streams.client.jobs import JobInbox, JobProgress, job_record
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.optimizers import METRIC_NAMES, check_job
 from dspex.streams.serde import make_serde
@@ -519,3 +519,20 @@ def test_a_dataset_error_names_its_line(tmp_path: Path) -> None:
     path.write_text('{"q": 1}\n[1]\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="line 2: an example must be a JSON object"):
         read_dataset(path)
+
+
+def test_a_piped_follow_prints_a_line_per_progress_without_repeating_the_phase() -> None:
+    from dspex.streams.cli import optimize as cli
+
+    def progress(phase: str, message: str, best: float | None, trials: int = 0) -> JobProgress:
+        return JobProgress("j", phase, 1 if trials else 0, trials, None, best, message, None, "")
+
+    assert cli._headline(progress("compile", "compile finished: 9 LM calls", None)) == (
+        "compile finished: 9 LM calls"
+    )
+    baseline = progress("baseline", "4 train / 4 val", None)
+    assert cli._headline(baseline) == "baseline 4 train / 4 val"
+    seen = cli._Seen()
+    for step in (progress("baseline", "", 0.25), progress("compile", "started", None, 3)):
+        seen.update(step)
+    assert (seen.best_text(), seen.trials) == ("0.2500", 3)
