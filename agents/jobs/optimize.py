@@ -111,12 +111,21 @@ class OptimizationResult:
         return self.score_after > self.score_before
 
     def changed_variables(self) -> dict[str, Any]:
-        """The best trial's values that differ from the values in force."""
-        return {
-            name: value
-            for name, value in self.best.variables.items()
-            if self.current.get(name) != value
-        }
+        """The best trial's values that differ from the values in force and that matter.
+
+        A value matters when every trial that set the variable otherwise scored lower:
+        if another value did as well (a tie), the search found nothing about it, and
+        nothing is published for it.
+        """
+        changed = {}
+        for name, value in self.best.variables.items():
+            if self.current.get(name) == value:
+                continue
+            others = [t.evaluation.score for t in self.trials if t.variables.get(name) != value]
+            if others and max(others) >= self.score_after:
+                continue
+            changed[name] = value
+        return changed
 
 
 class Evaluator(Protocol):
@@ -159,6 +168,7 @@ class Optimization:
         if self._spec.optimizer is not None:
             self._check_cancel()
             candidate = await asyncio.to_thread(self._compile, list(train))
+            candidate = await self._earned_instructions(candidate, val)
         trials = await self._search(candidate, val)
         return OptimizationResult(
             base=self._base,
@@ -212,9 +222,51 @@ class Optimization:
         watch.report(final=True)
         return dataclasses.replace(self._base, state_json=export_state(compiled))
 
+    async def _earned_instructions(
+        self, candidate: ProgramSpec, val: Sequence[dspy.Example]
+    ) -> ProgramSpec:
+        """The compiled program, its proposed instructions kept only if they earn their place.
+
+        An optimizer that proposes instructions (MIPROv2, GEPA, SIMBA) asks the LM for
+        them, and a model can answer with anything (a simulation says "I do not know").
+        The compiled program is scored again with the original instructions and its
+        demos; the proposed instructions stay only when they score strictly higher.
+        """
+        original = {
+            name: predictor.signature.instructions
+            for name, predictor in ProgramBuilder(default_tools())
+            .build(self._base)
+            .named_predictors()
+        }
+        restored = with_instructions(candidate.state_json or "{}", original)
+        if restored == candidate.state_json:
+            return candidate
+        plain = dataclasses.replace(candidate, state_json=restored)
+        proposed = await self._evaluate(candidate, self._current, val)
+        kept = await self._evaluate(plain, self._current, val)
+        better = proposed.score > kept.score
+        message = (
+            f"proposed instructions {'kept' if better else 'dropped'}: "
+            f"{proposed.score:.4f} vs {kept.score:.4f} with the original ones"
+        )
+        self._progress(Progress("compile", message=message))
+        return candidate if better else plain
+
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise JobCancelled
+
+
+def with_instructions(state_json: str, instructions: Mapping[str, str]) -> str:
+    """``state_json`` with each named predictor's instructions set to ``instructions``."""
+    state = json.loads(state_json)
+    changed = False
+    for name, text in instructions.items():
+        signature = state.get(name, {}).get("signature")
+        if isinstance(signature, dict) and signature.get("instructions") != text:
+            signature["instructions"] = text
+            changed = True
+    return json.dumps(state, allow_nan=False) if changed else state_json
 
 
 def best_trial(trials: Sequence[Trial], current: Mapping[str, Any]) -> Trial:

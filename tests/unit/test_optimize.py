@@ -226,9 +226,16 @@ def test_simba_and_gepa_run_to_completion_on_the_simulation(
 def test_miprov2_raises_the_metric_on_the_simulation() -> None:
     config = dict(RUNNABLE)["MIPROv2"]
     spec = spec_of(optimizer="MIPROv2", optimizer_config_json=json.dumps(config))
-    result, _ = optimize(spec, FEWSHOT)
+    result, events = optimize(spec, FEWSHOT)
     # its few-shot candidates carry demonstrations, which the simulation needs
     assert (result.score_before, result.score_after, result.improved) == (0.0, 1.0, True)
+    # the simulation proposes "I do not know" as instructions; they score no better than
+    # the original ones (only the demos matter to it), so the original ones are published
+    state = json.loads(result.candidate.state_json or "{}")
+    original = ProgramBuilder(default_tools()).build(BASE).signature.instructions
+    assert state["self"]["signature"]["instructions"] == original
+    assert state["self"]["demos"]
+    assert any("instructions dropped" in e.message for e in events), [e.message for e in events]
 
 
 @pytest.mark.parametrize(
@@ -357,6 +364,21 @@ def test_ties_keep_the_value_in_force_then_the_grid_order() -> None:
     trials = [trial(0, 0.0, 1.0), trial(1, 0.5, 1.0), trial(2, 1.0, 0.5)]
     assert best_trial(trials, {"temperature": 0.5}).index == 1
     assert best_trial(trials, {}).index == 0
+
+
+def test_a_tied_search_publishes_nothing_for_the_variable() -> None:
+    def result(scores: list[float]) -> OptimizationResult:
+        trials = [
+            Trial(i, {"temperature": t}, Evaluation(score, 1, 0))
+            for i, (t, score) in enumerate(zip([0.0, 0.5, 1.0], scores, strict=True))
+        ]
+        best = best_trial(trials, {})
+        base = ProgramSpec("word -> answer", program_id="toy")
+        return OptimizationResult(base, base, False, 0.0, trials, best, {})
+
+    assert result([1.0, 1.0, 1.0]).changed_variables() == {}
+    assert result([1.0, 1.0, 0.0]).changed_variables() == {}
+    assert result([0.0, 1.0, 0.0]).changed_variables() == {"temperature": 0.5}
 
 
 def test_a_cancelled_compile_stops_at_the_next_lm_call() -> None:
