@@ -67,6 +67,24 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+# librdkafka lines about conditions it retries by itself and that heal in seconds (a
+# fresh broker loading its coordinators): DEBUG, not a WARNING on every start.
+_TRANSIENT = (
+    "Coordinator load in progress: retrying",
+    "Coordinator not available: retrying",
+)
+
+
+class TransientFilter(logging.Filter):
+    """Demotes librdkafka's self-healing retry notices to DEBUG (dropped unless DEBUG is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and any(t in record.getMessage() for t in _TRANSIENT):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging(level: str = "WARNING") -> None:
     """Send every log record to stderr in one format at ``level``, repeats summarised."""
     handler = logging.StreamHandler(sys.stderr)
@@ -77,6 +95,9 @@ def configure_logging(level: str = "WARNING") -> None:
     root.setLevel(level)
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    librdkafka = logging.getLogger("librdkafka")
+    if not any(isinstance(f, TransientFilter) for f in librdkafka.filters):
+        librdkafka.addFilter(TransientFilter())
     # DSPy sets propagate=False on its logger at import: re-attach it to ours.
     dspy_logger = logging.getLogger("dspy")
     dspy_logger.handlers[:] = []

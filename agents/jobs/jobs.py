@@ -335,11 +335,15 @@ class JobRunner:
         if not partitions:
             return
         self.revoked += 1
-        logger.warning("%s worker_id=%s partitions=%s", how, self.worker_id, _names(partitions))
         running = self._current
         gone = {_tp(p) for p in partitions}
         self._paused -= gone
-        if running is not None and (running.origin.topic, running.origin.partition) in gone:
+        hit = running is not None and (running.origin.topic, running.origin.partition) in gone
+        # a revoke is routine (a member joined, or this runner is stopping); losing a
+        # partition, or a running job with it, is worth an operator's attention
+        level = logging.WARNING if how == "lost" or hit else logging.INFO
+        logger.log(level, "%s worker_id=%s partitions=%s", how, self.worker_id, _names(partitions))
+        if running is not None and hit:
             running.abandon()
 
     # -- shutdown -------------------------------------------------------------------------

@@ -51,3 +51,23 @@ def test_memory_is_bounded_and_the_oldest_kind_is_forgotten() -> None:
         assert repeats.filter(_record(text))
     assert repeats.filter(_record("a"))  # forgotten: written again
     assert not repeats.filter(_record("c"))
+
+
+def test_a_self_healing_librdkafka_retry_is_debug_not_a_warning() -> None:
+    from dspex.streams.logs import TransientFilter
+
+    transient = TransientFilter()
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.WARNING)
+        message = (
+            "GETPID [p] Failed to acquire idempotence PID: Coordinator load in progress: retrying"
+        )
+        record = _record(message, level=logging.WARNING)
+        assert transient.filter(record) is False and record.levelname == "DEBUG"
+        root.setLevel(logging.DEBUG)
+        assert transient.filter(_record(message, level=logging.WARNING)) is True
+        assert transient.filter(_record("Connect to broker failed", level=logging.WARNING))
+    finally:
+        root.setLevel(before)
