@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,7 +40,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.offsets import OffsetTracker
@@ -92,6 +100,9 @@ class ConsumerLoop:
         self._lock = threading.Lock()  # the tracker is shared with the rebalance callbacks
         self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
         self._generation: dict[TP, int] = {}
+        # per assigned partition, its end offset when assigned: what lies below it may
+        # have been processed by the partition's previous owner (Consumed.maybe_redone)
+        self._redo_below: dict[TP, int] = {}
         self._paused = False
         self._fatal: BaseException | None = None
 
@@ -214,8 +225,10 @@ class ConsumerLoop:
             if error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
             return
-        consumed = Consumed.from_message(message)
-        tp = (consumed.topic, consumed.partition)
+        tp = (message.topic() or "", message.partition() or 0)
+        with self._lock:
+            redo_below = self._redo_below.get(tp, 0)
+        consumed = Consumed.from_message(message, maybe_redone=(message.offset() or 0) < redo_below)
         with self._lock:
             self._tracker.started(tp, consumed.offset)
             generation = self._generation.get(tp, 0)
@@ -270,8 +283,11 @@ class ConsumerLoop:
 
     # -- rebalancing (callbacks run inside consume(), on the kafka thread) -----------------
 
-    def _on_assign(self, _: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("assigned group=%s partitions=%s", self.config.group_id, _names(partitions))
+        ends = _end_offsets(consumer, partitions) if partitions else {}
+        with self._lock:
+            self._redo_below.update(ends)
         if self._paused:  # the loop decides again; new partitions start resumed
             self._loop.call_soon_threadsafe(setattr, self, "_paused", False)
 
@@ -307,6 +323,7 @@ class ConsumerLoop:
             self._tracker.forget(tps)
             for tp in tps:
                 self._generation[tp] = self._generation.get(tp, 0) + 1
+                self._redo_below.pop(tp, None)
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -326,6 +343,25 @@ class ConsumerLoop:
 
     async def _in_kafka_thread(self, call: Callable[[], _T]) -> _T:
         return await self._loop.run_in_executor(self._thread, call)
+
+
+def _end_offsets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[TP, int]:
+    """Each partition's end offset now (one ListOffsets request); unknown: every offset.
+
+    Called in the assign callback, before anything of these partitions is fetched.
+    Should the broker not answer, every message counts as possibly redone, which
+    costs a lookup per expired one and nothing else.
+    """
+    latest = [TopicPartition(p.topic, p.partition, OFFSET_END) for p in partitions]
+    try:
+        found = consumer.offsets_for_times(latest, timeout=5.0)
+    except KafkaException as exc:
+        logger.info("end offsets unknown at assignment error=%s", exc)
+        return {(p.topic, p.partition): sys.maxsize for p in partitions}
+    return {
+        (tp.topic, tp.partition): tp.offset if tp.offset >= 0 and tp.error is None else sys.maxsize
+        for tp in found
+    }
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -38,13 +38,16 @@ class Consumed:
     value: bytes | None = None
     headers: Sequence[Header] = ()
     timestamp_ms: int | None = None
+    maybe_redone: bool = False
+    """True when an earlier owner of the partition may have processed this message already:
+    it lies below the partition's end offset at the time this consumer was assigned it."""
 
     def where(self) -> str:
         """``topic=... partition=... offset=...`` for log lines and messages."""
         return f"topic={self.topic} partition={self.partition} offset={self.offset}"
 
     @classmethod
-    def from_message(cls, message: Message) -> Consumed:
+    def from_message(cls, message: Message, *, maybe_redone: bool = False) -> Consumed:
         """A consumed confluent-kafka message."""
         _, timestamp = message.timestamp()
         return cls(
@@ -55,6 +58,7 @@ class Consumed:
             value=message.value(),
             headers=tuple(_confluent_headers(message)),
             timestamp_ms=timestamp if timestamp > 0 else None,
+            maybe_redone=maybe_redone,
         )
 
     @classmethod
@@ -80,6 +84,8 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: Sequence[Header] = ()
+    final_status: str | None = None
+    """For the final Response to a request (keyed by its id): its status."""
 
 
 @dataclass(frozen=True, slots=True)

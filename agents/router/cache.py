@@ -163,21 +163,28 @@ def cached_responses(
     last output's JSON; see :func:`dspex.streams.signatures.stream_field`) as one
     progress chunk, then the final chunk; otherwise the final chunk alone.
     """
-    common = {
-        "request_id": request["request_id"],
-        "cached": True,
-        "program_id": program.get("program_id"),
-        "program_version": program.get("program_version"),
-        "produced_at": now_ms,
-    }
-    final = records.response(**common, final=True, status="ok", outputs=outputs)
-    if not request.get("stream"):
-        return [final]
-    delta = stream_delta(parse_signature_fields(program["signature"]), outputs)
+
+    def chunk(seq: int, final: bool, **answer: Any) -> dict[str, Any]:
+        return records.response(
+            request_id=request["request_id"],
+            seq=seq,
+            final=final,
+            cached=True,
+            program_id=program.get("program_id"),
+            program_version=program.get("program_version"),
+            produced_at=now_ms,
+            **answer,
+        )
+
+    delta = ""
+    if request.get("stream"):
+        delta = stream_delta(parse_signature_fields(program["signature"]), outputs)
     if not delta:
-        return [final]
-    progress = records.response(**common, seq=0, final=False, status="progress", delta=delta)
-    return [progress, {**final, "seq": 1}]
+        return [chunk(0, True, status="ok", outputs=outputs)]
+    return [
+        chunk(0, False, status="progress", delta=delta),
+        chunk(1, True, status="ok", outputs=outputs),
+    ]
 
 
 def _number(text: str) -> float | None:

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Container
 from typing import Any
 
+from dspex.agents.plumbing.answers import AnswerFinder, answered_before
 from dspex.agents.plumbing.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
 from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig
@@ -276,7 +277,8 @@ class RouterHandler:
             "responses"
         )
         value = self._serde.encode("Response", response, topic=topic)
-        return Outgoing(topic, response["request_id"].encode("utf-8"), value)
+        status = response["status"] if response["final"] else None
+        return Outgoing(topic, response["request_id"].encode("utf-8"), value, (), status)
 
     def _dead_letter(
         self, original: Consumed, failure: ErrorInfo, request_id: str | None, now: int
@@ -325,6 +327,7 @@ class RouterApp:
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
         self.cache = ResultCache(settings.router.cache_max_entries)
+        self._answers: AnswerFinder | None = AnswerFinder(settings, serde)
         self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
         self.reader = CompactedReader(
             settings,
@@ -387,7 +390,30 @@ class RouterApp:
                 await asyncio.sleep(delay_s)
         else:
             outs = self.handler.handle_request(consumed)
+            if consumed.maybe_redone:
+                outs = await self._unless_answered_before(consumed, outs)
         await self.deliver(consumed, outs)
+
+    async def _unless_answered_before(
+        self, consumed: Consumed, outs: list[Outgoing]
+    ) -> list[Outgoing]:
+        """Nothing, for a redo past its deadline that was answered before (by a worker).
+
+        A router that forwarded a request and died before committing it sees it again;
+        answering it ``overloaded`` now would contradict the worker's ``ok``.
+        """
+        late = [o for o in outs if o.final_status in ("overloaded", "timeout") and o.key]
+        if not late or self._answers is None:
+            return outs
+        answer = late[0]
+        request_id = (answer.key or b"").decode("utf-8")
+        created_ms = consumed.timestamp_ms or self.handler.now_ms()
+        lookup = self._answers.final_status
+        if not await answered_before(
+            lookup, consumed.where(), answer.topic, request_id, created_ms
+        ):
+            return outs
+        return []
 
     async def deliver(self, consumed: Consumed, outs: list[Outgoing]) -> None:
         """Produce ``outs`` and return once the broker has them all; resend what failed.

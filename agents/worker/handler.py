@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from dspex.agents.plumbing import records
+from dspex.agents.plumbing.answers import FinalStatusLookup, answered_before
 from dspex.agents.plumbing.deadlines import expired, remaining_seconds, status_of
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.offsets import RecentIds
@@ -35,6 +36,7 @@ from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
 from dspex.agents.worker.execution import Executor, Outcome, classify
 from dspex.schemas import times
+from dspex.schemas.times import to_ms
 from dspex.streams.errors import SerdeError
 
 logger = logging.getLogger(__name__)
@@ -108,8 +110,14 @@ class WorkerHandler:
         recent: RecentIds | None = None,
         retry_topic: RetryTopicPolicy | None = None,
         audit_publisher: Publisher | None = None,
+        answers: FinalStatusLookup | None = None,
     ) -> None:
-        """``audit_publisher`` sends Execution and Telemetry (default: ``publisher``)."""
+        """``audit_publisher`` sends Execution and Telemetry (default: ``publisher``).
+
+        ``answers`` finds a final answer already on a reply topic (blocking; see
+        :mod:`dspex.agents.plumbing.answers`): a possibly redone request whose deadline
+        has passed is not answered again when it was answered before.
+        """
         self._executor = executor
         self._publisher = publisher
         self._audit_publisher = audit_publisher or publisher
@@ -120,6 +128,7 @@ class WorkerHandler:
         self._slots = asyncio.Semaphore(in_flight)
         self._recent = recent if recent is not None else RecentIds()
         self._retry = retry_topic if destinations.retry is not None else None
+        self._answers = answers
         self._active: dict[str, asyncio.Future[None]] = {}
         self.delivering = 0
         """Requests answered and waiting only for the broker's acknowledgements."""
@@ -169,6 +178,9 @@ class WorkerHandler:
         if self._recent.seen(request_id) or self._recent.seen(handed_off):
             logger.info("skipping answered request %s request_id=%s", origin.where(), request_id)
             return
+        if origin.maybe_redone and await self._answered_before(origin, request):
+            self._recent.add(request_id)
+            return
         running = self._active.get(handed_off)
         if running is not None:  # the same request twice in a row: answer once
             await asyncio.shield(running)
@@ -181,6 +193,21 @@ class WorkerHandler:
         finally:
             del self._active[handed_off]
             done.set_result(None)
+
+    async def _answered_before(self, origin: Consumed, request: Mapping[str, Any]) -> bool:
+        """A redo past its deadline that an earlier owner already answered: say nothing.
+
+        Answering it would contradict the first answer (``ok``, then ``overloaded``).
+        A redo still within its deadline runs again: its answer is a duplicate, which
+        clients drop, not a contradiction.
+        """
+        remaining = remaining_seconds(request)
+        if self._answers is None or remaining is None or remaining > 0:
+            return False
+        topic = request.get("reply_topic") or self._to.responses
+        created_ms = to_ms(request.get("created_at")) or 0
+        request_id = request["request_id"]
+        return await answered_before(self._answers, origin.where(), topic, request_id, created_ms)
 
     async def _answer(
         self, origin: Consumed, request: dict[str, Any], received_at: datetime, attempt: int

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, TypeVar
 
 from dspex.agents.plumbing import records
+from dspex.agents.plumbing.answers import AnswerFinder
 from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.retry import RetryTopicPolicy
@@ -146,16 +147,18 @@ class PoolWorker:
             retry=topics.name("retry"),
             cache=topics.name("cache"),
         )
+        serde = make_serde(self._settings)
         return WorkerHandler(
             executor=self._executor or DSPyExecutor(self._settings),
             publisher=self._publisher,
-            serde=make_serde(self._settings),
+            serde=serde,
             destinations=destinations,
             pool=self.pool,
             worker_id=self.worker_id,
             in_flight=self.limit,
             retry_topic=RetryTopicPolicy.from_settings(self._settings.reliability),
             audit_publisher=self._audit_publisher,
+            answers=AnswerFinder(self._settings, serde).final_status,
         )
 
     async def _report_health_periodically(self) -> None:
