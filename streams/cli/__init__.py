@@ -1,4 +1,4 @@
-"""The ``dspex`` command line: broker, topics, schemas, requests, programs, variables, ``up``.
+"""The ``dspex`` command line: broker, topics, schemas, requests, programs, pipelines, ``up``...
 
 Every command builds the settings once (``--settings FILE`` or the environment)
 and turns a DSPex error into one red line and exit code 1, never a traceback.
@@ -12,6 +12,7 @@ from dspex.streams.cli import (  # noqa: F401 - importing them registers their c
     contract,
     dlq,
     optimize,
+    pipelines,
     programs,
     records,
     top,
