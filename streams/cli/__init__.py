@@ -6,6 +6,8 @@ and turns a DSPex error into one red line and exit code 1, never a traceback.
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from dspex import schemas
 from dspex.streams.cli import (  # noqa: F401 - importing them registers their commands
     cluster,
@@ -31,5 +33,7 @@ def main() -> None:
         app()
     except (DSPexError, SchemaError, schemas.SchemaContractError) as exc:
         # one line whatever the terminal's width: scripts and log collectors read it whole
-        err.print(f"[red]error:[/] {' '.join(str(exc).split())}", soft_wrap=True, highlight=False)
+        # escaped: a message quoting "list[str]" is not rich markup
+        message = escape(" ".join(str(exc).split()))
+        err.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
         raise SystemExit(1) from None

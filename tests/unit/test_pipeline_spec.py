@@ -250,3 +250,19 @@ def test_invalid_pipeline_is_an_invalid_request_naming_the_first_path() -> None:
     assert (
         str(error) == "pipeline p is invalid (2 problems): stages.a.inputs.q: bad; outputs.x: worse"
     )
+
+
+def test_the_readme_file_example_is_the_readme_builder_example_and_valid() -> None:
+    from dspex.streams.pipelines.validate import validate
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Defining pipelines", 1)[1]
+    text = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    from_file = files.loads(text, pipeline_id="support")
+    builder = section.split("```python\n", 1)[1].split("with Client", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(builder.replace("Client, ", ""), namespace)  # noqa: S102 - the README's own example
+    assert from_file.stages == namespace["support"].stages  # type: ignore[attr-defined]
+    assert from_file.outputs == namespace["support"].outputs  # type: ignore[attr-defined]
+    programs = {"search": "query -> passages: list[str]", "classify": "question -> label"}
+    assert validate(from_file, programs) == []
