@@ -81,9 +81,9 @@ def pipelines_get(
     created = chosen.created_at.isoformat(timespec="seconds")
     header = f"# {pipeline_id} version {chosen.version}, created {created}"
     by = f" by {chosen.created_by}" if chosen.created_by else ""
-    out.print(
-        f"{header}{by}\n{files.dumps(chosen.pipeline)}", end="", highlight=False, markup=False
-    )
+    document = files.dumps(chosen.pipeline)
+    # soft_wrap: a long line must not be wrapped, or the YAML would no longer read back
+    out.print(f"{header}{by}\n{document}", end="", highlight=False, markup=False, soft_wrap=True)
 
 
 def _pick(

@@ -24,7 +24,9 @@ from typing import Any
 from dspex.schemas import records
 from dspex.schemas.records import Record
 from dspex.schemas.times import now
+from dspex.streams.errors import InvalidRequest
 from dspex.streams.pipelines.problems import Problems
+from dspex.streams.pipelines.refs import parse_ref
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -34,6 +36,7 @@ __all__ = [
     "Stage",
     "condition_from",
     "encode_json",
+    "stage_read",
 ]
 
 DEFAULT_CONCURRENCY = 4
@@ -100,6 +103,21 @@ class Stage:
     def is_map(self) -> bool:
         """Whether the stage runs once per item of ``map_over``."""
         return self.map_over is not None
+
+    def references(self) -> tuple[tuple[str, str], ...]:
+        """Every reference the stage reads, with its path in the stage: ``("inputs.q",
+        "$input.q")``, ``("map.over", ...)``, ``("when.ref", ...)``."""
+        found = [(f"inputs.{name}", text) for name, text in self.inputs.items()]
+        if self.map_over is not None:
+            found.append(("map.over", self.map_over))
+        if self.when is not None:
+            found.append(("when.ref", self.when.ref))
+        return tuple(found)
+
+    def upstream(self) -> frozenset[str]:
+        """The stages this one reads (the outputs it waits for); malformed references aside."""
+        names = (stage_read(text) for _, text in self.references())
+        return frozenset(name for name in names if name is not None)
 
     def to_record(self) -> Record:
         """The ``PipelineStage`` record."""
@@ -259,6 +277,16 @@ class PublishedPipeline:
             created_at=record["created_at"],
             created_by=record.get("created_by") or "",
         )
+
+
+def stage_read(text: str) -> str | None:
+    """The stage a reference reads (``$stage.<name>.<field>``); ``None`` for other or
+    malformed references."""
+    try:
+        ref = parse_ref(text)
+    except InvalidRequest:
+        return None
+    return ref.stage if ref.kind == "stage" else None
 
 
 def encode_json(value: Any, path: str, problems: Problems) -> str | None:

@@ -34,7 +34,7 @@ from dspex.streams._vartypes import MODULE_TYPES, NAME
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.pipelines.problems import Problem, Problems
 from dspex.streams.pipelines.refs import FIELD_NAME, STAGE_NAME, parse_ref
-from dspex.streams.pipelines.spec import DEFAULT_CONCURRENCY, Pipeline, Stage
+from dspex.streams.pipelines.spec import DEFAULT_CONCURRENCY, Pipeline, Stage, stage_read
 from dspex.streams.settings import POOLS
 from dspex.streams.signatures import (
     SignatureFields,
@@ -118,8 +118,9 @@ class _Checker:
         self._names()
         for stage in self.pipeline.stages:
             self.fields.setdefault(stage.name, self._program(stage))
-        deps = {stage.name: self._stage(stage) for stage in self.pipeline.stages}
-        self._cycles(deps)
+        for stage in self.pipeline.stages:
+            self._stage(stage)
+        self._cycles(self._graph())
         self._outputs()
         return self.problems.found
 
@@ -154,7 +155,7 @@ class _Checker:
             path = f"outputs.{name}"
             if not FIELD_NAME.fullmatch(name) or name.startswith("_"):
                 self.add(path, f"{name!r} is not a field name")
-            self._ref_type(text, path, None, None)
+            self._ref_type(text, path, None)
 
     # -- one stage --------------------------------------------------------------------------
 
@@ -194,19 +195,17 @@ class _Checker:
             self.add(path, f"{prefix}{exc.reason}")
             return None
 
-    def _stage(self, stage: Stage) -> Deps:
-        deps: Deps = []
+    def _stage(self, stage: Stage) -> None:
         path = f"stages.{stage.name}"
-        self._map(stage, path, deps)
-        self._inputs(stage, path, deps)
-        self._when(stage, path, deps)
+        self._map(stage, path)
+        self._inputs(stage, path)
+        self._when(stage, path)
         self._defaults(stage, path)
         if stage.pool_hint is not None and stage.pool_hint not in self.pools:
             known = ", ".join(self.pools)
             self.add(f"{path}.pool", f"unknown pool {stage.pool_hint!r} (known: {known})")
-        return deps
 
-    def _map(self, stage: Stage, path: str, deps: Deps) -> None:
+    def _map(self, stage: Stage, path: str) -> None:
         if stage.map_over is None:
             if stage.map_concurrency != DEFAULT_CONCURRENCY:
                 self.add(f"{path}.map.concurrency", "set without map.over (not a map stage)")
@@ -217,7 +216,7 @@ class _Checker:
         if _is_item(stage.map_over):
             self.add(where, f"{stage.map_over}: maps do not nest ($item is not available here)")
             return
-        kind = self._ref_type(stage.map_over, where, stage, deps)
+        kind = self._ref_type(stage.map_over, where, stage)
         if kind is None or kind is UNKNOWN:
             self.items[stage.name] = UNKNOWN
         elif getattr(kind, "__origin__", None) is list:
@@ -226,13 +225,13 @@ class _Checker:
             self.add(where, f"{stage.map_over} is {type_name(kind)}: a map needs a list")
             self.items[stage.name] = UNKNOWN
 
-    def _inputs(self, stage: Stage, path: str, deps: Deps) -> None:
+    def _inputs(self, stage: Stage, path: str) -> None:
         fields = self.fields.get(stage.name)
         wanted = dict(fields.inputs) if fields is not None else None
         what = _describe(stage)
         for name, text in stage.inputs.items():
             where = f"{path}.inputs.{name}"
-            kind = self._ref_type(text, where, stage, deps)
+            kind = self._ref_type(text, where, stage)
             if wanted is None:
                 continue
             target = wanted.get(name)
@@ -249,7 +248,7 @@ class _Checker:
                     f"{path}.inputs.{name}", f"missing: {what} needs {name} ({type_name(target)})"
                 )
 
-    def _when(self, stage: Stage, path: str, deps: Deps) -> None:
+    def _when(self, stage: Stage, path: str) -> None:
         if stage.when is None:
             return
         where = f"{path}.when"
@@ -257,7 +256,7 @@ class _Checker:
             self.add(f"{where}.ref", "when is decided once per stage: $item is not available")
             kind = None
         else:
-            kind = self._ref_type(stage.when.ref, f"{where}.ref", stage, deps)
+            kind = self._ref_type(stage.when.ref, f"{where}.ref", stage)
         if not stage.when.values:
             self.add(f"{where}.values", "at least one value to compare with")
         for i, raw in enumerate(stage.when.values):
@@ -286,7 +285,7 @@ class _Checker:
 
     # -- references ---------------------------------------------------------------------------
 
-    def _ref_type(self, text: str, path: str, stage: Stage | None, deps: Deps | None) -> Any:
+    def _ref_type(self, text: str, path: str, stage: Stage | None) -> Any:
         """The type of the value ``text`` names; ``None`` once a problem is reported."""
         try:
             ref = parse_ref(text, where=path)
@@ -303,12 +302,10 @@ class _Checker:
                 return None
             return self.run_inputs[field]
         if ref.kind == "stage":
-            return self._stage_ref(text, ref.stage or "", field, path, stage, deps)
+            return self._stage_ref(text, ref.stage or "", field, path, stage)
         return self._item_ref(text, ref.field, path, stage)
 
-    def _stage_ref(
-        self, text: str, name: str, field: str, path: str, reader: Stage | None, deps: Deps | None
-    ) -> Any:
+    def _stage_ref(self, text: str, name: str, field: str, path: str, reader: Stage | None) -> Any:
         target = self.by_name.get(name)
         if target is None:
             self.add(path, f"{text}: no stage {name!r} (stages: {', '.join(self.by_name)})")
@@ -316,8 +313,6 @@ class _Checker:
         if reader is not None and reader.name == name:
             self.add(path, f"{text}: a stage cannot read its own outputs")
             return None
-        if deps is not None:
-            deps.append((name, path))
         fields = self.fields.get(name)
         if fields is None:
             return UNKNOWN
@@ -343,6 +338,17 @@ class _Checker:
         return item.__args__[1]
 
     # -- the graph ------------------------------------------------------------------------------
+
+    def _graph(self) -> dict[str, Deps]:
+        """Which (other, existing) stages each stage reads, with the reference's path."""
+        graph: dict[str, Deps] = {}
+        for stage in self.pipeline.stages:
+            edges = graph.setdefault(stage.name, [])
+            for where, text in stage.references():
+                name = stage_read(text)
+                if name in self.by_name and name != stage.name:
+                    edges.append((name, f"stages.{stage.name}.{where}"))
+        return graph
 
     def _cycles(self, deps: Mapping[str, Deps]) -> None:
         """Name each cycle once, at the reference that starts it."""

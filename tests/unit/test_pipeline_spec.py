@@ -266,3 +266,17 @@ def test_the_readme_file_example_is_the_readme_builder_example_and_valid() -> No
     assert from_file.outputs == namespace["support"].outputs  # type: ignore[attr-defined]
     programs = {"search": "query -> passages: list[str]", "classify": "question -> label"}
     assert validate(from_file, programs) == []
+
+
+def test_a_stage_names_the_references_it_reads_and_the_stages_it_waits_for() -> None:
+    summarize = support().stage_named("summarize")
+    assert summarize is not None
+    assert summarize.references() == (
+        ("inputs.topic", "$item"),
+        ("map.over", "$input.topics"),
+        ("when.ref", "$stage.classify.label"),
+    )
+    assert summarize.upstream() == {"classify"}
+    answer = support().stage_named("answer")
+    assert answer is not None and answer.upstream() == {"retrieve", "summarize"}
+    assert Stage("x", inputs={"q": "stage.a.b", "r": "$input.q"}).upstream() == frozenset()
