@@ -5,6 +5,7 @@
 - ``spec``: the frozen :class:`~dspex.streams.pipelines.spec.Pipeline` (also the
   builder) and its stages, to and from records;
 - ``files``: YAML/JSON pipeline files to and from a ``Pipeline``;
-- ``validate``: every problem of a pipeline against its programs' signatures;
+- ``validate``: every problem of a pipeline against its programs' signatures
+  (``graph``: the cycles it names);
 - ``problems``: a problem with its path, and ``InvalidPipeline``.
 """

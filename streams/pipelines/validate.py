@@ -10,7 +10,8 @@ What holds for a pipeline that passes (``docs/pipelines-spec.md``):
 
 - names: the pipeline id, stage names (unique) and output names are well formed;
 - each stage has exactly one of a registered program (which exists, at the pinned
-  version if any) and an inline signature (which parses; module a known type);
+  version if any) and an inline signature (which parses; module a known type the
+  worker can build without tools or config);
 - every reference parses and resolves: ``$input.f`` is a run input,
   ``$stage.s.f`` an output of another stage ``s``, ``$item[.f]`` only in a map stage
   (``.f`` only when items are objects); no stage reads itself or, through others,
@@ -32,6 +33,7 @@ from typing import Any
 
 from dspex.streams._vartypes import MODULE_TYPES, NAME
 from dspex.streams.errors import InvalidRequest
+from dspex.streams.pipelines.graph import Deps, cycle_from, unordered
 from dspex.streams.pipelines.problems import Problem, Problems
 from dspex.streams.pipelines.refs import FIELD_NAME, STAGE_NAME, parse_ref
 from dspex.streams.pipelines.spec import DEFAULT_CONCURRENCY, Pipeline, Stage, stage_read
@@ -60,8 +62,11 @@ class _Unknown:
 
 
 UNKNOWN: Any = _Unknown()
-Deps = list[tuple[str, str]]
-"""The stages a stage reads, each with the path of the reference."""
+MODULE_RESERVED = frozenset(
+    {"reasoning", "trajectory", "next_thought", "next_tool_name", "next_tool_args"}
+)
+"""Field names a module other than Predict adds itself (a unit test keeps this equal to
+the runtime's list)."""
 
 
 def validate(
@@ -169,10 +174,22 @@ class _Checker:
             return self._registered(stage, path)
         if stage.program_version is not None:
             self.add(f"{path}.version", "a version pins a registered program: only with program")
-        if stage.module_type is not None and stage.module_type not in MODULE_TYPES:
+        fields = self._parse(stage.signature or "", f"{path}.signature", "")
+        self._inline_module(stage.module_type or "Predict", fields, path)
+        return fields
+
+    def _inline_module(self, module: str, fields: SignatureFields | None, path: str) -> None:
+        """What the worker would refuse for an inline program (it has no tools, no config)."""
+        if module not in MODULE_TYPES:
             known = ", ".join(MODULE_TYPES)
-            self.add(f"{path}.module", f"unknown module type {stage.module_type!r} ({known})")
-        return self._parse(stage.signature or "", f"{path}.signature", "")
+            self.add(f"{path}.module", f"unknown module type {module!r} ({known})")
+        elif module == "ReAct":
+            self.add(f"{path}.module", "ReAct needs tools: register it as a program with its tools")
+        elif module != "Predict" and fields is not None:
+            names = [name for name, _ in fields.inputs + fields.outputs]
+            clash = [name for name in names if name in MODULE_RESERVED]
+            if clash:
+                self.add(f"{path}.signature", f"field {clash[0]!r} is reserved by {module}")
 
     def _registered(self, stage: Stage, path: str) -> SignatureFields | None:
         pid, version = stage.program_id or "", stage.program_version
@@ -352,12 +369,12 @@ class _Checker:
 
     def _cycles(self, deps: Mapping[str, Deps]) -> None:
         """Name each cycle once, at the reference that starts it."""
-        remaining = _cyclic(deps)
+        remaining = unordered(deps)
         reported: set[frozenset[str]] = set()
         for stage in self.pipeline.stages:
             if stage.name not in remaining:
                 continue
-            cycle, path = _walk(stage.name, deps, remaining)
+            cycle, path = cycle_from(stage.name, deps, remaining)
             if frozenset(cycle) in reported:
                 continue
             reported.add(frozenset(cycle))
@@ -365,32 +382,6 @@ class _Checker:
                 f"{a} reads {b}" for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)
             )
             self.add(path, f"cycle: {reads} (a stage can only read upstream stages)")
-
-
-def _cyclic(deps: Mapping[str, Deps]) -> set[str]:
-    """Stages on or downstream of a cycle (what Kahn's algorithm cannot order)."""
-    remaining = set(deps)
-    progress = True
-    while progress:
-        ready = {name for name in remaining if all(d not in remaining for d, _ in deps[name])}
-        remaining -= ready
-        progress = bool(ready)
-    return remaining
-
-
-def _walk(start: str, deps: Mapping[str, Deps], remaining: set[str]) -> tuple[list[str], str]:
-    """Follow reads among ``remaining`` from ``start`` to the first repeat: the cycle, in
-    order, and the path of the reference its first stage reads the next with."""
-    order: list[str] = []
-    taken: dict[str, str] = {}
-    node = start
-    while node not in taken:
-        order.append(node)
-        nxt, path = next((d, p) for d, p in deps[node] if d in remaining)
-        taken[node] = path
-        node = nxt
-    cycle = order[order.index(node) :]
-    return cycle, taken[cycle[0]]
 
 
 def _describe(stage: Stage) -> str:

@@ -378,3 +378,24 @@ def test_assignable() -> None:
     assert assignable(dict[str, Any], dict[str, str])
     assert not assignable(dict[str, str], dict[str, int])
     assert assignable(Any, list[str])
+
+
+def test_an_inline_program_is_checked_as_the_worker_would_build_it() -> None:
+    pipeline = (
+        Pipeline("p", inputs="q")
+        .stage("react", signature="q -> a", module="ReAct", inputs={"q": "$input.q"})
+        .stage("cot", signature="q -> reasoning", module="ChainOfThought", inputs={"q": "$input.q"})
+        .stage("plain", signature="q -> reasoning", inputs={"q": "$input.q"})
+        .output(a="$stage.plain.reasoning")
+    )
+    assert paths(pipeline) == {
+        "stages.react.module": "ReAct needs tools: register it as a program with its tools",
+        "stages.cot.signature": "field 'reasoning' is reserved by ChainOfThought",
+    }
+
+
+def test_the_reserved_fields_are_the_runtimes() -> None:
+    from dspex.agents.runtime import programs
+    from dspex.streams.pipelines.validate import MODULE_RESERVED
+
+    assert programs._RESERVED == MODULE_RESERVED
