@@ -48,10 +48,18 @@ if TYPE_CHECKING:
         ProgramError,
         RetryableError,
     )
+    from dspex.streams.pipelines.problems import InvalidPipeline
+    from dspex.streams.pipelines.spec import Pipeline
     from dspex.streams.settings import Settings, load_settings
 
 # where the public names live, searched in this order on first use
-_HOMES = ("dspex.streams.client.client", "dspex.streams.errors", "dspex.streams.settings")
+_HOMES = (
+    "dspex.streams.client.client",
+    "dspex.streams.errors",
+    "dspex.streams.settings",
+    "dspex.streams.pipelines.spec",
+    "dspex.streams.pipelines.problems",
+)
 
 __all__ = [
     "AsyncClient",
@@ -61,11 +69,13 @@ __all__ = [
     "ClientClosed",
     "ConfigError",
     "DSPexError",
+    "InvalidPipeline",
     "InvalidRequest",
     "JobOptions",
     "JobProgress",
     "JobResult",
     "PermanentError",
+    "Pipeline",
     "Program",
     "ProgramError",
     "RequestFailed",

@@ -17,6 +17,8 @@ what the caller should do with it::
         │   └── CorruptRecord        garbage, truncated or mis-framed bytes
         ├── SchemaError              an .avsc is invalid, or a change breaks compatibility
         ├── InvalidRequest           a request that must not run (field + reason)
+        │   └── InvalidPipeline      a pipeline with problems, each at its path
+        │                            (dspex.streams.pipelines.problems)
         ├── ProgramError             a program could not be built or its LM output not parsed
         ├── TopicConfigError         a topic exists with a config that differs from the catalog
         └── LocalBrokerError         the local KRaft broker cannot be resolved, formatted or started

@@ -1,4 +1,4 @@
-"""The ``dspex`` command line: broker, topics, schemas, requests, programs, variables, ``up``.
+"""The ``dspex`` command line: broker, topics, schemas, requests, programs, pipelines, ``up``...
 
 Every command builds the settings once (``--settings FILE`` or the environment)
 and turns a DSPex error into one red line and exit code 1, never a traceback.
@@ -6,12 +6,15 @@ and turns a DSPex error into one red line and exit code 1, never a traceback.
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from dspex import schemas
 from dspex.streams.cli import (  # noqa: F401 - importing them registers their commands
     cluster,
     contract,
     dlq,
     optimize,
+    pipelines,
     programs,
     records,
     top,
@@ -30,5 +33,7 @@ def main() -> None:
         app()
     except (DSPexError, SchemaError, schemas.SchemaContractError) as exc:
         # one line whatever the terminal's width: scripts and log collectors read it whole
-        err.print(f"[red]error:[/] {' '.join(str(exc).split())}", soft_wrap=True, highlight=False)
+        # escaped: a message quoting "list[str]" is not rich markup
+        message = escape(" ".join(str(exc).split()))
+        err.print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
         raise SystemExit(1) from None

@@ -74,6 +74,7 @@ from dspex.streams.client._async import DEFAULT_GRACE_S, AsyncClient
 from dspex.streams.client._replies import Chunk, ClientClosed, RequestFailed, RequestTimeout, Result
 from dspex.streams.client._requests import Program, RequestOptions
 from dspex.streams.client.jobs import JobOptions, JobProgress, JobResult
+from dspex.streams.client.pipelines import Pipelines
 from dspex.streams.client.variables import VariableOptions, VariableScope
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings
@@ -138,6 +139,12 @@ class Client:
     def reply_topic(self) -> str | None:
         """This client's own reply topic, or None for the shared responses topic."""
         return self._client.reply_topic
+
+    @property
+    def pipelines(self) -> Pipelines:
+        """Pipeline versions on the pipelines topic: ``put`` (validated), ``list``, ``get``."""
+        client = self._client
+        return Pipelines(client._settings, client._require_serde(), self._produce)
 
     def submit(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
@@ -264,6 +271,14 @@ class Client:
         finally:
             if not self._loop.is_closed():
                 self._call(chunks.aclose())
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+        """Produce one message with the client's producer; return once the broker has it."""
+
+        async def send() -> None:
+            await (await self._client._send(topic, key, value, []))
+
+        self._call(send())
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():

@@ -58,3 +58,26 @@ def test_an_error_is_one_line_however_long(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert str(missing) in lines[0]
+
+
+def test_pipelines_put_refuses_a_malformed_file_before_any_broker(tmp_path: Path) -> None:
+    path = tmp_path / "support.yaml"
+    path.write_text(
+        "inputs: [question, 3]\n"
+        "stages:\n"
+        "  summarize: {signature: 'topic -> summary', map: {over: $input.t, concurrncy: 2}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "dspex.streams", "pipelines", "put", "support", str(path)],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "80", "PATH": "/usr/bin:/bin", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"},
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "error: pipeline support is invalid (3 problems): "
+        'inputs: expected the run\'s input fields, e.g. "question, topics: list[str]"; '
+        "stages.summarize.map.concurrncy: unknown key (known: over, concurrency); "
+        "outputs: expected a mapping of field name to reference"
+    ]

@@ -41,7 +41,16 @@ from dspex.streams.ops import extras
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("streams", "agents", "schemas")
-LIGHT = {"confluent-kafka", "fastavro", "avro", "pydantic", "pydantic-settings", "typer", "rich"}
+LIGHT = {
+    "confluent-kafka",
+    "fastavro",
+    "avro",
+    "pydantic",
+    "pydantic-settings",
+    "typer",
+    "rich",
+    "pyyaml",
+}
 HEAVY = {
     "faust-streaming",
     "dspy",
