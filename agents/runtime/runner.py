@@ -40,8 +40,9 @@ async def run(
     lm: dspy.BaseLM,
     timeout_s: float | None = None,
     on_chunk: OnChunk | None = None,
+    adapter: dspy.Adapter | None = None,
 ) -> RunResult:
-    """Run ``module`` on ``inputs`` with ``lm``.
+    """Run ``module`` on ``inputs`` with ``lm`` (and ``adapter``: None is DSPy's ChatAdapter).
 
     Raises the builtin ``TimeoutError`` past ``timeout_s``, DSPy's ``LMError`` subclasses
     as they are (the worker classifies them) and ``ProgramError`` for anything else that
@@ -49,7 +50,8 @@ async def run(
     """
     # No DSPy history in a worker: it grows per module/LM (up to 10,000 entries each) and
     # makes every named_parameters() walk slower; the Execution record is the audit log.
-    with dspy.context(lm=lm, trace=[], disable_history=True), dspy.track_usage() as tracker:
+    context = dspy.context(lm=lm, adapter=adapter, trace=[], disable_history=True)
+    with context, dspy.track_usage() as tracker:
         try:
             async with asyncio.timeout(timeout_s):
                 prediction = await _execute(module, dict(inputs), on_chunk)
