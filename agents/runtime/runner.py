@@ -22,6 +22,9 @@ from dspex.streams.errors import DSPexError, ProgramError
 
 OnChunk = Callable[[str], Awaitable[None]]
 _HIDDEN_OUTPUTS = frozenset({"trajectory"})
+# DSPy streams no TwoStep reply, and a JSON one as raw JSON text (quotes, escapes, the
+# next key): under these adapters the answer is sent whole once it is parsed
+_UNSTREAMABLE = (dspy.TwoStepAdapter, dspy.JSONAdapter)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,17 @@ async def run(
 async def _execute(module: dspy.Module, inputs: dict[str, Any], on_chunk: OnChunk | None) -> Any:
     if on_chunk is not None:
         field = _stream_field(module)
+        if field is not None and isinstance(dspy.settings.adapter, _UNSTREAMABLE):
+            prediction = await _call(module, inputs)
+            if isinstance(prediction.get(field), str) and prediction.get(field):
+                await on_chunk(prediction[field])
+            return prediction
         if field is not None:
             return await _stream(module, inputs, field, on_chunk)
+    return await _call(module, inputs)
+
+
+async def _call(module: dspy.Module, inputs: dict[str, Any]) -> Any:
     if _is_async(module):
         return await module.acall(**inputs)
     return await dspy.asyncify(module)(**inputs)
