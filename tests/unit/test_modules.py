@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -258,3 +260,39 @@ async def test_a_worker_runs_the_deployed_module_from_a_request() -> None:
 def _builder() -> ProgramBuilder:
     tools = deployed_tools({"search_corpus": SEARCH})
     return ProgramBuilder(tools, modules=DeployedModules.load({"multihop": MULTIHOP}))
+
+
+def test_a_worker_process_stops_at_start_with_one_line_naming_the_setting() -> None:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # never reached: the import fails first
+        "DSPEX_MODULES": json.dumps({"multihop": "dspex_examples.nosuch:MultiHop"}),
+    }
+    cmd = [sys.executable, "-m", "dspex.agents", "worker", "--pool", "general"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 1
+    lines = [line for line in run.stderr.splitlines() if "level=" in line]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "worker cannot start pool=general: settings modules.multihop: cannot import" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["question -> -> answer"], "error: field=signature: expected exactly one '->'"),
+        (["q -> a", "--module", "Foo"], "error: field=module_type: unknown module type 'Foo'"),
+        (["q -> a", "--adapter", "YAML"], "error: field=adapter: unknown adapter 'YAML'"),
+        (["q -> a", "--module", "multihop", "--config", "[]"], "error: field=module_config_json"),
+    ],
+)
+def test_programs_put_refuses_before_contacting_any_broker(args: list[str], line: str) -> None:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # nothing listens: a produce would hang
+        "DSPEX_MODULES": json.dumps({"multihop": MULTIHOP}),
+        "COLUMNS": "80",
+    }
+    cmd = [sys.executable, "-m", "dspex.streams", "programs", "put", "bad", *args]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(line), run.stderr
