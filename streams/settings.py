@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,6 +31,7 @@ from pydantic_settings import (
 )
 
 from dspex.streams.errors import ConfigError
+from dspex.streams.programs import BUILTIN_MODULES, check_import_path
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
@@ -433,7 +435,23 @@ class Settings(BaseSettings):
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
+    # Deployed modules and tools (docs/modules.md): name -> "package.module:Attribute".
+    # Only these paths are ever imported, by each worker at start; routers and clients
+    # know the names only. A program names a module by its key in module_type.
+    modules: dict[str, str] = Field(default_factory=dict)
+    tools: dict[str, str] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @field_validator("modules", "tools")
+    @classmethod
+    def _import_paths(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        for name, path in value.items():
+            check_import_path(name, path, str(info.field_name))
+        if info.field_name == "modules":
+            clash = sorted(set(value) & BUILTIN_MODULES)
+            if clash:
+                raise ValueError(f"modules.{clash[0]}: a built-in module type cannot be replaced")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -178,6 +178,7 @@ def result_version(
         ),
         created_by=job_id,
         score=result.score_after,
+        adapter=base.adapter,
     )
 
 

@@ -89,6 +89,7 @@ def cache_key(
             "module_config": _canonical_value(program.get("module_config_json")),
             "state": program.get("state_json"),
             "tools": sorted(program.get("tools") or []),
+            "adapter": program.get("adapter"),
         },
         "inputs": {k: _canonical_value(v) for k, v in inputs.items()},
         "variables": {k: _canonical_value(v) for k, v in variables.items()},

@@ -571,7 +571,7 @@ def make_router(
     return RouterApp(
         settings,
         app_id=app_id or f"{settings.topics.prefix}router",
-        resolver=resolver or ProgramsResolver(),
+        resolver=resolver or ProgramsResolver.for_settings(settings),
         chooser=chooser,
         instance_id=instance_id,
     )

@@ -19,7 +19,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from dspex.agents.runtime.tools import ToolRegistry, default_tools
 from dspex.schemas import records
 from dspex.schemas.records import Record
 from dspex.streams.errors import InvalidRequest
-from dspex.streams.settings import POOLS, LMSettings
+from dspex.streams.settings import POOLS, LMSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,33 @@ class ProgramResolver(Protocol):
 
 
 class ProgramsResolver:
-    """:class:`ProgramResolver` over ``runtime.programs`` and the registered tools."""
+    """:class:`ProgramResolver` over ``runtime.programs``, the tools and deployed modules.
 
-    def __init__(self, tools: ToolRegistry | None = None) -> None:
-        self._tools = tools if tools is not None else default_tools()
+    The router knows the operator's allowlisted tools and modules by name only
+    (``settings.tools`` / ``settings.modules``): it imports none of them.
+    """
+
+    def __init__(
+        self,
+        tools: ToolRegistry | None = None,
+        *,
+        deployed_tools: Collection[str] = (),
+        deployed_modules: Collection[str] = (),
+    ) -> None:
+        registry = tools if tools is not None else default_tools()
+        self._tools = registry.names() | frozenset(deployed_tools)
+        self._modules = frozenset(deployed_modules)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ProgramsResolver:
+        """The resolver for the tools and modules ``settings`` allowlists."""
+        return cls(deployed_tools=settings.tools, deployed_modules=settings.modules)
 
     def resolve(self, request: Mapping[str, Any], registered: Mapping[str, Any] | None) -> Record:
         """Build the spec the request asks for, validate it with the inputs, embed it."""
         base = spec_from_version(registered) if registered is not None else None
         spec = spec_from_request(request, base)
-        validate(spec, request.get("inputs") or {}, tools=self._tools)
+        validate(spec, request.get("inputs") or {}, tools=self._tools, modules=self._modules)
         return program_fields(spec, request.get("program_id"))
 
 
@@ -73,6 +90,7 @@ def program_fields(spec: ProgramSpec, program_id: str | None) -> Record:
         "module_config_json": spec.module_config_json,
         "state_json": spec.state_json,
         "tools": list(spec.tools),
+        "adapter": spec.adapter,
     }
 
 

@@ -1,39 +1,47 @@
-"""The DSPy module types a program can name, their whitelisted configs and construction.
+"""The module types a program can name: DSPy's built-ins and the operator's deployed modules.
 
-A module config is a JSON object; only the keys listed here are accepted, so a config
-can never pass LM connection settings (``api_base``, ``api_key``) into a predictor.
-BestOfN and Refine need a reward function: programs name one from :data:`REWARDS`.
+Built-in types (``Predict``, ``ChainOfThought``, ``ReAct``, ``BestOfN``, ``Refine``)
+take a whitelisted JSON config (:func:`dspex.streams.programs.parse_module_config`),
+so a config can never pass LM connection settings (``api_base``, ``api_key``) into a
+predictor. BestOfN and Refine need a reward function: programs name one from
+:data:`REWARDS`.
+
+*Deployed* modules are ``dspy.Module`` subclasses an operator installs with the
+workers and allowlists in settings (``modules``: name -> ``package.module:Class``).
+:meth:`DeployedModules.load` imports exactly those paths, once, at worker start, and
+fails fast naming the one that does not import; a name read from a topic only ever
+selects an already imported class (docs/modules.md).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
+import importlib
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import dspy
 
-from dspex.streams.errors import InvalidRequest, ProgramError
+from dspex.streams.errors import ConfigError, InvalidRequest, ProgramError
+from dspex.streams.programs import BUILTIN_MODULES, parse_module_config
 
-MODULE_TYPES: frozenset[str] = frozenset(
-    {"Predict", "ChainOfThought", "ReAct", "BestOfN", "Refine"}
-)
+__all__ = [
+    "MODULE_TYPES",
+    "REWARDS",
+    "DeployedModules",
+    "construct",
+    "import_allowlisted",
+    "nonempty",
+    "parse_module_config",
+]
 
-_FIELD = "module_config_json"
-_LM_KEYS: dict[str, tuple[type, float, float]] = {
-    "temperature": (float, 0.0, 2.0),
-    "max_tokens": (int, 1, 100_000),
-}
-_ALLOWED: dict[str, dict[str, tuple[type, float, float]]] = {
-    "Predict": _LM_KEYS,
-    "ChainOfThought": _LM_KEYS,
-    "ReAct": {"max_iters": (int, 1, 50)},
-    "BestOfN": {"N": (int, 1, 16), "threshold": (float, -1e9, 1e9), "fail_count": (int, 0, 16)},
-    "Refine": {"N": (int, 1, 16), "threshold": (float, -1e9, 1e9), "fail_count": (int, 0, 16)},
-}
-_CHOICES: dict[str, set[str]] = {"module": {"Predict", "ChainOfThought"}, "reward": {"nonempty"}}
+MODULE_TYPES: frozenset[str] = BUILTIN_MODULES
+
+_CONFIG = "module_config_json"
+# Parameters DSPex fills itself when a deployed module's constructor takes them.
+_SIGNATURE_PARAM, _TOOLS_PARAM = "signature", "tools"
 
 
 def nonempty(args: dict[str, Any], pred: dspy.Prediction) -> float:
@@ -45,44 +53,103 @@ def nonempty(args: dict[str, Any], pred: dspy.Prediction) -> float:
 REWARDS: dict[str, Callable[[dict[str, Any], dspy.Prediction], float]] = {"nonempty": nonempty}
 
 
-def parse_module_config(module_type: str, config_json: str) -> dict[str, Any]:
-    """The decoded, whitelisted config; ``InvalidRequest(field="module_config_json")`` otherwise."""
+def import_allowlisted(where: str, path: str) -> Any:
+    """The attribute ``package.module:Attribute`` names; ``ConfigError`` naming ``where``."""
+    module_name, _, attribute = path.partition(":")
     try:
-        config = json.loads(config_json or "{}", parse_constant=_refuse)
-    except ValueError as exc:
-        raise InvalidRequest(_FIELD, f"invalid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise InvalidRequest(_FIELD, "must be a JSON object")
-    allowed = _ALLOWED.get(module_type, {})
-    choices = _CHOICES if module_type in ("BestOfN", "Refine") else {}
-    for key, value in config.items():
-        if key in allowed:
-            _check_number(key, value, *allowed[key])
-        elif key in choices:
-            _check_choice(key, value, choices[key])
-        else:
-            names = ", ".join(sorted([*allowed, *choices])) or "none"
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own failure
+        raise ConfigError(f"{where}: cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
+    return found
+
+
+@dataclass(frozen=True)
+class DeployedModule:
+    """One allowlisted module class and the config keys its constructor takes."""
+
+    name: str
+    path: str
+    cls: type[dspy.Module]
+    config_keys: frozenset[str]
+    takes_signature: bool
+    takes_tools: bool
+
+
+class DeployedModules:
+    """The operator's allowlisted ``dspy.Module`` classes by name (empty: none deployed)."""
+
+    def __init__(self, modules: Mapping[str, DeployedModule] | None = None) -> None:
+        self._modules = dict(modules or {})
+
+    @classmethod
+    def load(cls, allowlist: Mapping[str, str]) -> DeployedModules:
+        """Import every allowlisted path now; ``ConfigError`` for one that is not a module."""
+        return cls({name: _inspect(name, path) for name, path in allowlist.items()})
+
+    def names(self) -> frozenset[str]:
+        """The deployed module names."""
+        return frozenset(self._modules)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def get(self, name: str) -> DeployedModule:
+        """The deployed module ``name``; ``KeyError`` when it is not deployed."""
+        return self._modules[name]
+
+    def config(self, name: str, config_json: str) -> dict[str, Any]:
+        """The program's config for deployed module ``name``: only its constructor's keys."""
+        module = self._modules[name]
+        config = parse_module_config(name, config_json, deployed=self._modules)
+        unknown = sorted(set(config) - module.config_keys)
+        if unknown:
+            allowed = ", ".join(sorted(module.config_keys)) or "none"
             raise InvalidRequest(
-                _FIELD, f"unknown key {key!r} for {module_type} (allowed: {names})"
+                _CONFIG, f"unknown key {unknown[0]!r} for {name} (allowed: {allowed})"
             )
-    return config
+        return config
+
+    def construct(
+        self,
+        name: str,
+        signature: type[dspy.Signature],
+        config: Mapping[str, Any],
+        tools: list[dspy.Tool],
+    ) -> dspy.Module:
+        """A fresh instance: the config as keyword arguments, plus signature/tools if taken."""
+        module = self._modules[name]
+        kwargs = dict(config)
+        if module.takes_signature:
+            kwargs[_SIGNATURE_PARAM] = signature
+        if module.takes_tools:
+            kwargs[_TOOLS_PARAM] = tools
+        instance = module.cls(**kwargs)
+        if not isinstance(instance, dspy.Module):
+            raise ProgramError(f"{name}: {module.path} did not construct a dspy.Module")
+        return instance
 
 
-def _refuse(token: str) -> Any:
-    raise ValueError(f"{token} is not allowed")
-
-
-def _check_number(key: str, value: Any, kind: type, low: float, high: float) -> None:
-    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        raise InvalidRequest(_FIELD, f"{key} must be a{'n integer' if kind is int else ' number'}")
-    if not low <= value <= high:
-        raise InvalidRequest(_FIELD, f"{key} must be between {low:g} and {high:g}")
-
-
-def _check_choice(key: str, value: Any, options: set[str]) -> None:
-    if value not in options:
-        raise InvalidRequest(_FIELD, f"{key} must be one of {sorted(options)}")
+def _inspect(name: str, path: str) -> DeployedModule:
+    where = f"settings modules.{name}"
+    found = import_allowlisted(where, path)
+    if not (isinstance(found, type) and issubclass(found, dspy.Module)):
+        raise ConfigError(f"{where}: {path!r} is not a dspy.Module subclass")
+    params = inspect.signature(cast(Any, found).__init__).parameters
+    keys = {
+        key
+        for key, param in params.items()
+        if key != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+    }
+    return DeployedModule(
+        name=name,
+        path=path,
+        cls=found,
+        config_keys=frozenset(keys - {_SIGNATURE_PARAM, _TOOLS_PARAM}),
+        takes_signature=_SIGNATURE_PARAM in keys,
+        takes_tools=_TOOLS_PARAM in keys,
+    )
 
 
 def construct(

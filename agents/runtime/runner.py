@@ -23,6 +23,9 @@ from dspex.streams.errors import DSPexError, ProgramError
 
 OnChunk = Callable[[str], Awaitable[None]]
 _HIDDEN_OUTPUTS = frozenset({"trajectory"})
+# DSPy streams no TwoStep reply, and a JSON one as raw JSON text (quotes, escapes, the
+# next key): under these adapters the answer is sent whole once it is parsed
+_UNSTREAMABLE = (dspy.TwoStepAdapter, dspy.JSONAdapter)
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,9 @@ async def run(
     lm: dspy.BaseLM,
     timeout_s: float | None = None,
     on_chunk: OnChunk | None = None,
+    adapter: dspy.Adapter | None = None,
 ) -> RunResult:
-    """Run ``module`` on ``inputs`` with ``lm``.
+    """Run ``module`` on ``inputs`` with ``lm`` (and ``adapter``: None is DSPy's ChatAdapter).
 
     Raises the builtin ``TimeoutError`` past ``timeout_s``, DSPy's ``LMError`` subclasses
     as they are (the worker classifies them) and ``ProgramError`` for anything else that
@@ -50,7 +54,8 @@ async def run(
     """
     # No DSPy history in a worker: it grows per module/LM (up to 10,000 entries each) and
     # makes every named_parameters() walk slower; the Execution record is the audit log.
-    with dspy.context(lm=lm, trace=[], disable_history=True), dspy.track_usage() as tracker:
+    context = dspy.context(lm=lm, adapter=adapter, trace=[], disable_history=True)
+    with context, dspy.track_usage() as tracker:
         try:
             async with asyncio.timeout(timeout_s):
                 prediction = await _execute(module, dict(inputs), on_chunk)
@@ -71,8 +76,17 @@ async def run(
 async def _execute(module: dspy.Module, inputs: dict[str, Any], on_chunk: OnChunk | None) -> Any:
     if on_chunk is not None:
         field = _stream_field(module)
+        if field is not None and isinstance(dspy.settings.adapter, _UNSTREAMABLE):
+            prediction = await _call(module, inputs)
+            if isinstance(prediction.get(field), str) and prediction.get(field):
+                await on_chunk(prediction[field])
+            return prediction
         if field is not None:
             return await _stream(module, inputs, field, on_chunk)
+    return await _call(module, inputs)
+
+
+async def _call(module: dspy.Module, inputs: dict[str, Any]) -> Any:
     if _is_async(module):
         prediction = await module.acall(**inputs)
     else:

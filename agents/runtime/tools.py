@@ -2,18 +2,23 @@
 
 Tools are never code sent on a topic: a request or program version names tools, and
 only names registered here resolve. The default tools are safe to expose: pure
-functions of their arguments, bounded in size and time.
+functions of their arguments, bounded in size and time. An operator adds tools of
+their own by allowlisting them in settings (``tools``: name -> ``package.module:func``);
+:func:`deployed_tools` imports exactly those paths at worker start (docs/modules.md).
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dspy
+
+from dspex.streams.errors import ConfigError
 
 _MAX_EXPRESSION = 200
 _MAX_POWERLESS_ABS = 1e12
@@ -123,3 +128,24 @@ def default_tools() -> ToolRegistry:
             RegisteredTool("word_count", "Count the words in a text.", word_count),
         ]
     )
+
+
+def deployed_tools(allowlist: Mapping[str, str]) -> ToolRegistry:
+    """The default tools plus the allowlisted ones, imported now (``ConfigError`` if one fails).
+
+    A tool's description, shown to the LM, is the first paragraph of its docstring.
+    """
+    from dspex.agents.runtime.modules import import_allowlisted
+
+    registry = default_tools()
+    for name, path in allowlist.items():
+        where = f"settings tools.{name}"
+        func = import_allowlisted(where, path)
+        if not callable(func):
+            raise ConfigError(f"{where}: {path!r} is not callable")
+        description = (inspect.getdoc(func) or name).split("\n\n")[0].replace("\n", " ")
+        try:
+            registry.register(func, name=name, description=description)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    return registry

@@ -30,6 +30,7 @@ from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import LMBackend, ReliabilitySettings, Settings
 
 if TYPE_CHECKING:
+    from dspex.agents.runtime.modules import DeployedModules
     from dspex.agents.runtime.programs import ProgramBuilder, ProgramSpec
     from dspex.agents.runtime.tools import ToolRegistry
 
@@ -132,29 +133,37 @@ class DSPyExecutor:
         faults: FaultPolicy | None = None,
         lms: Mapping[str, Any] | None = None,
     ) -> None:
+        from dspex.agents.runtime.modules import DeployedModules
         from dspex.agents.runtime.programs import ProgramBuilder
-        from dspex.agents.runtime.tools import default_tools
+        from dspex.agents.runtime.tools import deployed_tools
 
         self._settings = settings
-        self._tools: ToolRegistry = default_tools()
-        self._builder: ProgramBuilder = ProgramBuilder(self._tools)
+        # the operator's allowlisted tools and modules, imported now: a bad path fails the start
+        self._tools: ToolRegistry = deployed_tools(settings.tools)
+        self._modules: DeployedModules = DeployedModules.load(settings.modules)
+        self._builder: ProgramBuilder = ProgramBuilder(self._tools, modules=self._modules)
         self._lms: dict[str, Any] = dict(lms or {})
         self.faults = faults or fault_policy(settings.reliability)
 
     async def execute(self, request: Mapping[str, Any], on_chunk: ChunkCallback | None) -> Outcome:
         """Validate inputs, build the module, run it on the first backend that answers."""
-        from dspex.agents.runtime.programs import RunResult, run, validate
+        from dspex.agents.runtime.adapters import adapter_name, make_adapter
+        from dspex.agents.runtime.programs import RunResult, parse_signature, run, validate
 
         spec = _spec(request)
-        inputs = validate(spec, request["inputs"], tools=self._tools)
+        inputs = validate(spec, request["inputs"], tools=self._tools, modules=self._modules)
         module = self._builder.build(spec)
         overrides = backend_overrides(request.get("variables") or {})
+        adapter = adapter_name(spec.adapter, request.get("variables") or {})
         gate = _ChunkGate(on_chunk)
 
         async def attempt(variant: str) -> RunResult:
             lm = self._lm_for(variant, overrides)
             timeout = remaining_seconds(request)
-            return await run(module, inputs, lm=lm, timeout_s=timeout, on_chunk=gate.callback)
+            chosen = make_adapter(adapter, lm, parse_signature(spec.signature))
+            return await run(
+                module, inputs, lm=lm, timeout_s=timeout, on_chunk=gate.callback, adapter=chosen
+            )
 
         answered = await self.faults.run(
             self.variants(request),

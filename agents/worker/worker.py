@@ -31,6 +31,7 @@ from dspex.agents.plumbing.retry import RetryTopicPolicy
 from dspex.agents.worker.execution import DSPyExecutor, Executor
 from dspex.agents.worker.handler import Destinations, WorkerHandler
 from dspex.streams import kafka
+from dspex.streams.errors import ConfigError
 from dspex.streams.logs import configure_logging
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import POOLS, PoolSettings, Settings
@@ -209,6 +210,9 @@ def main(settings: Settings, pool: str, instance_id: str | None = None) -> int:
     configure_logging(settings.log_level)
     try:
         asyncio.run(_serve(settings, pool, instance_id))
+    except ConfigError as exc:  # e.g. an allowlisted module that does not import: one line
+        logger.error("worker cannot start pool=%s: %s", pool, exc)
+        return 1
     except Exception:
         logger.exception("worker failed pool=%s", pool)
         return 1

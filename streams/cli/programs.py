@@ -12,10 +12,12 @@ from rich.table import Table
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.client.client import Client, Program, RequestFailed
 from dspex.streams.errors import ConfigError, InvalidRequest
+from dspex.streams.programs import ADAPTERS, AUTO, check_program
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 
+_ADAPTER_HELP = f"DSPy adapter: {', '.join(ADAPTERS)} (default {AUTO})."
 programs_app = typer.Typer(help="Program versions on the compacted programs topic.")
 app.add_typer(programs_app, name="programs")
 
@@ -29,11 +31,21 @@ def programs_put(
     state: Annotated[Path | None, typer.Option(help="DSPy JSON state file (demos, ...)")] = None,
     config: Annotated[str, typer.Option(help="Module config JSON, e.g. '{\"N\": 3}'")] = "{}",
     tool: Annotated[list[str] | None, typer.Option(help="A registered tool (repeat).")] = None,
+    adapter: Annotated[str | None, typer.Option(help=_ADAPTER_HELP)] = None,
     description: str | None = None,
 ) -> None:
-    """Publish a new version of a program (the router validates it per request)."""
+    """Publish a new version of a program, checked first with the router's own rules."""
+    settings = settings_of(ctx)
+    # refused before connecting: the same checks publish_program (and the router) run
+    check_program(
+        signature,
+        module_type=module_type,
+        module_config_json=config,
+        adapter=adapter,
+        deployed=settings.modules,
+    )
     state_json = state.read_text() if state else None
-    with Client(settings_of(ctx)) as client:
+    with Client(settings) as client:
         version = client.publish_program(
             program_id,
             signature,
@@ -42,6 +54,7 @@ def programs_put(
             module_config_json=config,
             tools=tuple(tool or ()),
             description=description,
+            adapter=adapter,
         )
     out.print(f"[green]published[/] {program_id} v{version}")
 
@@ -49,12 +62,18 @@ def programs_put(
 @programs_app.command("list")
 def programs_list(ctx: typer.Context) -> None:
     """The latest version of every program."""
-    table = Table("program", "version", "module", "signature", "created")
+    table = Table("program", "version", "module", "adapter", "signature", "created")
     for pid, versions in sorted(_read(settings_of(ctx)).items()):
         latest = versions[-1]
         created = latest["created_at"].isoformat(timespec="seconds")
+        adapter = latest.get("adapter") or AUTO
         table.add_row(
-            pid, str(latest["version"]), latest["module_type"], latest["signature"], created
+            pid,
+            str(latest["version"]),
+            latest["module_type"],
+            adapter,
+            latest["signature"],
+            created,
         )
     out.print(table)
 
@@ -81,6 +100,7 @@ def submit(
     program: Annotated[str, typer.Argument(help="A registered program id, or a signature.")],
     inputs: Annotated[list[str], typer.Argument(help="name=value pairs (value: JSON or text)")],
     module_type: Annotated[str | None, typer.Option("--module")] = None,
+    adapter: Annotated[str | None, typer.Option(help=_ADAPTER_HELP)] = None,
     pool: Annotated[str | None, typer.Option(help="Pool hint: general, optimizer, gpu.")] = None,
     deadline: Annotated[float, typer.Option(help="Seconds.")] = 60.0,
     stream: Annotated[bool, typer.Option(help="Print token chunks as they arrive.")] = True,
@@ -88,7 +108,11 @@ def submit(
 ) -> None:
     """Send one request and print the answer (streamed by default)."""
     inline = "->" in program
-    target = Program.inline(program, module_type or "Predict") if inline else program
+    target = (
+        Program.inline(program, module_type or "Predict", adapter=adapter)
+        if inline
+        else Program.registered(program, adapter=adapter)
+    )
     options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
     with Client(settings_of(ctx)) as client:
         if stream:

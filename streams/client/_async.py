@@ -41,6 +41,7 @@ from dspex.streams.client._requests import (
 )
 from dspex.streams.client.programs import latest_version, program_version_record
 from dspex.streams.errors import BrokerUnavailable, DSPexError
+from dspex.streams.programs import check_program
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -227,13 +228,24 @@ class AsyncClient:
         description: str | None = None,
         version: int | None = None,
         created_by: str = "",
+        adapter: str | None = None,
     ) -> int:
         """Publish a ProgramVersion to the programs topic (key: program id); return its version.
 
+        The program is checked first with the router's own rules (signature, module
+        type — built in or allowlisted in ``settings.modules`` —, module config,
+        adapter): ``InvalidRequest`` naming the field, and nothing is produced.
         ``version=None`` reads the topic from the start and takes the latest + 1. Two
         publishers racing on one program id can pick the same number: publish a
         program from one place (or pass ``version``).
         """
+        check_program(
+            signature,
+            module_type=module_type,
+            module_config_json=module_config_json,
+            adapter=adapter,
+            deployed=self._settings.modules,
+        )
         await self.start()
         serde = self._require_serde()
         latest = await asyncio.to_thread(
@@ -251,6 +263,7 @@ class AsyncClient:
             metric=metric,
             description=description,
             created_by=created_by,
+            adapter=adapter,
         )
         value = serde.encode("ProgramVersion", record, topic=self._programs_topic)
         await (await self._send(self._programs_topic, program_id.encode(), value, []))

@@ -42,15 +42,20 @@ class Program:
     state_json: str | None = None
     module_config_json: str | None = None
     tools: tuple[str, ...] = ()
+    adapter: str | None = None
+    """The DSPy adapter (``ChatAdapter``, ``JSONAdapter``, ``XMLAdapter``, ``TwoStepAdapter``,
+    ``auto``); for a registered program, overrides the registered version's."""
 
     def __post_init__(self) -> None:
         if not self.program_id and not self.signature:
             raise InvalidRequest("program", "name a registered program_id or an inline signature")
 
     @classmethod
-    def registered(cls, program_id: str, version: int | None = None) -> Program:
+    def registered(
+        cls, program_id: str, version: int | None = None, *, adapter: str | None = None
+    ) -> Program:
         """A program registered on the programs topic; ``version=None`` means the latest."""
-        return cls(program_id=program_id, version=version)
+        return cls(program_id=program_id, version=version, adapter=adapter)
 
     @classmethod
     def inline(
@@ -61,6 +66,7 @@ class Program:
         state_json: str | None = None,
         module_config_json: str | None = None,
         tools: tuple[str, ...] = (),
+        adapter: str | None = None,
     ) -> Program:
         """A program sent with the request: a DSPy signature run by ``module_type``."""
         return cls(
@@ -69,6 +75,7 @@ class Program:
             state_json=state_json,
             module_config_json=module_config_json,
             tools=tuple(tools),
+            adapter=adapter,
         )
 
     @classmethod
@@ -136,6 +143,7 @@ def build_request(
         cache=bool(options.get("cache", True)),
         reply_topic=reply_topic,
         tools=named.tools,
+        adapter=named.adapter,
         metadata=options.get("metadata") or {},
     )
 

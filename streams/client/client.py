@@ -179,6 +179,7 @@ class Client:
         description: str | None = None,
         version: int | None = None,
         created_by: str = "",
+        adapter: str | None = None,
     ) -> int:
         """Blocking :meth:`AsyncClient.publish_program`."""
         publish = self._client.publish_program(
@@ -192,6 +193,7 @@ class Client:
             description=description,
             version=version,
             created_by=created_by,
+            adapter=adapter,
         )
         return self._call(publish)
 

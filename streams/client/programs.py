@@ -35,6 +35,7 @@ def program_version_record(
     description: str | None,
     created_by: str,
     score: float | None = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
     """A ProgramVersion record ready for the serde (``score``: its metric's, when measured)."""
     return records.program_version(
@@ -45,6 +46,7 @@ def program_version_record(
         module_config_json=module_config_json,
         state_json=state_json or "{}",
         tools=list(tools),
+        adapter=adapter,
         metric=metric,
         score=score,
         description=description or "",

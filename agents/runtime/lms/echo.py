@@ -31,11 +31,10 @@ from dspex.agents.runtime.lms.base import (
     InlineLM,
     StatelessEngine,
     last_user_text,
-    prompt_inputs,
-    prompt_output_fields,
     system_text,
     words,
 )
+from dspex.agents.runtime.lms.formats import CHAT, EXTRACT, read_prompt, render
 
 _LITERAL = re.compile(r"'((?:[^'\\]|\\.)*)'")
 _TOKEN = re.compile(r"\s*\S+")
@@ -44,8 +43,9 @@ _TOKEN = re.compile(r"\s*\S+")
 class EchoLM(InlineLM):
     """A deterministic SIMULATION of an LM, for tests, benchmarks and the demo.
 
-    It reads the input fields from the prompt DSPy's ChatAdapter built and answers every
-    requested output field with a value derived from the first input: ``str`` fields
+    It reads the input fields from the prompt DSPy's adapter built (Chat, JSON, XML,
+    TwoStep), answers in that adapter's format, and gives every requested output field
+    a value derived from the first input: ``str`` fields
     ``"echo: <first input>"``, ``float`` 0.5, ``int`` the first input's length, ``bool``
     True, lists ``[<first input>]``, ``reasoning`` "echoing", ``Literal`` choices
     ``finish`` when offered (so ReAct finishes at once), dicts ``{}``. Usage counts are
@@ -68,6 +68,10 @@ class EchoLM(InlineLM):
 
 class EchoEngine(StatelessEngine):
     """Synchronous DSPy engine behind :class:`EchoLM` (stateless, thread-safe)."""
+
+    # read by DSPy off a custom engine: JSONAdapter asks it for structured output
+    supports_response_schema = True
+    supported_params = frozenset({"response_format"})
 
     def complete(self, request: Request) -> Response:
         text = echo_reply(system_text(request), last_user_text(request))
@@ -111,14 +115,13 @@ class AsyncEchoEngine(AsyncEngine[EchoEngine]):
 
 
 def echo_reply(system: str, user: str) -> str:
-    """The ChatAdapter-formatted answer EchoLM gives for one prompt."""
-    inputs = prompt_inputs(user)
-    first = next(iter(inputs.values()), "")
-    blocks = [
-        f"[[ ## {name} ## ]]\n{_value_for(name, type_text, first)}"
-        for name, type_text in prompt_output_fields(system)
-    ]
-    return "\n\n".join([*blocks, "[[ ## completed ## ]]"])
+    """EchoLM's answer to one prompt, in the format its adapter asks for (``lms.formats``)."""
+    prompt = read_prompt(system, user)
+    if prompt.format == EXTRACT:  # TwoStepAdapter's extraction: copy the first reply's values
+        return render(CHAT, [(n, t, prompt.inputs.get(n, "")) for n, t in prompt.outputs])
+    first = next(iter(prompt.inputs.values()), "")
+    fields = [(n, t, _value_for(n, t, first)) for n, t in prompt.outputs]
+    return render(prompt.format, fields)
 
 
 def _value_for(name: str, type_text: str, first: str) -> str:

@@ -12,6 +12,9 @@ unless its configuration says it cannot:
 * ``max_temperature=X``: it answers right only at temperature <= X, so a search
   over ``temperature`` has one clearly better region;
 * ``delay=S``: every call takes S seconds (long-job tests);
+* it answers in the format the program's adapter asks for (Chat, JSON, XML,
+  TwoStep; :mod:`~dspex.agents.runtime.lms.formats`), and declares structured-output
+  support, so JSONAdapter sends it a ``response_format`` as it would to a real model;
 * ``fail=N``: the first N calls *in the process* (counted per option set, over
   every copy of the LM) raise a SIMULATED provider outage — ``dspy.lm15``'s
   ``ServerError`` (HTTP 503), which DSPy maps to its retryable
@@ -52,10 +55,9 @@ from dspex.agents.runtime.lms.base import (
     InlineLM,
     StatelessEngine,
     last_user_text,
-    prompt_inputs,
-    prompt_output_fields,
     system_text,
 )
+from dspex.agents.runtime.lms.formats import CHAT, EXTRACT, read_prompt, render
 from dspex.streams.errors import ConfigError
 
 SIM_MODEL = "dspex/sim"
@@ -175,6 +177,11 @@ class SimulatedLM(InlineLM):
 class SimEngine(StatelessEngine):
     """Synchronous DSPy engine behind :class:`SimulatedLM` (stateless, thread-safe)."""
 
+    # DSPy reads these off a custom engine: JSONAdapter then asks for structured output
+    # (``response_format``), and ``auto`` picks JSON for typed outputs (runtime.adapters).
+    supports_response_schema = True
+    supported_params = frozenset({"response_format"})
+
     def __init__(self, options: SimOptions) -> None:
         self.options = options
 
@@ -234,20 +241,23 @@ def knows_the_task(options: SimOptions, request: Request) -> bool:
 
 
 def sim_reply(options: SimOptions, request: Request) -> str:
-    """The ChatAdapter-formatted answer for one prompt."""
-    inputs = prompt_inputs(last_user_text(request))
-    first = next(iter(inputs.values()), "")
+    """The answer for one prompt, in the format its adapter asks for (``lms.formats``)."""
+    prompt = read_prompt(system_text(request), last_user_text(request))
+    if prompt.format == EXTRACT:  # TwoStepAdapter's extraction: copy the first reply's values
+        fields = [(n, t, prompt.inputs.get(n, "")) for n, t in prompt.outputs]
+        return render(CHAT, fields)
+    first = next(iter(prompt.inputs.values()), "")
     right = knows_the_task(options, request)
-    blocks = []
-    for name, type_text in prompt_output_fields(system_text(request)):
+    values = []
+    for name, type_text in prompt.outputs:
         if name == "reasoning":
             value = "simulated reasoning"
         elif type_text == "str":
             value = TASKS[options.task](first) if right else WRONG
         else:
             value = _typed(type_text, first)
-        blocks.append(f"[[ ## {name} ## ]]\n{value}")
-    return "\n\n".join([*blocks, "[[ ## completed ## ]]"])
+        values.append((name, type_text, value))
+    return render(prompt.format, values)
 
 
 def _typed(type_text: str, first: str) -> str:

@@ -1,0 +1,1 @@
+"""Example modules an operator deploys with DSPex workers (see docs/modules.md)."""
