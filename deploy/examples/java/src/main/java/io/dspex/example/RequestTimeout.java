@@ -1,0 +1,21 @@
+package io.dspex.example;
+
+import java.time.Instant;
+
+/** Rule 6: no final chunk arrived by the request's deadline plus the grace. */
+public final class RequestTimeout extends RuntimeException {
+  private static final long serialVersionUID = 1L;
+
+  RequestTimeout(String requestId, Instant deadline, int chunks) {
+    super(
+        "request "
+            + requestId
+            + ": no final chunk by its deadline "
+            + deadline
+            + " (+"
+            + DspexClient.GRACE.toSeconds()
+            + "s grace); "
+            + chunks
+            + " chunk(s) received");
+  }
+}

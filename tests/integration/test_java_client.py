@@ -1,0 +1,197 @@
+"""The Java example client (``deploy/examples/java``) against the real stack.
+
+The example is built from the contract alone: Apache Avro's Maven plugin generates
+its classes from ``schemas/*.avsc`` and it talks to Kafka with Apache Kafka's own
+client. This test builds it with ``mvn -q package`` (skipped when its jar is newer
+than every source and schema it is built from; Maven caches its downloads in
+``~/.m2``) and prints the build time, then runs ``java -jar`` against the router and
+a general-pool worker started as real processes, every pool on the echo SIMULATION
+(a ``str`` output is ``"echo: "`` + the first input). It asserts on what the Java
+program printed, all of it decoded by Avro's Java library: a plain answer, a
+streamed answer (on a reply topic of its own) and an error Response.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from dspex import schemas
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.settings import Settings
+from tests.integration.stack import REPO
+from tests.integration.tail import OpenTail
+from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
+    StartStack,
+    echo_settings,
+    start_stack,
+)
+
+JAVA_DIR = REPO / "deploy" / "examples" / "java"
+JAR = JAVA_DIR / "target" / "dspex-java-client.jar"
+BUILD_TIMEOUT_S = 900.0  # the first build downloads Avro, Kafka and Maven's plugins
+RUN_TIMEOUT_S = 180.0
+CreateTopics = Callable[[], list[TopicReport]]
+
+
+def _sources() -> Iterable[Path]:
+    """Everything the jar is built from: the project and the contract files."""
+    yield JAVA_DIR / "pom.xml"
+    yield from (p for p in (JAVA_DIR / "src").rglob("*") if p.is_file())
+    yield from (REPO / "schemas").glob("*.avsc")
+    yield from (REPO / "schemas" / "history").glob("Response.v*.avsc")
+
+
+def _up_to_date() -> bool:
+    if not JAR.exists() or not (JAR.parent / "lib").is_dir():
+        return False
+    built = JAR.stat().st_mtime
+    return all(source.stat().st_mtime < built for source in _sources())
+
+
+@pytest.fixture(scope="module")
+def java_client() -> Iterator[Path]:
+    """The example's jar, built with Maven unless it is newer than all its sources."""
+    for tool in ("mvn", "java"):
+        assert shutil.which(tool), f"{tool} is not on PATH: the Java example needs JDK 17 + Maven"
+    started = time.monotonic()
+    if _up_to_date():
+        print(f"\njava client: up to date ({JAR.relative_to(REPO)}), no build")
+    else:
+        built = subprocess.run(
+            ["mvn", "-q", "-B", "package"],
+            cwd=JAVA_DIR,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+            check=False,
+        )
+        assert built.returncode == 0, f"mvn package failed:\n{built.stdout}\n{built.stderr}"
+        print(f"\njava client: built in {time.monotonic() - started:.1f} s (mvn -q package)")
+    yield JAR
+
+
+def run_java(jar: Path, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``java -jar`` the example against the test's broker and topic prefix."""
+    argv = ["java", "-jar", str(jar), "--bootstrap", str(settings.kafka.bootstrap_servers)]
+    argv += ["--prefix", settings.topics.prefix, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+
+
+def _lines(done: subprocess.CompletedProcess[str]) -> list[str]:
+    return done.stdout.splitlines()
+
+
+def _chunks(lines: list[str]) -> list[tuple[int, str, bool, str]]:
+    """``chunk <seq> <status>[ final] <json delta>`` lines as (seq, status, final, delta)."""
+    parsed = []
+    for line in lines:
+        if line.startswith("chunk "):
+            _, seq, status, rest = line.split(" ", 3)
+            final = rest.startswith("final ")
+            parsed.append((int(seq), status, final, json.loads(rest.removeprefix("final "))))
+    return parsed
+
+
+def _create_topic(admin: AdminClient, name: str) -> None:
+    for future in admin.create_topics([NewTopic(name, 2, 1)], operation_timeout=30).values():
+        future.result()
+
+
+def test_java_fingerprints_are_the_contracts(java_client: Path, settings: Settings) -> None:
+    """Java's SchemaNormalization fingerprint equals the one DSPex frames records with."""
+    done = run_java(java_client, settings, "fingerprints")
+    assert done.returncode == 0, done.stderr
+    expected = [
+        f"io.dspex.{name} 0x{schemas.current(name).fingerprint:016x}"
+        for name in ("Request", "Response")
+    ]
+    assert _lines(done) == expected
+
+
+def test_java_client_plain_streamed_and_error_answers(
+    java_client: Path,
+    settings: Settings,
+    start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    admin: AdminClient,
+    tails: OpenTail,
+) -> None:
+    settings = echo_settings(settings)
+    start_stack(settings, ["general"])
+    requests = tails(["requests"], settings=settings)
+    question = f"What is Kafka {uuid.uuid4().hex[:6]}?"
+
+    plain = run_java(java_client, settings, "submit", "question -> answer", f"question={question}")
+    print("java submit:", plain.stdout, plain.stderr, sep="\n")
+    assert plain.returncode == 0, plain.stderr
+    lines = _lines(plain)
+    assert f"replies on {settings.topics.prefix}responses" in lines[0]
+    assert "ok pool=general cached=false chunks=1 duplicates=0" in lines
+    assert f"answer = echo: {question}" in lines
+    request_id = lines[0].split()[1]
+
+    streamed_question = f"Why Avro {uuid.uuid4().hex[:6]}?"  # not the cached one
+    replies = f"{settings.topics.prefix}java.replies"
+    _create_topic(admin, replies)
+    streamed = run_java(
+        java_client,
+        settings,
+        "--reply-topic",
+        replies,
+        "stream",
+        "question -> answer",
+        f"question={streamed_question}",
+    )
+    print("java stream:", streamed.stdout, streamed.stderr, sep="\n")
+    assert streamed.returncode == 0, streamed.stderr
+    lines = _lines(streamed)
+    assert f"replies on {replies}" in lines[0]
+    chunks = _chunks(lines)
+    assert [seq for seq, *_ in chunks] == list(range(len(chunks)))
+    assert len(chunks) >= 3  # token chunks before the final one
+    assert [final for _, _, final, _ in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert {status for _, status, final, _ in chunks if not final} == {"progress"}
+    assert "".join(delta for *_, delta in chunks) == f"echo: {streamed_question}"
+    assert f"text = echo: {streamed_question}" in lines
+    assert f"answer = echo: {streamed_question}" in lines
+
+    bad = run_java(java_client, settings, "submit", "question -> -> answer", "question=x")
+    print("java error:", bad.stdout, bad.stderr, sep="\n")
+    assert bad.returncode == 1, bad.stderr
+    error = _lines(bad)[-1]
+    assert error.startswith("error InvalidRequest stage=validate field=signature retryable=false:")
+
+    # rules 2 and 3, as the broker holds them: key = request_id, the three headers
+    requests.wait(lambda t: len(t.of("requests")) >= 3 or None, 60, "3 Java requests")
+    first = requests.messages("requests")[0]
+    assert first.key() == request_id.encode()
+    headers = dict(first.headers() or [])
+    assert headers == {
+        "dspex-request-id": request_id.encode(),
+        "content-type": b"application/vnd.dspex.request+avro",
+    }
+    assert dict(requests.messages("requests")[1].headers() or [])["dspex-reply-topic"] == (
+        replies.encode()
+    )
+
+
+def test_java_client_refuses_a_reply_topic_that_does_not_exist(
+    java_client: Path, settings: Settings, create_topics: CreateTopics, tails: OpenTail
+) -> None:
+    """Checked before producing: the router would answer on the shared topic instead."""
+    create_topics()
+    requests = tails(["requests"])
+    missing = f"{settings.topics.prefix}no.such.replies"
+    done = run_java(java_client, settings, "--reply-topic", missing, "submit", "q -> a", "q=x")
+    assert done.returncode == 2
+    assert f"error: reply topic {missing} does not exist: create it first" in done.stderr
+    requests.catch_up()
+    assert requests.of("requests") == []
