@@ -25,6 +25,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dspex import schemas
+from dspex.streams.client.client import AsyncClient, Program
+from dspex.streams.errors import ConfigError
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings
 from tests.integration.stack import REPO
@@ -183,7 +185,7 @@ def test_java_client_plain_streamed_and_error_answers(
     )
 
 
-def test_java_client_refuses_a_reply_topic_that_does_not_exist(
+async def test_both_clients_refuse_a_reply_topic_that_does_not_exist(
     java_client: Path, settings: Settings, create_topics: CreateTopics, tails: OpenTail
 ) -> None:
     """Checked before producing: the router would answer on the shared topic instead."""
@@ -193,5 +195,8 @@ def test_java_client_refuses_a_reply_topic_that_does_not_exist(
     done = run_java(java_client, settings, "--reply-topic", missing, "submit", "q -> a", "q=x")
     assert done.returncode == 2
     assert f"error: reply topic {missing} does not exist: create it first" in done.stderr
-    requests.catch_up()
+    with pytest.raises(ConfigError, match=f"topic {missing} does not exist: create it first"):
+        async with AsyncClient(settings, reply_topic=missing) as client:
+            await client.submit(Program.inline("q -> a"), {"q": "x"})
+    await requests.caught_up()
     assert requests.of("requests") == []
