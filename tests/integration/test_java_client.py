@@ -14,6 +14,7 @@ streamed answer (on a reply topic of its own) and an error Response.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -171,6 +172,21 @@ def test_java_client_plain_streamed_and_error_answers(
     error = _lines(bad)[-1]
     assert error.startswith("error InvalidRequest stage=validate field=signature retryable=false:")
 
+    # the README's final statuses for a passed deadline, with a grace long enough to hear them
+    late = ["--grace-s", "120", "submit", "question -> answer", "question=late"]
+    past = run_java(java_client, settings, "--deadline-s", "-1", *late)
+    assert past.returncode == 1, past.stderr
+    assert _lines(past)[-1].startswith(
+        "timeout DeadlineExceeded stage=route field=deadline_at retryable=false:"
+    )
+    waited = run_java(java_client, settings, "--deadline-s", "0.001", *late)
+    assert waited.returncode == 1, waited.stderr
+    assert re.match(
+        r"overloaded Overloaded stage=(route|queue) field=deadline_at retryable=false: "
+        r"deadline_at: waited",
+        _lines(waited)[-1],
+    ), waited.stdout
+
     # rules 2 and 3, as the broker holds them: key = request_id, the three headers
     requests.wait(lambda t: len(t.of("requests")) >= 3 or None, 60, "3 Java requests")
     first = requests.messages("requests")[0]
@@ -200,3 +216,21 @@ async def test_both_clients_refuse_a_reply_topic_that_does_not_exist(
             await client.submit(Program.inline("q -> a"), {"q": "x"})
     await requests.caught_up()
     assert requests.of("requests") == []
+
+
+def test_java_client_gives_up_at_the_deadline_plus_its_grace(
+    java_client: Path, settings: Settings, create_topics: CreateTopics
+) -> None:
+    """Rule 6 with nothing to answer (no router runs): exit 3 once deadline + grace pass."""
+    create_topics()
+    started = time.monotonic()
+    done = run_java(
+        java_client,
+        settings,
+        *("--deadline-s", "1", "--grace-s", "0.5", "submit", "q -> a", "q=x"),
+    )
+    print(f"java client gave up after {time.monotonic() - started:.1f} s (deadline 1 s + 0.5 s)")
+    assert done.returncode == 3, done.stderr
+    last = _lines(done)[-1]
+    assert re.match(r"timeout: request [0-9a-f-]{36}: no final chunk by its deadline ", last)
+    assert last.endswith("(+0.5s grace); 0 chunk(s) received")

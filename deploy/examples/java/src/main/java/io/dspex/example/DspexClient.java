@@ -43,7 +43,7 @@ public final class DspexClient implements AutoCloseable {
   /** Rule 3: the content type header of a Request. */
   public static final String CONTENT_TYPE = "application/vnd.dspex.request+avro";
   /** Rule 6: how long past deadline_at to wait for the server's own timeout reply. */
-  public static final Duration GRACE = Duration.ofSeconds(2);
+  public static final Duration DEFAULT_GRACE = Duration.ofSeconds(2);
 
   private final KafkaProducer<String, byte[]> producer;
   private final KafkaConsumer<String, byte[]> consumer;
@@ -51,14 +51,17 @@ public final class DspexClient implements AutoCloseable {
   private final String requestsTopic;
   private final String replyTopic;
   private final String listenTopic;
+  private final Duration grace;
 
   /**
    * Opens the producer and the reply consumer; fails when the reply topic does not exist.
    *
    * @param replyTopic a topic of the caller's own, or null for the shared {@code
    *     <prefix>responses}
+   * @param grace how long past a request's deadline to wait for its final chunk (rule 6)
    */
-  public DspexClient(String bootstrap, String prefix, String replyTopic) {
+  public DspexClient(String bootstrap, String prefix, String replyTopic, Duration grace) {
+    this.grace = grace;
     this.requestsTopic = prefix + "requests";
     this.replyTopic = replyTopic;
     this.listenTopic = replyTopic != null ? replyTopic : prefix + "responses";
@@ -119,7 +122,7 @@ public final class DspexClient implements AutoCloseable {
   public Answer await(Request request, Consumer<Response> onChunk) {
     String id = request.getRequestId();
     Instant deadline = request.getDeadlineAt();
-    Instant giveUp = deadline != null ? deadline.plus(GRACE) : Instant.now().plusSeconds(300);
+    Instant giveUp = deadline != null ? deadline.plus(grace) : Instant.now().plusSeconds(300);
     ChunkOrder order = new ChunkOrder();
     StringBuilder text = new StringBuilder();
     while (Instant.now().isBefore(giveUp)) {
@@ -138,7 +141,7 @@ public final class DspexClient implements AutoCloseable {
         }
       }
     }
-    throw new RequestTimeout(id, deadline, order.delivered());
+    throw new RequestTimeout(id, deadline, grace, order.delivered());
   }
 
   @Override

@@ -35,6 +35,7 @@ public final class Main {
           "         --reply-topic TOPIC    your own reply topic, which must exist",
           "                                (default: the shared <prefix>responses)",
           "         --deadline-s SECONDS   (default 30)",
+          "         --grace-s SECONDS      wait this long past the deadline (default 2)",
           "         --session ID           key the request by this session");
 
   private Main() {}
@@ -74,9 +75,10 @@ public final class Main {
     String bootstrap =
         options.getOrDefault("--bootstrap", env("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"));
     String prefix = options.getOrDefault("--prefix", env("DSPEX_TOPICS__PREFIX", "dspex."));
-    Duration deadline = Duration.ofMillis(
-        (long) (Double.parseDouble(options.getOrDefault("--deadline-s", "30")) * 1000));
-    try (DspexClient client = new DspexClient(bootstrap, prefix, options.get("--reply-topic"))) {
+    Duration deadline = seconds(options, "--deadline-s", "30");
+    Duration grace = seconds(options, "--grace-s", "" + DspexClient.DEFAULT_GRACE.toSeconds());
+    String replyTopic = options.get("--reply-topic");
+    try (DspexClient client = new DspexClient(bootstrap, prefix, replyTopic, grace)) {
       Request request = client.newRequest(deadline)
           .setStream(stream)
           .setSessionId(options.get("--session"))
@@ -190,6 +192,15 @@ public final class Main {
     System.err.println("error: " + problem);
     System.err.println(USAGE);
     return 2;
+  }
+
+  private static Duration seconds(Map<String, String> options, String name, String fallback) {
+    String value = options.getOrDefault(name, fallback);
+    try {
+      return Duration.ofMillis(Math.round(Double.parseDouble(value) * 1000));
+    } catch (NumberFormatException e) {
+      throw new IllegalArgumentException(name + " " + value + ": not a number of seconds", e);
+    }
   }
 
   private static String env(String name, String fallback) {
