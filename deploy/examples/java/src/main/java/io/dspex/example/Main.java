@@ -63,15 +63,17 @@ public final class Main {
       return usage(command == null ? "no command" : "unknown command or no PROGRAM: " + command);
     }
     try {
-      Request.Builder request = requestOf(args.removeFirst(), List.copyOf(args), options);
-      return call(request, "stream".equals(command), options);
+      String program = args.removeFirst();
+      Map<String, String> inputs = inputsOf(List.copyOf(args)); // checked before connecting
+      return call(program, inputs, "stream".equals(command), options);
     } catch (IllegalArgumentException e) {
       System.err.println("error: " + e.getMessage());
       return 2;
     }
   }
 
-  private static int call(Request.Builder template, boolean stream, Map<String, String> options) {
+  private static int call(
+      String program, Map<String, String> inputs, boolean stream, Map<String, String> options) {
     String bootstrap =
         options.getOrDefault("--bootstrap", env("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"));
     String prefix = options.getOrDefault("--prefix", env("DSPEX_TOPICS__PREFIX", "dspex."));
@@ -79,13 +81,16 @@ public final class Main {
     Duration grace = seconds(options, "--grace-s", "" + DspexClient.DEFAULT_GRACE.toSeconds());
     String replyTopic = options.get("--reply-topic");
     try (DspexClient client = new DspexClient(bootstrap, prefix, replyTopic, grace)) {
-      Request request = client.newRequest(deadline)
+      Request.Builder builder = client.newRequest(deadline)
           .setStream(stream)
           .setSessionId(options.get("--session"))
-          .setProgramId(template.getProgramId())
-          .setSignature(template.getSignature())
-          .setInputs(template.getInputs())
-          .build();
+          .setInputs(inputs);
+      if (program.contains("->")) {
+        builder.setSignature(program); // an inline program
+      } else {
+        builder.setProgramId(program); // a registered one
+      }
+      Request request = builder.build();
       System.out.printf(
           "request %s to %srequests, replies on %s%n",
           request.getRequestId(), prefix, client.listenTopic());
@@ -97,14 +102,7 @@ public final class Main {
     }
   }
 
-  private static Request.Builder requestOf(
-      String program, List<String> pairs, Map<String, String> options) {
-    Request.Builder request = Request.newBuilder();
-    if (program.contains("->")) {
-      request.setSignature(program);
-    } else {
-      request.setProgramId(program);
-    }
+  private static Map<String, String> inputsOf(List<String> pairs) {
     Map<String, String> inputs = new LinkedHashMap<>();
     for (String pair : pairs) {
       int eq = pair.indexOf('=');
@@ -113,7 +111,7 @@ public final class Main {
       }
       inputs.put(pair.substring(0, eq), jsonValue(pair.substring(eq + 1)));
     }
-    return request.setInputs(inputs);
+    return inputs;
   }
 
   /** Rule 1: inputs are JSON-encoded values ({@code "\"Paris\""}, not {@code "Paris"}). */
