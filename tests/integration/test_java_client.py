@@ -26,10 +26,14 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dspex import schemas
+from dspex.schemas import records, times
+from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Program
 from dspex.streams.errors import ConfigError
 from dspex.streams.ops.admin import TopicReport
+from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 from tests.integration.stack import REPO
 from tests.integration.tail import OpenTail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
@@ -82,10 +86,15 @@ def java_client() -> Iterator[Path]:
     yield JAR
 
 
-def run_java(jar: Path, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+def java_argv(jar: Path, settings: Settings, *args: str) -> list[str]:
     """``java -jar`` the example against the test's broker and topic prefix."""
     argv = ["java", "-jar", str(jar), "--bootstrap", str(settings.kafka.bootstrap_servers)]
-    argv += ["--prefix", settings.topics.prefix, *args]
+    return [*argv, "--prefix", settings.topics.prefix, *args]
+
+
+def run_java(jar: Path, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the example to its end; its output as text."""
+    argv = java_argv(jar, settings, *args)
     return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
 
 
@@ -234,3 +243,71 @@ def test_java_client_gives_up_at_the_deadline_plus_its_grace(
     last = _lines(done)[-1]
     assert re.match(r"timeout: request [0-9a-f-]{36}: no final chunk by its deadline ", last)
     assert last.endswith("(+0.5s grace); 0 chunk(s) received")
+
+
+def test_java_client_orders_and_deduplicates_chunks(
+    java_client: Path, settings: Settings, create_topics: CreateTopics, tails: OpenTail
+) -> None:
+    """Rule 5 against adversarial delivery, answered by this test (no router runs).
+
+    The chunks of the Java client's request arrive out of order, twice, and beside
+    another request's chunk: it must print seq 0..3 once each, in order, and count
+    the two duplicates it dropped (both arrive before the final chunk can be delivered).
+    """
+    create_topics()
+    requests = tails(["requests"])
+    argv = java_argv(java_client, settings, "--deadline-s", "120", "stream", "q -> answer", "q=x")
+    java = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sent = requests.wait(lambda t: t.of("requests"), RUN_TIMEOUT_S, "the Java request")
+        _answer_out_of_order(settings, sent[0]["request_id"])
+        out, err = java.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if java.poll() is None:
+            java.kill()
+            java.wait(10)
+    print("java stream (out of order, duplicated):", out, err, sep="\n")
+    assert java.returncode == 0, err
+    assert _chunks(out.splitlines()) == [
+        (0, "progress", False, "a"),
+        (1, "progress", False, "b"),
+        (2, "progress", False, "c"),
+        (3, "ok", True, ""),
+    ]
+    assert "ok pool=general cached=false chunks=4 duplicates=2" in out.splitlines()
+    assert "text = abc" in out.splitlines()
+    assert "answer = abc" in out.splitlines()
+
+
+def _answer_out_of_order(settings: Settings, request_id: str) -> None:
+    """seq 1, 0, 0 again, another request's chunk, 1 again, the final 3, then 2."""
+    topic = Topics(settings.topics).name("responses")
+    serde = make_serde(settings)
+    producer = kafka.producer(settings)
+
+    def chunk(rid: str, seq: int, delta: str = "", final: bool = False) -> None:
+        record = records.response(
+            request_id=rid,
+            seq=seq,
+            final=final,
+            status="ok" if final else "progress",
+            delta=delta,
+            outputs={"answer": json.dumps("abc")} if final else None,
+            pool="general",
+            produced_at=times.now(),
+        )
+        producer.produce(topic, serde.encode("Response", record, topic=topic), rid.encode())
+
+    chunk(request_id, 1, "b")
+    chunk(request_id, 0, "a")
+    chunk(request_id, 0, "a")
+    chunk(str(uuid.uuid4()), 0, "not mine")
+    chunk(request_id, 1, "b")
+    chunk(request_id, 3, final=True)
+    chunk(request_id, 2, "c")
+    assert producer.flush(30) == 0
