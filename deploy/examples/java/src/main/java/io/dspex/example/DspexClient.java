@@ -213,7 +213,7 @@ public final class DspexClient implements AutoCloseable {
   }
 
   private static Duration min(Duration left, long millis) {
-    return left.toMillis() < millis ? left : Duration.ofMillis(millis);
+    return Duration.ofMillis(Math.max(0, Math.min(left.toMillis(), millis)));
   }
 
   private static Properties producerConfig(String bootstrap) {
