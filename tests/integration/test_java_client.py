@@ -47,6 +47,9 @@ JAR = JAVA_DIR / "target" / "dspex-java-client.jar"
 BUILD_TIMEOUT_S = 900.0  # the first build downloads Avro, Kafka and Maven's plugins
 RUN_TIMEOUT_S = 180.0
 CreateTopics = Callable[[], list[TopicReport]]
+# the first build downloads and compiles (minutes on a busy machine), and the stack test runs
+# the JVM five times: allow more than the suite's 300 s per test
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _sources() -> Iterable[Path]:
