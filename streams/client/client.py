@@ -24,42 +24,9 @@ Errors (besides the settings' and serde's own)::
     └── PermanentError
         └── InvalidRequest   refused before sending: no program, inputs not JSON, bad deadline
 
-Wire contract (for clients in any language)
--------------------------------------------
-1. Encode an ``io.dspex.Request`` (``schemas/Request.avsc``) in Avro single-object
-   encoding (``C3 01``, the writer schema's 8-byte little-endian CRC-64-AVRO
-   fingerprint, the Avro body), or in the Confluent wire format when the deployment
-   uses a schema registry. ``request_id``: a fresh lowercase UUID4 string;
-   ``created_at``/``deadline_at``: epoch milliseconds; ``inputs`` and ``variables``:
-   field name to a JSON-encoded value (the string ``"\\"Paris\\""``, not ``"Paris"``);
-   ``stream``: true for progress chunks; ``reply_topic``: your own topic, or null for
-   the shared ``<prefix>responses``.
-2. Produce it to ``<prefix>requests`` (default ``dspex.requests``) keyed by
-   ``session_id`` when set, else ``request_id`` (UTF-8), with an idempotent producer
-   (``enable.idempotence=true``, ``acks=all``).
-3. Set these headers (UTF-8 values):
-
-   ========================  =============================================================
-   ``dspex-request-id``      the ``request_id`` (the correlation id)
-   ``dspex-reply-topic``     the ``reply_topic``; omitted when replies go to the shared topic
-   ``content-type``          ``application/vnd.dspex.request+avro``
-   ========================  =============================================================
-
-   The Avro record is authoritative; the headers let proxies, tracing and tools
-   route or filter without decoding Avro, and must agree with the record.
-4. *Before* producing, start consuming the reply topic from its end: assign every
-   partition at its high-water mark with a group id of your own and no committed
-   offsets, so no reply can be missed and no old one replayed.
-5. Keep the ``io.dspex.Response`` records whose ``request_id`` is yours and ignore
-   the rest (the shared topic carries every client's replies). Order chunks by
-   ``seq`` and drop a ``seq`` you already have (delivery is at-least-once);
-   concatenate ``delta`` for the streamed text; stop at the chunk with
-   ``final = true``. Final status ``ok`` carries ``outputs`` (JSON-encoded values);
-   any other final status (``error``, ``timeout``, ``overloaded``, or one you do not
-   know) carries ``error`` (``error_class``, ``message``, ``field``, ``stage``,
-   ``retryable``).
-6. If no final chunk has arrived by ``deadline_at`` plus a short grace (this client
-   waits 2 s for the server's own ``timeout`` reply), treat the request as timed out.
+The wire contract this client implements, for clients in any language (encoding,
+key, headers, reply topic, chunk order and dedupe, deadline grace), is in the
+README: "Wire contract for any language". ``DEFAULT_GRACE_S`` is its rule 6 grace.
 """
 
 from __future__ import annotations
