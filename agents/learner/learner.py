@@ -131,7 +131,8 @@ class Learner:
         if record.get("kind") == "feedback":
             self._feedback(program_id, record)
             return
-        if record.get("kind") != "execution" or record.get("error_class") == "Overloaded":
+        kind = record.get("kind")
+        if kind not in ("execution", "attempt") or record.get("error_class") == "Overloaded":
             return  # an overloaded request never ran: it says nothing about its variant
         emitted = to_ms(record.get("emitted_at"))
         obs = Observation.of(
@@ -150,7 +151,7 @@ class Learner:
         stats.observe(obs, self.clock(), self.config.bandit)
         self.stats[program_id] = stats.to_json()
         self.dirty.add(program_id)
-        if record.get("request_id"):
+        if record.get("request_id") and kind == "execution":  # who answered, for feedback
             self.answered.remember(str(record["request_id"]), obs.variant)
 
     def _feedback(self, program_id: str, record: Record) -> None:

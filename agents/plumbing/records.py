@@ -45,6 +45,8 @@ class ExecutionResult:
     error: ErrorInfo | None = None
     variant: str | None = None  # the backend variant that answered, when not the route's
     breaker_state: str | None = None  # its circuit breaker's state; None: no breaker involved
+    failed_variants: tuple[tuple[str, str], ...] = ()
+    """(variant, error class) of each LM backend that gave up on the request, in order."""
 
     @property
     def run_ms(self) -> float:
@@ -230,6 +232,32 @@ def telemetry(
         error_class=result.error.error_class if result.error else None,
         health=_health(result, in_flight),
     )
+
+
+def failed_attempts(execution: Record, result: ExecutionResult) -> list[Record]:
+    """An "attempt" Telemetry per backend that gave up, beside the request's own record.
+
+    The learning agent must see a failing variant fail even when a fallback answered
+    (the request's "execution" record credits the fallback), and every variant of a
+    request that failed on all of them.
+    """
+    credited = execution.get("variant")
+    return [
+        records.telemetry(
+            **{
+                **execution,
+                "kind": "attempt",
+                "variant": variant,
+                "success": False,
+                "error_class": error_class,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "quality": None,
+            }
+        )
+        for variant, error_class in result.failed_variants
+        if variant != credited
+    ]
 
 
 def _health(result: ExecutionResult, in_flight: int) -> Record | None:

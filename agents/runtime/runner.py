@@ -83,17 +83,16 @@ async def _execute(module: dspy.Module, inputs: dict[str, Any], on_chunk: OnChun
             return prediction
         if field is not None:
             return await _stream(module, inputs, field, on_chunk)
-    return await _call(module, inputs)
+    prediction = await _call(module, inputs)
+    if on_chunk is not None:
+        await _send_whole(prediction, on_chunk)
+    return prediction
 
 
 async def _call(module: dspy.Module, inputs: dict[str, Any]) -> Any:
     if _is_async(module):
-        prediction = await module.acall(**inputs)
-    else:
-        prediction = await dspy.asyncify(module)(**inputs)
-    if on_chunk is not None:
-        await _send_whole(prediction, on_chunk)
-    return prediction
+        return await module.acall(**inputs)
+    return await dspy.asyncify(module)(**inputs)
 
 
 async def _send_whole(prediction: Any, on_chunk: OnChunk) -> None:

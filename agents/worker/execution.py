@@ -52,6 +52,8 @@ class Outcome:
     """The LM backend variant that answered (a fallback may differ from the route's)."""
     breaker_state: str | None = None
     """That variant's circuit breaker state afterwards; None when no breaker is used."""
+    failed_variants: tuple[tuple[str, str], ...] = ()
+    """(variant, error class) of the backends that gave up before it answered."""
 
 
 class Executor(Protocol):
@@ -70,6 +72,7 @@ class ExecutionFailure:
     error: ErrorInfo
     dead_letter: bool
     breaker_state: str | None = None
+    failed_variants: tuple[tuple[str, str], ...] = ()
 
 
 def classify(exc: BaseException, *, stage: str = "execute") -> ExecutionFailure:
@@ -87,8 +90,10 @@ def classify(exc: BaseException, *, stage: str = "execute") -> ExecutionFailure:
     field_name = exc.field if isinstance(exc, InvalidRequest) else None
     retryable = is_retryable(exc)
     error = ErrorInfo(name, str(exc) or name, field_name, stage, retryable)
-    state = exc.breaker_state if isinstance(exc, BackendsExhausted) else None
-    return ExecutionFailure("error", error, True, state)
+    if isinstance(exc, BackendsExhausted):
+        failed = tuple((f.variant, f.error_class) for f in exc.failures)
+        return ExecutionFailure("error", error, True, exc.breaker_state, failed)
+    return ExecutionFailure("error", error, True)
 
 
 _LM_VARIABLES = {"temperature": float, "max_tokens": int}
@@ -176,8 +181,15 @@ class DSPyExecutor:
         usage = result.usage
         version = request.get("program_version")
         trace = list(result.trace)
+        failed = tuple((f.variant, f.error_class) for f in answered.failures)
         return Outcome(
-            dict(result.outputs), usage, trace, version, answered.variant, answered.breaker_state
+            dict(result.outputs),
+            usage,
+            trace,
+            version,
+            answered.variant,
+            answered.breaker_state,
+            failed,
         )
 
     def variants(self, request: Mapping[str, Any]) -> list[str]:

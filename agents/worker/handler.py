@@ -308,6 +308,7 @@ class WorkerHandler:
             times.now(),
             error=failure.error,
             breaker_state=failure.breaker_state,
+            failed_variants=failure.failed_variants,
         )
 
     async def _audit(
@@ -333,10 +334,15 @@ class WorkerHandler:
             await self._audit_publisher.send(
                 self._to.executions, request_id, "Execution", execution
             ),
-            await self._audit_publisher.send(
-                self._to.telemetry, telemetry_key, "Telemetry", measured
-            ),
         ]
+        # the failed variants first: one key, one partition, so the learner meets the
+        # request's own record (which credits the variant that answered) last
+        for attempt_record in [*records.failed_attempts(measured, result), measured]:
+            sent.append(
+                await self._audit_publisher.send(
+                    self._to.telemetry, telemetry_key, "Telemetry", attempt_record
+                )
+            )
         if final and result.status == "error" and result.error is not None:
             sent.append(await self._send_dead_letter(origin, result.error, request_id, attempt))
         return sent
@@ -424,4 +430,5 @@ def _succeeded(outcome: Outcome, received_at: datetime, started_at: datetime) ->
         program_version=outcome.program_version,
         variant=outcome.variant,
         breaker_state=outcome.breaker_state,
+        failed_variants=outcome.failed_variants,
     )

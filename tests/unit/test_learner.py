@@ -72,3 +72,17 @@ def test_evidence_that_moves_nothing_is_published_with_the_next_refresh() -> Non
     assert program_id == "qa" and _counted(refreshed) >= 319
     clock.now += 5.0
     assert learner.due_tables() == []  # nothing new since: no table
+
+
+def test_a_failed_attempt_teaches_its_variant_but_feedback_goes_to_who_answered() -> None:
+    from dspex.agents.learner.stats import ProgramStats
+
+    learner = _learner(Clock())
+    failed = {**_execution("bad", 0.0), "kind": "attempt", "success": False}
+    answered = _execution("good", 0.9)
+    for record in (failed, answered):
+        learner.observe({**record, "request_id": "r-1", "error_class": record.get("error_class")})
+    arms = ProgramStats.from_json(learner.stats["qa"]).arms
+    assert arms["bad"].n == 1 and arms["bad"].successes == 0
+    assert arms["good"].successes == 1
+    assert learner.answered.get("r-1") == "good"

@@ -486,3 +486,37 @@ def test_the_memory_in_a_health_sample_is_read_at_most_once_per_max_age(
     assert first == 100 and set(again) == {100}  # one /proc read for 51 samples
     assert records.recent_rss_bytes(max_age_s=0.0) == 200  # an old reading is read again
     assert records.rss_bytes() == 300  # the uncached reading stays available
+
+
+async def test_each_backend_that_gave_up_is_measured_for_the_learning_agent() -> None:
+    from dspex.agents.worker.faults import BackendFailure, BackendsExhausted
+
+    answered_by_fallback, failed_everywhere = _request(), _request()
+
+    async def run(request: Mapping[str, Any], on_chunk: Any) -> Outcome:
+        if request["request_id"] == answered_by_fallback["request_id"]:
+            return Outcome({"answer": "4"}, variant="backup", failed_variants=(("main", "X"),))
+        failures = [
+            BackendFailure("main", "X", "down", 3),
+            BackendFailure("backup", "Y", "down", 3),
+        ]
+        raise BackendsExhausted(failures, "open")
+
+    producer = FakeProducer()
+    origins = [_origin(answered_by_fallback), _origin(failed_everywhere)]
+    await _pipeline(FakeExecutor(run), producer, *origins)
+    seen = [
+        (r["request_id"], r["kind"], r["variant"], r["success"], r["error_class"])
+        for r in producer.records(TO.telemetry)
+    ]
+    first, second = answered_by_fallback["request_id"], failed_everywhere["request_id"]
+    assert [s for s in seen if s[0] == first] == [
+        (first, "attempt", "main", False, "X"),
+        (first, "execution", "backup", True, None),
+    ]
+    route_variant = failed_everywhere["route"]["variant"]
+    by_variant = {s[2]: s for s in seen if s[0] == second}
+    assert by_variant[route_variant][1] == "execution"
+    assert {v for v, s in by_variant.items() if s[1] == "attempt"} == {"main", "backup"} - {
+        route_variant
+    }
