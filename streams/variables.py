@@ -182,6 +182,8 @@ class VariableStore:
         if record is None:
             self._drop(key)
             return None
+        if self._records.get(key) == dict(record):
+            return None  # the record in force, again: a router restoring it after a refusal
         try:
             self._check(key, record)
         except InvalidRequest as exc:

@@ -328,7 +328,9 @@ class RouterApp:
         self.variables = SharedVariables(settings.lm)
         self.cache = ResultCache(settings.router.cache_max_entries)
         self._answers: AnswerFinder | None = AnswerFinder(settings, serde)
-        self._refused = RefusedUpdates(settings, serde, component=COMPONENT)
+        self._refused = RefusedUpdates(
+            settings, serde, component=COMPONENT, held=self.variables.store.get
+        )
         self.reader = CompactedReader(
             settings,
             serde,

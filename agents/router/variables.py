@@ -27,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,8 +168,16 @@ class RefusedUpdates:
     N router instances a live refusal is dead-lettered N times (same original offset).
     """
 
-    def __init__(self, settings: Settings, serde: Serde, *, component: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        serde: Serde,
+        *,
+        component: str,
+        held: Callable[[str], Record | None] = lambda _: None,
+    ) -> None:
         topics = Topics(settings.topics)
+        self._held = held
         self._settings = settings
         self._serde = serde
         self._component = component
@@ -195,7 +203,23 @@ class RefusedUpdates:
         if self._producer is None:
             self._producer = kafka.producer(self._settings)
         self._producer.produce(self._dlq, value, original.key)
+        self._restore(original)
         await self.flush()
+
+    def _restore(self, original: Consumed) -> None:
+        """Produce the record in force again, so the refused one is not the key's latest.
+
+        Compaction keeps only the latest record per key: left as it is, the refused
+        record would be all a restarted router finds. The copy is the held record
+        itself (same version), which every reader takes as a no-op.
+        """
+        key = (original.key or b"").decode("utf-8", "replace")
+        held = self._held(key)
+        if held is None or self._producer is None:
+            return
+        value = self._serde.encode("VariableUpdate", held, topic=self.topic)
+        self._producer.produce(self.topic, value, original.key)
+        logger.info("restored the value in force key=%s version=%s", key, held.get("version"))
 
     async def flush(self) -> None:
         """Wait for the dead letters to reach the broker; log the ones that did not."""

@@ -25,6 +25,7 @@ from dspex.agents.router.router import RouterApp, make_router
 from dspex.streams import kafka
 from dspex.streams.client.client import AsyncClient, Result
 from dspex.streams.errors import InvalidRequest
+from dspex.streams.reader import latest_by_key, read_to_end
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -222,6 +223,18 @@ async def test_a_restarted_router_keeps_the_good_value_and_does_not_dead_letter_
     assert "is not newer than the version in force (1)" in messages[0]
     assert messages[1].startswith("value_json: a probability must lie in [0, 1]")
     assert router.variables.store.get("temperature") == good
+    # the refused records are not the key's latest: compaction would leave only them
+    serde = make_serde(settings)
+    await until(
+        lambda: (
+            latest_by_key(read_to_end(settings, serde, variables_topic, "VariableUpdate"))[
+                "temperature"
+            ]
+            == good
+        ),
+        30,
+        "the value in force produced again after the refusals",
+    )
     await routers.stop(router)
 
     restarted = await routers.start()
