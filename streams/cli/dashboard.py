@@ -1,0 +1,31 @@
+"""``dspex dashboard``: serve the live web dashboard until Ctrl-C."""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated
+
+import typer
+
+from dspex.streams.cli._app import app, out, settings_of
+from dspex.streams.dashboard.server import Dashboard
+
+
+@app.command("dashboard")
+def dashboard(
+    ctx: typer.Context,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default dashboard.port; taken: a free one).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+) -> None:
+    """Live web dashboard: pools, workers, routing tables over time, dead letters."""
+    board = Dashboard(settings_of(ctx), host=host, port=port)
+    board.start()
+    out.print(f"dashboard {board.url}  (Ctrl-C stops)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        board.stop()
