@@ -6,8 +6,10 @@ opens the page in headless Chromium and reads the figures back from the tables a
 the charts' data attributes; then it produces more records after the page loaded
 and waits for them to appear without a reload (server-sent events). Playwright
 drives the system browser (``executable_path``): ``make tools`` installs Debian's
-``chromium``; without it the test fails, it never skips. The screenshot's path is
-printed and recorded as the test's ``screenshot`` property.
+``chromium``; without it the test fails, it never skips. The screenshot goes to
+``test-artifacts/dashboard.png`` in the checkout (pytest's own temporary
+directories are pruned by later runs); its path is printed and recorded as the
+test's ``screenshot`` property (JUnit XML).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WINDOW_MS = 60_000
 WAIT_MS = 60_000  # generous: the machine is shared and busy
 NOW_MS = int(time.time() * 1000) // WINDOW_MS * WINDOW_MS
@@ -54,9 +57,19 @@ class Producer:
         assert self.producer.flush(30) == 0, "records not delivered"
 
     def pool(self, pool: str, end_ms: int, rate: float, p50: float, p95: float, p99: float) -> None:
-        labels = {"pool": pool}
+        self.requests("pool.requests", {"pool": pool}, end_ms, rate, (p50, p95, p99))
+
+    def requests(
+        self,
+        name: str,
+        labels: dict[str, str],
+        end_ms: int,
+        rate: float,
+        latencies: tuple[float, float, float],
+    ) -> None:
+        p50, p95, p99 = latencies
         record = records.metric_snapshot(
-            name="pool.requests",
+            name=name,
             window_start=end_ms - WINDOW_MS,
             window_end=end_ms,
             labels=labels,
@@ -67,7 +80,7 @@ class Producer:
             latency_p99_ms=p99,
             error_rate=0.04,
         )
-        self.send("metrics", "MetricSnapshot", "pool.requests", record)
+        self.send("metrics", "MetricSnapshot", name, record)
 
     def gauge(self, name: str, labels: dict[str, str], end_ms: int, value: float) -> None:
         record = records.metric_snapshot(
@@ -144,7 +157,6 @@ def chart_last(page: Page, selector: str) -> dict[str, Any]:
 def test_the_dashboard_shows_the_records_and_updates_live(
     settings: Settings,
     dashboard_url: str,
-    tmp_path: Path,
     pytestconfig: pytest.Config,
     record_property: Callable[[str, object], None],
 ) -> None:
@@ -159,6 +171,8 @@ def test_the_dashboard_shows_the_records_and_updates_live(
     out.gauge("worker.memory_bytes", worker, NOW_MS, 100 * 1024 * 1024)
     out.gauge("worker.breaker_open", worker, NOW_MS, 1)
     out.gauge("pipeline.active_runs", {"pipeline_id": "triage"}, NOW_MS, 2)
+    series = {"program_id": "qa", "pool": "gpu", "variant": "local"}
+    out.requests("requests", series, NOW_MS, 5.5, (300, 650, 700))
     out.table(1, NOW_MS - 90_000, {"echo": 1.0}, "initial table")
     out.table(2, NOW_MS - 30_000, {"echo": 0.25, "local": 0.75}, "local: +20% success")
     for n in range(3):
@@ -201,6 +215,9 @@ def test_the_dashboard_shows_the_records_and_updates_live(
             "local: +20% success"
         )
         assert page.locator(f'{qa} [data-chart="weights"]').get_attribute("data-points") == "2"
+        local = f'{qa} .variants tr[data-variant="local"]'
+        assert text(page, f'{local} td[data-field="rate"]') == "5.50"
+        assert text(page, f'{local} td[data-field="p95"]') == "650"
 
         dlq = '#dlq-table tr[data-component="router"][data-stage="validate"]'
         assert text(page, f'{dlq}[data-error-class="InvalidRequest"] td[data-field="count"]') == "3"
@@ -226,7 +243,8 @@ def test_the_dashboard_shows_the_records_and_updates_live(
             "echo recovered"
         )
 
-        screenshot = tmp_path / "dashboard.png"
+        ARTIFACTS.mkdir(exist_ok=True)
+        screenshot = ARTIFACTS / "dashboard.png"
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     assert screenshot.stat().st_size > 10_000
