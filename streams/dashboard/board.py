@@ -41,6 +41,7 @@ WORKER_GAUGES = {
 }
 KNOWN = {"pool.requests", "pool.lag", "requests", "queue_wait", *WORKER_GAUGES}
 MAX_TABLES = 200  # routing-table versions kept per program
+MAX_DEAD = 50_000  # dead letters kept for counting; beyond it the oldest go and counts say "+"
 RECENT_DEAD = 20  # dead letters listed one by one
 MESSAGE_CHARS = 300
 
@@ -65,9 +66,11 @@ class Board:
     version: int = 0
     pools: dict[str, dict[int, Json]] = field(default_factory=dict)
     workers: dict[tuple[str, str], Json] = field(default_factory=dict)
+    worker_points: dict[tuple[str, str], dict[int, Json]] = field(default_factory=dict)
     series: dict[tuple[str, str, str], Json] = field(default_factory=dict)
     tables: dict[str, dict[int, Json]] = field(default_factory=dict)
     dead: list[Json] = field(default_factory=list)
+    dead_dropped: int = 0
     gauges: dict[tuple[str, tuple[tuple[str, str], ...]], Json] = field(default_factory=dict)
 
     # ---- records in ---------------------------------------------------------------
@@ -92,6 +95,7 @@ class Board:
 
     def _take_worker(self, labels: Mapping[str, str], what: str, value: Any, end: int) -> None:
         key = (labels.get("pool", ""), labels["worker"])
+        self.worker_points.setdefault(key, {}).setdefault(end, {"t": end})[what] = value
         worker = self.workers.setdefault(key, {"pool": key[0], "worker": key[1], "t": end})
         if end >= worker["t"]:
             worker["t"] = end
@@ -148,6 +152,9 @@ class Board:
     def take_dead_letter(self, record: Record) -> None:
         """One DeadLetter from the ``dlq`` topic."""
         self.version += 1
+        if len(self.dead) >= MAX_DEAD:
+            self.dead = self.dead[MAX_DEAD // 10 :]  # seldom: one cut of a tenth
+            self.dead_dropped += MAX_DEAD // 10
         self.dead.append(
             {
                 "t": _ms(record.get("failed_at")),
@@ -169,6 +176,12 @@ class Board:
             for t in [t for t in points if t < since]:
                 del points[t]
         self.workers = {k: v for k, v in self.workers.items() if v["t"] >= since}
+        for key, points in list(self.worker_points.items()):
+            kept = {t: p for t, p in points.items() if t >= since}
+            if kept:
+                self.worker_points[key] = kept
+            else:
+                del self.worker_points[key]
         self.series = {k: v for k, v in self.series.items() if v["t"] >= since}
         self.gauges = {k: v for k, v in self.gauges.items() if v["t"] >= since}
         # partitions interleave: dead letters arrive roughly, not strictly, in time order
@@ -187,6 +200,10 @@ class Board:
             "window_s": self.window_s,
             "pools": {p: [pts[t] for t in sorted(pts)] for p, pts in sorted(self.pools.items())},
             "workers": [self.workers[k] for k in sorted(self.workers)],
+            "worker_points": {
+                f"{pool}/{worker}": [points[t] for t in sorted(points)]
+                for (pool, worker), points in sorted(self.worker_points.items())
+            },
             "programs": self._programs(),
             "dlq": self._dlq(),
             "gauges": [self.gauges[k] for k in sorted(self.gauges)],
@@ -207,6 +224,7 @@ class Board:
         minute = Counter(d["t"] - d["t"] % 60_000 for d in self.dead)
         return {
             "total": len(self.dead),
+            "capped": self.dead_dropped > 0,  # more than MAX_DEAD: the oldest were let go
             "by": [
                 {"component": c, "stage": s, "error_class": e, "count": n}
                 for (c, s, e), n in sorted(by.items(), key=lambda item: (-item[1], item[0]))

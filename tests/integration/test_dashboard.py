@@ -206,6 +206,7 @@ def test_the_dashboard_shows_the_records_and_updates_live(
         w1 = '#worker-table tr[data-worker="w-1"]'
         assert text(page, f'{w1} td[data-field="memory"]') == "100.0"
         assert text(page, f'{w1} td[data-field="breaker"]') == "open"
+        assert chart_last(page, "#chart-in-flight") == {"general/w-1": 3}
 
         qa = '.program[data-program="qa"]'
         assert text(page, f'{qa} .weights tr[data-variant="local"] td[data-field="share"]') == (

@@ -102,6 +102,9 @@ def test_workers_keep_their_latest_health_and_other_names_become_gauges() -> Non
     assert state["workers"] == [
         {"pool": "gpu", "worker": "w1", "t": T0 + MIN, "in_flight": 4, "breaker_open": 1}
     ]
+    assert state["worker_points"] == {
+        "gpu/w1": [{"t": T0, "in_flight": 9}, {"t": T0 + MIN, "in_flight": 4, "breaker_open": 1}]
+    }
     assert state["gauges"] == [{"name": "session.active", "labels": {}, "value": 7, "t": T0 + MIN}]
 
 
@@ -122,7 +125,7 @@ def test_dead_letters_are_counted_by_cause_and_minute() -> None:
     for at, stage in ((T0 + 1, "validate"), (T0 + MIN + 5, "validate"), (T0 + 2, "decode")):
         board.take_dead_letter(dead(at, stage))
     dlq = board.state()["dlq"]
-    assert dlq["total"] == 3
+    assert dlq["total"] == 3 and not dlq["capped"]
     assert [(d["stage"], d["count"]) for d in dlq["by"]] == [("validate", 2), ("decode", 1)]
     assert dlq["per_minute"] == [[T0, 2], [T0 + MIN, 1]]
     assert [d["t"] for d in dlq["recent"]] == [T0 + MIN + 5, T0 + 2, T0 + 1]

@@ -126,6 +126,9 @@ function renderLatency(state, pools) {
 }
 
 function renderWorkers(state) {
+  const names = Object.keys(state.worker_points);
+  const inFlight = align(names.map((n) => state.worker_points[n]), (p) => p.in_flight ?? null);
+  chart("chart-in-flight", names, inFlight.times, inFlight.columns);
   document.querySelector("#worker-table tbody").innerHTML = state.workers.map((w) => {
     const breaker = w.breaker_open === 1 ? "open" : w.breaker_open === 0.5 ? "half-open"
       : w.breaker_open === 0 ? "closed" : "-";
@@ -204,7 +207,7 @@ function renderProgram(holder, name, program) {
 
 function renderDlq(state) {
   const dlq = state.dlq;
-  document.getElementById("dlq-total").textContent = String(dlq.total);
+  document.getElementById("dlq-total").textContent = `${dlq.total}${dlq.capped ? "+" : ""}`;
   document.getElementById("dlq-span").textContent = `${Math.round(state.history_s / 60)} min`;
   document.querySelector("#dlq-table tbody").innerHTML = dlq.by.map((d) =>
     `<tr data-component="${esc(d.component)}" data-stage="${esc(d.stage)}" data-error-class="${esc(d.error_class)}">`
