@@ -71,6 +71,7 @@ class Board:
     tables: dict[str, dict[int, Json]] = field(default_factory=dict)
     dead: list[Json] = field(default_factory=list)
     dead_dropped: int = 0
+    problem: str | None = None  # why the topics cannot be read now, shown on the page
     gauges: dict[tuple[str, tuple[tuple[str, str], ...]], Json] = field(default_factory=dict)
 
     # ---- records in ---------------------------------------------------------------
@@ -196,6 +197,7 @@ class Board:
         return {
             "version": self.version,
             "now": int(self.clock() * 1000),
+            "problem": self.problem,
             "history_s": self.history_s,
             "window_s": self.window_s,
             "pools": {p: [pts[t] for t in sorted(pts)] for p, pts in sorted(self.pools.items())},

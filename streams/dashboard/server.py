@@ -42,6 +42,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 MIN_INTERVAL_S = 0.5
 KEEPALIVE_S = 15.0
 POLL_S = 0.5
+RETRY_S = 5.0  # between attempts to reach the topics
+CONNECT_TIMEOUT_S = 30.0  # topics created a moment ago may have no leader yet
 
 
 class Follower(Protocol):
@@ -57,6 +59,8 @@ class Dashboard:
 
     ``port`` 0 takes any free port; a taken port falls back to a free one (logged).
     The server listens once constructed; :attr:`url` says where; ``start()`` serves.
+    The topics are reached from the follow thread: until that works (no broker, no
+    topics yet) the page is served and shows why it has no figures, and it retries.
     """
 
     def __init__(
@@ -74,13 +78,8 @@ class Dashboard:
         self.board = Board(config.history_s, settings.metrics.window_s)
         self.changed = threading.Condition()
         self.stopping = threading.Event()
-        since = self.board.since_ms()
-        self.follower = follower or TopicFollower(
-            settings,
-            make_serde(settings),
-            {self.metrics: since, self.routing: None, self.dlq: since},
-            on_skip=lambda line: logger.warning("dashboard %s", line),
-        )
+        self.settings = settings
+        self.follower = follower  # else connected by the follow thread, retried until it works
         self.host = host if host is not None else config.bind_host
         self.httpd = _listen(self.host, config.port if port is None else port, self)
         self._threads: list[threading.Thread] = []
@@ -109,8 +108,9 @@ class Dashboard:
             self.httpd.shutdown()
         self.httpd.server_close()
         for thread in self._threads:
-            thread.join(10)
-        self.follower.close()
+            thread.join(CONNECT_TIMEOUT_S + 5)
+        if self.follower is not None:
+            self.follower.close()
 
     def state_json(self) -> tuple[int, bytes]:
         """The board's version and its JSON."""
@@ -124,10 +124,31 @@ class Dashboard:
     def _follow(self) -> None:
         while not self.stopping.is_set():
             try:
+                if self.follower is None:
+                    self.follower = self._connect()
                 self.follower.poll(POLL_S, self._apply)
-            except Exception:  # a broker hiccup must not end the dashboard
-                logger.exception("dashboard: reading the topics failed")
-                self.stopping.wait(1.0)
+                self._set_problem(None)
+            except Exception as exc:  # no broker or topics yet: the page says so, we retry
+                logger.warning("dashboard: cannot read the topics: %s", exc)
+                self._set_problem(" ".join(str(exc).split()))
+                self.stopping.wait(RETRY_S)
+
+    def _connect(self) -> TopicFollower:
+        since = self.board.since_ms()
+        return TopicFollower(
+            self.settings,
+            make_serde(self.settings),
+            {self.metrics: since, self.routing: None, self.dlq: since},
+            on_skip=lambda line: logger.warning("dashboard %s", line),
+            timeout_s=CONNECT_TIMEOUT_S,
+        )
+
+    def _set_problem(self, problem: str | None) -> None:
+        with self.changed:
+            if self.board.problem != problem:
+                self.board.problem = problem
+                self.board.version += 1
+                self.changed.notify_all()
 
     def _apply(self, topic: str, key: str, record: Record | None) -> None:
         with self.changed:

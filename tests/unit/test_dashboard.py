@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from dspex.schemas import records
+from dspex.streams.dashboard import server
 from dspex.streams.dashboard.board import Board
 from dspex.streams.dashboard.server import STATIC, Dashboard
+from dspex.streams.errors import BrokerUnavailable
 from dspex.streams.reader import Apply
 from dspex.streams.settings import load_settings
 
@@ -141,8 +143,11 @@ class FakeFollower:
         self.queue: list[tuple[str, str, dict[str, Any] | None]] = []
         self.lock = threading.Lock()
         self.closed = False
+        self.failing: Exception | None = None
 
     def poll(self, seconds: float, apply: Apply) -> None:
+        if self.failing is not None:
+            raise self.failing
         with self.lock:
             queued, self.queue = self.queue, []
         for topic, key, record in queued:
@@ -220,6 +225,21 @@ def _next_state(events: Any) -> dict[str, Any]:
             state: dict[str, Any] = json.loads(line.removeprefix("data: "))
             return state
     raise AssertionError("the event stream ended")
+
+
+def test_unreadable_topics_are_shown_on_the_page_until_they_can_be_read(
+    served: tuple[Dashboard, FakeFollower], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dashboard, follower = served
+    monkeypatch.setattr(server, "RETRY_S", 0.05)
+    follower.failing = BrokerUnavailable("topic=t.metrics: cannot read offsets: no leader")
+    seen = dashboard.board.version
+    assert dashboard.wait_for_change(seen, 30)
+    state = json.loads(get(dashboard.url + "api/state")[2])
+    assert state["problem"] == "topic=t.metrics: cannot read offsets: no leader"
+    follower.failing = None
+    assert dashboard.wait_for_change(state["version"], 30)
+    assert json.loads(get(dashboard.url + "api/state")[2])["problem"] is None
 
 
 def test_a_taken_port_gives_a_free_one() -> None:

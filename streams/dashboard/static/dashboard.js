@@ -187,7 +187,8 @@ function renderProgram(holder, name, program) {
   div.querySelector(".weights tbody").innerHTML = (current ? current.variants : []).map((v) =>
     `<tr data-variant="${esc(v.name)}">${cell("name", v.name, "text")}${cell("pool", v.pool, "text")}`
     + `${cell("model", v.model ?? "-", "text")}${cell("weight", num(v.weight, 3))}${cell("share", pct(v.share))}</tr>`,
-  ).join("");
+  ).join("") || `<tr><td colspan="5" class="empty">no routing table: the router's static default</td></tr>`;
+  div.querySelector('[data-chart="weights"]').hidden = !tables.length;
   div.querySelector(".variants tbody").innerHTML = program.series.map((s) =>
     `<tr data-variant="${esc(s.variant)}">${cell("variant", s.variant, "text")}${cell("pool", s.pool, "text")}`
     + `${cell("rate", num(s.rate, 2))}${cell("p95", num(s.p95, 0))}${cell("errors", pct(s.errors))}</tr>`,
@@ -245,7 +246,11 @@ function render(state) {
   renderPrograms(state);
   renderDlq(state);
   renderGauges(state);
-  document.getElementById("updated").textContent = `updated ${clock(state.now)}`;
+  document.getElementById("updated").textContent = state.problem
+    ? `cannot read the topics: ${state.problem}` : `updated ${clock(state.now)}`;
+  const status = document.getElementById("status");
+  status.dataset.state = state.problem ? "problem" : "live";
+  status.textContent = state.problem ? "no data" : "live";
   document.body.dataset.version = String(state.version);
 }
 
