@@ -20,7 +20,6 @@ from typing import TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -170,8 +169,11 @@ class TopicFollower:
                 start = firsts.get(partition, low)
                 if 0 <= start < high:
                     ends[(topic, partition)] = high
-                else:  # nothing recent (or empty): only what arrives from now on
-                    start = OFFSET_END
+                else:
+                    # nothing recent (or empty): what arrives from now on. The high-water
+                    # mark, not OFFSET_END: that is resolved at the first fetch, later, and
+                    # a record produced in between would be skipped.
+                    start = high
                 assigned.append(TopicPartition(topic, partition, start))
         self.consumer.assign(assigned)
         return ends

@@ -37,13 +37,13 @@ from dspex.streams.topics import Topics
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WINDOW_MS = 60_000
 WAIT_MS = 60_000  # generous: the machine is shared and busy
-NOW_MS = int(time.time() * 1000) // WINDOW_MS * WINDOW_MS
 
 
 class Producer:
     """Encodes contract records and produces them to this test's topics."""
 
     def __init__(self, settings: Settings) -> None:
+        self.now = int(time.time() * 1000) // WINDOW_MS * WINDOW_MS  # a window's end
         self.topics = Topics(settings.topics)
         self.serde = make_serde(settings)
         self.producer = kafka.producer(settings)
@@ -109,7 +109,7 @@ class Producer:
             error_class=error_class,
             error_message=f"bad request number {n}",
             stage=stage,
-            failed_at=NOW_MS - 30_000 + n,
+            failed_at=self.now - 30_000 + n,
             component="router",
         )
         self.send("dlq", "DeadLetter", f"k{n}", record)
@@ -163,18 +163,19 @@ def test_the_dashboard_shows_the_records_and_updates_live(
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is missing: run `make tools`"
     out = Producer(settings)
-    out.pool("general", NOW_MS - WINDOW_MS, 12.5, 40, 95, 120)
-    out.pool("general", NOW_MS, 7.25, 41, 96, 121)
-    out.gauge("pool.lag", {"pool": "general"}, NOW_MS, 17)
+    now = out.now
+    out.pool("general", now - WINDOW_MS, 12.5, 40, 95, 120)
+    out.pool("general", now, 7.25, 41, 96, 121)
+    out.gauge("pool.lag", {"pool": "general"}, now, 17)
     worker = {"pool": "general", "worker": "w-1"}
-    out.gauge("worker.in_flight", worker, NOW_MS, 3)
-    out.gauge("worker.memory_bytes", worker, NOW_MS, 100 * 1024 * 1024)
-    out.gauge("worker.breaker_open", worker, NOW_MS, 1)
-    out.gauge("pipeline.active_runs", {"pipeline_id": "triage"}, NOW_MS, 2)
+    out.gauge("worker.in_flight", worker, now, 3)
+    out.gauge("worker.memory_bytes", worker, now, 100 * 1024 * 1024)
+    out.gauge("worker.breaker_open", worker, now, 1)
+    out.gauge("pipeline.active_runs", {"pipeline_id": "triage"}, now, 2)
     series = {"program_id": "qa", "pool": "gpu", "variant": "local"}
-    out.requests("requests", series, NOW_MS, 5.5, (300, 650, 700))
-    out.table(1, NOW_MS - 90_000, {"echo": 1.0}, "initial table")
-    out.table(2, NOW_MS - 30_000, {"echo": 0.25, "local": 0.75}, "local: +20% success")
+    out.requests("requests", series, now, 5.5, (300, 650, 700))
+    out.table(1, now - 90_000, {"echo": 1.0}, "initial table")
+    out.table(2, now - 30_000, {"echo": 0.25, "local": 0.75}, "local: +20% success")
     for n in range(3):
         out.dead_letter(n, "validate", "InvalidRequest")
     out.flush()
@@ -230,8 +231,8 @@ def test_the_dashboard_shows_the_records_and_updates_live(
 
         # produced after the page loaded: it must appear without a reload
         loaded_version = int(page.locator("body").get_attribute("data-version") or "-1")
-        out.pool("general", NOW_MS + WINDOW_MS, 33.5, 42, 97, 122)
-        out.table(3, NOW_MS, {"echo": 0.5, "local": 0.5}, "echo recovered")
+        out.pool("general", now + WINDOW_MS, 33.5, 42, 97, 122)
+        out.table(3, now, {"echo": 0.5, "local": 0.5}, "echo recovered")
         out.dead_letter(3, "decode", "CorruptRecord")
         out.flush()
         wait_text(page, f'{general} td[data-field="rate"]', "33.50")

@@ -326,3 +326,5 @@ def test_compose_brings_up_prometheus_and_grafana() -> None:
     assert compose["prometheus"]["image"].startswith("prom/prometheus")
     assert compose["grafana"]["image"].startswith("grafana/grafana")
     assert compose["dspex"]["environment"]["DSPEX_METRICS__BIND_HOST"] == "0.0.0.0"  # noqa: S104
+    assert compose["dspex"]["environment"]["DSPEX_DASHBOARD__BIND_HOST"] == "0.0.0.0"  # noqa: S104
+    assert "127.0.0.1:9465:9465" in compose["dspex"]["ports"]  # the dashboard, host loopback
