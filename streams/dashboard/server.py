@@ -44,6 +44,7 @@ KEEPALIVE_S = 15.0
 POLL_S = 0.5
 RETRY_S = 5.0  # between attempts to reach the topics
 CONNECT_TIMEOUT_S = 30.0  # topics created a moment ago may have no leader yet
+STOP_WAIT_S = 5.0
 
 
 class Follower(Protocol):
@@ -108,8 +109,10 @@ class Dashboard:
             self.httpd.shutdown()
         self.httpd.server_close()
         for thread in self._threads:
-            thread.join(CONNECT_TIMEOUT_S + 5)
-        if self.follower is not None:
+            thread.join(STOP_WAIT_S)
+        # a follow thread still connecting (a broker that does not answer) is a daemon:
+        # it ends with the process; its consumer must not be closed under it
+        if self.follower is not None and not any(t.is_alive() for t in self._threads):
             self.follower.close()
 
     def state_json(self) -> tuple[int, bytes]:
