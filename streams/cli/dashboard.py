@@ -1,9 +1,10 @@
-"""``dspex dashboard``: serve the live web dashboard until Ctrl-C."""
+"""``dspex dashboard``: serve the live web dashboard until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import signal
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,11 +22,16 @@ def dashboard(
 ) -> None:
     """Live web dashboard: pools, workers, routing tables over time, dead letters."""
     board = Dashboard(settings_of(ctx), host=host, port=port)
+    stop = threading.Event()
+
+    def _handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
     board.start()
     out.print(f"dashboard {board.url}  (Ctrl-C stops)")
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         board.stop()

@@ -132,8 +132,10 @@ class Dashboard:
                 self.follower.poll(POLL_S, self._apply)
                 self._set_problem(None)
             except Exception as exc:  # no broker or topics yet: the page says so, we retry
-                logger.warning("dashboard: cannot read the topics: %s", exc)
-                self._set_problem(" ".join(str(exc).split()))
+                problem = " ".join(str(exc).split())
+                if problem != self.board.problem:  # said once, not every retry
+                    logger.warning("dashboard: cannot read the topics: %s", problem)
+                self._set_problem(problem)
                 self.stopping.wait(RETRY_S)
 
     def _connect(self) -> TopicFollower:
