@@ -37,12 +37,15 @@ test-loaded: $(STAMP) $(DEVTREE)
 	  trap 'kill $$(cat .loaders.pid) 2>/dev/null; rm -f .loaders.pid' EXIT; \
 	  $(MAKE) test
 
-## tools: system programs the tests drive (Prometheus scrapes the metrics exporter)
+## tools: system programs the tests drive (Prometheus scrapes the metrics exporter; Playwright
+## drives Debian's Chromium through the web dashboard; Playwright never downloads a browser)
+TOOLS := prometheus chromium
 tools:
-	@command -v prometheus >/dev/null || { \
+	@missing=$$(for t in $(TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	  else echo "the tests need Prometheus: sudo apt-get install prometheus" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "the tests need: sudo apt-get install" $$missing >&2; exit 1; fi; }
 
 ## bench: the benchmark suite (JSON report, PNG chart, table) into bench-results/
 bench: $(STAMP) $(DEVTREE)

@@ -6,7 +6,8 @@ by reading one to its end. :func:`read_to_end` does that with a throwaway
 consumer (no group offsets) and decodes each record; :func:`latest_by_key` folds
 the result into the latest record per key. :func:`watermarks` and
 :func:`end_offsets` give the offsets to start following from, for readers that go
-on consuming live.
+on consuming live. :class:`TopicFollower` reads some topics from a point in time
+and others whole, then follows them live (``dspex top`` and the web dashboard).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -32,6 +34,7 @@ from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _BATCH = 500
 
@@ -125,6 +128,101 @@ def group_lag(settings: Settings, group: str, topic: str, timeout_s: float = 10.
     )
 
 
+Apply = Callable[[str, str, Record | None], None]
+"""What a follower calls for each record: topic, key and the decoded record (None: a tombstone)."""
+
+
+class TopicFollower:
+    """A group-less consumer: some topics from a point in time, others whole, then live.
+
+    ``starts`` maps each topic to the epoch milliseconds to read it from, or
+    ``None`` to read it from its beginning (a compacted topic). No consumer group
+    is joined and nothing is committed: any number of viewers can follow. A record
+    that does not decode is reported to ``on_skip`` and skipped.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        serde: Serde,
+        starts: Mapping[str, int | None],
+        *,
+        on_skip: Callable[[str], None] = lambda line: None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.serde = serde
+        self.on_skip = on_skip
+        self.timeout_s = timeout_s
+        self.consumer: Consumer = kafka.consumer(settings, f"dspex-follow-{uuid.uuid4().hex}")
+        self.pending = self._assign(starts)
+
+    def _assign(self, starts: Mapping[str, int | None]) -> dict[tuple[str, int], int]:
+        """Assign every partition; returns the end offsets to catch up with."""
+        assigned: list[TopicPartition] = []
+        ends = {}
+        for topic, since_ms in starts.items():
+            marks = watermarks(self.consumer, topic, self.timeout_s)  # waits out new topics
+            if not marks:
+                raise ConfigError(f"topic={topic}: not found; run `dspex topics create`")
+            firsts = self._firsts(topic, since_ms, marks)
+            for partition, (low, high) in marks.items():
+                start = firsts.get(partition, low)
+                if 0 <= start < high:
+                    ends[(topic, partition)] = high
+                else:
+                    # nothing recent (or empty): what arrives from now on. The high-water
+                    # mark, not OFFSET_END: that is resolved at the first fetch, later, and
+                    # a record produced in between would be skipped.
+                    start = high
+                assigned.append(TopicPartition(topic, partition, start))
+        self.consumer.assign(assigned)
+        return ends
+
+    def _firsts(
+        self, topic: str, since_ms: int | None, marks: Mapping[int, tuple[int, int]]
+    ) -> dict[int, int]:
+        """Each partition's first offset at or after ``since_ms`` (-1: none); {} = beginning."""
+        if since_ms is None:
+            return {}
+        wanted = [TopicPartition(topic, p, since_ms) for p in marks]
+        found: list[TopicPartition] = _retrying(
+            topic,
+            self.timeout_s,
+            lambda: self.consumer.offsets_for_times(wanted, timeout=self.timeout_s),
+        )
+        return {tp.partition: tp.offset for tp in found}
+
+    def poll(self, seconds: float, apply: Apply) -> None:
+        """Apply every record that arrives within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            for message in self.consumer.consume(_BATCH, min(left, 0.2)):
+                if message.error() is None:
+                    self._apply(message, apply)
+
+    def catch_up(self, apply: Apply, timeout_s: float | None = None) -> bool:
+        """Read until the end offsets seen at start (or ``timeout_s``); True when there."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while self.pending and time.monotonic() < deadline:
+            self.poll(0.2, apply)
+        return not self.pending
+
+    def _apply(self, message: Message, apply: Apply) -> None:
+        topic, partition = str(message.topic()), int(message.partition() or 0)
+        if self.pending.get((topic, partition), 0) <= int(message.offset() or 0) + 1:
+            self.pending.pop((topic, partition), None)
+        value = message.value()
+        try:
+            record = self.serde.decode(value, topic=topic).record if value else None
+        except DSPexError as exc:
+            self.on_skip(f"skipped {_where(message)}: {exc}")
+            return
+        apply(topic, _key(message), record)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
 def end_offsets(consumer: Consumer, topic: str, timeout_s: float) -> list[TopicPartition]:
     """Every partition of ``topic`` at its current high-water mark."""
     marks = watermarks(consumer, topic, timeout_s)
@@ -137,10 +235,15 @@ def watermarks(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tu
     A topic created a moment ago may be unknown or leaderless for a while:
     transient errors are retried until ``timeout_s`` has passed.
     """
+    return _retrying(topic, timeout_s, lambda: _watermarks(consumer, topic, timeout_s))
+
+
+def _retrying(topic: str, timeout_s: float, call: Callable[[], T]) -> T:
+    """``call()``, again while the broker's error is transient, until ``timeout_s``."""
     give_up = time.monotonic() + timeout_s
     while True:
         try:
-            return _watermarks(consumer, topic, timeout_s)
+            return call()
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             code = error.code() if isinstance(error, KafkaError) else None

@@ -345,6 +345,15 @@ class MetricsSettings(_Section):
     worker_health_interval_s: float = Field(default=10.0, gt=0)
 
 
+class DashboardSettings(_Section):
+    """The web dashboard (``dspex dashboard``; ``dspex up`` starts one)."""
+
+    port: int = Field(default=9465, ge=0, le=65535)  # taken: a free one is used; 0 = any
+    bind_host: str = "127.0.0.1"
+    # how far back the charts reach (metric windows, dead letters)
+    history_s: float = Field(default=900.0, gt=0, le=86_400)
+
+
 class ReliabilitySettings(_Section):
     """LM fault handling in the workers: retries with backoff, circuit breakers, fallbacks.
 
@@ -432,6 +441,7 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)

@@ -5,8 +5,9 @@ updates the Prometheus series (:class:`Exporter`) and files the execution into
 its tumbling window (:mod:`dspex.agents.metrics.windows`); closed windows become
 MetricSnapshots. :class:`MetricsApp` wires it into a faust app: one agent on
 ``telemetry``, a timer that closes due windows and adds each pool's consumer lag
-(``pool.lag``), the Prometheus HTTP server, and optionally a reader of the
-``routing`` topic for ``dspex_routing_weight``.
+(``pool.lag``) and each live worker's health (``worker.*``), the Prometheus HTTP
+server (on a free port when the configured one is taken), and optionally a
+reader of the ``routing`` topic for ``dspex_routing_weight``.
 
 Windows live in memory, not in faust tables: every number here is derived from
 ``telemetry`` and the pools' offsets, and ``docs/metrics.md`` says what a restart
@@ -16,6 +17,7 @@ costs. Start it with ``make_metrics(settings).run()``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +47,7 @@ ADMIN_TIMEOUT_S = 10.0
 SERIES = ("program", "pool", "variant")
 # seconds: from a cached answer (ms) to a slow optimizer job (minutes)
 _BREAKER_LEVEL = {"open": 1.0, "half-open": 0.5, "closed": 0.0}
+WORKER_GAUGES = ("worker.in_flight", "worker.memory_bytes", "worker.breaker_open")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -111,18 +114,26 @@ class Exporter:
         )
         self._variants: dict[str, set[str]] = {}
         self._workers: dict[tuple[str, str], float] = {}
+        # (pool, worker) -> the WORKER_GAUGES' latest values, for the worker.* snapshots
+        self.health: dict[tuple[str, str], dict[str, float]] = {}
 
     def observe_health(self, record: Record, now_s: float, forget_after_s: float) -> None:
         """Set one worker's gauges; forget workers silent for ``forget_after_s``."""
         sample = record.get("health") or {}
         labels = (str(record.get("pool") or ""), str(record.get("worker_id") or ""))
-        self.in_flight.labels(*labels).set(max(0, int(sample.get("in_flight") or 0)))
-        self.memory.labels(*labels).set(max(0, int(sample.get("memory_bytes") or 0)))
-        state = sample.get("breaker_state")
-        self.breaker_open.labels(*labels).set(_BREAKER_LEVEL.get(str(state), 0.0))
+        values = (
+            max(0, int(sample.get("in_flight") or 0)),
+            max(0, int(sample.get("memory_bytes") or 0)),
+            _BREAKER_LEVEL.get(str(sample.get("breaker_state")), 0.0),
+        )
+        gauges = (self.in_flight, self.memory, self.breaker_open)
+        for series, value in zip(gauges, values, strict=True):
+            series.labels(*labels).set(value)
+        self.health[labels] = {n: float(v) for n, v in zip(WORKER_GAUGES, values, strict=True)}
         self._workers[labels] = now_s
         for gone in [w for w, seen in self._workers.items() if now_s - seen > forget_after_s]:
             del self._workers[gone]
+            del self.health[gone]
             for series in (self.in_flight, self.memory, self.breaker_open):
                 series.remove(*gone)
 
@@ -219,6 +230,16 @@ class Metrics:
             out.append(self.snapshot("pool.lag", record))
         return out
 
+    def health_snapshots(self, closed: Closed) -> list[Outgoing]:
+        """``worker.*`` snapshots (value = the latest sample) of every worker heard lately."""
+        out = []
+        for (pool, worker), values in sorted(self.exporter.health.items()):
+            labels = {"pool": pool, "worker": worker}
+            for name, value in values.items():
+                record = gauge(name, labels, closed.start_ms, closed.end_ms, value)
+                out.append(self.snapshot(name, record))
+        return out
+
     def snapshot(self, name: str, record: Record) -> Outgoing:
         value = self.serde.encode("MetricSnapshot", record, topic=self.metrics_topic)
         return Outgoing(self.metrics_topic, name.encode("utf-8"), value)
@@ -295,6 +316,7 @@ class MetricsApp:
         if closed:
             lags = await asyncio.to_thread(pool_lags, self.settings, self._lag_groups())
             outgoing += self.metrics.lag_snapshots(closed[-1], lags)
+            outgoing += self.metrics.health_snapshots(closed[-1])
         for out in outgoing:
             await self._send(out)
         return len(outgoing)
@@ -319,16 +341,8 @@ class MetricsApp:
         await self.app.start()
 
     def _serve_prometheus(self, host: str, port: int) -> None:
-        # A taken port must not stop the snapshots: Prometheus shows the target as down.
-        try:
-            self._server, _ = start_http_server(port, host, self.exporter.registry)
-        except OSError as exc:
-            logger.error(
-                "prometheus exporter not started host=%s port=%s error=%s", host, port, exc
-            )
-            return
-        self.port = int(self._server.server_port)
-        logger.info("prometheus exporter on %s:%s", host, self.port)
+        self._server = serve_exporter(self.exporter.registry, host, port)
+        self.port = int(self._server.server_port) if self._server is not None else None
 
     async def stop(self) -> None:
         """Stop aggregating, the reader and the HTTP server (open windows are not published)."""
@@ -347,6 +361,33 @@ class MetricsApp:
         # short-lived: an admin handle kept across a broker restart can abort the process
         names = [self._topics.name(short) for short in ("telemetry", "metrics", "routing", "dlq")]
         return require_topics(kafka.admin_client(self.settings), names, "metrics")
+
+
+def serve_exporter(registry: CollectorRegistry, host: str, port: int) -> Any:
+    """The Prometheus HTTP server on ``host:port``, else on a free port when that is taken.
+
+    A second DSPex stack on one machine finds the port taken: it serves on another
+    and says which in a warning. Any other failure is logged and gives ``None``: the
+    snapshots must go on (Prometheus shows the target as down).
+    """
+    try:
+        try:
+            server, _ = start_http_server(port, host, registry)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or port == 0:
+                raise
+            server, _ = start_http_server(0, host, registry)
+            logger.warning(
+                "prometheus exporter port %s taken; serving on %s:%s",
+                port,
+                host,
+                server.server_port,
+            )
+    except OSError as exc:
+        logger.error("prometheus exporter not started host=%s port=%s error=%s", host, port, exc)
+        return None
+    logger.info("prometheus exporter on %s:%s", host, server.server_port)
+    return server
 
 
 def make_metrics(

@@ -12,6 +12,7 @@ from dspex import schemas
 from dspex.streams.cli import (  # noqa: F401 - importing them registers their commands
     cluster,
     contract,
+    dashboard,
     dlq,
     optimize,
     pipelines,

@@ -10,22 +10,19 @@ watch.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
 from dspex.schemas.records import Record
-from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
-from dspex.streams.errors import DSPexError
-from dspex.streams.serde import Serde, make_serde
+from dspex.streams.reader import TopicFollower
+from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 
@@ -103,75 +100,33 @@ def _clock(value: Any) -> str:
 
 
 class Feed:
-    """A group-less consumer on the metrics (tail) and routing (whole) topics."""
+    """``dspex top``'s reader: the metrics topic's last few windows, the routing topic whole."""
 
     def __init__(self, settings: Settings, view: View) -> None:
         topics = Topics(settings.topics)
         self.metrics, self.routing = topics.name("metrics"), topics.name("routing")
-        self.serde: Serde = make_serde(settings)
         self.view = view
-        self.consumer: Consumer = kafka.consumer(settings, f"dspex-top-{uuid.uuid4().hex}")
         back_ms = int(WINDOWS_BACK * settings.metrics.window_s * 1000)
-        self.pending = self._assign(int(time.time() * 1000) - back_ms)
-
-    def _assign(self, since_ms: int) -> dict[tuple[str, int], int]:
-        """Assign every partition; returns the end offsets to catch up with."""
-        metrics = self._partitions(self.metrics, since_ms)
-        found = self.consumer.offsets_for_times(metrics, timeout=CATCH_UP_S)
-        starts = [*found, *self._partitions(self.routing, OFFSET_BEGINNING)]
-        ends = {}
-        for tp in starts:
-            low, high = self.consumer.get_watermark_offsets(tp, timeout=CATCH_UP_S)
-            if tp.offset == OFFSET_BEGINNING:
-                tp.offset = low
-            if 0 <= tp.offset < high:
-                ends[(tp.topic, tp.partition)] = high
-            else:  # nothing recent (or empty): only what arrives from now on
-                tp.offset = OFFSET_END
-        self.consumer.assign(starts)
-        return ends
-
-    def _partitions(self, topic: str, offset: int) -> list[TopicPartition]:
-        metadata = self.consumer.list_topics(topic, timeout=CATCH_UP_S).topics[topic]
-        if metadata.error is not None or not metadata.partitions:
-            raise DSPexError(f"topic={topic}: not found; run `dspex topics create`")
-        return [TopicPartition(topic, p, offset) for p in sorted(metadata.partitions)]
+        starts = {self.metrics: int(time.time() * 1000) - back_ms, self.routing: None}
+        skip = lambda line: err.print(f"[dim]{line}[/]")  # noqa: E731
+        self.follower = TopicFollower(settings, make_serde(settings), starts, on_skip=skip)
 
     def poll(self, seconds: float) -> None:
         """Apply every record that arrives within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            message = self.consumer.poll(min(left, 0.2))
-            if message is None or message.error():
-                continue
-            self._apply(message)
+        self.follower.poll(seconds, self._apply)
 
     def catch_up(self, timeout_s: float = CATCH_UP_S) -> None:
         """Read until the end offsets seen at start (or ``timeout_s``)."""
-        deadline = time.monotonic() + timeout_s
-        while self.pending and time.monotonic() < deadline:
-            self.poll(0.2)
+        self.follower.catch_up(self._apply, timeout_s)
 
-    def _apply(self, message: Any) -> None:
-        topic, partition, offset = str(message.topic()), message.partition(), message.offset()
-        if self.pending.get((topic, partition), 0) <= offset + 1:
-            self.pending.pop((topic, partition), None)
-        if message.value() is None:
-            if topic == self.routing:
-                self.view.take_table((message.key() or b"").decode(), None)
-            return
-        try:
-            record = self.serde.decode(message.value(), topic=topic).record
-        except DSPexError as exc:
-            err.print(f"[dim]skipped topic={topic} offset={offset}: {exc}[/]")
-            return
+    def _apply(self, topic: str, key: str, record: Record | None) -> None:
         if topic == self.routing:
-            self.view.take_table((message.key() or b"").decode(), record)
-        else:
+            self.view.take_table(key, record)
+        elif record is not None:
             self.view.take_snapshot(record)
 
     def close(self) -> None:
-        self.consumer.close()
+        self.follower.close()
 
 
 @app.command("top")

@@ -15,10 +15,12 @@ from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.cli.cluster import create_topics, ensure_cluster, topics_table
 from dspex.streams.client.client import Client, Program
+from dspex.streams.dashboard.server import Dashboard
 from dspex.streams.errors import DSPexError
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
 from dspex.streams.ops.broker import LocalBroker
 from dspex.streams.ops.extras import require_server_extra
+from dspex.streams.ops.ports import choose_port, reachable_host
 from dspex.streams.ops.supervisor import Supervisor
 from dspex.streams.settings import POOLS, Settings
 
@@ -37,6 +39,7 @@ def up(
     agents: Annotated[bool, typer.Option(help="Start the router and the pools.")] = True,
     demo: Annotated[bool, typer.Option(help="Stream one request through the gpu pool.")] = True,
     once: Annotated[bool, typer.Option(help="Stop everything after the demo.")] = False,
+    dashboard: Annotated[bool, typer.Option(help="Serve the web dashboard.")] = True,
 ) -> None:
     """Start everything: broker (unless a cluster is configured), topics, router, pools."""
     if agents:
@@ -48,13 +51,21 @@ def up(
     if agents:
         for line in pool_models(settings):
             out.print(line, highlight=False)
+    board = Dashboard(settings) if dashboard else None
+    if board is not None:
+        board.start()
+        out.print(f"dashboard  {board.url}")
     stop = _stop_on_signals()
-    if agents:
-        failed = _run_agents(settings, ctx.meta.get("settings_file"), stop, demo, once)
-    else:
-        out.print("no agents started (--no-agents); Ctrl-C stops.")
-        stop.wait()
-        failed = False
+    try:
+        if agents:
+            failed = _run_agents(settings, ctx.meta.get("settings_file"), stop, demo, once)
+        else:
+            out.print("no agents started (--no-agents); Ctrl-C stops.")
+            stop.wait()
+            failed = False
+    finally:
+        if board is not None:
+            board.stop()
     if started is not None:
         LocalBroker(settings.local_broker).stop()
         out.print("local broker stopped")
@@ -76,11 +87,17 @@ def pool_models(settings: Settings) -> list[str]:
 def _run_agents(
     settings: Settings, settings_file: Path | None, stop: threading.Event, demo: bool, once: bool
 ) -> bool:
+    # the cluster by address: a child restarted during a broker outage waits for it
+    env = {"DSPEX_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers(settings)}
+    metrics = settings.metrics
+    if metrics.prometheus_port:  # a second stack on this machine: another free port
+        port = choose_port(metrics.prometheus_port, host=metrics.bind_host)
+        env["DSPEX_METRICS__PROMETHEUS_PORT"] = str(port)
+        out.print(f"prometheus http://{reachable_host(metrics.bind_host)}:{port}/metrics")
     supervisor = Supervisor(
         agent_commands(settings, settings_file),
         on_event=lambda line: err.print(f"[dim]{line}[/]"),
-        # the cluster by address: a child restarted during a broker outage waits for it
-        env={"DSPEX_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers(settings)},
+        env=env,
     )
     runner = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor")
     runner.start()

@@ -10,17 +10,19 @@ readers, and a unit test keeps the copies equal.
 from __future__ import annotations
 
 import base64
-import errno
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 from dspex.streams.errors import LocalBrokerError
+
+# the launcher chooses its ports with these (re-exported: tests call them here)
+from dspex.streams.ops.ports import choose_port as choose_port
+from dspex.streams.ops.ports import free_port as free_port
+from dspex.streams.ops.ports import port_is_free as port_is_free
 
 HOST = "127.0.0.1"
 MARKER = ".dspex-complete"
@@ -61,36 +63,6 @@ def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
     }
     header = "# Written by DSPex (streams/ops/broker.py) on every start; edits are overwritten.\n"
     return header + "".join(f"{key}={value}\n" for key, value in settings.items())
-
-
-def port_is_free(port: int) -> bool:
-    """True when 127.0.0.1:``port`` can be bound the way the JVM binds it (SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def free_port() -> int:
-    """A port the kernel says is free now (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def choose_port(preferred: int, taken: Sequence[int] = ()) -> int:
-    """``preferred`` when it is free and not in ``taken``, else any free port."""
-    if preferred not in taken and port_is_free(preferred):
-        return preferred
-    while (port := free_port()) in taken:
-        pass
-    return port
 
 
 def new_cluster_id() -> str:

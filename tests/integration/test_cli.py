@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,11 +77,25 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     """The README's main job end to end: topics, router, three pools, a streamed answer.
 
     ``create_topics`` is only here for its teardown: ``dspex up`` creates the topics.
+    The dashboard's and the exporter's ports are held by another process, as a
+    second stack on the machine would: ``up`` takes free ones and prints them.
     """
-    env = product_env(settings)
-    cmd = [sys.executable, "-m", "dspex.streams", "up", "--once"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    with socket.socket() as dashboard_port, socket.socket() as exporter_port:
+        for held in (dashboard_port, exporter_port):
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+        taken = [dashboard_port.getsockname()[1], exporter_port.getsockname()[1]]
+        env = product_env(settings)
+        env["DSPEX_DASHBOARD__PORT"] = str(taken[0])
+        env["DSPEX_METRICS__PROMETHEUS_PORT"] = str(taken[1])
+        cmd = [sys.executable, "-m", "dspex.streams", "up", "--once"]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
+    dashboard = re.search(r"^dashboard  http://127\.0\.0\.1:(\d+)/$", run.stdout, re.M)
+    exporter = re.search(r"^prometheus http://127\.0\.0\.1:(\d+)/metrics$", run.stdout, re.M)
+    assert dashboard and exporter, run.stdout
+    assert int(dashboard.group(1)) != taken[0] and int(exporter.group(1)) != taken[1]
+    assert "not started" not in run.stderr
     assert "answer: " in run.stdout
     assert "status=ok pool=gpu" in run.stdout
     for name in ("router", "learner", "general-1", "optimizer-1", "gpu-1"):

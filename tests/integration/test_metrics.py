@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from dspex.agents.metrics.metrics import MetricsApp, make_metrics
+from dspex.schemas import records
 from dspex.streams import kafka
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
@@ -86,6 +87,12 @@ async def produce_traffic(settings: Settings) -> int:
         producer.produce(
             telemetry, key=b"qa", value=serde.encode("Telemetry", record, topic=telemetry)
         )
+    sample = records.health(in_flight=2, breaker_state="open", memory_bytes=5_000_000)
+    health = records.telemetry(
+        kind="health", pool="general", worker_id="w-7", emitted_at=start + 50, health=sample
+    )
+    encoded = serde.encode("Telemetry", health, topic=telemetry)
+    producer.produce(telemetry, key=b"w-7", value=encoded)
     late = serde.encode("Telemetry", _execution(start - 60_000, 1.0, True), topic=telemetry)
     producer.produce(telemetry, key=b"qa", value=late)
     producer.produce(telemetry, key=b"qa", value=b"not avro")
@@ -146,6 +153,10 @@ async def test_snapshots_prometheus_endpoint_and_top(
     assert got["error_rate"] == 0.25 and got["tokens"] == 1500
     assert pool is not None and pool["count"] == 100
     assert lag["value"] == 5.0
+    worker = {"pool": "general", "worker": "w-7"}
+    in_flight = await snapshots.until(lambda t: snapshot(t, "worker.in_flight", worker), 10, "w-7")
+    assert in_flight["value"] == 2.0
+    assert (snapshot(snapshots, "worker.breaker_open", worker) or {}).get("value") == 1.0
 
     families = _scrape(agent.port)
     ok = {"program": "qa", "pool": "general", "variant": "echo", "outcome": "ok"}

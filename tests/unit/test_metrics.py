@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML (locked via dspy) ships no type hints
 from prometheus_client import CollectorRegistry
 
-from dspex.agents.metrics.metrics import Exporter, Metrics
+from dspex.agents.metrics.metrics import WORKER_GAUGES, Exporter, Metrics, serve_exporter
 from dspex.agents.metrics.windows import Closed, Sample, Windows, percentile, snapshots
 from dspex.agents.plumbing.messages import Consumed
 from dspex.streams.cli.top import View
+from dspex.streams.dashboard import board
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 
@@ -211,6 +214,48 @@ def test_worker_health_sets_gauges_and_silent_workers_are_forgotten() -> None:
     assert value("dspex_worker_breaker_open", "w2") == 0.0
 
 
+def test_each_live_workers_health_is_published_as_worker_snapshots() -> None:
+    config, clock = settings(), Clock(T0)
+    serde = make_serde(config)
+    metrics = Metrics(config, serde, Exporter(CollectorRegistry()), clock=clock)
+    sample = {"in_flight": 2, "breaker_state": "half-open", "memory_bytes": 7_000_000}
+    metrics.observe({"kind": "health", "pool": "gpu", "worker_id": "w9", "health": sample})
+    outgoing = metrics.health_snapshots(Closed(T0, T0 + 2_000, {}))
+    decoded = [serde.decode(o.value, topic=o.topic).record for o in outgoing]
+    assert [o.key for o in outgoing] == [name.encode() for name in WORKER_GAUGES]
+    assert {r["name"]: r["value"] for r in decoded} == {
+        "worker.in_flight": 2.0,
+        "worker.memory_bytes": 7_000_000.0,
+        "worker.breaker_open": 0.5,
+    }
+    assert all(r["labels"] == {"pool": "gpu", "worker": "w9"} for r in decoded)
+    assert set(WORKER_GAUGES) == set(board.WORKER_GAUGES)  # the dashboard reads these names
+    clock.ms += int(6 * config.metrics.worker_health_interval_s * 1000)
+    metrics.observe({"kind": "health", "pool": "gpu", "worker_id": "w10", "health": sample})
+    later = metrics.health_snapshots(Closed(T0, T0 + 2_000, {}))
+    assert {serde.decode(o.value, topic=o.topic).record["labels"]["worker"] for o in later} == {
+        "w10"
+    }  # w9 went silent
+
+
+def test_a_taken_exporter_port_gives_a_free_one() -> None:
+    registry = CollectorRegistry()
+    Exporter(registry).lag.labels("general").set(4)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = serve_exporter(registry, "127.0.0.1", port)
+    try:
+        assert server is not None and server.server_port != port
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert 'dspex_pool_lag_messages{pool="general"} 4.0' in response.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_metrics_settings_defaults_and_environment(monkeypatch: Any) -> None:
     defaults = load_settings().metrics
     assert (defaults.window_s, defaults.prometheus_port, defaults.bind_host) == (
@@ -281,3 +326,5 @@ def test_compose_brings_up_prometheus_and_grafana() -> None:
     assert compose["prometheus"]["image"].startswith("prom/prometheus")
     assert compose["grafana"]["image"].startswith("grafana/grafana")
     assert compose["dspex"]["environment"]["DSPEX_METRICS__BIND_HOST"] == "0.0.0.0"  # noqa: S104
+    assert compose["dspex"]["environment"]["DSPEX_DASHBOARD__BIND_HOST"] == "0.0.0.0"  # noqa: S104
+    assert "127.0.0.1:9465:9465" in compose["dspex"]["ports"]  # the dashboard, host loopback

@@ -67,10 +67,12 @@ import importlib.util, json, sys
 import dspex
 from dspex import AsyncClient, Client, Program, Settings
 import dspex.streams.cli
+from dspex.streams.dashboard.server import STATIC
 program = Program.inline("question -> answer")
 absent = json.loads(sys.argv[1])
 print(json.dumps({
     "dspex": dspex.__file__,
+    "static": sorted(str(p.relative_to(STATIC)) for p in STATIC.rglob("*") if p.is_file()),
     "signature": program.signature,
     "found": [name for name in absent if importlib.util.find_spec(name) is not None],
     "loaded": sorted(name for name in absent if name in sys.modules),
@@ -153,12 +155,13 @@ def test_the_wheel_installs_the_folders_under_one_dspex_package(wheel: Path) -> 
         "dspex/" + path.relative_to(ROOT).as_posix()
         for folder in FOLDERS
         for path in (ROOT / folder).rglob("*")
-        if path.suffix in (".py", ".avsc")
+        if path.suffix in (".py", ".avsc") or (path.is_file() and "static" in path.parts)
     }
     assert {n.split("/")[0] for n in names} == {"dspex", "dspex-0.1.0.dist-info"}
     assert sources <= names
     assert "dspex/__init__.py" in names
     assert {"dspex/schemas/Request.avsc", "dspex/schemas/history/Request.v1.avsc"} <= names
+    assert "dspex/streams/dashboard/static/vendor/uplot/LICENSE" in names
     assert not any(n.endswith(".pyc") for n in names)
 
 
@@ -245,6 +248,10 @@ def test_the_client_imports_and_runs_without_dspy(client_python: Path, tmp_path:
     seen = json.loads(_run(*script, cwd=tmp_path).stdout)
     assert Path(seen["dspex"]).is_relative_to(client_python.parents[1])
     assert seen["signature"] == "question -> answer"
+    # the dashboard and its vendored chart library ship in the wheel, usable without the extra
+    assert {"index.html", "vendor/uplot/uPlot.iife.min.js", "vendor/uplot/LICENSE"} <= set(
+        seen["static"]
+    )
     assert seen["found"] == []
     assert seen["loaded"] == []
 
