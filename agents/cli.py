@@ -18,6 +18,7 @@ import typer
 
 from dspex.agents.learner.learner import make_learner
 from dspex.agents.metrics.metrics import make_metrics
+from dspex.agents.pipeline.agent import make_pipeline_agent
 from dspex.agents.router.router import make_router
 from dspex.agents.worker import worker
 from dspex.streams.errors import DSPexError
@@ -41,6 +42,12 @@ InstanceId = Annotated[
 def router(settings_file: SettingsFile = None, instance_id: InstanceId = None) -> None:
     """The router agent: validate, resolve, route and cache requests."""
     _serve(partial(make_router, instance_id=instance_id), settings_file)
+
+
+@app.command("pipeline")
+def pipeline(settings_file: SettingsFile = None, instance_id: InstanceId = None) -> None:
+    """The pipeline agent: runs pipelines as stage requests and answers each run once."""
+    _serve(partial(make_pipeline_agent, instance_id=instance_id), settings_file)
 
 
 @app.command("learner")

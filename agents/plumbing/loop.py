@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -326,6 +327,19 @@ class ConsumerLoop:
 
     async def _in_kafka_thread(self, call: Callable[[], _T]) -> _T:
         return await self._loop.run_in_executor(self._thread, call)
+
+
+async def serve_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``serve(stop)`` with ``stop`` set by SIGINT or SIGTERM (an agent's entry point)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -29,14 +29,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Container
 from typing import Any
 
-from dspex.agents.plumbing.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.catalog import (
+    CompactedReader,
+    PipelineCatalog,
+    ProgramCatalog,
+    RoutingCatalog,
+)
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
-from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig
+from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig, serve_until_signalled
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
@@ -69,9 +73,10 @@ from dspex.streams.errors import (
     SerdeError,
 )
 from dspex.streams.ops.admin import require_topics
+from dspex.streams.pipelines.plan import Plan
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
-from dspex.streams.topics import Topics
+from dspex.streams.topics import AGENT_REPLY_TOPICS, Topics
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +104,18 @@ class RouterHandler:
         clock: Callable[[], float] = time.time,
         existing_topics: Container[str] | None = None,
         variables: SharedVariables | None = None,
+        pipelines: PipelineCatalog | None = None,
     ) -> None:
         self._settings = settings
+        self._pipelines = pipelines if pipelines is not None else PipelineCatalog()
         self._variables = variables or SharedVariables(settings.lm)
         self._existing = existing_topics
         self._serde = serde
         self._topics = Topics(settings.topics)
-        self._own_topics = [name for name, _ in self._topics.all()]
+        # a request may name the pipeline agent's reply topic (its stage requests do)
+        self._own_topics = [
+            n for n, spec in self._topics.all() if spec.name not in AGENT_REPLY_TOPICS
+        ]
         self._programs = programs
         self._routing = routing
         self._resolver = resolver
@@ -183,6 +193,8 @@ class RouterHandler:
     def _route(self, original: Consumed, request: Record, now: int) -> list[Outgoing]:
         self._check_size(len(original.value or b""), "request")
         check_request(request, now, self._own_topics, self._existing)
+        if request.get("pipeline_id") is not None:
+            return [self._run_pipeline(original, request)]
         program_id = request.get("program_id")
         chosen = self._chooser.choose(request, self._routing.table_for(program_id))
         registered = None
@@ -211,6 +223,19 @@ class RouterHandler:
             }
         )
         return [self._forward(original, forwarded, route.pool)]
+
+    def _run_pipeline(self, original: Consumed, request: Record) -> Outgoing:
+        """A pipeline run, checked against its pipeline and pinned to a version, to the agent."""
+        for field in ("program_id", "signature"):
+            if request.get(field) is not None:
+                raise InvalidRequest(field, "a request names a pipeline_id or a program, not both")
+        version = self._pipelines.resolve(request["pipeline_id"], request.get("pipeline_version"))
+        plan = Plan.from_record(version)
+        plan.check_run_inputs(request.get("inputs") or {})
+        topic = self._topics.name("pipeline.runs")
+        pinned = records.request(**{**request, "pipeline_version": plan.version})
+        value = self._serde.encode("Request", pinned, topic=topic)
+        return Outgoing(topic, original.key, value, original.headers)
 
     def _registered(self, program_id: str, version: int | None, route: Route) -> Record:
         """The program version to run: the request's, else the route's canary, else latest.
@@ -322,6 +347,7 @@ class RouterApp:
         serde = make_serde(settings)
         self._topics = topics
         self.programs = ProgramCatalog()
+        self.pipelines = PipelineCatalog()
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
         self.cache = ResultCache(settings.router.cache_max_entries)
@@ -331,6 +357,7 @@ class RouterApp:
             serde,
             {
                 topics.name("programs"): ("ProgramVersion", self.programs.apply),
+                topics.name("pipelines"): ("PipelineVersion", self.pipelines.apply),
                 topics.name("routing"): ("RoutingTable", self.routing.apply),
                 topics.name("variables"): ("VariableUpdate", self.variables.apply),
                 topics.name("cache"): ("Response", self.cache.apply),
@@ -350,6 +377,7 @@ class RouterApp:
             chooser=chooser,
             existing_topics=KnownTopics(self._list_topics),
             variables=self.variables,
+            pipelines=self.pipelines,
         )
         self._retry_topic = topics.name("retry")
         self._own_topics = frozenset(name for name, _ in topics.all())
@@ -483,7 +511,7 @@ class RouterApp:
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents router`` entry point)."""
-        asyncio.run(_serve_until_signalled(self))
+        asyncio.run(serve_until_signalled(self.serve))
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
@@ -491,18 +519,6 @@ class RouterApp:
         # process inside librdkafka (docs/reliability.md)
         names = [name for name, _ in self._topics.all()]
         return require_topics(kafka.admin_client(self.settings), names, "router")
-
-
-async def _serve_until_signalled(router: RouterApp) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await router.serve(stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 def _log_failed_send(

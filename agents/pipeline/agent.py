@@ -1,0 +1,422 @@
+"""The pipeline agent: runs pipelines as stage requests through the router, answers each run once.
+
+It consumes ``pipeline.runs`` (runs the router validated) as consumer group
+``<prefix>pipeline`` on the shared :class:`~dspex.agents.plumbing.loop.ConsumerLoop`:
+one task per run, up to :data:`IN_FLIGHT_RUNS` at once, whose offset is done once the
+run's final answer is on the broker. Each run is a :class:`~dspex.agents.pipeline.run.Run`:
+its stages go to ``requests`` as ordinary Requests (validation, cache, routing,
+retries, DLQ, telemetry) with ``reply_topic = pipeline.replies``, which a
+:class:`~dspex.agents.plumbing.catalog.CompactedReader` follows on every partition and
+hands to the waiting runs by request id.
+
+State. Every change of a run is written to the compacted ``pipeline.state`` topic
+(a ``PipelineRun`` keyed by run id) *before* the progress chunk, stage request or
+final answer it causes is sent, and once more when the final answer is acknowledged.
+After a crash the next agent reads that topic, then ``pipeline.replies`` from just
+before the oldest stage still running, so answers that came while it was down are
+used, not run again; uncommitted runs are redelivered and resume from their state
+(a finished one is answered again only if its final answer was not acknowledged; the
+client drops a chunk whose seq it has). Not faust: stage answers are keyed by stage
+request id, not run id, so a run-keyed table would need a repartition hop per stage,
+and faust's restart took 12-16 s on the router against 2.8 s on this loop
+(``docs/pipelines.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from dspex.agents.pipeline.run import Issue, Run
+from dspex.agents.plumbing.catalog import CompactedReader, PipelineCatalog
+from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig, serve_until_signalled
+from dspex.agents.plumbing.messages import Consumed, ErrorInfo
+from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.agents.plumbing.records import dead_letter, error_response
+from dspex.schemas.records import Record
+from dspex.schemas.times import to_ms
+from dspex.streams import kafka
+from dspex.streams.errors import ConfigError, DSPexError, InvalidRequest, SerdeError
+from dspex.streams.ops.admin import require_topics
+from dspex.streams.pipelines.plan import Plan
+from dspex.streams.serde import Serde, make_serde
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "pipeline"
+IN_FLIGHT_RUNS = 1000
+READY_TIMEOUT_S = 60.0
+REPLAY_MARGIN_MS = 10_000  # replies are read from this long before the oldest running stage
+DEADLINE_GRACE_S = 1.0  # after the run's deadline, stages have this long to say "timeout"
+PLAN_WAIT_S = 10.0  # a run may arrive before this agent has read its (just published) pipeline
+SEND_ATTEMPTS = 8
+FINISHED_KEPT = 10_000
+EARLY_KEPT = 50_000
+NEEDED = ("pipeline.runs", "pipeline.replies", "pipeline.state", "pipelines", "requests", "dlq")
+
+
+class RunStates:
+    """The latest ``PipelineRun`` per run id: every running run, the recent finished ones."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, Record] = {}
+        self._finished: OrderedDict[str, Record] = OrderedDict()
+
+    def apply(self, key: str, record: Record | None) -> None:
+        """Take one ``pipeline.state`` record (``None``: a tombstone)."""
+        self.running.pop(key, None)
+        self._finished.pop(key, None)
+        if record is None:
+            return
+        if record["status"] == "running":
+            self.running[key] = record
+            return
+        self._finished[key] = record
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
+    def get(self, run_id: str) -> Record | None:
+        return self.running.get(run_id) or self._finished.get(run_id)
+
+    def replay_from(self, now_ms: int) -> int:
+        """When to read stage answers from: just before the oldest stage still running."""
+        starts = [
+            to_ms(event.get("started_at")) or now_ms
+            for state in self.running.values()
+            for event in state["events"]
+            if event["state"] == "started"
+        ]
+        return min([now_ms, *starts]) - REPLAY_MARGIN_MS
+
+
+class StageAnswers:
+    """Final stage Responses from ``pipeline.replies``, handed to the run waiting for each."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, tuple[asyncio.Queue[tuple[str, Record]], str]] = {}
+        self._early: OrderedDict[str, Record] = OrderedDict()
+
+    def apply(self, _key: str, record: Record | None) -> None:
+        """Take one reply; a final one goes to its run, or is kept until the run asks."""
+        if record is None or not record.get("final"):
+            return
+        request_id = str(record["request_id"])
+        waiter = self._waiting.get(request_id)
+        if waiter is not None:
+            waiter[0].put_nowait((waiter[1], record))
+            return
+        self._early[request_id] = record
+        while len(self._early) > EARLY_KEPT:
+            self._early.popitem(last=False)
+
+    def wait(self, request_id: str, key: str, queue: asyncio.Queue[tuple[str, Record]]) -> None:
+        """Send ``request_id``'s answer to ``queue`` as ``(key, response)`` (now, if it came)."""
+        self._waiting[request_id] = (queue, key)
+        early = self._early.pop(request_id, None)
+        if early is not None:
+            queue.put_nowait((key, early))
+
+    def forget(self, request_ids: set[str]) -> None:
+        for request_id in request_ids:
+            self._waiting.pop(request_id, None)
+
+
+class PipelineApp:
+    """The pipeline agent process: the runs loop, the state and replies readers, a producer."""
+
+    def __init__(self, settings: Settings, *, app_id: str, instance_id: str | None = None) -> None:
+        self.settings = settings
+        self._topics = topics = Topics(settings.topics)
+        self._serde: Serde = make_serde(settings)
+        self.pipelines = PipelineCatalog()
+        self.states = RunStates()
+        self.answers = StageAnswers()
+        self._plans: dict[tuple[str, int | None], Plan] = {}
+        self.reader = CompactedReader(
+            settings,
+            self._serde,
+            {
+                topics.name("pipelines"): ("PipelineVersion", self.pipelines.apply),
+                topics.name("pipeline.state"): ("PipelineRun", self.states.apply),
+            },
+        )
+        self.replies: CompactedReader | None = None
+        self.config = LoopConfig(
+            topics=(topics.name("pipeline.runs"),),
+            group_id=app_id,
+            client_id=app_id,
+            limit=IN_FLIGHT_RUNS,
+            instance_id=f"{app_id}-{instance_id}" if instance_id else None,
+            drain_timeout_s=2.0,  # a run's state is on the topic: the next agent resumes it
+        )
+        self._app_id = app_id
+        self._publisher: Publisher | None = None
+        self._deliveries: asyncio.Task[None] | None = None
+        self._consuming: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    # -- one run -------------------------------------------------------------------------
+
+    async def handle(self, consumed: Consumed) -> None:
+        """Run (or resume, or answer again) one run; returns once its answer is on the broker."""
+        try:
+            if consumed.value is None:
+                raise SerdeError("tombstone where a Request was expected", topic=consumed.topic)
+            request = self._serde.decode(consumed.value, topic=consumed.topic, expect="Request")
+        except SerdeError as exc:
+            logger.warning("undecodable run %s error=%s", consumed.where(), exc)
+            await self._dead_letter(consumed, ErrorInfo.from_exception(exc, "decode"), None)
+            return
+        record = request.record
+        try:
+            plan = await self._plan(record)
+        except InvalidRequest as exc:
+            await self._reject(consumed, record, ErrorInfo.from_exception(exc, "validate"))
+            return
+        run = Run.resume(
+            plan,
+            record,
+            self._topics.name("pipeline.replies"),
+            self.states.get(record["request_id"]),
+        )
+        try:
+            await self._serve(run)
+        except (DSPexError, KeyError, TypeError, ValueError) as exc:  # a bug: answer, go on
+            logger.exception("run failed %s run_id=%s", consumed.where(), run.run_id)
+            await self._reject(consumed, record, ErrorInfo.from_exception(exc, "execute"))
+
+    async def _plan(self, request: Mapping[str, Any]) -> Plan:
+        ident = (str(request["pipeline_id"]), request.get("pipeline_version"))
+        if ident not in self._plans:
+            give_up = time.monotonic() + PLAN_WAIT_S
+            while True:
+                try:
+                    version = self.pipelines.resolve(*ident)
+                    break
+                except InvalidRequest:
+                    if time.monotonic() > give_up:
+                        raise
+                    await asyncio.sleep(0.2)
+            self._plans[ident] = Plan.from_record(version)
+        return self._plans[ident]
+
+    async def _serve(self, run: Run) -> None:
+        queue: asyncio.Queue[tuple[str, Record]] = asyncio.Queue()
+        registered: set[str] = set()
+        saved = _snapshot(run) if run.done or run.events else None
+        try:
+            issues = self._resume(run)
+            while True:
+                for key in run.running():
+                    request_id = run.request_id(key)
+                    if request_id not in registered:
+                        self.answers.wait(request_id, key, queue)
+                        registered.add(request_id)
+                if _snapshot(run) != saved:
+                    await self._save(run)
+                    saved = _snapshot(run)
+                await self._progress(run)
+                if run.done:
+                    await self._answer(run)
+                    return
+                await self._issue(run, issues)
+                await self._next(run, queue)
+                issues = [] if run.done else run.advance(_now_ms())
+        finally:
+            self.answers.forget(registered)
+
+    def _resume(self, run: Run) -> list[Issue]:
+        """New stages to start, plus running ones whose request may never have been sent."""
+        now = _now_ms()
+        issues = [] if run.done else run.advance(now)
+        new = {issue.key for issue in issues}
+        lost = [key for key in run.running() if key not in run.issued and key not in new]
+        if lost:
+            logger.info("resuming run_id=%s re-sending %s", run.run_id, ",".join(lost))
+        return issues + [run.issue(key, now) for key in lost]
+
+    async def _next(self, run: Run, queue: asyncio.Queue[tuple[str, Record]]) -> None:
+        """Wait for stage answers (taking every one already there), or expire the run."""
+        deadline = run.deadline_ms
+        timeout = None if deadline is None else deadline / 1000 + DEADLINE_GRACE_S - time.time()
+        try:
+            async with asyncio.timeout(timeout):
+                key, response = await queue.get()
+        except TimeoutError:
+            run.expire(_now_ms())
+            return
+        run.answer(key, response, _now_ms())
+        while not queue.empty():
+            key, response = queue.get_nowait()
+            run.answer(key, response, _now_ms())
+
+    # -- producing -----------------------------------------------------------------------
+
+    async def _save(self, run: Run) -> None:
+        topic = self._topics.name("pipeline.state")
+        await self._deliver([(topic, run.run_id, "PipelineRun", run.record(_now_ms()))])
+
+    async def _progress(self, run: Run) -> None:
+        """Send the progress chunks not acknowledged yet (none unless the run streams)."""
+        if run.request.get("stream"):
+            topic = self._reply_topic(run.request)
+            now = _now_ms()
+            chunks = [
+                (topic, run.run_id, "Response", run.progress(seq, now))
+                for seq in range(min(run.delivered, len(run.events)), len(run.events))
+            ]
+            await self._deliver(chunks)
+        run.delivered = max(run.delivered, len(run.events))
+
+    async def _answer(self, run: Run) -> None:
+        """The final answer, unless an earlier agent's was acknowledged already."""
+        if run.delivered > len(run.events):
+            return
+        final = run.final(_now_ms())
+        await self._deliver([(self._reply_topic(run.request), run.run_id, "Response", final)])
+        run.delivered = len(run.events) + 1
+        await self._save(run)
+        logger.info(
+            "run answered run_id=%s pipeline=%s status=%s partial=%s",
+            run.run_id,
+            run.plan.pipeline_id,
+            run.status,
+            run.partial,
+        )
+
+    async def _issue(self, run: Run, issues: list[Issue]) -> None:
+        if not issues:
+            return
+        topic = self._topics.name("requests")
+        await self._deliver([(topic, i.request_id, "Request", i.request) for i in issues])
+        run.issued |= {issue.key for issue in issues}
+
+    async def _deliver(self, records: list[tuple[str, str, str, Record]]) -> None:
+        """Produce every record and return once the broker has them all; resend what failed."""
+        if self._publisher is None:
+            raise RuntimeError("the pipeline agent sends only between start() and stop()")
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            sent = [await self._publisher.send(t, k.encode(), s, r) for t, k, s, r in records]
+            outcomes = await asyncio.gather(*sent, return_exceptions=True)
+            failed = [r for r, o in zip(records, outcomes, strict=True) if o is not None]
+            if not failed:
+                return
+            logger.warning("sending failed attempt=%d records=%d; resending", attempt, len(failed))
+            records = failed
+            await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+        raise DSPexError(f"pipeline agent: {len(records)} record(s) not acknowledged")
+
+    def _reply_topic(self, request: Mapping[str, Any]) -> str:
+        return str(request.get("reply_topic") or self._topics.name("responses"))
+
+    async def _reject(self, consumed: Consumed, request: Record, failure: ErrorInfo) -> None:
+        run_id = str(request.get("request_id") or "")
+        logger.info("run refused run_id=%s field=%s error=%s", run_id, failure.field, failure)
+        response = error_response(run_id, failure, produced_at_ms=_now_ms())
+        await self._deliver([(self._reply_topic(request), run_id, "Response", response)])
+        await self._dead_letter(consumed, failure, run_id)
+
+    async def _dead_letter(
+        self, consumed: Consumed, failure: ErrorInfo, run_id: str | None
+    ) -> None:
+        record = dead_letter(consumed, failure, component=COMPONENT, request_id=run_id)
+        key = (consumed.key or b"").decode("utf-8", "replace")
+        await self._deliver([(self._topics.name("dlq"), key, "DeadLetter", record)])
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read pipelines and run states, then stage answers since the oldest running stage."""
+        partitions = await asyncio.to_thread(self._check_topics)
+        await self._ready(self.reader, partitions, "pipelines/pipeline.state")
+        replies = self._topics.name("pipeline.replies")
+        since = self.states.replay_from(_now_ms())
+        self.replies = CompactedReader(
+            self.settings,
+            self._serde,
+            {replies: ("Response", self.answers.apply)},
+            since={replies: since},
+        )
+        await self._ready(self.replies, partitions, "pipeline.replies")
+        logger.info(
+            "pipeline agent ready running_runs=%d replies_since_ms=%d",
+            len(self.states.running),
+            since,
+        )
+        producer = kafka.producer(self.settings, **{"client.id": self._app_id})
+        self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
+        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher))
+        consumer = ConsumerLoop(self.settings, self.config, self.handle)
+        self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+
+    async def _ready(self, reader: CompactedReader, partitions: dict[str, int], what: str) -> None:
+        await reader.start(partitions)
+        try:
+            await asyncio.wait_for(reader.ready.wait(), READY_TIMEOUT_S)
+        except TimeoutError as exc:
+            await reader.stop()
+            raise ConfigError(f"pipeline agent: {what} not read within {READY_TIMEOUT_S}s") from exc
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start, run pipelines until ``stop`` is set (or consuming fails), then stop."""
+        await self.start()
+        stopped = asyncio.create_task(stop.wait())
+        waiting: list[asyncio.Future[Any]] = [stopped]
+        if self._consuming is not None:
+            waiting.append(self._consuming)
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop consuming (running runs stay on the state topic), flush, stop the readers."""
+        self._stopping.set()
+        failure: BaseException | None = None
+        if self._consuming is not None:
+            try:
+                await self._consuming
+            except Exception as exc:  # reported after the rest is stopped
+                failure = exc
+        if self._publisher is not None:
+            await self._publisher.flush(10.0)
+        if self._deliveries is not None:
+            self._deliveries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deliveries
+        for reader in (self.reader, self.replies):
+            if reader is not None:
+                await reader.stop()
+        if failure is not None:
+            raise failure
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents pipeline`` entry point)."""
+        asyncio.run(serve_until_signalled(self.serve))
+
+    def _check_topics(self) -> dict[str, int]:
+        names = [self._topics.name(short) for short in NEEDED]
+        return require_topics(kafka.admin_client(self.settings), names, "pipeline agent")
+
+
+def _snapshot(run: Run) -> tuple[int, str, int, int]:
+    return len(run.events), run.status, run.delivered, len(run.issued)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def make_pipeline_agent(settings: Settings, *, instance_id: str | None = None) -> PipelineApp:
+    """The pipeline agent for ``settings``: consumer group ``<prefix>pipeline``."""
+    return PipelineApp(
+        settings, app_id=f"{settings.topics.prefix}pipeline", instance_id=instance_id
+    )
