@@ -219,14 +219,14 @@ class PipelineApp:
                     if request_id not in registered:
                         self.answers.wait(request_id, key, queue)
                         registered.add(request_id)
-                if _snapshot(run) != saved:
-                    await self._save(run)
-                    saved = _snapshot(run)
+                saved = await self._save(run, saved)
                 await self._progress(run)
                 if run.done:
                     await self._answer(run)
                     return
-                await self._issue(run, issues)
+                if issues:
+                    await self._issue(run, issues)
+                    saved = await self._save(run, saved)  # a resumed run will not send them again
                 await self._next(run, queue)
                 issues = [] if run.done else run.advance(_now_ms())
         finally:
@@ -259,9 +259,13 @@ class PipelineApp:
 
     # -- producing -----------------------------------------------------------------------
 
-    async def _save(self, run: Run) -> None:
-        topic = self._topics.name("pipeline.state")
-        await self._deliver([(topic, run.run_id, "PipelineRun", run.record(_now_ms()))])
+    async def _save(self, run: Run, saved: _Snapshot | None = None) -> _Snapshot:
+        """Write the run's state unless it is ``saved`` already; what was written."""
+        now = _snapshot(run)
+        if now != saved:
+            topic = self._topics.name("pipeline.state")
+            await self._deliver([(topic, run.run_id, "PipelineRun", run.record(_now_ms()))])
+        return now
 
     async def _progress(self, run: Run) -> None:
         """Send the progress chunks not acknowledged yet (none unless the run streams)."""
@@ -407,8 +411,12 @@ class PipelineApp:
         return require_topics(kafka.admin_client(self.settings), names, "pipeline agent")
 
 
-def _snapshot(run: Run) -> tuple[int, str, int, int]:
-    return len(run.events), run.status, run.delivered, len(run.issued)
+_Snapshot = tuple[int, str, int]
+
+
+def _snapshot(run: Run) -> _Snapshot:
+    """What a state write must capture (chunks acknowledged are written with the next one)."""
+    return len(run.events), run.status, len(run.issued)
 
 
 def _now_ms() -> int:

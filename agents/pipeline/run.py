@@ -85,7 +85,8 @@ class Run:
             run.results = {k: json.loads(v) for k, v in state["results"].items()}
             run.outputs, run.error = state.get("outputs"), state.get("error")
             for event in state["events"]:
-                run._note(dict(event))
+                run.events.append(dict(event))
+                run._note(event)
         return run
 
     # -- identity ------------------------------------------------------------------------

@@ -305,7 +305,7 @@ async def test_kill_9_of_the_pipeline_agent_mid_run_answers_every_run_once(
         tasks = [asyncio.create_task(one(client, n)) for n in range(RUNS)]
         await until(lambda: len(answered_at) >= 10, 180, "10 runs answered before the kill")
         answered_before = len(answered_at)
-        killed_at = time.monotonic()
+        killed_at, killed_ms = time.monotonic(), time.time() * 1000
         stack.kill("pipeline")
         stack.launch("pipeline")
         outcomes = await asyncio.gather(*tasks)
@@ -316,16 +316,21 @@ async def test_kill_9_of_the_pipeline_agent_mid_run_answers_every_run_once(
         assert result.status == "ok" and not result.partial
         _check_outputs(result, sent[n])
     assert len({r.request_id for r in results.values()}) == RUNS
-    after = [t for t in answered_at.values() if t > killed_at]
-    first_after_s = min(after) - killed_at if after else float("nan")
-
     tail.catch_up()
     finals = Counter(r["request_id"] for _, r in tail.records["responses"] if r and r["final"])
+    # a final produced after the kill came from the restarted agent
+    produced = [
+        to_ms(r["produced_at"]) or 0 for _, r in tail.records["responses"] if r and r["final"]
+    ]
+    first_after_s = (min(p for p in produced if p > killed_ms) - killed_ms) / 1000
+    answered_after = sum(t > killed_at for t in answered_at.values())
+    resumed = stack.log_text("pipeline").split("pipeline agent ready running_runs=")[-1]
     run_ids = {r.request_id for r in results.values()}
     executions = Counter(r["request_id"] for _, r in tail.records["executions"] if r)
     repeated = sum(count - 1 for count in executions.values() if count > 1)
     print(
-        f"\nruns={RUNS} answered_before_kill={answered_before} answered_at_client={len(results)} "
+        f"\nruns={RUNS} answered_before_kill={answered_before} answered_after={answered_after} "
+        f"answered_at_client={len(results)} runs_resumed_from_state={resumed.split()[0]} "
         f"final_responses_on_topic_for_runs={sum(finals[i] for i in run_ids)} "
         f"stage_executions={sum(executions.values())} repeated_stage_executions={repeated} "
         f"kill_to_first_answer_after_restart_s={first_after_s:.2f}"
