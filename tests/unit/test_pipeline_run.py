@@ -19,7 +19,9 @@ from dspex.streams.settings import load_settings
 stage = records.pipeline_stage
 
 
-def version(stages: list[Record], outputs: dict[str, str], inputs: str = "q, items: list[str]"):
+def version(
+    stages: list[Record], outputs: dict[str, str], inputs: str = "q, items: list[str]"
+) -> Record:
     return records.pipeline_version(
         pipeline_id="p", version=1, inputs=inputs, stages=stages, outputs=outputs, created_at=now()
     )
