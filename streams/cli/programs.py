@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from dspex.streams.cli._app import app, err, out, settings_of
-from dspex.streams.client.client import Client, Program, RequestFailed
+from dspex.streams.client.client import Client, PipelineRef, Program, RequestFailed
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
@@ -78,20 +78,31 @@ def _read(settings: Settings) -> dict[str, list[dict[str, Any]]]:
 @app.command("submit")
 def submit(
     ctx: typer.Context,
-    program: Annotated[str, typer.Argument(help="A registered program id, or a signature.")],
+    program: Annotated[
+        str,
+        typer.Argument(help="A registered program id, a signature, or (--pipeline) a pipeline."),
+    ],
     inputs: Annotated[list[str], typer.Argument(help="name=value pairs (value: JSON or text)")],
     module_type: Annotated[str | None, typer.Option("--module")] = None,
     pool: Annotated[str | None, typer.Option(help="Pool hint: general, optimizer, gpu.")] = None,
     deadline: Annotated[float, typer.Option(help="Seconds.")] = 60.0,
     stream: Annotated[bool, typer.Option(help="Print token chunks as they arrive.")] = True,
     cache: bool = True,
+    pipeline: Annotated[
+        bool, typer.Option("--pipeline", help="PROGRAM is a pipeline id: show its stages live.")
+    ] = False,
+    version: Annotated[int | None, typer.Option(help="Pipeline version (default latest).")] = None,
 ) -> None:
-    """Send one request and print the answer (streamed by default)."""
+    """Send one request (or pipeline run) and print the answer (streamed by default)."""
     inline = "->" in program
     target = Program.inline(program, module_type or "Predict") if inline else program
     options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
     with Client(settings_of(ctx)) as client:
-        if stream:
+        if pipeline:
+            from dspex.streams.cli.runs import show_run
+
+            show_run(client, PipelineRef(program, version), parse_inputs(inputs), options)
+        elif stream:
             _stream(client, target, parse_inputs(inputs), options)
         else:
             try:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -395,3 +398,51 @@ async def test_bad_runs_get_one_error_naming_the_field(
     assert all(count == 1 for count in finals.values()), finals
     dead = {r["request_id"] for _, r in tail.records["dlq"] if r}
     assert len(dead) >= 5  # every run the router refused is dead-lettered
+
+    # the same from a terminal: a live per-stage view, then the outputs or the error
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+        "COLUMNS": "200",
+    }
+    dspex = [sys.executable, "-m", "dspex.streams"]
+    bad = subprocess.run(
+        [*dspex, "submit", "--pipeline", "count", "text=seven"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1, bad.stderr
+    assert "stage=counting field=inputs.n" in bad.stderr
+    publish(
+        settings,
+        records.pipeline_version(
+            pipeline_id="hello",
+            version=1,
+            inputs="text",
+            stages=[stage(name="shout", signature="text -> loud", inputs={"text": "$input.text"})],
+            outputs={"loud": "$stage.shout.loud"},
+            created_at=now(),
+        ),
+    )
+    good = subprocess.run(
+        [*dspex, "submit", "--pipeline", "hello", "text=hi there"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout) == {"loud": "HI THERE"}
+    assert "shout" in good.stderr and "finished" in good.stderr
+    listed = subprocess.run(
+        [*dspex, "pipelines", "runs", "--pipeline", "hello"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "hello@1" in listed.stdout and " ok " in listed.stdout, listed.stdout

@@ -221,3 +221,21 @@ def test_json_equal_compares_json_values_not_python_ones() -> None:
     assert json_equal(1, 1.0) and json_equal([1, {"a": "b"}], [1.0, {"a": "b"}])
     assert not json_equal(True, 1) and not json_equal(0, False) and not json_equal("1", 1)
     assert json_equal(None, None) and not json_equal(None, "null")
+
+
+def test_the_live_view_folds_progress_and_the_final_summary_into_one_row_per_stage() -> None:
+    from dspex.streams.cli.runs import StageBoard
+    from dspex.streams.client._replies import Chunk
+
+    run = run_of(chain(), {"q": "hi", "items": ["i0", "i1"]})
+    run.advance(1_000)
+    for key, answer in [("a", ok(x="X")), ("m/0", ok(y="0")), ("b", failed())]:
+        run.answer(key, answer, 2_000)
+    board = StageBoard()
+    for seq in range(len(run.events)):
+        board.take(Chunk.from_record(run.progress(seq, 2_000)))
+    rows = board.rows
+    assert (rows["a"].state, rows["a"].pool, rows["a"].finished_ms) == ("finished", "general", 2000)
+    assert (rows["m"].state, rows["m"].items, rows["m"].items_done) == ("started", 2, 1)
+    assert rows["b"].state == "defaulted" and "stage 'b'" in (rows["b"].error or "")
+    assert board.table().row_count == 3
