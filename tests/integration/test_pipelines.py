@@ -406,14 +406,7 @@ async def test_bad_runs_get_one_error_naming_the_field(
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "COLUMNS": "200",
     }
-    dspex = [sys.executable, "-m", "dspex.streams"]
-    bad = subprocess.run(
-        [*dspex, "submit", "--pipeline", "count", "text=seven"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = _dspex(env, "submit", "--pipeline", "count", "text=seven")
     assert bad.returncode == 1, bad.stderr
     assert "stage=counting field=inputs.n" in bad.stderr
     publish(
@@ -427,22 +420,15 @@ async def test_bad_runs_get_one_error_naming_the_field(
             created_at=now(),
         ),
     )
-    good = subprocess.run(
-        [*dspex, "submit", "--pipeline", "hello", "text=hi there"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert good.returncode == 0, good.stderr
-    assert json.loads(good.stdout) == {"loud": "HI THERE"}
-    assert "shout" in good.stderr and "finished" in good.stderr
-    listed = subprocess.run(
-        [*dspex, "pipelines", "runs", "--pipeline", "hello"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    shown = _dspex(env, "submit", "--pipeline", "hello", "text=hi there")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"loud": "HI THERE"}
+    assert "shout" in shown.stderr and "finished" in shown.stderr
+    listed = _dspex(env, "pipelines", "runs", "--pipeline", "hello")
     assert listed.returncode == 0, listed.stderr
     assert "hello@1" in listed.stdout and " ok " in listed.stdout, listed.stdout
+
+
+def _dspex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "dspex.streams", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
