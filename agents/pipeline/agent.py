@@ -123,6 +123,10 @@ class StageAnswers:
         if early is not None:
             queue.put_nowait((key, early))
 
+    def arrived(self, request_id: str) -> bool:
+        """Whether ``request_id``'s answer came before anyone waited for it."""
+        return request_id in self._early
+
     def forget(self, request_ids: set[str]) -> None:
         for request_id in request_ids:
             self._waiting.pop(request_id, None)
@@ -237,7 +241,13 @@ class PipelineApp:
         now = _now_ms()
         issues = [] if run.done else run.advance(now)
         new = {issue.key for issue in issues}
-        lost = [key for key in run.running() if key not in run.issued and key not in new]
+        lost = [
+            key
+            for key in run.running()
+            if key not in run.issued
+            and key not in new
+            and not self.answers.arrived(run.request_id(key))
+        ]
         if lost:
             logger.info("resuming run_id=%s re-sending %s", run.run_id, ",".join(lost))
         return issues + [run.issue(key, now) for key in lost]

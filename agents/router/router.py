@@ -8,8 +8,10 @@ retrier: each transiently failed request goes back to its pool once its backoff 
 over, :mod:`dspex.agents.plumbing.retry`), plus a :class:`CompactedReader` that
 materializes the ``programs``, ``routing``, ``variables`` and ``cache`` topics for
 every instance (shared variables: :mod:`dspex.agents.router.variables`; the result
-cache, which workers fill: :mod:`dspex.agents.router.cache`). The router never reads
-``responses``. Its records go out through librdkafka
+cache, which workers fill: :mod:`dspex.agents.router.cache`), and ``pipelines``: a
+request naming a ``pipeline_id`` is checked against its pipeline (version, declared
+inputs) and handed to the pipeline agent on ``pipeline.runs``, pinned to that version.
+The router never reads ``responses``. Its records go out through librdkafka
 (:class:`~dspex.agents.plumbing.publisher.Publisher`, as in the worker); a request
 is done, and so committable, once the broker has all of them. Records are produced
 in the order their requests were consumed, so one session's requests keep their
