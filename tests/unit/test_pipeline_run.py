@@ -239,3 +239,42 @@ def test_the_live_view_folds_progress_and_the_final_summary_into_one_row_per_sta
     assert (rows["m"].state, rows["m"].items, rows["m"].items_done) == ("started", 2, 1)
     assert rows["b"].state == "defaulted" and "stage 'b'" in (rows["b"].error or "")
     assert board.table().row_count == 3
+
+
+async def test_stage_answers_wait_for_their_run_or_are_kept_until_it_asks() -> None:
+    import asyncio
+
+    from dspex.agents.pipeline.agent import StageAnswers
+
+    answers = StageAnswers()
+    early = {**ok(y="early"), "request_id": "r1"}
+    answers.apply("r1", {**early, "final": False})  # progress chunks are not answers
+    assert not answers.arrived("r1")
+    answers.apply("r1", early)
+    assert answers.arrived("r1")
+    queue: asyncio.Queue[tuple[str, Record]] = asyncio.Queue()
+    answers.wait("r1", "m/0", queue)
+    answers.wait("r2", "m/1", queue)
+    answers.apply("r2", {**ok(y="late"), "request_id": "r2"})
+    got = [queue.get_nowait(), queue.get_nowait()]
+    assert [(key, r["request_id"]) for key, r in got] == [("m/0", "r1"), ("m/1", "r2")]
+    answers.forget({"r1", "r2"})
+    answers.apply("r2", {**ok(y="again"), "request_id": "r2"})
+    assert queue.empty() and answers.arrived("r2")
+
+
+def test_run_states_replay_answers_from_just_before_the_oldest_running_stage() -> None:
+    from dspex.agents.pipeline.agent import REPLAY_MARGIN_MS, RunStates
+
+    states = RunStates()
+    assert states.replay_from(50_000) == 50_000 - REPLAY_MARGIN_MS  # nothing running: now
+    run = run_of(chain(), {"q": "hi", "items": ["i0"]})
+    run.advance(20_000)
+    states.apply(run.run_id, run.record(21_000))
+    assert states.replay_from(50_000) == 20_000 - REPLAY_MARGIN_MS
+    run.status = "ok"
+    states.apply(run.run_id, run.record(30_000))
+    assert states.replay_from(50_000) == 50_000 - REPLAY_MARGIN_MS
+    assert (states.get(run.run_id) or {})["status"] == "ok"
+    states.apply(run.run_id, None)
+    assert states.get(run.run_id) is None
