@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -327,7 +328,10 @@ async def test_kill_9_of_the_pipeline_agent_mid_run_answers_every_run_once(
     ]
     first_after_s = (min(p for p in produced if p > killed_ms) - killed_ms) / 1000
     answered_after = sum(t > killed_at for t in answered_at.values())
-    resumed = stack.log_text("pipeline").split("pipeline agent ready running_runs=")[-1]
+    log = stack.log_text("pipeline")
+    resumed = log.split("pipeline agent ready running_runs=")[-1]
+    ready_line = [line for line in log.splitlines() if "pipeline agent ready" in line][-1]
+    ready_at = datetime.strptime(ready_line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: DTZ007 - the agent logs local time
     run_ids = {r.request_id for r in results.values()}
     executions = Counter(r["request_id"] for _, r in tail.records["executions"] if r)
     repeated = sum(count - 1 for count in executions.values() if count > 1)
@@ -336,6 +340,7 @@ async def test_kill_9_of_the_pipeline_agent_mid_run_answers_every_run_once(
         f"answered_at_client={len(results)} runs_resumed_from_state={resumed.split()[0]} "
         f"final_responses_on_topic_for_runs={sum(finals[i] for i in run_ids)} "
         f"stage_executions={sum(executions.values())} repeated_stage_executions={repeated} "
+        f"kill_to_restarted_agent_ready_s={ready_at - killed_ms / 1000:.2f} "
         f"kill_to_first_answer_after_restart_s={first_after_s:.2f}"
     )
     assert all(finals[i] >= 1 for i in run_ids)

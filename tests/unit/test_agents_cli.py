@@ -31,10 +31,10 @@ def test_the_startup_heap_is_frozen_and_what_comes_later_is_not() -> None:
 @pytest.mark.parametrize(
     ("command", "factory"),
     [
-        ("router", "make_router"),
-        ("pipeline", "make_pipeline_agent"),
-        ("learner", "make_learner"),
-        ("metrics", "make_metrics"),
+        ("router", "dspex.agents.router.router.make_router"),
+        ("pipeline", "dspex.agents.pipeline.agent.make_pipeline_agent"),
+        ("learner", "dspex.agents.learner.learner.make_learner"),
+        ("metrics", "dspex.agents.metrics.metrics.make_metrics"),
     ],
 )
 def test_a_stream_agent_freezes_its_heap_after_it_is_built_and_before_it_runs(
@@ -49,7 +49,7 @@ def test_a_stream_agent_freezes_its_heap_after_it_is_built_and_before_it_runs(
         def run(self) -> None:
             seen.append(f"run frozen={gc.get_freeze_count() > 0}")
 
-    monkeypatch.setattr(cli, factory, lambda settings, **options: Agent())
+    monkeypatch.setattr(factory, lambda settings, **options: Agent())
     result = CliRunner().invoke(cli.app, [command])
     assert result.exit_code == 0, result.output
     assert seen == ["built frozen=False", "run frozen=True"]
