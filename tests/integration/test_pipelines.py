@@ -331,7 +331,7 @@ async def test_kill_9_of_the_pipeline_agent_mid_run_answers_every_run_once(
     log = stack.log_text("pipeline")
     resumed = log.split("pipeline agent ready running_runs=")[-1]
     ready_line = [line for line in log.splitlines() if "pipeline agent ready" in line][-1]
-    ready_at = datetime.strptime(ready_line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: DTZ007 - the agent logs local time
+    ready_at = datetime.strptime(ready_line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     run_ids = {r.request_id for r in results.values()}
     executions = Counter(r["request_id"] for _, r in tail.records["executions"] if r)
     repeated = sum(count - 1 for count in executions.values() if count > 1)
