@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from dspex.agents.pipeline.run import Issue, Run
+from dspex.agents.pipeline.run import Issue, Run, stage_telemetry
 from dspex.agents.plumbing.catalog import CompactedReader, PipelineCatalog
 from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig, serve_until_signalled
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo
@@ -59,7 +59,15 @@ PLAN_WAIT_S = 10.0  # a run may arrive before this agent has read its (just publ
 SEND_ATTEMPTS = 8
 FINISHED_KEPT = 10_000
 EARLY_KEPT = 50_000
-NEEDED = ("pipeline.runs", "pipeline.replies", "pipeline.state", "pipelines", "requests", "dlq")
+NEEDED = (
+    "pipeline.runs",
+    "pipeline.replies",
+    "pipeline.state",
+    "pipelines",
+    "requests",
+    "telemetry",
+    "dlq",
+)
 
 
 class RunStates:
@@ -215,6 +223,7 @@ class PipelineApp:
         queue: asyncio.Queue[tuple[str, Record]] = asyncio.Queue()
         registered: set[str] = set()
         saved = _snapshot(run) if run.done or run.events else None
+        measured = len(run.events)
         try:
             issues = self._resume(run)
             while True:
@@ -225,6 +234,7 @@ class PipelineApp:
                         registered.add(request_id)
                 saved = await self._save(run, saved)
                 await self._progress(run)
+                measured = await self._measure(run, measured)
                 if run.done:
                     await self._answer(run)
                     return
@@ -288,6 +298,20 @@ class PipelineApp:
             ]
             await self._deliver(chunks)
         run.delivered = max(run.delivered, len(run.events))
+
+    async def _measure(self, run: Run, since: int) -> int:
+        """One Telemetry (kind ``stage``) per stage that ended since event ``since``.
+
+        Not awaited: a lost measurement is a gap in a dashboard, not a lost answer.
+        """
+        if self._publisher is None:
+            return since
+        topic = self._topics.name("telemetry")
+        for event in run.events[since:]:
+            record = stage_telemetry(run, event, self._app_id)
+            if record is not None:
+                await self._publisher.send(topic, record["program_id"], "Telemetry", record)
+        return len(run.events)
 
     async def _answer(self, run: Run) -> None:
         """The final answer, unless an earlier agent's was acknowledged already."""

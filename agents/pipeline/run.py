@@ -37,6 +37,33 @@ def stage_request_id(run_id: str, stage: str, item: int | None) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{run_id}/{stage}/{'' if item is None else item}"))
 
 
+def stage_telemetry(run: Run, event: Mapping[str, Any], worker_id: str) -> Record | None:
+    """The Telemetry (kind ``stage``) of a stage that ended; None for other events.
+
+    ``program_id`` is ``<pipeline>/<stage>``: the metrics agent and ``dspex top`` show
+    each stage of each pipeline as a series; the learning agent ignores the kind.
+    """
+    if event.get("item") is not None or event["state"] not in ("finished", "failed", "defaulted"):
+        return None
+    if event["state"] == "failed" and run.plan.stage(event["name"]).optional:
+        return None  # its "defaulted" event follows: one measurement per stage
+    started, finished = to_ms(event.get("started_at")), to_ms(event.get("finished_at"))
+    latency = None if started is None or finished is None else float(finished - started)
+    ok = event["state"] == "finished"
+    return records.telemetry(
+        kind="stage",
+        request_id=run.run_id,
+        program_id=f"{run.plan.pipeline_id}/{event['name']}",
+        pool=event.get("pool"),
+        variant="stage",
+        worker_id=worker_id,
+        emitted_at=finished or 0,
+        latency_ms=latency,
+        success=ok,
+        error_class=None if ok else "StageFailed",
+    )
+
+
 def slot_key(stage: str, item: int | None) -> str:
     """``stage`` or ``stage/item``."""
     return stage if item is None else f"{stage}/{item}"
@@ -209,7 +236,8 @@ class Run:
         if response.get("status") == "ok":
             outputs = {k: json.loads(v) for k, v in (response.get("outputs") or {}).items()}
             self.results[key] = outputs
-            self._event(name, item, "finished", now_ms, pool=pool)
+            if item is not None:
+                self._event(name, item, "finished", now_ms, pool=pool)
             if item is None or self._all_items_finished(stage):
                 self._stage_finished(stage, now_ms, pool)
             return True

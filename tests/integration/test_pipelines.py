@@ -176,7 +176,7 @@ async def test_seven_stages_run_in_parallel_across_pools_and_answer_partial(
 ) -> None:
     settings = pipeline_settings(settings)
     start_stack(settings, ["general", "gpu", "optimizer"], pipeline=True)
-    tail = tails(["responses"], settings=settings)
+    tail = tails(["responses", "telemetry"], settings=settings)
     publish(settings, support_pipeline())
     question = f"why is my bill so high {uuid.uuid4().hex[:6]}"
     topics = [f"topic {n}" for n in range(10)]
@@ -235,6 +235,18 @@ async def test_seven_stages_run_in_parallel_across_pools_and_answer_partial(
     await until(lambda: len(_finals(tail, final.request_id)) >= 1, 30, "the final on the topic")
     tail.catch_up()
     assert len(_finals(tail, final.request_id)) == 1
+
+    # per-stage metrics: one Telemetry (kind "stage") per stage that ran, for the metrics agent
+    measured = {
+        r["program_id"]: r
+        for _, r in tail.records["telemetry"]
+        if r and r["kind"] == "stage" and r["request_id"] == final.request_id
+    }
+    ran_stages = {"retrieve", "classify", "summarize", "billing", "enrich", "final"}
+    assert set(measured) == {f"support/{name}" for name in ran_stages}
+    assert measured["support/enrich"]["success"] is False
+    assert measured["support/classify"]["pool"] == "gpu"
+    assert all(r["latency_ms"] > 0 for r in measured.values())
 
 
 def _finals(tail: Any, request_id: str) -> list[Record]:

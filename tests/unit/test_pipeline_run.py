@@ -278,3 +278,23 @@ def test_run_states_replay_answers_from_just_before_the_oldest_running_stage() -
     assert (states.get(run.run_id) or {})["status"] == "ok"
     states.apply(run.run_id, None)
     assert states.get(run.run_id) is None
+
+
+def test_each_stage_that_ended_is_measured_once_as_stage_telemetry() -> None:
+    from dspex.agents.metrics.windows import Sample
+    from dspex.agents.pipeline.run import stage_telemetry
+
+    run = run_of(chain(), {"q": "hi", "items": []})
+    run.advance(1_000)
+    run.answer("a", ok(x="X"), 1_250)
+    run.answer("b", failed(), 1_500)
+    measured = [stage_telemetry(run, event, "pipeline-1") for event in run.events]
+    records_ = [r for r in measured if r is not None]
+    assert [(r["program_id"], r["success"]) for r in records_] == [
+        ("p/m", True),  # an empty map is done at once
+        ("p/a", True),
+        ("p/b", False),  # one record for the optional stage: its "defaulted" event
+    ]
+    sample = Sample.of(records_[1])
+    assert sample is not None
+    assert (sample.program, sample.pool, sample.latency_ms) == ("p/a", "general", 250.0)
