@@ -151,6 +151,7 @@ class PipelineApp:
         self.states = RunStates()
         self.answers = StageAnswers()
         self._plans: dict[tuple[str, int | None], Plan] = {}
+        self._active: dict[str, asyncio.Future[None]] = {}  # run id -> set when it is done
         self.reader = CompactedReader(
             settings,
             self._serde,
@@ -192,17 +193,24 @@ class PipelineApp:
         except InvalidRequest as exc:
             await self._reject(consumed, record, ErrorInfo.from_exception(exc, "validate"))
             return
+        run_id = str(record["request_id"])
+        active = self._active.get(run_id)
+        if active is not None:  # the same run delivered twice (at-least-once): one runs it
+            logger.info("run already running run_id=%s %s", run_id, consumed.where())
+            await asyncio.shield(active)
+            return
+        self._active[run_id] = done = asyncio.get_running_loop().create_future()
         run = Run.resume(
-            plan,
-            record,
-            self._topics.name("pipeline.replies"),
-            self.states.get(record["request_id"]),
+            plan, record, self._topics.name("pipeline.replies"), self.states.get(run_id)
         )
         try:
             await self._serve(run)
         except (DSPexError, KeyError, TypeError, ValueError) as exc:  # a bug: answer, go on
             logger.exception("run failed %s run_id=%s", consumed.where(), run.run_id)
             await self._reject(consumed, record, ErrorInfo.from_exception(exc, "execute"))
+        finally:
+            del self._active[run_id]
+            done.set_result(None)
 
     async def _plan(self, request: Mapping[str, Any]) -> Plan:
         ident = (str(request["pipeline_id"]), request.get("pipeline_version"))

@@ -298,3 +298,37 @@ def test_each_stage_that_ended_is_measured_once_as_stage_telemetry() -> None:
     sample = Sample.of(records_[1])
     assert sample is not None
     assert (sample.program, sample.pool, sample.latency_ms) == ("p/a", "general", 250.0)
+
+
+async def test_a_run_delivered_twice_is_run_once_and_both_deliveries_end_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from dspex.agents.pipeline.agent import PipelineApp
+    from dspex.agents.plumbing.messages import Consumed
+
+    settings = load_settings()
+    app = PipelineApp(settings, app_id="test-pipeline")
+    run = run_of(chain(), {"q": "hi", "items": []})
+    value = make_serde(settings).encode("Request", run.request, topic="t.pipeline.runs")
+    release = asyncio.Event()
+    served: list[str] = []
+
+    async def plan(_: Any) -> Plan:
+        return run.plan
+
+    async def serve(each: Run) -> None:
+        served.append(each.run_id)
+        await release.wait()
+
+    monkeypatch.setattr(app, "_plan", plan)
+    monkeypatch.setattr(app, "_serve", serve)
+    consumed = Consumed("t.pipeline.runs", 0, 1, b"k", value)
+    first = asyncio.create_task(app.handle(consumed))
+    second = asyncio.create_task(app.handle(consumed))
+    await asyncio.sleep(0.05)
+    assert served == [run.run_id] and not first.done() and not second.done()
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert app._active == {}
