@@ -28,18 +28,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from dspex.agents.pipeline.run import Issue, Run, stage_telemetry
+from dspex.agents.pipeline.answers import (
+    final_response,
+    progress_chunk,
+    stage_telemetry,
+    state_record,
+)
+from dspex.agents.pipeline.run import Issue, Run
+from dspex.agents.pipeline.views import RunStates, StageAnswers
 from dspex.agents.plumbing.catalog import CompactedReader, PipelineCatalog
 from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig, serve_until_signalled
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.schemas.records import Record
-from dspex.schemas.times import to_ms
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError, DSPexError, InvalidRequest, SerdeError
 from dspex.streams.ops.admin import require_topics
@@ -53,12 +58,9 @@ logger = logging.getLogger(__name__)
 COMPONENT = "pipeline"
 IN_FLIGHT_RUNS = 1000
 READY_TIMEOUT_S = 60.0
-REPLAY_MARGIN_MS = 10_000  # replies are read from this long before the oldest running stage
 DEADLINE_GRACE_S = 1.0  # after the run's deadline, stages have this long to say "timeout"
 PLAN_WAIT_S = 10.0  # a run may arrive before this agent has read its (just published) pipeline
 SEND_ATTEMPTS = 8
-FINISHED_KEPT = 10_000
-EARLY_KEPT = 50_000
 NEEDED = (
     "pipeline.runs",
     "pipeline.replies",
@@ -68,76 +70,6 @@ NEEDED = (
     "telemetry",
     "dlq",
 )
-
-
-class RunStates:
-    """The latest ``PipelineRun`` per run id: every running run, the recent finished ones."""
-
-    def __init__(self) -> None:
-        self.running: dict[str, Record] = {}
-        self._finished: OrderedDict[str, Record] = OrderedDict()
-
-    def apply(self, key: str, record: Record | None) -> None:
-        """Take one ``pipeline.state`` record (``None``: a tombstone)."""
-        self.running.pop(key, None)
-        self._finished.pop(key, None)
-        if record is None:
-            return
-        if record["status"] == "running":
-            self.running[key] = record
-            return
-        self._finished[key] = record
-        while len(self._finished) > FINISHED_KEPT:
-            self._finished.popitem(last=False)
-
-    def get(self, run_id: str) -> Record | None:
-        return self.running.get(run_id) or self._finished.get(run_id)
-
-    def replay_from(self, now_ms: int) -> int:
-        """When to read stage answers from: just before the oldest stage still running."""
-        starts = [
-            to_ms(event.get("started_at")) or now_ms
-            for state in self.running.values()
-            for event in state["events"]
-            if event["state"] == "started"
-        ]
-        return min([now_ms, *starts]) - REPLAY_MARGIN_MS
-
-
-class StageAnswers:
-    """Final stage Responses from ``pipeline.replies``, handed to the run waiting for each."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[str, tuple[asyncio.Queue[tuple[str, Record]], str]] = {}
-        self._early: OrderedDict[str, Record] = OrderedDict()
-
-    def apply(self, _key: str, record: Record | None) -> None:
-        """Take one reply; a final one goes to its run, or is kept until the run asks."""
-        if record is None or not record.get("final"):
-            return
-        request_id = str(record["request_id"])
-        waiter = self._waiting.get(request_id)
-        if waiter is not None:
-            waiter[0].put_nowait((waiter[1], record))
-            return
-        self._early[request_id] = record
-        while len(self._early) > EARLY_KEPT:
-            self._early.popitem(last=False)
-
-    def wait(self, request_id: str, key: str, queue: asyncio.Queue[tuple[str, Record]]) -> None:
-        """Send ``request_id``'s answer to ``queue`` as ``(key, response)`` (now, if it came)."""
-        self._waiting[request_id] = (queue, key)
-        early = self._early.pop(request_id, None)
-        if early is not None:
-            queue.put_nowait((key, early))
-
-    def arrived(self, request_id: str) -> bool:
-        """Whether ``request_id``'s answer came before anyone waited for it."""
-        return request_id in self._early
-
-    def forget(self, request_ids: set[str]) -> None:
-        for request_id in request_ids:
-            self._waiting.pop(request_id, None)
 
 
 class PipelineApp:
@@ -292,7 +224,7 @@ class PipelineApp:
         now = _snapshot(run)
         if now != saved:
             topic = self._topics.name("pipeline.state")
-            await self._deliver([(topic, run.run_id, "PipelineRun", run.record(_now_ms()))])
+            await self._deliver([(topic, run.run_id, "PipelineRun", state_record(run, _now_ms()))])
         return now
 
     async def _progress(self, run: Run) -> None:
@@ -301,7 +233,7 @@ class PipelineApp:
             topic = self._reply_topic(run.request)
             now = _now_ms()
             chunks = [
-                (topic, run.run_id, "Response", run.progress(seq, now))
+                (topic, run.run_id, "Response", progress_chunk(run, seq, now))
                 for seq in range(min(run.delivered, len(run.events)), len(run.events))
             ]
             await self._deliver(chunks)
@@ -325,7 +257,7 @@ class PipelineApp:
         """The final answer, unless an earlier agent's was acknowledged already."""
         if run.delivered > len(run.events):
             return
-        final = run.final(_now_ms())
+        final = final_response(run, _now_ms())
         await self._deliver([(self._reply_topic(run.request), run.run_id, "Response", final)])
         run.delivered = len(run.events) + 1
         await self._save(run)

@@ -1,9 +1,9 @@
 """One pipeline run as a state machine, free of Kafka: given what came back, what to send next.
 
-:class:`Run` holds a run's :class:`~dspex.streams.pipelines.plan.Plan`, its Request and its
-state (the ``PipelineRun`` record, :meth:`Run.record`). :meth:`Run.advance` starts every
-stage whose inputs are ready (skipping those whose ``when`` is false or whose inputs a
-skipped stage never produced), issues map items up to ``map_concurrency`` and finishes
+:class:`Run` holds a run's :class:`~dspex.streams.pipelines.plan.Plan`, its Request and
+its state (written as a ``PipelineRun`` by :mod:`dspex.agents.pipeline.answers`).
+:meth:`Run.advance` starts every stage whose inputs are ready (skipping those whose
+``when`` is false or whose inputs a skipped stage never produced), issues map items up to ``map_concurrency`` and finishes
 the run once every stage is done; :meth:`Run.answer` takes a stage's final Response.
 Each change appends a ``StageStatus`` event: the progress chunk with seq ``i`` carries
 event ``i``, so a resumed run numbers its chunks exactly as before.
@@ -35,33 +35,6 @@ META = "dspex.pipeline."
 def stage_request_id(run_id: str, stage: str, item: int | None) -> str:
     """The request id of one stage execution of a run: the same every time it is derived."""
     return str(uuid.uuid5(NAMESPACE, f"{run_id}/{stage}/{'' if item is None else item}"))
-
-
-def stage_telemetry(run: Run, event: Mapping[str, Any], worker_id: str) -> Record | None:
-    """The Telemetry (kind ``stage``) of a stage that ended; None for other events.
-
-    ``program_id`` is ``<pipeline>/<stage>``: the metrics agent and ``dspex top`` show
-    each stage of each pipeline as a series; the learning agent ignores the kind.
-    """
-    if event.get("item") is not None or event["state"] not in ("finished", "failed", "defaulted"):
-        return None
-    if event["state"] == "failed" and run.plan.stage(event["name"]).optional:
-        return None  # its "defaulted" event follows: one measurement per stage
-    started, finished = to_ms(event.get("started_at")), to_ms(event.get("finished_at"))
-    latency = None if started is None or finished is None else float(finished - started)
-    ok = event["state"] == "finished"
-    return records.telemetry(
-        kind="stage",
-        request_id=run.run_id,
-        program_id=f"{run.plan.pipeline_id}/{event['name']}",
-        pool=event.get("pool"),
-        variant="stage",
-        worker_id=worker_id,
-        emitted_at=finished or 0,
-        latency_ms=latency,
-        success=ok,
-        error_class=None if ok else "StageFailed",
-    )
 
 
 def slot_key(stage: str, item: int | None) -> str:
@@ -129,27 +102,6 @@ class Run:
     @property
     def done(self) -> bool:
         return self.status != "running"
-
-    def record(self, now_ms: int) -> Record:
-        """The ``PipelineRun`` state record as of now."""
-        return records.pipeline_run(
-            run_id=self.run_id,
-            pipeline_id=self.plan.pipeline_id,
-            pipeline_version=self.plan.version,
-            status=self.status,
-            partial=self.partial,
-            created_at=self.request["created_at"],
-            updated_at=now_ms,
-            deadline_at=self.request.get("deadline_at"),
-            reply_topic=self.request.get("reply_topic"),
-            stream=bool(self.request.get("stream")),
-            events=self.events,
-            delivered=self.delivered,
-            results={k: json.dumps(v) for k, v in self.results.items()},
-            issued=sorted(self.issued),
-            outputs=self.outputs,
-            error=self.error,
-        )
 
     # -- what is in flight ---------------------------------------------------------------
 
@@ -261,53 +213,6 @@ class Run:
             "timeout",
             now_ms,
         )
-
-    # -- the answers the client gets -----------------------------------------------------
-
-    def progress(self, seq: int, now_ms: int) -> Record:
-        """The progress chunk ``seq``: event ``seq``."""
-        event = self.events[seq]
-        return records.response(
-            request_id=self.run_id,
-            seq=seq,
-            final=False,
-            status="progress",
-            pool=event.get("pool"),
-            produced_at=now_ms,
-            stage=event,
-        )
-
-    def final(self, now_ms: int) -> Record:
-        """The one final chunk: outputs, partial and per-stage status (or the error)."""
-        return records.response(
-            request_id=self.run_id,
-            seq=len(self.events) if self.request.get("stream") else 0,
-            final=True,
-            status=self.status,
-            outputs=self.outputs if self.status == "ok" else None,
-            error=self.error,
-            produced_at=now_ms,
-            partial=self.partial,
-            stages=self.stages(),
-        )
-
-    def stages(self) -> list[Record]:
-        """One StageStatus per stage: its latest state, when it started and ended, its pool."""
-        summary = []
-        for stage in self.plan.stages:
-            events = [e for e in self.events if e["name"] == stage.name and e["item"] is None]
-            if not events:
-                state = "cancelled" if self.done else "pending"
-                summary.append(records.stage_status(name=stage.name, state=state))
-                continue
-            last = events[-1]
-            pool = next((e["pool"] for e in reversed(events) if e.get("pool")), None)
-            summary.append(
-                records.stage_status(
-                    **{**last, "pool": pool, "started_at": events[0].get("started_at")}
-                )
-            )
-        return summary
 
     # -- internals -----------------------------------------------------------------------
 

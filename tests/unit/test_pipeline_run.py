@@ -7,6 +7,13 @@ from typing import Any
 
 import pytest
 
+from dspex.agents.pipeline.answers import (
+    final_response,
+    progress_chunk,
+    stage_summary,
+    stage_telemetry,
+    state_record,
+)
 from dspex.agents.pipeline.run import Issue, Run, stage_request_id
 from dspex.schemas import records
 from dspex.schemas.records import Record
@@ -109,7 +116,7 @@ def test_stages_start_when_ready_and_map_items_are_bounded_and_gathered_in_order
     assert json.loads(last.request["inputs"]["z"]) == "default"
     run.answer("c", ok(answer="done"), 50)
     run.advance(50)
-    final = run.final(60)
+    final = final_response(run, 60)
     assert (final["status"], final["partial"]) == ("ok", True)
     assert final["outputs"] == {"answer": '"done"', "ys": '["Y0", "Y1", "Y2"]'}
     assert final["seq"] == len(run.events)
@@ -122,10 +129,10 @@ def test_a_failing_stage_fails_the_run_naming_stage_and_field() -> None:
     run.advance(10)
     run.answer("a", failed("inputs.q"), 20)
     assert run.done and run.status == "error"
-    error = run.final(30)["error"]
+    error = final_response(run, 30)["error"]
     assert (error["stage"], error["field"]) == ("a", "inputs.q")
     assert "stage 'a' failed" in error["message"]
-    assert {s["name"]: s["state"] for s in run.stages()}["c"] == "cancelled"
+    assert {s["name"]: s["state"] for s in stage_summary(run)}["c"] == "cancelled"
 
 
 def test_when_false_skips_the_stage_and_those_reading_it_output_null() -> None:
@@ -144,16 +151,16 @@ def test_when_false_skips_the_stage_and_those_reading_it_output_null() -> None:
     )
     run = run_of(pipeline, {"q": "hi", "flag": 1})  # 1 is not true: JSON values, not Python
     assert run.advance(10) == []
-    assert run.final(20)["outputs"] == {"y": "null"}
-    assert [s["state"] for s in run.stages()] == ["skipped", "skipped"]
-    assert run.final(20)["partial"] is False
+    assert final_response(run, 20)["outputs"] == {"y": "null"}
+    assert [s["state"] for s in stage_summary(run)] == ["skipped", "skipped"]
+    assert final_response(run, 20)["partial"] is False
 
 
 def test_a_deadline_passing_times_the_run_out_naming_the_running_stage() -> None:
     run = run_of(chain(), {"q": "hi", "items": ["i0"]}, stream=False)
     run.advance(10)
     run.expire(70_000)
-    final = run.final(70_000)
+    final = final_response(run, 70_000)
     assert (final["status"], final["seq"]) == ("timeout", 0)
     assert final["error"]["stage"] in {"a", "b", "m"}
 
@@ -164,7 +171,7 @@ def test_a_run_resumes_from_its_stored_state_without_rerunning_answered_stages()
     issues = run.advance(10)
     run.issued |= {i.key for i in issues if i.key != "m/1"}  # m/1 was never acknowledged
     run.answer("a", ok(x="X"), 20)
-    value = serde.encode("PipelineRun", run.record(25), topic="t.pipeline.state")
+    value = serde.encode("PipelineRun", state_record(run, 25), topic="t.pipeline.state")
     stored = serde.decode(value, topic="t.pipeline.state", expect="PipelineRun").record
     resumed = Run.resume(run.plan, run.request, "t.pipeline.replies", stored)
     assert resumed.events == [dict(e) for e in stored["events"]]
@@ -172,7 +179,7 @@ def test_a_run_resumes_from_its_stored_state_without_rerunning_answered_stages()
     assert sorted(set(resumed.running()) - resumed.issued) == ["m/1"]  # to send again
     assert resumed.advance(30) == []
     assert resumed.results["a"] == {"x": "X"}
-    progress = resumed.progress(0, 40)
+    progress = progress_chunk(resumed, 0, 40)
     assert (progress["seq"], progress["stage"]["state"]) == (0, "started")
 
 
@@ -233,7 +240,7 @@ def test_the_live_view_folds_progress_and_the_final_summary_into_one_row_per_sta
         run.answer(key, answer, 2_000)
     board = StageBoard()
     for seq in range(len(run.events)):
-        board.take(Chunk.from_record(run.progress(seq, 2_000)))
+        board.take(Chunk.from_record(progress_chunk(run, seq, 2_000)))
     rows = board.rows
     assert (rows["a"].state, rows["a"].pool, rows["a"].finished_ms) == ("finished", "general", 2000)
     assert (rows["m"].state, rows["m"].items, rows["m"].items_done) == ("started", 2, 1)
@@ -244,7 +251,7 @@ def test_the_live_view_folds_progress_and_the_final_summary_into_one_row_per_sta
 async def test_stage_answers_wait_for_their_run_or_are_kept_until_it_asks() -> None:
     import asyncio
 
-    from dspex.agents.pipeline.agent import StageAnswers
+    from dspex.agents.pipeline.views import StageAnswers
 
     answers = StageAnswers()
     early = {**ok(y="early"), "request_id": "r1"}
@@ -264,16 +271,16 @@ async def test_stage_answers_wait_for_their_run_or_are_kept_until_it_asks() -> N
 
 
 def test_run_states_replay_answers_from_just_before_the_oldest_running_stage() -> None:
-    from dspex.agents.pipeline.agent import REPLAY_MARGIN_MS, RunStates
+    from dspex.agents.pipeline.views import REPLAY_MARGIN_MS, RunStates
 
     states = RunStates()
     assert states.replay_from(50_000) == 50_000 - REPLAY_MARGIN_MS  # nothing running: now
     run = run_of(chain(), {"q": "hi", "items": ["i0"]})
     run.advance(20_000)
-    states.apply(run.run_id, run.record(21_000))
+    states.apply(run.run_id, state_record(run, 21_000))
     assert states.replay_from(50_000) == 20_000 - REPLAY_MARGIN_MS
     run.status = "ok"
-    states.apply(run.run_id, run.record(30_000))
+    states.apply(run.run_id, state_record(run, 30_000))
     assert states.replay_from(50_000) == 50_000 - REPLAY_MARGIN_MS
     assert (states.get(run.run_id) or {})["status"] == "ok"
     states.apply(run.run_id, None)
@@ -282,7 +289,6 @@ def test_run_states_replay_answers_from_just_before_the_oldest_running_stage() -
 
 def test_each_stage_that_ended_is_measured_once_as_stage_telemetry() -> None:
     from dspex.agents.metrics.windows import Sample
-    from dspex.agents.pipeline.run import stage_telemetry
 
     run = run_of(chain(), {"q": "hi", "items": []})
     run.advance(1_000)
