@@ -3,8 +3,9 @@
 :class:`Run` holds a run's :class:`~dspex.streams.pipelines.plan.Plan`, its Request and
 its state (written as a ``PipelineRun`` by :mod:`dspex.agents.pipeline.answers`).
 :meth:`Run.advance` starts every stage whose inputs are ready (skipping those whose
-``when`` is false or whose inputs a skipped stage never produced), issues map items up to ``map_concurrency`` and finishes
-the run once every stage is done; :meth:`Run.answer` takes a stage's final Response.
+``when`` is false or whose inputs a skipped stage never produced), issues map items up
+to ``map_concurrency`` and finishes the run once every stage is done; :meth:`Run.answer`
+takes a stage's final Response.
 Each change appends a ``StageStatus`` event: the progress chunk with seq ``i`` carries
 event ``i``, so a resumed run numbers its chunks exactly as before.
 
