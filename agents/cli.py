@@ -16,10 +16,6 @@ from typing import Annotated, Protocol
 
 import typer
 
-from dspex.agents.learner.learner import make_learner
-from dspex.agents.metrics.metrics import make_metrics
-from dspex.agents.router.router import make_router
-from dspex.agents.worker import worker
 from dspex.streams.errors import DSPexError
 from dspex.streams.logs import configure_logging
 from dspex.streams.settings import Settings, load_settings
@@ -40,18 +36,34 @@ InstanceId = Annotated[
 @app.command("router")
 def router(settings_file: SettingsFile = None, instance_id: InstanceId = None) -> None:
     """The router agent: validate, resolve, route and cache requests."""
+    from dspex.agents.router.router import make_router
+
     _serve(partial(make_router, instance_id=instance_id), settings_file)
+
+
+@app.command("pipeline")
+def pipeline(settings_file: SettingsFile = None, instance_id: InstanceId = None) -> None:
+    """The pipeline agent: runs pipelines as stage requests and answers each run once."""
+    # each command imports only its own agent: the pipeline agent needs no DSPy, and a
+    # restarted agent answers sooner when it does not load it (docs/pipelines.md)
+    from dspex.agents.pipeline.agent import make_pipeline_agent
+
+    _serve(partial(make_pipeline_agent, instance_id=instance_id), settings_file)
 
 
 @app.command("learner")
 def learner(settings_file: SettingsFile = None) -> None:
     """The learning agent: telemetry in, routing tables out."""
+    from dspex.agents.learner.learner import make_learner
+
     _serve(make_learner, settings_file)
 
 
 @app.command("metrics")
 def metrics(settings_file: SettingsFile = None) -> None:
     """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
+    from dspex.agents.metrics.metrics import make_metrics
+
     _serve(make_metrics, settings_file)
 
 
@@ -62,6 +74,8 @@ def pool_worker(
     instance_id: InstanceId = None,
 ) -> None:
     """One member of a worker pool's consumer group."""
+    from dspex.agents.worker import worker
+
     if pool not in ("general", "optimizer", "gpu"):
         raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
     settings = load_settings(settings_file)

@@ -322,6 +322,29 @@ def pipeline_version(
     return _record(locals())
 
 
+def pipeline_run(
+    *,
+    run_id: str,
+    pipeline_id: str,
+    pipeline_version: int,
+    status: str,
+    partial: bool = False,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    deadline_at: Timestamp | None = None,
+    reply_topic: str | None = None,
+    stream: bool = False,
+    events: Sequence[Mapping[str, Any]] = (),
+    delivered: int = 0,
+    results: Mapping[str, str] = _EMPTY,
+    issued: Sequence[str] = (),
+    outputs: Mapping[str, str] | None = None,
+    error: Mapping[str, Any] | None = None,
+) -> Record:
+    """A ``PipelineRun``: the pipeline agent's state of one run."""
+    return _record(locals())
+
+
 def pipeline_stage(
     *,
     name: str,

@@ -143,6 +143,33 @@ def _pipeline_version() -> Record:
     )
 
 
+def _pipeline_run() -> Record:
+    started = times.now() - timedelta(milliseconds=900)
+    return records.pipeline_run(
+        run_id=str(uuid.uuid4()),
+        pipeline_id="support",
+        pipeline_version=2,
+        status="running",
+        created_at=started,
+        updated_at=times.now(),
+        deadline_at=started + timedelta(seconds=30),
+        stream=True,
+        events=[
+            records.stage_status(name="retrieve", state="started", started_at=started),
+            records.stage_status(
+                name="retrieve",
+                state="finished",
+                pool="general",
+                started_at=started,
+                finished_at=times.now(),
+            ),
+        ],
+        delivered=1,
+        results={"retrieve": _j({"passages": ["Paris is the capital of France."]})},
+        issued=["retrieve"],
+    )
+
+
 def _execution() -> Record:
     now = times.now()
     received = now - timedelta(milliseconds=1450)
@@ -356,6 +383,7 @@ _BUILDERS: dict[str, Callable[[], Record]] = {
     "JobControl": _job_control,
     "MetricSnapshot": _metric_snapshot,
     "OptimizationJob": _optimization_job,
+    "PipelineRun": _pipeline_run,
     "PipelineVersion": _pipeline_version,
     "ProgramVersion": _program_version,
     "Request": _request,

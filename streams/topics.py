@@ -117,6 +117,35 @@ CATALOG: tuple[TopicSpec, ...] = (
         3,
         "Pipeline versions (stages, references, map/when/optional); the pipeline agent runs them.",
     ),
+    _delete(
+        "pipeline.runs",
+        "Request",
+        "same as requests",
+        3,
+        7,
+        "Pipeline runs the router validated (a Request naming pipeline_id); the pipeline"
+        " agent consumes them.",
+    ),
+    _delete(
+        "pipeline.replies",
+        "Response",
+        "request id (of a stage request)",
+        3,
+        1,
+        "Answers to the pipeline agent's stage requests (their reply_topic): only the pipeline"
+        " agent reads it; only routers and workers should write it (a Kafka ACL).",
+    ),
+    TopicSpec(
+        "pipeline.state",
+        "PipelineRun",
+        "run id (the run's request id)",
+        3,
+        "compact,delete",
+        7 * DAY_MS,
+        "The pipeline agent's state per run (stage events, outputs, what was sent): a restarted"
+        " agent resumes every run from it. Entries expire after a week.",
+        {"min.cleanable.dirty.ratio": "0.1", "segment.ms": str(DAY_MS)},
+    ),
     _compact(
         "variables",
         "VariableUpdate",
@@ -195,6 +224,10 @@ CATALOG: tuple[TopicSpec, ...] = (
         "The final Response of every finished optimizer job (completed, failed, cancelled).",
     ),
 )
+
+
+AGENT_REPLY_TOPICS = frozenset({"pipeline.replies"})
+"""Catalog topics that may be a request's ``reply_topic``: the pipeline agent's stage replies."""
 
 
 @dataclass(frozen=True)

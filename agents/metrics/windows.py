@@ -67,8 +67,9 @@ class Sample:
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> Sample | None:
-        """The sample of a decoded Telemetry record; ``None`` for kinds other than execution."""
-        if record.get("kind") != "execution":
+        """The sample of a decoded Telemetry record: an execution, or a pipeline stage (kind
+        ``stage``, program ``<pipeline>/<stage>``); ``None`` for other kinds."""
+        if record.get("kind") not in ("execution", "stage"):
             return None
         success, at_ms = record.get("success"), to_ms(record.get("emitted_at"))
         if not isinstance(success, bool):

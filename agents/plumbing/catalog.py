@@ -1,4 +1,4 @@
-"""In-memory views of the compacted ``programs`` and ``routing`` topics, and their reader.
+"""In-memory views of the compacted programs, pipelines and routing topics, and their reader.
 
 Every router instance needs *all* programs and routing tables, and needs them
 again after a restart, so these topics are not read through a consumer
@@ -44,35 +44,53 @@ Refused = Callable[[Consumed, DSPexError, bool], Awaitable[None]]
 """Told of a refused or undecodable record: (where it came from, why, reader is live)."""
 
 
-class ProgramCatalog:
-    """Registered program versions by id; a tombstone removes the program."""
+class VersionCatalog:
+    """Registered versions of something (programs, pipelines) by id; a tombstone removes it.
+
+    ``kind`` names the thing in errors and its record's ``<kind>_id`` field; a request's
+    ``<kind>_id`` / ``<kind>_version`` fields are the ones errors name.
+    """
+
+    kind = "program"
 
     def __init__(self) -> None:
         self._versions: dict[str, dict[int, Record]] = {}
 
     def apply(self, key: str, record: Record | None) -> None:
-        """Take one ``programs`` record (``None`` = tombstone for ``key``)."""
+        """Take one record (``None`` = tombstone for ``key``)."""
         if record is None:
             self._versions.pop(key, None)
             return
-        self._versions.setdefault(record["program_id"], {})[record["version"]] = record
+        self._versions.setdefault(record[f"{self.kind}_id"], {})[record["version"]] = record
 
-    def resolve(self, program_id: str, version: int | None) -> Record:
+    def resolve(self, ident: str, version: int | None) -> Record:
         """The requested (else latest) version, or :class:`InvalidRequest` naming the field."""
-        versions = self._versions.get(program_id)
+        versions = self._versions.get(ident)
         if not versions:
-            raise InvalidRequest("program_id", f"no program {program_id!r} is registered")
+            raise InvalidRequest(f"{self.kind}_id", f"no {self.kind} {ident!r} is registered")
         if version is None:
             return versions[max(versions)]
         if version not in versions:
             known = ", ".join(str(v) for v in sorted(versions))
             raise InvalidRequest(
-                "program_version", f"{program_id} has no version {version} (known: {known})"
+                f"{self.kind}_version", f"{ident} has no version {version} (known: {known})"
             )
         return versions[version]
 
     def __len__(self) -> int:
         return len(self._versions)
+
+
+class ProgramCatalog(VersionCatalog):
+    """Registered program versions by id (the ``programs`` topic)."""
+
+    kind = "program"
+
+
+class PipelineCatalog(VersionCatalog):
+    """Registered pipeline versions by id (the ``pipelines`` topic)."""
+
+    kind = "pipeline"
 
 
 class RoutingCatalog:
@@ -114,6 +132,7 @@ class CompactedReader:
         *,
         on_refused: Refused | None = None,
         recent: Mapping[str, int] | None = None,
+        since: Mapping[str, int] | None = None,
     ) -> None:
         """``views`` maps a physical topic name to (schema name, apply function).
 
@@ -121,15 +140,18 @@ class CompactedReader:
         decode, with ``live`` false while the topics are still being replayed.
         ``recent`` maps some of those topics to a record budget: each is replayed
         from its newest ``budget / partitions`` records per partition only, and
-        :attr:`ready` does not wait for it (:attr:`warm` does).
+        :attr:`ready` does not wait for it (:attr:`warm` does). ``since`` maps some
+        topics to a time (UTC epoch ms): each is read from its first record at or after
+        that time (a delete topic followed like a log, e.g. the pipeline agent's replies).
         """
-        unknown = set(recent or {}) - set(views)
+        unknown = (set(recent or {}) | set(since or {})) - set(views)
         if unknown:
             raise ValueError(f"recent topics without a view: {sorted(unknown)}")
         self._settings = settings
         self._serde = serde
         self._views = dict(views)
         self._recent = dict(recent or {})
+        self._since = dict(since or {})
         self._on_refused = on_refused
         self._consumer: Any = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dspex-compacted")
@@ -167,16 +189,26 @@ class CompactedReader:
         ranges: dict[tuple[str, int], tuple[int, int]] = {}
         for topic in counts:
             marks = watermarks(self._consumer, topic, READ_TIMEOUT_S)
+            times = self._offsets_since(topic, list(marks)) if topic in self._since else {}
             for tp in (tp for tp in tps if tp.topic == topic):
                 low, high = marks[tp.partition]
                 start = low
                 if topic in self._recent:
                     start = max(low, high - -(-self._recent[topic] // counts[topic]))
+                if topic in self._since:
+                    found = times.get(tp.partition, -1)
+                    start = high if found < 0 else max(low, found)
                 ranges[(topic, tp.partition)] = (start, high)
         self._consumer.assign(
             [TopicPartition(t, p, start) for (t, p), (start, _) in ranges.items()]
         )
         return ranges
+
+    def _offsets_since(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        """Per partition, the first offset at or after ``since[topic]`` (-1: none yet)."""
+        wanted = [TopicPartition(topic, p, self._since[topic]) for p in partitions]
+        found = self._consumer.offsets_for_times(wanted, timeout=READ_TIMEOUT_S)
+        return {tp.partition: tp.offset for tp in found}
 
     async def stop(self) -> None:
         """Stop following and close the consumer."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import threading
 import time
@@ -362,6 +363,31 @@ def _end_offsets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[T
         (tp.topic, tp.partition): tp.offset if tp.offset >= 0 and tp.error is None else sys.maxsize
         for tp in found
     }
+
+
+async def until_stopped(stop: asyncio.Event, consuming: asyncio.Future[Any] | None) -> None:
+    """Wait until ``stop`` is set, or until ``consuming`` (a loop's ``run``) ends early."""
+    stopped = asyncio.create_task(stop.wait())
+    waiting: list[asyncio.Future[Any]] = [stopped]
+    if consuming is not None:
+        waiting.append(consuming)
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+
+
+async def serve_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``serve(stop)`` with ``stop`` set by SIGINT or SIGTERM (an agent's entry point)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -8,8 +8,10 @@ retrier: each transiently failed request goes back to its pool once its backoff 
 over, :mod:`dspex.agents.plumbing.retry`), plus a :class:`CompactedReader` that
 materializes the ``programs``, ``routing``, ``variables`` and ``cache`` topics for
 every instance (shared variables: :mod:`dspex.agents.router.variables`; the result
-cache, which workers fill: :mod:`dspex.agents.router.cache`). The router never reads
-``responses``. Its records go out through librdkafka
+cache, which workers fill: :mod:`dspex.agents.router.cache`), and ``pipelines``: a
+request naming a ``pipeline_id`` is checked against its pipeline (version, declared
+inputs) and handed to the pipeline agent on ``pipeline.runs``, pinned to that version.
+The router never reads ``responses``. Its records go out through librdkafka
 (:class:`~dspex.agents.plumbing.publisher.Publisher`, as in the worker); a request
 is done, and so committable, once the broker has all of them. Records are produced
 in the order their requests were consumed, so one session's requests keep their
@@ -29,15 +31,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Container
 from typing import Any
 
 from dspex.agents.plumbing.answers import AnswerFinder, answered_before
-from dspex.agents.plumbing.catalog import CompactedReader, ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.catalog import (
+    CompactedReader,
+    PipelineCatalog,
+    ProgramCatalog,
+    RoutingCatalog,
+)
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
-from dspex.agents.plumbing.loop import ConsumerLoop, LoopConfig
+from dspex.agents.plumbing.loop import (
+    ConsumerLoop,
+    LoopConfig,
+    serve_until_signalled,
+    until_stopped,
+)
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
@@ -70,9 +81,10 @@ from dspex.streams.errors import (
     SerdeError,
 )
 from dspex.streams.ops.admin import require_topics
+from dspex.streams.pipelines.plan import Plan
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
-from dspex.streams.topics import Topics
+from dspex.streams.topics import AGENT_REPLY_TOPICS, Topics
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +112,18 @@ class RouterHandler:
         clock: Callable[[], float] = time.time,
         existing_topics: Container[str] | None = None,
         variables: SharedVariables | None = None,
+        pipelines: PipelineCatalog | None = None,
     ) -> None:
         self._settings = settings
+        self._pipelines = pipelines if pipelines is not None else PipelineCatalog()
         self._variables = variables or SharedVariables(settings.lm)
         self._existing = existing_topics
         self._serde = serde
         self._topics = Topics(settings.topics)
-        self._own_topics = [name for name, _ in self._topics.all()]
+        # a request may name the pipeline agent's reply topic (its stage requests do)
+        self._own_topics = [
+            n for n, spec in self._topics.all() if spec.name not in AGENT_REPLY_TOPICS
+        ]
         self._programs = programs
         self._routing = routing
         self._resolver = resolver
@@ -184,6 +201,8 @@ class RouterHandler:
     def _route(self, original: Consumed, request: Record, now: int) -> list[Outgoing]:
         self._check_size(len(original.value or b""), "request")
         check_request(request, now, self._own_topics, self._existing)
+        if request.get("pipeline_id") is not None:
+            return [self._run_pipeline(original, request)]
         program_id = request.get("program_id")
         chosen = self._chooser.choose(request, self._routing.table_for(program_id))
         registered = None
@@ -212,6 +231,19 @@ class RouterHandler:
             }
         )
         return [self._forward(original, forwarded, route.pool)]
+
+    def _run_pipeline(self, original: Consumed, request: Record) -> Outgoing:
+        """A pipeline run, checked against its pipeline and pinned to a version, to the agent."""
+        for field in ("program_id", "signature"):
+            if request.get(field) is not None:
+                raise InvalidRequest(field, "a request names a pipeline_id or a program, not both")
+        version = self._pipelines.resolve(request["pipeline_id"], request.get("pipeline_version"))
+        plan = Plan.from_record(version)
+        plan.check_run_inputs(request.get("inputs") or {})
+        topic = self._topics.name("pipeline.runs")
+        pinned = records.request(**{**request, "pipeline_version": plan.version})
+        value = self._serde.encode("Request", pinned, topic=topic)
+        return Outgoing(topic, original.key, value, original.headers)
 
     def _registered(self, program_id: str, version: int | None, route: Route) -> Record:
         """The program version to run: the request's, else the route's canary, else latest.
@@ -324,6 +356,7 @@ class RouterApp:
         serde = make_serde(settings)
         self._topics = topics
         self.programs = ProgramCatalog()
+        self.pipelines = PipelineCatalog()
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
         self.cache = ResultCache(settings.router.cache_max_entries)
@@ -336,6 +369,7 @@ class RouterApp:
             serde,
             {
                 topics.name("programs"): ("ProgramVersion", self.programs.apply),
+                topics.name("pipelines"): ("PipelineVersion", self.pipelines.apply),
                 topics.name("routing"): ("RoutingTable", self.routing.apply),
                 topics.name("variables"): ("VariableUpdate", self.variables.apply),
                 topics.name("cache"): ("Response", self.cache.apply),
@@ -355,6 +389,7 @@ class RouterApp:
             chooser=chooser,
             existing_topics=KnownTopics(self._list_topics),
             variables=self.variables,
+            pipelines=self.pipelines,
         )
         self._retry_topic = topics.name("retry")
         self._own_topics = frozenset(name for name, _ in topics.all())
@@ -474,14 +509,9 @@ class RouterApp:
     async def serve(self, stop: asyncio.Event) -> None:
         """Start, route until ``stop`` is set (or consuming fails), then stop."""
         await self.start()
-        stopped = asyncio.create_task(stop.wait())
-        waiting: list[asyncio.Future[Any]] = [stopped]
-        if self._consuming is not None:
-            waiting.append(self._consuming)
         try:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await until_stopped(stop, self._consuming)
         finally:
-            stopped.cancel()
             await self.stop()
 
     async def stop(self) -> None:
@@ -511,7 +541,7 @@ class RouterApp:
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents router`` entry point)."""
-        asyncio.run(_serve_until_signalled(self))
+        asyncio.run(serve_until_signalled(self.serve))
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""
@@ -519,18 +549,6 @@ class RouterApp:
         # process inside librdkafka (docs/reliability.md)
         names = [name for name, _ in self._topics.all()]
         return require_topics(kafka.admin_client(self.settings), names, "router")
-
-
-async def _serve_until_signalled(router: RouterApp) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await router.serve(stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 def _log_failed_send(

@@ -18,6 +18,7 @@ from dspex.streams.cli import (  # noqa: F401 - importing them registers their c
     pipelines,
     programs,
     records,
+    runs,
     top,
     up,
     variables,

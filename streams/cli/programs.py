@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from dspex.streams.cli._app import app, err, out, settings_of
-from dspex.streams.client.client import Client, Program, RequestFailed
+from dspex.streams.client.client import Client, PipelineRef, Program, RequestFailed
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.programs import ADAPTERS, AUTO, check_program
 from dspex.streams.serde import make_serde
@@ -97,7 +97,10 @@ def _read(settings: Settings) -> dict[str, list[dict[str, Any]]]:
 @app.command("submit")
 def submit(
     ctx: typer.Context,
-    program: Annotated[str, typer.Argument(help="A registered program id, or a signature.")],
+    program: Annotated[
+        str,
+        typer.Argument(help="A registered program id, a signature, or (--pipeline) a pipeline."),
+    ],
     inputs: Annotated[list[str], typer.Argument(help="name=value pairs (value: JSON or text)")],
     module_type: Annotated[str | None, typer.Option("--module")] = None,
     adapter: Annotated[str | None, typer.Option(help=_ADAPTER_HELP)] = None,
@@ -105,8 +108,12 @@ def submit(
     deadline: Annotated[float, typer.Option(help="Seconds.")] = 60.0,
     stream: Annotated[bool, typer.Option(help="Print token chunks as they arrive.")] = True,
     cache: bool = True,
+    pipeline: Annotated[
+        bool, typer.Option("--pipeline", help="PROGRAM is a pipeline id: show its stages live.")
+    ] = False,
+    version: Annotated[int | None, typer.Option(help="Pipeline version (default latest).")] = None,
 ) -> None:
-    """Send one request and print the answer (streamed by default)."""
+    """Send one request (or pipeline run) and print the answer (streamed by default)."""
     inline = "->" in program
     target = (
         Program.inline(program, module_type or "Predict", adapter=adapter)
@@ -115,7 +122,11 @@ def submit(
     )
     options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
     with Client(settings_of(ctx)) as client:
-        if stream:
+        if pipeline:
+            from dspex.streams.cli.runs import show_run
+
+            show_run(client, PipelineRef(program, version), parse_inputs(inputs), options)
+        elif stream:
             _stream(client, target, parse_inputs(inputs), options)
         else:
             try:

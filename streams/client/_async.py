@@ -33,8 +33,8 @@ from dspex.streams.client._replies import (
 )
 from dspex.streams.client._requests import (
     DEFAULT_DEADLINE_S,
-    Program,
     RequestOptions,
+    Target,
     build_request,
     request_headers,
     request_key,
@@ -138,7 +138,7 @@ class AsyncClient:
 
     async def submit(
         self,
-        program: Program | str,
+        program: Target,
         inputs: Mapping[str, Any],
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
@@ -164,14 +164,14 @@ class AsyncClient:
         return await self._submit(program, inputs, options)
 
     async def _submit(
-        self, program: Program | str, inputs: Mapping[str, Any], options: RequestOptions
+        self, program: Target, inputs: Mapping[str, Any], options: RequestOptions
     ) -> Result:
         started = time.monotonic()
         inbox = await self._open(program, inputs, False, options)
         return await self._answer(inbox, started)
 
     def stream(
-        self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
+        self, program: Target, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> AsyncGenerator[Chunk, None]:
         """Request progress chunks; yield them in ``seq`` order, ending with the final one.
 
@@ -183,7 +183,7 @@ class AsyncClient:
 
     async def submit_many(
         self,
-        requests: Iterable[tuple[Program | str, Mapping[str, Any]]],
+        requests: Iterable[tuple[Target, Mapping[str, Any]]],
         **options: Unpack[RequestOptions],
     ) -> list[Result | DSPexError]:
         """Submit every request concurrently; results in input order, failures as the error.
@@ -420,7 +420,7 @@ class AsyncClient:
 
     async def _open(
         self,
-        program: Program | str,
+        program: Target,
         inputs: Mapping[str, Any],
         stream: bool,
         options: RequestOptions,

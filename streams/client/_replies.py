@@ -56,6 +56,12 @@ class Chunk:
     pool: str | None
     program_version: int | None = None
     program_id: str | None = None
+    stage: dict[str, Any] | None = None
+    """A pipeline run's progress chunk: the stage (or map item) that changed (StageStatus)."""
+    partial: bool = False
+    """A pipeline run's final chunk: an optional stage failed and its defaults were used."""
+    stages: tuple[dict[str, Any], ...] = ()
+    """A pipeline run's final chunk: one StageStatus per stage."""
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Chunk:
@@ -73,6 +79,9 @@ class Chunk:
             pool=record.get("pool"),
             program_version=record.get("program_version"),
             program_id=record.get("program_id"),
+            stage=record.get("stage"),
+            partial=bool(record.get("partial", False)),
+            stages=tuple(record.get("stages") or ()),
         )
 
 
@@ -90,6 +99,10 @@ class Result:
     chunks: int
     elapsed_s: float
     program_id: str | None = None
+    partial: bool = False
+    """A pipeline run: an optional stage failed and its defaults were used."""
+    stages: tuple[dict[str, Any], ...] = ()
+    """A pipeline run: one StageStatus per stage (state, pool, started_at, finished_at, error)."""
 
     @classmethod
     def from_chunks(cls, chunks: list[Chunk], elapsed_s: float) -> Result:
@@ -106,6 +119,8 @@ class Result:
             chunks=len(chunks),
             elapsed_s=elapsed_s,
             program_id=final.program_id,
+            partial=final.partial,
+            stages=final.stages,
         )
 
 

@@ -84,6 +84,26 @@ class Program:
         return program if isinstance(program, Program) else cls.registered(program)
 
 
+@dataclass(frozen=True)
+class PipelineRef:
+    """How a caller names a pipeline to run: its id and version (None: the latest).
+
+    Pass it wherever a program goes (``client.submit(PipelineRef("support"), inputs)``);
+    the run is answered like a request, its progress chunks carrying ``stage``.
+    """
+
+    pipeline_id: str
+    version: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pipeline_id:
+            raise InvalidRequest("pipeline_id", "name a registered pipeline")
+
+
+Target = Program | PipelineRef | str
+"""What a request runs: a Program, a PipelineRef, or a registered program id."""
+
+
 class RequestOptions(TypedDict, total=False):
     """Per-request options shared by ``submit``, ``stream`` and ``submit_many``.
 
@@ -103,7 +123,7 @@ class RequestOptions(TypedDict, total=False):
 
 
 def build_request(
-    program: Program | str,
+    program: Target,
     inputs: Mapping[str, Any],
     *,
     stream: bool = False,
@@ -124,28 +144,37 @@ def build_request(
         raise InvalidRequest(
             "deadline_s", f"must be a positive number of seconds, got {deadline_s}"
         )
-    named = Program.of(program)
     return records.request(
         request_id=str(uuid.uuid4()),
         created_at=created,
         deadline_at=created + timedelta(seconds=deadline_s),
         session_id=options.get("session_id"),
-        program_id=named.program_id,
-        program_version=named.version,
-        signature=named.signature,
-        module_type=named.module_type,
-        module_config_json=named.module_config_json,
-        state_json=named.state_json,
         inputs=json_map("inputs", inputs),
         variables=json_map("variables", options.get("variables") or {}),
         pool_hint=options.get("pool_hint"),
         stream=stream,
         cache=bool(options.get("cache", True)),
         reply_topic=reply_topic,
-        tools=named.tools,
-        adapter=named.adapter,
         metadata=options.get("metadata") or {},
+        **_target_fields(program),
     )
+
+
+def _target_fields(target: Target) -> dict[str, Any]:
+    """The Request fields that name what runs: a pipeline, or a program's definition."""
+    if isinstance(target, PipelineRef):
+        return {"pipeline_id": target.pipeline_id, "pipeline_version": target.version}
+    named = Program.of(target)
+    return {
+        "program_id": named.program_id,
+        "program_version": named.version,
+        "signature": named.signature,
+        "module_type": named.module_type,
+        "module_config_json": named.module_config_json,
+        "state_json": named.state_json,
+        "tools": named.tools,
+        "adapter": named.adapter,
+    }
 
 
 def json_map(kind: str, values: Mapping[str, Any]) -> dict[str, str]:

@@ -39,7 +39,7 @@ from typing import Any, TypeVar, Unpack
 
 from dspex.streams.client._async import DEFAULT_GRACE_S, AsyncClient
 from dspex.streams.client._replies import Chunk, ClientClosed, RequestFailed, RequestTimeout, Result
-from dspex.streams.client._requests import Program, RequestOptions
+from dspex.streams.client._requests import PipelineRef, Program, RequestOptions, Target
 from dspex.streams.client.jobs import JobOptions, JobProgress, JobResult
 from dspex.streams.client.pipelines import Pipelines
 from dspex.streams.client.variables import VariableOptions, VariableScope
@@ -54,6 +54,7 @@ __all__ = [
     "JobOptions",
     "JobProgress",
     "JobResult",
+    "PipelineRef",
     "Program",
     "RequestFailed",
     "RequestOptions",
@@ -114,20 +115,20 @@ class Client:
         return Pipelines(client._settings, client._require_serde(), self._produce)
 
     def submit(
-        self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
+        self, program: Target, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Result:
         """Blocking :meth:`AsyncClient.submit`."""
         return self._call(self._client._submit(program, inputs, options))
 
     def stream(
-        self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
+        self, program: Target, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Generator[Chunk, None, None]:
         """Blocking :meth:`AsyncClient.stream`: chunks in order; ``close()`` it to leave early."""
         return self._blocking(self._client.stream(program, inputs, **options))
 
     def submit_many(
         self,
-        requests: Iterable[tuple[Program | str, Mapping[str, Any]]],
+        requests: Iterable[tuple[Target, Mapping[str, Any]]],
         **options: Unpack[RequestOptions],
     ) -> list[Result | DSPexError]:
         """Blocking :meth:`AsyncClient.submit_many`."""

@@ -84,13 +84,17 @@ def agent_env(settings: Settings) -> dict[str, str]:
 
 
 class Stack:
-    """The router and one worker per pool in ``pools``, as subprocesses."""
+    """The router and one worker per pool in ``pools`` (and the pipeline agent), as subprocesses."""
 
-    def __init__(self, settings: Settings, pools: Sequence[str], log_dir: Path) -> None:
+    def __init__(
+        self, settings: Settings, pools: Sequence[str], log_dir: Path, *, pipeline: bool = False
+    ) -> None:
         self.settings = settings
         self.pools = tuple(pools)
+        self.pipeline = pipeline
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.commands: dict[str, list[str]] = {}
         self.exit_codes: dict[str, int] = {}
         self.killed: list[str] = []
 
@@ -98,28 +102,47 @@ class Stack:
     def groups(self) -> dict[str, str]:
         """Consumer group per process name."""
         prefix = self.settings.topics.prefix
-        return {"router": f"{prefix}router"} | {p: f"{prefix}pool.{p}" for p in self.pools}
+        groups = {"router": f"{prefix}router"} | {p: f"{prefix}pool.{p}" for p in self.pools}
+        return groups | ({"pipeline": f"{prefix}pipeline"} if self.pipeline else {})
 
     def start(self, ready_timeout_s: float = 90.0) -> None:
         """Start every process, then wait until each one's consumer group is stable."""
-        env = agent_env(self.settings)
         base = [sys.executable, "-m", "dspex.agents"]
         # static members, as under `dspex up`: a restarted process takes its partitions back
         commands = {"router": [*base, "router", "--instance-id", "1"]}
         commands |= {
             pool: [*base, "worker", "--pool", pool, "--instance-id", "1"] for pool in self.pools
         }
-        for name, argv in commands.items():
-            log = (self.log_dir / f"{name}.log").open("wb")
-            try:
-                process = subprocess.Popen(
-                    argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-                )
-            finally:
-                log.close()
-            _live.add(process)
-            self.processes[name] = process
+        if self.pipeline:
+            commands["pipeline"] = [*base, "pipeline", "--instance-id", "1"]
+        self.commands = commands
+        for name in commands:
+            self.launch(name)
         self.wait_ready(ready_timeout_s)
+
+    def launch(self, name: str) -> subprocess.Popen[bytes]:
+        """Start (or start again, as the supervisor would) one process; its log is appended to."""
+        log = (self.log_dir / f"{name}.log").open("ab")
+        try:
+            process = subprocess.Popen(
+                self.commands[name],
+                env=agent_env(self.settings),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+        _live.add(process)
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        """``kill -9`` one process and reap it (``launch`` starts it again)."""
+        process = self.processes[name]
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        _live.discard(process)
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         """Until every process's consumer group is stable with partitions assigned."""
@@ -141,7 +164,8 @@ class Stack:
     @property
     def inputs(self) -> dict[str, list[str]]:
         """The topics each process's consumer group consumes (short names)."""
-        return {"router": ["requests", "retry"]} | {p: [f"pool.{p}"] for p in self.pools}
+        inputs = {"router": ["requests", "retry"]} | {p: [f"pool.{p}"] for p in self.pools}
+        return inputs | ({"pipeline": ["pipeline.runs"]} if self.pipeline else {})
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:
         """Until every process has committed all it consumed: nothing left that it could redo.

@@ -34,7 +34,8 @@ from tests.integration.stack import POOLS, Stack
 from tests.integration.tail import OpenTail, Tail, end_offsets, wait_for_records
 
 CreateTopics = Callable[[], list[TopicReport]]
-StartStack = Callable[[Settings, Sequence[str]], Stack]
+StartStack = Callable[..., Stack]
+"""``start_stack(settings, pools, pipeline=False)``."""
 INLINE = Program.inline("question -> answer")
 POOL_TOPICS = [f"pool.{pool}" for pool in POOLS]
 
@@ -57,9 +58,9 @@ def start_stack(create_topics: CreateTopics, tmp_path: Path) -> Iterator[StartSt
     """
     stacks: list[Stack] = []
 
-    def start(settings: Settings, pools: Sequence[str]) -> Stack:
+    def start(settings: Settings, pools: Sequence[str], *, pipeline: bool = False) -> Stack:
         create_topics()
-        stack = Stack(settings, pools, tmp_path)
+        stack = Stack(settings, pools, tmp_path, pipeline=pipeline)
         stacks.append(stack)
         stack.start()
         return stack

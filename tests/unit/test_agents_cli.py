@@ -28,9 +28,17 @@ def test_the_startup_heap_is_frozen_and_what_comes_later_is_not() -> None:
     assert id(later) in walked
 
 
-@pytest.mark.parametrize("command", ["router", "learner", "metrics"])
+@pytest.mark.parametrize(
+    ("command", "factory"),
+    [
+        ("router", "dspex.agents.router.router.make_router"),
+        ("pipeline", "dspex.agents.pipeline.agent.make_pipeline_agent"),
+        ("learner", "dspex.agents.learner.learner.make_learner"),
+        ("metrics", "dspex.agents.metrics.metrics.make_metrics"),
+    ],
+)
 def test_a_stream_agent_freezes_its_heap_after_it_is_built_and_before_it_runs(
-    command: str, monkeypatch: pytest.MonkeyPatch
+    command: str, factory: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
 
@@ -41,7 +49,7 @@ def test_a_stream_agent_freezes_its_heap_after_it_is_built_and_before_it_runs(
         def run(self) -> None:
             seen.append(f"run frozen={gc.get_freeze_count() > 0}")
 
-    monkeypatch.setattr(cli, f"make_{command}", lambda settings, **options: Agent())
+    monkeypatch.setattr(factory, lambda settings, **options: Agent())
     result = CliRunner().invoke(cli.app, [command])
     assert result.exit_code == 0, result.output
     assert seen == ["built frozen=False", "run frozen=True"]

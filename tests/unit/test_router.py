@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaException
 
-from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
+from dspex.agents.plumbing.catalog import PipelineCatalog, ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, Overloaded
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher, serve_deliveries
@@ -278,7 +278,9 @@ def test_rejection_records_are_valid_avro() -> None:
 # --- the request pipeline ------------------------------------------------------------
 
 
-def handler(cache: ResultCache | None = None) -> RouterHandler:
+def handler(
+    cache: ResultCache | None = None, pipelines: PipelineCatalog | None = None
+) -> RouterHandler:
     return RouterHandler(
         SETTINGS,
         SERDE,
@@ -288,6 +290,7 @@ def handler(cache: ResultCache | None = None) -> RouterHandler:
         cache=cache if cache is not None else ResultCache(),
         chooser=chooser(),
         clock=lambda: NOW_MS / 1000,
+        pipelines=pipelines,
     )
 
 

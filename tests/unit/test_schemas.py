@@ -24,6 +24,7 @@ EXPECTED = [
     "JobControl",
     "MetricSnapshot",
     "OptimizationJob",
+    "PipelineRun",
     "PipelineVersion",
     "ProgramVersion",
     "Request",

@@ -28,6 +28,9 @@ DESIGN_TOPICS = {
     "jobs.status",
     "cache",
     "pipelines",
+    "pipeline.runs",
+    "pipeline.replies",
+    "pipeline.state",
 }
 
 
@@ -43,7 +46,7 @@ def test_catalog_is_the_design_table() -> None:
         "jobs.status",
     }
     expiring = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact,delete"}
-    assert expiring == {"cache"}  # the latest entry per key, for a week
+    assert expiring == {"cache", "pipeline.state"}  # the latest entry per key, for a week
 
 
 def test_compacted_topics_keep_values_forever_and_delete_topics_expire() -> None:

@@ -1,0 +1,1 @@
+"""The pipeline agent: runs pipelines (DAGs of programs) as stage requests through the router."""

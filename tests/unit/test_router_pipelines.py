@@ -1,0 +1,81 @@
+"""The router's side of pipeline runs, without a broker: checked, pinned, handed to the agent."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from dspex.agents.plumbing.catalog import PipelineCatalog
+from dspex.agents.router.router import RouterHandler
+from dspex.schemas import records
+from dspex.schemas.times import now
+from tests.unit.test_router import NOW_MS, SERDE, decode, incoming
+from tests.unit.test_router import handler as router_handler
+
+
+def handler() -> RouterHandler:
+    pipelines = PipelineCatalog()
+    for version in (1, 2):
+        record = records.pipeline_version(
+            pipeline_id="support",
+            version=version,
+            inputs="question, topics: list[str]",
+            stages=[
+                records.pipeline_stage(
+                    name="s", signature="q -> a", inputs={"q": "$input.question"}
+                )
+            ],
+            outputs={"a": "$stage.s.a"},
+            created_at=now(),
+        )
+        pipelines.apply(
+            "support",
+            SERDE.decode(SERDE.encode("PipelineVersion", record, topic="p"), topic="p").record,
+        )
+    return router_handler(pipelines=pipelines)
+
+
+def run(**fields: Any) -> dict[str, Any]:
+    inputs = {"question": json.dumps("why?"), "topics": json.dumps(["a", "b"])}
+    return {
+        "request_id": str(uuid.uuid4()),
+        "created_at": NOW_MS,
+        "pipeline_id": "support",
+        "inputs": inputs,
+        **fields,
+    }
+
+
+def test_a_good_run_goes_to_the_pipeline_agent_pinned_to_the_latest_version() -> None:
+    out = handler().handle_request(incoming(run()))
+    assert [o.topic for o in out] == ["dspex.pipeline.runs"] and out[0].key == b"key"
+    assert decode(out[0].value)["pipeline_version"] == 2
+
+
+def test_a_bad_run_gets_one_error_naming_the_field_and_a_dead_letter() -> None:
+    cases = [
+        (run(pipeline_id="nope"), "pipeline_id"),
+        (run(pipeline_version=9), "pipeline_version"),
+        (run(inputs={"question": json.dumps("why?")}), "inputs.topics"),
+        (run(inputs={"question": "1", "topics": "[]"}), "inputs.question"),
+        (run(signature="q -> a"), "signature"),
+    ]
+    for record, field in cases:
+        out = handler().handle_request(incoming(record))
+        assert [o.topic for o in out] == ["dspex.responses", "dspex.dlq"], field
+        error = decode(out[0].value)["error"]
+        assert (error["field"], error["stage"]) == (field, "validate")
+
+
+def test_a_stage_request_may_name_the_pipeline_agents_reply_topic_only() -> None:
+    stage = {
+        "request_id": str(uuid.uuid4()),
+        "created_at": NOW_MS,
+        "signature": "question -> answer",
+        "inputs": {"question": json.dumps("q")},
+    }
+    ok = handler().handle_request(incoming({**stage, "reply_topic": "dspex.pipeline.replies"}))
+    assert [o.topic for o in ok] == ["dspex.pool.general"]
+    refused = handler().handle_request(incoming({**stage, "reply_topic": "dspex.pipeline.runs"}))
+    assert decode(refused[0].value)["error"]["field"] == "reply_topic"
