@@ -20,6 +20,7 @@ from dspex.agents.learner.learner import make_learner
 from dspex.agents.metrics.metrics import make_metrics
 from dspex.agents.router.router import make_router
 from dspex.agents.worker import worker
+from dspex.streams import tracing
 from dspex.streams.errors import DSPexError
 from dspex.streams.logs import configure_logging
 from dspex.streams.settings import Settings, load_settings
@@ -40,19 +41,19 @@ InstanceId = Annotated[
 @app.command("router")
 def router(settings_file: SettingsFile = None, instance_id: InstanceId = None) -> None:
     """The router agent: validate, resolve, route and cache requests."""
-    _serve(partial(make_router, instance_id=instance_id), settings_file)
+    _serve(partial(make_router, instance_id=instance_id), settings_file, "router")
 
 
 @app.command("learner")
 def learner(settings_file: SettingsFile = None) -> None:
     """The learning agent: telemetry in, routing tables out."""
-    _serve(make_learner, settings_file)
+    _serve(make_learner, settings_file, "learner")
 
 
 @app.command("metrics")
 def metrics(settings_file: SettingsFile = None) -> None:
     """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
-    _serve(make_metrics, settings_file)
+    _serve(make_metrics, settings_file, "metrics")
 
 
 @app.command("worker")
@@ -64,7 +65,7 @@ def pool_worker(
     """One member of a worker pool's consumer group."""
     if pool not in ("general", "optimizer", "gpu"):
         raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
-    settings = load_settings(settings_file)
+    settings = _load(settings_file, "worker")
     freeze_startup_heap()
     raise typer.Exit(worker.main(settings, pool, instance_id))
 
@@ -74,7 +75,7 @@ def job_runner(settings_file: SettingsFile = None) -> None:
     """One optimizer-pool job runner: optimizer jobs from the jobs topic."""
     from dspex.agents.jobs import jobs  # DSPy's optimizers load only in this process
 
-    settings = load_settings(settings_file)
+    settings = _load(settings_file, "jobs")
     freeze_startup_heap()
     raise typer.Exit(jobs.main(settings))
 
@@ -83,9 +84,16 @@ class _Agent(Protocol):
     def run(self) -> None: ...
 
 
-def _serve(make: Callable[[Settings], _Agent], settings_file: Path | None) -> None:
-    """Build the agent from the settings, freeze the start-up heap, run until stopped."""
+def _load(settings_file: Path | None, process: str) -> Settings:
+    """The settings; spans exported as ``OTEL_*`` variables say (service ``dspex-<process>``)."""
     settings = load_settings(settings_file)
+    tracing.configure(settings, f"dspex-{process}")
+    return settings
+
+
+def _serve(make: Callable[[Settings], _Agent], settings_file: Path | None, process: str) -> None:
+    """Build the agent from the settings, freeze the start-up heap, run until stopped."""
+    settings = _load(settings_file, process)
     configure_logging(settings.log_level)
     agent = make(settings)
     freeze_startup_heap()

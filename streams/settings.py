@@ -429,6 +429,8 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # spans as JSON lines appended here (docs/tracing.md); None: OTEL_* alone decide
+    traces_file: Path | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,164 @@
+"""One request, one trace, across real processes on a real broker.
+
+The router and a general-pool worker run as ``python -m dspex.agents`` processes
+(:mod:`tests.integration.stack`) configured only through the environment:
+``OTEL_TRACES_EXPORTER=jsonl`` and ``DSPEX_TRACES_FILE`` (each process appends its
+spans to one JSON-lines file), ``OTEL_BSP_SCHEDULE_DELAY`` so they flush quickly.
+This test process is the application: it records its own spans (the client's
+``send``) with the SDK's in-memory exporter. The worker runs a ReAct program on
+the echo **simulation**, so one request makes several LM calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from dspex.streams import tracing
+from dspex.streams.client.client import AsyncClient, Program
+from dspex.streams.ops.admin import TopicReport
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.tracing_export import span_record
+from tests.integration.stack import Stack
+
+SPANS_TIMEOUT_S = 90.0  # generous: a busy shared machine
+StartStack = Callable[[Settings, Sequence[str]], Stack]
+
+
+@pytest.fixture
+def start_stack(
+    create_topics: Callable[[], list[TopicReport]], tmp_path: Path
+) -> Iterator[StartStack]:
+    stacks: list[Stack] = []
+
+    def start(settings: Settings, pools: Sequence[str]) -> Stack:
+        create_topics()
+        stacks.append(Stack(settings, pools, tmp_path))
+        stacks[-1].start()
+        return stacks[-1]
+
+    yield start
+    for stack in stacks:
+        stack.stop()
+    assert all(code == 0 for s in stacks for code in s.exit_codes.values())
+
+
+def _read_spans(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def _wait_for(path: Path, trace_id: str, names: set[str], stack: Stack) -> list[dict[str, Any]]:
+    """The file's spans of ``trace_id`` once every name in ``names`` is among them."""
+    deadline = time.monotonic() + SPANS_TIMEOUT_S
+    while True:
+        spans = [s for s in _read_spans(path) if s["trace_id"] == trace_id]
+        if names <= {s["name"] for s in spans}:
+            return spans
+        stack.check_alive()
+        if time.monotonic() > deadline:
+            seen = sorted(s["name"] for s in spans)
+            raise AssertionError(f"spans {sorted(names)} not all written; seen {seen}")
+        time.sleep(0.2)
+
+
+def _one(spans: list[dict[str, Any]], name: str, service: str) -> dict[str, Any]:
+    found = [s for s in spans if s["name"] == name and s["service"] == service]
+    assert len(found) == 1, (name, service, [(s["name"], s["service"]) for s in spans])
+    return found[0]
+
+
+async def test_one_request_is_one_connected_trace_across_client_router_and_worker(
+    settings: Settings,
+    start_stack: StartStack,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spans_file = tmp_path / "spans.jsonl"
+    settings = load_settings(
+        kafka={"bootstrap_servers": settings.kafka.bootstrap_servers},
+        topics={"prefix": settings.topics.prefix},
+        lm={"pool_variants": {}},
+        traces_file=spans_file,
+    )
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jsonl")  # the processes inherit these
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    stack = start_stack(settings, ["general"])
+    prefix = settings.topics.prefix
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({SERVICE_NAME: "shop"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    program = Program.inline("question -> answer", module_type="ReAct", tools=("word_count",))
+    question = f"Who traced it? {uuid.uuid4().hex[:6]}"
+    with tracing.use_provider(provider):
+        async with AsyncClient(settings) as client:
+            with tracing.span("checkout"):  # the application's own span
+                result = await client.submit(program, {"question": question}, deadline_s=60)
+    assert result.outputs["answer"] == f"echo: {question}"
+
+    local = [span_record(s) for s in exporter.get_finished_spans()]
+    app = _one(local, "checkout", "shop")
+    send = _one(local, f"send {prefix}requests", "shop")
+    trace_id = app["trace_id"]
+    expected = {
+        f"process {prefix}requests",
+        f"queue {prefix}requests",
+        f"process {prefix}pool.general",
+        f"queue {prefix}pool.general",
+        f"send {prefix}responses",
+        "chat dspex/echo",
+    }
+    remote = _wait_for(spans_file, trace_id, expected, stack)
+    spans = local + remote
+
+    route = _one(spans, f"process {prefix}requests", "dspex-router")
+    route_wait = _one(spans, f"queue {prefix}requests", "dspex-router")
+    execute = _one(spans, f"process {prefix}pool.general", "dspex-worker")
+    pool_wait = _one(spans, f"queue {prefix}pool.general", "dspex-worker")
+    answer = _one(spans, f"send {prefix}responses", "dspex-worker")
+    chats = [s for s in spans if s["name"] == "chat dspex/echo"]
+    services = Counter(s["service"] for s in spans)
+    print(
+        f"\ntrace {trace_id}: {len(spans)} spans {dict(services)}; queue wait "
+        f"router {route_wait['attributes']['dspex.queue.wait_ms']:.1f} ms, "
+        f"pool {pool_wait['attributes']['dspex.queue.wait_ms']:.1f} ms; "
+        f"{len(chats)} LM calls"
+    )
+
+    assert {s["trace_id"] for s in spans} == {trace_id}
+    parent = {s["span_id"]: s["parent_span_id"] for s in spans}
+    assert [s["name"] for s in spans if s["parent_span_id"] not in parent] == ["checkout"]
+    assert app["parent_span_id"] is None  # one root: every other span hangs from it
+    assert send["parent_span_id"] == app["span_id"] and send["kind"] == "PRODUCER"
+    assert route["parent_span_id"] == route_wait["parent_span_id"] == send["span_id"]
+    assert execute["parent_span_id"] == pool_wait["parent_span_id"] == route["span_id"]
+    assert len(chats) >= 2  # ReAct: a step, then the extraction
+    assert {c["parent_span_id"] for c in chats} == {execute["span_id"]}
+    assert answer["parent_span_id"] == execute["span_id"] and answer["kind"] == "PRODUCER"
+
+    assert route["attributes"]["dspex.pool"] == "general"
+    assert route["kind"] == execute["kind"] == "CONSUMER"
+    worker = execute["attributes"]
+    assert worker["gen_ai.request.model"] == "dspex/echo"
+    assert worker["gen_ai.provider.name"] == worker["gen_ai.system"] == "dspex"
+    assert worker["dspex.status"] == "ok" and execute["status"] != "ERROR"
+    per_call = [c["attributes"] for c in chats]
+    assert all(c["gen_ai.usage.input_tokens"] > 0 for c in per_call)
+    assert worker["gen_ai.usage.input_tokens"] == sum(
+        c["gen_ai.usage.input_tokens"] for c in per_call
+    )
+    assert worker["gen_ai.usage.output_tokens"] == sum(
+        c["gen_ai.usage.output_tokens"] for c in per_call
+    )
