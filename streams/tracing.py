@@ -88,7 +88,11 @@ _INERT = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 def _tracer() -> trace.Tracer | None:
     """This process's DSPex tracer; None while no SDK provider is installed (tracing off)."""
-    provider = _State.override or trace.get_tracer_provider()
+    # the API's global, read directly: get_tracer_provider() looks up os.environ on every
+    # call while none is set, which costs more than everything else here together
+    provider = _State.override or trace._TRACER_PROVIDER
+    if provider is None:
+        return None
     if provider is not _State.provider:
         _State.provider = provider
         _State.tracer = None if isinstance(provider, _INERT) else provider.get_tracer("dspex")

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dspex.streams import tracing
-from dspex.streams.client.client import AsyncClient, Program
+from dspex.streams.client.client import AsyncClient, Client, Program
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.tracing_export import span_record
@@ -161,4 +161,24 @@ async def test_one_request_is_one_connected_trace_across_client_router_and_worke
     )
     assert worker["gen_ai.usage.output_tokens"] == sum(
         c["gen_ai.usage.output_tokens"] for c in per_call
+    )
+
+    # the blocking Client runs the AsyncClient on its own thread: the caller's span still leads
+    other = f"Who else? {uuid.uuid4().hex[:6]}"
+    with tracing.use_provider(provider), Client(settings) as blocking:
+        with tracing.span("checkout-blocking") as outer:
+            assert outer is not None
+            blocking.submit(program, {"question": other}, deadline_s=60)
+    second = [span_record(s) for s in exporter.get_finished_spans()]
+    root = _one(second, "checkout-blocking", "shop")
+    (sent,) = [
+        s
+        for s in second
+        if s["name"] == f"send {prefix}requests" and s["trace_id"] == root["trace_id"]
+    ]
+    assert sent["parent_span_id"] == root["span_id"]
+    spans = _wait_for(spans_file, root["trace_id"], expected, stack)
+    assert (
+        _one(spans, f"process {prefix}requests", "dspex-router")["parent_span_id"]
+        == sent["span_id"]
     )

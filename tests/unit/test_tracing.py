@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -307,3 +309,20 @@ def test_the_jsonl_exporter_appends_one_line_per_span(tmp_path: Path) -> None:
     assert outer["parent_span_id"] is None and outer["attributes"] == {"a": 1}
     assert inner["kind"] == "PRODUCER" and inner["attributes"]["messaging.system"] == "kafka"
     assert inner["service"] == outer["service"] and inner["end_ns"] >= inner["start_ns"]
+
+
+def test_an_application_that_installs_its_own_provider_turns_dspex_tracing_on() -> None:
+    script = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from dspex.streams import tracing\n"
+        "before = tracing.enabled(), tracing.inject([('k', b'v')])\n"
+        "trace.set_tracer_provider(TracerProvider())\n"
+        "with tracing.span('app'):\n"
+        "    after = tracing.enabled(), [k for k, _ in tracing.inject([('k', b'v')])]\n"
+        "print(before, after)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "(False, [('k', b'v')]) (True, ['k', 'traceparent'])"
