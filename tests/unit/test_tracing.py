@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.agents.router.cache import ResultCache
+from dspex.agents.router.router import RouterApp, RouterHandler
 from dspex.agents.runtime import lmtrace
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.lms.base import AsyncEngine, StatelessEngine
@@ -35,7 +39,7 @@ from dspex.streams import tracing, tracing_export
 from dspex.streams.errors import ConfigError
 from dspex.streams.serde import SingleObjectSerde
 from dspex.streams.settings import LMBackend, load_settings
-from tests.fakes import FakeProducer
+from tests.fakes import FakeProducer, FakeResolver
 
 SERDE = SingleObjectSerde()
 POOL_TOPIC = "dspex.pool.general"
@@ -246,6 +250,74 @@ def test_without_tracing_track_usage_adds_no_dspy_callback() -> None:
     before = list(dspy.settings.get("callbacks") or [])
     with lmtrace.track_usage():
         assert list(dspy.settings.get("callbacks") or []) == before
+
+
+async def _route(record: Consumed, producer: FakeProducer) -> None:
+    """The router's handling of ``record`` inside the consumer loop's span (its sending parts)."""
+    settings = load_settings(lm={"default_variant": "echo", "pool_variants": {}})
+    router = RouterApp.__new__(RouterApp)  # no broker: the handler and the sending parts
+    router.handler = RouterHandler(
+        settings,
+        SERDE,
+        programs=ProgramCatalog(),
+        routing=RoutingCatalog(),
+        resolver=FakeResolver(),
+        cache=ResultCache(),
+    )
+    router._retry_topic, router._own_topics = "dspex.retry", frozenset({"dspex.pool.general"})
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
+    server = asyncio.create_task(serve_deliveries(router._publisher))
+    try:
+        with tracing.processing(record, group="dspex.router"):
+            await asyncio.wait_for(router.handle(record), 10)
+    finally:
+        server.cancel()
+
+
+async def test_the_router_forwards_its_decision_span_and_a_retry_continues_the_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    request = {
+        "request_id": "r-1",
+        "created_at": int(time.time() * 1000),
+        "signature": "question -> answer",
+        "inputs": {"question": json.dumps("hi")},
+    }
+    value = SERDE.encode("Request", request, topic="dspex.requests")
+    client = (("dspex-request-id", b"r-1"), ("traceparent", TRACEPARENT))
+    producer = FakeProducer()
+    await _route(Consumed("dspex.requests", 0, 7, b"r-1", value, client, None), producer)
+    (route,) = spans.get_finished_spans()
+    (forwarded,) = producer.raw("dspex.pool.general")
+    assert _hex(route)[0::2] == (CLIENT_TRACE, CLIENT_SPAN)
+    assert dict(route.attributes or {})["dspex.pool"] == "general"
+    assert _traceparent(forwarded.headers) == _hex(route)[:2]  # the client's is replaced
+    assert ("dspex-request-id", b"r-1") in forwarded.headers
+
+    worker_span = "b7ad6b7169203331"
+    retry = (
+        ("traceparent", f"00-{CLIENT_TRACE}-{worker_span}-01".encode()),
+        ("dspex-attempt", b"2"),
+        ("dspex-retry-pool", b"general"),
+        ("dspex-not-before", b"0"),
+    )
+    await _route(Consumed("dspex.retry", 0, 3, b"r-1", value, retry, None), producer)
+    retried = producer.raw("dspex.pool.general")[-1]
+    (retrier,) = [s for s in spans.get_finished_spans() if s.name == "process dspex.retry"]
+    assert _hex(retrier)[0::2] == (CLIENT_TRACE, worker_span)
+    assert _traceparent(retried.headers) == _hex(retrier)[:2]
+
+
+async def test_a_rejected_request_fails_the_routers_span(spans: InMemorySpanExporter) -> None:
+    bad = {"request_id": "r-2", "created_at": int(time.time() * 1000), "signature": "q -> -> a"}
+    value = SERDE.encode("Request", bad, topic="t")
+    rejected = Consumed("dspex.requests", 0, 8, b"r-2", value, (("traceparent", TRACEPARENT),))
+    producer = FakeProducer()
+    await _route(rejected, producer)
+    (route,) = spans.get_finished_spans()
+    assert route.status.status_code == trace.StatusCode.ERROR
+    (response,) = producer.raw("dspex.responses")
+    assert _traceparent(response.headers) == _hex(route)[:2]
 
 
 # -- exporters from OTEL_* ----------------------------------------------------------------------
