@@ -11,15 +11,22 @@ the echo **simulation**, so one request makes several LM calls.
 
 from __future__ import annotations
 
+import gzip
 import json
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -54,6 +61,24 @@ def start_stack(
     assert all(code == 0 for s in stacks for code in s.exit_codes.values())
 
 
+def _echo(settings: Settings, **more: Any) -> Settings:
+    """The test's broker and prefix, every pool on the echo simulation."""
+    return load_settings(
+        kafka={"bootstrap_servers": settings.kafka.bootstrap_servers},
+        topics={"prefix": settings.topics.prefix},
+        lm={"pool_variants": {}},
+        **more,
+    )
+
+
+def _application() -> tuple[InMemorySpanExporter, TracerProvider]:
+    """The application's own tracing (service ``shop``): its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({SERVICE_NAME: "shop"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter, provider
+
+
 def _read_spans(path: Path) -> list[dict[str, Any]]:
     text = path.read_text() if path.exists() else ""
     return [json.loads(line) for line in text.splitlines() if line]
@@ -86,20 +111,13 @@ async def test_one_request_is_one_connected_trace_across_client_router_and_worke
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spans_file = tmp_path / "spans.jsonl"
-    settings = load_settings(
-        kafka={"bootstrap_servers": settings.kafka.bootstrap_servers},
-        topics={"prefix": settings.topics.prefix},
-        lm={"pool_variants": {}},
-        traces_file=spans_file,
-    )
+    settings = _echo(settings, traces_file=spans_file)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jsonl")  # the processes inherit these
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     stack = start_stack(settings, ["general"])
     prefix = settings.topics.prefix
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource({SERVICE_NAME: "shop"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter, provider = _application()
     program = Program.inline("question -> answer", module_type="ReAct", tools=("word_count",))
     question = f"Who traced it? {uuid.uuid4().hex[:6]}"
     with tracing.use_provider(provider):
@@ -182,3 +200,106 @@ async def test_one_request_is_one_connected_trace_across_client_router_and_worke
         _one(spans, f"process {prefix}requests", "dspex-router")["parent_span_id"]
         == sent["span_id"]
     )
+
+
+class _Collector(ThreadingHTTPServer):
+    """A minimal OTLP/HTTP trace receiver on loopback: keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _CollectorHandler)
+        self.spans: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def received(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.spans)
+
+
+class _CollectorHandler(BaseHTTPRequestHandler):
+    server: _Collector
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        request = ExportTraceServiceRequest.FromString(body)
+        with self.server.lock:
+            self.server.spans += list(_otlp_spans(request)) if self.path == "/v1/traces" else []
+        reply = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return None
+
+
+def _otlp_spans(request: ExportTraceServiceRequest) -> Iterator[dict[str, Any]]:
+    for resource_spans in request.resource_spans:
+        resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield {
+                    "name": span.name,
+                    "trace_id": span.trace_id.hex(),
+                    "span_id": span.span_id.hex(),
+                    "parent_span_id": span.parent_span_id.hex() or None,
+                    "service": resource.get("service.name"),
+                    "attributes": {a.key: a.value for a in span.attributes},
+                }
+
+
+@pytest.fixture
+def collector() -> Iterator[_Collector]:
+    server = _Collector()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+async def test_with_an_otlp_endpoint_the_processes_export_the_trace_over_otlp(
+    settings: Settings,
+    start_stack: StartStack,
+    collector: _Collector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = _echo(settings)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)  # this alone: OTLP
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    stack = start_stack(settings, ["general"])
+    prefix = settings.topics.prefix
+
+    exporter, provider = _application()
+    question = f"Who sent it? {uuid.uuid4().hex[:6]}"
+    with tracing.use_provider(provider):
+        async with AsyncClient(settings) as client:
+            await client.submit(Program.inline("question -> answer"), {"question": question})
+    (send,) = [span_record(s) for s in exporter.get_finished_spans()]
+
+    names = {f"process {prefix}requests", f"process {prefix}pool.general", "chat dspex/echo"}
+    deadline = time.monotonic() + SPANS_TIMEOUT_S
+    while True:
+        spans = [s for s in collector.received() if s["trace_id"] == send["trace_id"]]
+        if names <= {s["name"] for s in spans}:
+            break
+        stack.check_alive()
+        assert time.monotonic() < deadline, f"not received over OTLP: {collector.received()}"
+        time.sleep(0.2)
+    print(f"\nOTLP: {len(collector.received())} spans received, {len(spans)} in the trace")
+    route = _one(spans, f"process {prefix}requests", "dspex-router")
+    execute = _one(spans, f"process {prefix}pool.general", "dspex-worker")
+    chat = _one(spans, "chat dspex/echo", "dspex-worker")
+    assert route["parent_span_id"] == send["span_id"]
+    assert execute["parent_span_id"] == route["span_id"]
+    assert chat["parent_span_id"] == execute["span_id"]
+    assert execute["attributes"]["gen_ai.request.model"].string_value == "dspex/echo"
+    assert chat["attributes"]["gen_ai.usage.input_tokens"].int_value > 0

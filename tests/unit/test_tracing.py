@@ -356,6 +356,8 @@ def test_a_bad_exporter_configuration_is_refused_naming_the_variable(
 
 def test_an_otlp_endpoint_alone_asks_for_otlp(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    (otlp,) = tracing_export.make_exporters(env, None)  # the otlp extra is in the dev install
+    assert type(otlp).__module__ == "opentelemetry.exporter.otlp.proto.http.trace_exporter"
     monkeypatch.setattr(tracing_export, "import_module", _missing)
     with pytest.raises(ConfigError, match=r"pip install 'dspex\[otlp\]'"):
         tracing_export.make_exporters(env, None)
