@@ -26,6 +26,7 @@ here; the SDK is imported by :func:`configure` when exporting is configured.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -36,6 +37,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
+
+from dspex.streams.errors import ConfigError
 
 if TYPE_CHECKING:
     from dspex.streams.settings import Settings
@@ -83,6 +86,12 @@ class _State:
 
 
 _NOOP: AbstractContextManager[None] = contextlib.nullcontext()
+# the variables that can turn exporting on (tracing_export reads them all)
+_SWITCHES = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+)
 _INERT = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 
@@ -121,12 +130,20 @@ def use_provider(provider: trace.TracerProvider | None) -> Iterator[None]:
 def configure(settings: Settings | None, service_name: str) -> bool:
     """Install an exporting tracer provider from the ``OTEL_*`` variables; True when exporting.
 
-    Call once at process start (the agent processes do). Nothing is installed when
-    no exporter is configured. A bad configuration raises ``ConfigError``.
+    Call once at process start (the agent processes and the ``dspex`` command do).
+    When no exporter is configured nothing is installed and the SDK is not even
+    imported. A bad configuration raises ``ConfigError``.
     """
-    from dspex.streams.tracing_export import install_from_environment
-
     traces_file = settings.traces_file if settings is not None else None
+    if traces_file is None and not any(os.environ.get(name) for name in _SWITCHES):
+        return False
+    try:
+        from dspex.streams.tracing_export import install_from_environment
+    except ImportError as exc:  # a client-only install: the API without the SDK
+        raise ConfigError(
+            f"exporting spans needs the OpenTelemetry SDK ({exc.name} is missing): "
+            "pip install opentelemetry-sdk, or 'dspex[server]'"
+        ) from exc
     return install_from_environment(service_name, traces_file)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -400,3 +401,21 @@ def test_an_application_that_installs_its_own_provider_turns_dspex_tracing_on() 
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "(False, [('k', b'v')]) (True, ['k', 'traceparent'])"
+
+
+def test_with_nothing_configured_the_sdk_is_not_even_imported() -> None:
+    script = (
+        "import sys\n"
+        "from dspex.streams import tracing\n"
+        "print(tracing.configure(None, 'dspex-x'), 'opentelemetry.sdk.trace' in sys.modules)\n"
+    )
+    quiet = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "DSPEX_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=quiet,
+    )
+    assert done.stdout.strip() == "False False"
