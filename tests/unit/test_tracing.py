@@ -228,6 +228,25 @@ async def test_one_chat_span_per_lm_call_with_its_tokens(spans: InMemorySpanExpo
     assert all(isinstance(t["gen_ai.request.max_tokens"], int) for t in tokens)
 
 
+async def test_a_streamed_run_has_its_lm_span_too(spans: InMemorySpanExporter) -> None:
+    chunks: list[str] = []
+
+    async def on_chunk(delta: str) -> None:
+        chunks.append(delta)
+
+    lm = build_lm(LMBackend(model="dspex/echo"))
+    with tracing.span("execute"):
+        result = await run(
+            dspy.Predict("question -> answer"), {"question": "a b c"}, lm=lm, on_chunk=on_chunk
+        )
+    execute = next(s for s in spans.get_finished_spans() if s.name == "execute")
+    (chat,) = [s for s in spans.get_finished_spans() if s.name == "chat dspex/echo"]
+    assert "".join(chunks) == "echo: a b c"  # DSPy's stream ran in its own task
+    assert _hex(chat)[2] == _hex(execute)[1]
+    tokens = dict(chat.attributes or {})["gen_ai.usage.output_tokens"]
+    assert tokens == result.usage.completion_tokens > 0
+
+
 async def test_a_failing_lm_call_ends_its_span_failed(spans: InMemorySpanExporter) -> None:
     class Down(StatelessEngine):
         def complete(self, request: Any) -> Any:
