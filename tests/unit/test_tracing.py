@@ -169,6 +169,19 @@ def test_inject_replaces_a_stale_traceparent_with_the_current_span(
     assert tracing.inject(headers) == headers  # no current span: forwarded as it came
 
 
+@pytest.mark.parametrize(
+    "value", [b"garbage", b"\xff\xfe", None, b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-01"]
+)
+def test_a_malformed_traceparent_starts_a_new_trace_and_never_fails_the_record(
+    spans: InMemorySpanExporter, value: bytes | None
+) -> None:
+    record = Consumed("dspex.requests", 0, 1, b"k", b"v", (("traceparent", value),), None)
+    with tracing.processing(record) as current:
+        assert current is not None
+    (process,) = spans.get_finished_spans()  # no queue span without a timestamp
+    assert process.parent is None and process.name == "process dspex.requests"
+
+
 async def test_a_worker_continues_the_trace_in_its_pool_record(
     spans: InMemorySpanExporter,
 ) -> None:
