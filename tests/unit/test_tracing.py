@@ -285,7 +285,9 @@ def test_without_tracing_track_usage_adds_no_dspy_callback() -> None:
         assert list(dspy.settings.get("callbacks") or []) == before
 
 
-async def _route(record: Consumed, producer: FakeProducer) -> None:
+async def _route(
+    record: Consumed, producer: FakeProducer, cache: ResultCache | None = None
+) -> None:
     """The router's handling of ``record`` inside the consumer loop's span (its sending parts)."""
     settings = load_settings(lm={"default_variant": "echo", "pool_variants": {}})
     router = RouterApp.__new__(RouterApp)  # no broker: the handler and the sending parts
@@ -295,7 +297,7 @@ async def _route(record: Consumed, producer: FakeProducer) -> None:
         programs=ProgramCatalog(),
         routing=RoutingCatalog(),
         resolver=FakeResolver(),
-        cache=ResultCache(),
+        cache=cache if cache is not None else ResultCache(),
     )
     router._retry_topic, router._own_topics = "dspex.retry", frozenset({"dspex.pool.general"})
     router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
@@ -307,16 +309,21 @@ async def _route(record: Consumed, producer: FakeProducer) -> None:
         server.cancel()
 
 
+def _request_bytes(request_id: str, question: str) -> bytes:
+    """A client's Request record, as the router consumes it."""
+    request = {
+        "request_id": request_id,
+        "created_at": int(time.time() * 1000),
+        "signature": "question -> answer",
+        "inputs": {"question": json.dumps(question)},
+    }
+    return SERDE.encode("Request", request, topic="dspex.requests")
+
+
 async def test_the_router_forwards_its_decision_span_and_a_retry_continues_the_trace(
     spans: InMemorySpanExporter,
 ) -> None:
-    request = {
-        "request_id": "r-1",
-        "created_at": int(time.time() * 1000),
-        "signature": "question -> answer",
-        "inputs": {"question": json.dumps("hi")},
-    }
-    value = SERDE.encode("Request", request, topic="dspex.requests")
+    value = _request_bytes("r-1", "hi")
     client = (("dspex-request-id", b"r-1"), ("traceparent", TRACEPARENT))
     producer = FakeProducer()
     await _route(Consumed("dspex.requests", 0, 7, b"r-1", value, client, None), producer)
@@ -339,6 +346,25 @@ async def test_the_router_forwards_its_decision_span_and_a_retry_continues_the_t
     (retrier,) = [s for s in spans.get_finished_spans() if s.name == "process dspex.retry"]
     assert _hex(retrier)[0::2] == (CLIENT_TRACE, worker_span)
     assert _traceparent(retried.headers) == _hex(retrier)[:2]
+
+
+async def test_a_cache_hit_is_answered_under_the_routers_span(
+    spans: InMemorySpanExporter,
+) -> None:
+    value = _request_bytes("r-3", "2+2?")
+    client = (("traceparent", TRACEPARENT),)
+    cache, producer = ResultCache(), FakeProducer()
+    await _route(Consumed("dspex.requests", 0, 1, b"r-3", value, client, None), producer, cache)
+    key = producer.records("dspex.pool.general")[0]["route"]["cache_key"]
+    answer = {"request_id": "r-3", "status": "ok", "outputs": {"answer": '"4"'}, "produced_at": 1}
+    cache.apply(key, SERDE.decode(SERDE.encode("Response", answer, topic="t"), topic="t").record)
+    await _route(Consumed("dspex.requests", 0, 2, b"r-3", value, client, None), producer, cache)
+    hit = spans.get_finished_spans()[-1]
+    (response,) = producer.raw("dspex.responses")
+    assert producer.records("dspex.responses")[0]["cached"] is True
+    assert dict(hit.attributes or {})["dspex.cache_hit"] is True
+    assert _hex(hit)[0::2] == (CLIENT_TRACE, CLIENT_SPAN)
+    assert _traceparent(response.headers) == _hex(hit)[:2]
 
 
 async def test_a_rejected_request_fails_the_routers_span(spans: InMemorySpanExporter) -> None:
