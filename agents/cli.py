@@ -16,6 +16,7 @@ from typing import Annotated, Protocol
 
 import typer
 
+from dspex.streams import tracing
 from dspex.streams.errors import DSPexError
 from dspex.streams.logs import configure_logging
 from dspex.streams.settings import Settings, load_settings
@@ -38,7 +39,7 @@ def router(settings_file: SettingsFile = None, instance_id: InstanceId = None) -
     """The router agent: validate, resolve, route and cache requests."""
     from dspex.agents.router.router import make_router
 
-    _serve(partial(make_router, instance_id=instance_id), settings_file)
+    _serve(partial(make_router, instance_id=instance_id), settings_file, "router")
 
 
 @app.command("pipeline")
@@ -48,7 +49,7 @@ def pipeline(settings_file: SettingsFile = None, instance_id: InstanceId = None)
     # restarted agent answers sooner when it does not load it (docs/pipelines.md)
     from dspex.agents.pipeline.agent import make_pipeline_agent
 
-    _serve(partial(make_pipeline_agent, instance_id=instance_id), settings_file)
+    _serve(partial(make_pipeline_agent, instance_id=instance_id), settings_file, "pipeline")
 
 
 @app.command("learner")
@@ -56,7 +57,7 @@ def learner(settings_file: SettingsFile = None) -> None:
     """The learning agent: telemetry in, routing tables out."""
     from dspex.agents.learner.learner import make_learner
 
-    _serve(make_learner, settings_file)
+    _serve(make_learner, settings_file, "learner")
 
 
 @app.command("metrics")
@@ -64,7 +65,7 @@ def metrics(settings_file: SettingsFile = None) -> None:
     """The metrics agent: telemetry in, metric snapshots and Prometheus metrics out."""
     from dspex.agents.metrics.metrics import make_metrics
 
-    _serve(make_metrics, settings_file)
+    _serve(make_metrics, settings_file, "metrics")
 
 
 @app.command("worker")
@@ -78,7 +79,7 @@ def pool_worker(
 
     if pool not in ("general", "optimizer", "gpu"):
         raise typer.BadParameter(f"unknown pool {pool!r}: general, optimizer or gpu")
-    settings = load_settings(settings_file)
+    settings = _load(settings_file, "worker")
     freeze_startup_heap()
     raise typer.Exit(worker.main(settings, pool, instance_id))
 
@@ -88,7 +89,7 @@ def job_runner(settings_file: SettingsFile = None) -> None:
     """One optimizer-pool job runner: optimizer jobs from the jobs topic."""
     from dspex.agents.jobs import jobs  # DSPy's optimizers load only in this process
 
-    settings = load_settings(settings_file)
+    settings = _load(settings_file, "jobs")
     freeze_startup_heap()
     raise typer.Exit(jobs.main(settings))
 
@@ -97,9 +98,16 @@ class _Agent(Protocol):
     def run(self) -> None: ...
 
 
-def _serve(make: Callable[[Settings], _Agent], settings_file: Path | None) -> None:
-    """Build the agent from the settings, freeze the start-up heap, run until stopped."""
+def _load(settings_file: Path | None, process: str) -> Settings:
+    """The settings; spans exported as ``OTEL_*`` variables say (service ``dspex-<process>``)."""
     settings = load_settings(settings_file)
+    tracing.configure(settings, f"dspex-{process}")
+    return settings
+
+
+def _serve(make: Callable[[Settings], _Agent], settings_file: Path | None, process: str) -> None:
+    """Build the agent from the settings, freeze the start-up heap, run until stopped."""
+    settings = _load(settings_file, process)
     configure_logging(settings.log_level)
     agent = make(settings)
     freeze_startup_heap()

@@ -451,6 +451,8 @@ class Settings(BaseSettings):
     modules: dict[str, str] = Field(default_factory=dict)
     tools: dict[str, str] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # spans as JSON lines appended here (docs/tracing.md); None: OTEL_* alone decide
+    traces_file: Path | None = None
 
     @field_validator("modules", "tools")
     @classmethod

@@ -53,7 +53,7 @@ from confluent_kafka import (
 from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.offsets import OffsetTracker
 from dspex.agents.plumbing.offsets import TopicPartition as TP
-from dspex.streams import kafka
+from dspex.streams import kafka, tracing
 from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,8 @@ class ConsumerLoop:
         task.add_done_callback(self._on_task_done)
 
     async def _run(self, consumed: Consumed, tp: TP, generation: int) -> None:
-        await self._handle(consumed)
+        with tracing.processing(consumed, group=self.config.group_id):
+            await self._handle(consumed)
         # in the handler's last step (no await since its records were delivered), so
         # busy() never counts a finished message for a loop turn
         with self._lock:

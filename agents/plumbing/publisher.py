@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Message
 
+from dspex.streams import tracing
 from dspex.streams.errors import RetryableError
 from dspex.streams.serde import Serde
 
@@ -99,7 +100,8 @@ class Publisher:
         """Produce already-encoded ``value`` (and ``headers``); the future resolves on delivery."""
         delivered: asyncio.Future[None] = self._loop.create_future()
         callback = partial(self._on_delivery, delivered, topic)
-        extra: dict[str, Any] = {"headers": list(headers)} if headers else {}
+        headers = tracing.inject(headers)  # the current span's traceparent, when tracing
+        extra: dict[str, Any] = {"headers": headers} if headers else {}
         while True:
             try:
                 self._producer.produce(topic, value, key, on_delivery=callback, **extra)

@@ -72,7 +72,7 @@ from dspex.agents.router.routing import (
 from dspex.agents.router.variables import RefusedUpdates, SharedVariables
 from dspex.schemas import records
 from dspex.schemas.records import Record
-from dspex.streams import kafka
+from dspex.streams import kafka, tracing
 from dspex.streams.errors import (
     ConfigError,
     CorruptRecord,
@@ -210,6 +210,7 @@ class RouterHandler:
             registered = self._registered(program_id, request.get("program_version"), chosen)
         steering = self._variables.steer(request, chosen, registered)
         route = steering.route
+        tracing.annotate({"dspex.pool": route.pool, "dspex.variant": route.variant})
         program = self._resolver.resolve(steering.request, registered)
         variables = self._variables.effective(steering, program.get("module_type"))
         key = None
@@ -219,6 +220,7 @@ class RouterHandler:
             key = cache_key(program, request.get("inputs") or {}, variables, route)
             hits = self._cached(request, program, key, now)
             if hits:
+                tracing.annotate({"dspex.cache_hit": True})
                 return hits
         # the decoded request has every Request field; the program and route complete it
         forwarded = records.request(
@@ -286,6 +288,7 @@ class RouterHandler:
         self, original: Consumed, request: Record, failure: ErrorInfo, now: int
     ) -> list[Outgoing]:
         request_id = str(request.get("request_id") or "")
+        tracing.outcome(failure.status, failure)
         logger.info(
             "rejected request %s request_id=%s stage=%s field=%s error=%s",
             original.where(),

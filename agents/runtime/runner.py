@@ -19,6 +19,7 @@ import dspy
 from dspy.streaming import StreamListener, StreamResponse
 
 from dspex.agents.plumbing.messages import TokenUsage
+from dspex.agents.runtime import lmtrace
 from dspex.streams.errors import DSPexError, ProgramError
 
 OnChunk = Callable[[str], Awaitable[None]]
@@ -55,7 +56,7 @@ async def run(
     # No DSPy history in a worker: it grows per module/LM (up to 10,000 entries each) and
     # makes every named_parameters() walk slower; the Execution record is the audit log.
     context = dspy.context(lm=lm, adapter=adapter, trace=[], disable_history=True)
-    with context, dspy.track_usage() as tracker:
+    with context, lmtrace.track_usage() as tracker:
         try:
             async with asyncio.timeout(timeout_s):
                 prediction = await _execute(module, dict(inputs), on_chunk)

@@ -26,6 +26,7 @@ from dspex.agents.worker.faults import (
     RetryPolicy,
     is_retryable,
 )
+from dspex.streams import tracing
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import LMBackend, ReliabilitySettings, Settings
 
@@ -179,6 +180,7 @@ class DSPyExecutor:
         )
         result = answered.value
         usage = result.usage
+        self._annotate(request, answered.variant, usage)
         version = request.get("program_version")
         trace = list(result.trace)
         failed = tuple((f.variant, f.error_class) for f in answered.failures)
@@ -206,6 +208,15 @@ class DSPyExecutor:
         if not ordered:
             raise InvalidRequest("route.variant", f"no LM backend named {default!r}")
         return ordered
+
+    def _annotate(self, request: Mapping[str, Any], variant: str, usage: TokenUsage) -> None:
+        """The worker's span gets the ``gen_ai.*`` attributes of the model that answered."""
+        if tracing.enabled():
+            from dspex.agents.runtime.lmtrace import execution_attributes
+
+            model = self._settings.lm.backends[variant].model
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            tracing.annotate(execution_attributes(model, prompt, completion, request))
 
     def _lm_for(self, variant: str, overrides: Mapping[str, Any]) -> Any:
         backend = self._settings.lm.backends[variant]

@@ -37,6 +37,7 @@ from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, wit
 from dspex.agents.worker.execution import Executor, Outcome, classify
 from dspex.schemas import times
 from dspex.schemas.times import to_ms
+from dspex.streams import tracing
 from dspex.streams.errors import SerdeError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class _Replies:
     async def final(self, result: ExecutionResult) -> None:
         """The final Response; an ok answer to a cacheable request also goes to ``cache``."""
         record = records.final_response(self._request, result, self.seq, self._pool)
-        await self._send("Response", record)
+        with tracing.producing(self.topic):
+            await self._send("Response", record)
         cache_key = (self._request.get("route") or {}).get("cache_key")
         if self._cache_topic and cache_key and record["status"] == "ok":
             sent = await self._publisher.send(self._cache_topic, cache_key, "Response", record)
@@ -222,6 +224,7 @@ class WorkerHandler:
         )
         async with self._slots:
             result = await self._run(origin, request, replies, received_at)
+        tracing.outcome(result.status, result.error)
         retry = self._plan_retry(origin, request, result, streamed=replies.seq > 0)
         if retry is None:
             await replies.final(result)

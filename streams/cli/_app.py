@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dspex.streams import tracing
 from dspex.streams.logs import configure_logging
 from dspex.streams.settings import Settings, load_settings
 
@@ -39,6 +40,7 @@ def _root(
 ) -> None:
     settings = load_settings(settings_file)
     configure_logging(settings.log_level)
+    tracing.configure(settings, "dspex-cli")  # OTEL_* (docs/tracing.md); off by default
     ctx.obj = settings
     ctx.meta["settings_file"] = settings_file
 

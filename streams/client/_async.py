@@ -18,7 +18,7 @@ from typing import Any, Unpack
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from dspex.streams import kafka
+from dspex.streams import kafka, tracing
 from dspex.streams.client import jobs as _jobs
 from dspex.streams.client import variables as _variables
 from dspex.streams.client._feedback import feedback_record
@@ -462,7 +462,9 @@ class AsyncClient:
     async def _send_request(self, record: Mapping[str, Any]) -> None:
         topic = self._requests_topic
         value = self._require_serde().encode("Request", record, topic=topic)
-        sent = await self._send(topic, request_key(record), value, request_headers(record))
+        with tracing.producing(topic, {"dspex.request_id": str(record["request_id"])}):
+            headers = tracing.inject(request_headers(record))
+            sent = await self._send(topic, request_key(record), value, headers)
         sent.add_done_callback(partial(self._check_sent, str(record["request_id"])))
         logger.debug("sent request_id=%s topic=%s", record["request_id"], topic)
 

