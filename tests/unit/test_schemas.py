@@ -29,6 +29,7 @@ EXPECTED = [
     "Request",
     "Response",
     "RoutingTable",
+    "SessionState",
     "Telemetry",
     "VariableUpdate",
 ]

@@ -28,6 +28,7 @@ DESIGN_TOPICS = {
     "jobs.status",
     "cache",
     "pipelines",
+    "sessions",
 }
 
 
@@ -41,6 +42,7 @@ def test_catalog_is_the_design_table() -> None:
         "routing",
         "jobs.control",
         "jobs.status",
+        "sessions",
     }
     expiring = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact,delete"}
     assert expiring == {"cache"}  # the latest entry per key, for a week
