@@ -83,6 +83,7 @@ class FakeProducer:
         *,
         on_delivery: DeliveryReport | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int = -1,
     ) -> None:
         if not _LEGAL_TOPIC.fullmatch(topic):
             raise KafkaException(KafkaError(KafkaError._INVALID_ARG))

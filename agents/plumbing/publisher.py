@@ -48,8 +48,9 @@ class Producer(Protocol):
         *,
         on_delivery: DeliveryReport | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int = -1,
     ) -> None:
-        """Queue one record; raises BufferError when the local queue is full."""
+        """Queue one record (partition -1: the partitioner's); BufferError when queue is full."""
         ...
 
     def poll(self, timeout: float = -1) -> int:
@@ -95,11 +96,15 @@ class Publisher:
         key: str | bytes | None,
         value: bytes,
         headers: Sequence[tuple[str, bytes | None]] = (),
+        partition: int | None = None,
     ) -> asyncio.Future[None]:
-        """Produce already-encoded ``value`` (and ``headers``); the future resolves on delivery."""
+        """Produce already-encoded ``value`` (and ``headers``, to ``partition`` when given);
+        the future resolves on delivery."""
         delivered: asyncio.Future[None] = self._loop.create_future()
         callback = partial(self._on_delivery, delivered, topic)
         extra: dict[str, Any] = {"headers": list(headers)} if headers else {}
+        if partition is not None:
+            extra["partition"] = partition
         while True:
             try:
                 self._producer.produce(topic, value, key, on_delivery=callback, **extra)

@@ -33,8 +33,11 @@ from dspex.agents.plumbing.offsets import RecentIds
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
 from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
+from dspex.agents.runtime.history import session_history
 from dspex.agents.worker.execution import Executor, Outcome, classify
+from dspex.agents.worker.sessions import Sessions, Turn
 from dspex.schemas import times
+from dspex.schemas.records import Record
 from dspex.streams.errors import SerdeError
 
 logger = logging.getLogger(__name__)
@@ -78,9 +81,9 @@ class _Replies:
         self.seq += 1
         await self._send("Response", record)
 
-    async def final(self, result: ExecutionResult) -> None:
+    async def final(self, result: ExecutionResult, session: Record | None = None) -> None:
         """The final Response; an ok answer to a cacheable request also goes to ``cache``."""
-        record = records.final_response(self._request, result, self.seq, self._pool)
+        record = records.final_response(self._request, result, self.seq, self._pool, session)
         await self._send("Response", record)
         cache_key = (self._request.get("route") or {}).get("cache_key")
         if self._cache_topic and cache_key and record["status"] == "ok":
@@ -108,8 +111,11 @@ class WorkerHandler:
         recent: RecentIds | None = None,
         retry_topic: RetryTopicPolicy | None = None,
         audit_publisher: Publisher | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
-        """``audit_publisher`` sends Execution and Telemetry (default: ``publisher``)."""
+        """``audit_publisher`` sends Execution and Telemetry (default: ``publisher``);
+        ``sessions``: session state for requests with a session id (None: keys only)."""
+        self._sessions = sessions
         self._executor = executor
         self._publisher = publisher
         self._audit_publisher = audit_publisher or publisher
@@ -185,7 +191,24 @@ class WorkerHandler:
     async def _answer(
         self, origin: Consumed, request: dict[str, Any], received_at: datetime, attempt: int
     ) -> bool:
+        """Run and answer one attempt (a session's turns one at a time, in consumed order)."""
+        if self._sessions is None or not request.get("session_id"):
+            return await self._answer_turn(origin, request, received_at, attempt, None)
+        async with self._sessions.turn(request) as turn:
+            return await self._answer_turn(origin, request, received_at, attempt, turn)
+
+    async def _answer_turn(
+        self,
+        origin: Consumed,
+        request: dict[str, Any],
+        received_at: datetime,
+        attempt: int,
+        turn: Turn | None,
+    ) -> bool:
         """Run and answer one attempt; True when it went to the retry topic instead."""
+        if turn is not None:
+            request = dict(turn.request)  # the pinned variant, when sticky
+            session_history.set(turn.history)
         replies = _Replies(
             self._publisher,
             request.get("reply_topic") or self._to.responses,
@@ -197,11 +220,14 @@ class WorkerHandler:
             result = await self._run(origin, request, replies, received_at)
         retry = self._plan_retry(origin, request, result, streamed=replies.seq > 0)
         if retry is None:
-            await replies.final(result)
+            await replies.final(result, turn.record() if turn is not None else None)
         pending = [
             *replies.pending,
             *(await self._audit(origin, request, result, attempt, final=retry is None)),
         ]
+        if turn is not None and retry is None and self._sessions is not None:
+            recorded = await self._sessions.record(turn, result)
+            pending.extend([recorded] if recorded is not None else [])
         if retry is not None:
             pending.append(await self._send_retry(origin, request, retry))
         await self._await_delivery(origin, request, replies.topic, pending)

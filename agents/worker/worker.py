@@ -29,6 +29,7 @@ from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.retry import RetryTopicPolicy
 from dspex.agents.worker.execution import DSPyExecutor, Executor
 from dspex.agents.worker.handler import Destinations, WorkerHandler
+from dspex.agents.worker.sessions import Sessions
 from dspex.streams import kafka
 from dspex.streams.logs import configure_logging
 from dspex.streams.serde import make_serde
@@ -108,6 +109,10 @@ class PoolWorker:
         self._audit_publisher = self._make_publisher(
             "audit", linger_ms=self._settings.kafka.audit_linger_ms
         )
+        self._sessions = Sessions(
+            self._settings, make_serde(self._settings), self._publisher, self.worker_id
+        )
+        await self._sessions.start()
         self._handler = self._make_handler()
         self._consumer_loop = ConsumerLoop(
             self._settings, self._config, self._handler.handle, busy=self.running
@@ -156,6 +161,7 @@ class PoolWorker:
             in_flight=self.limit,
             retry_topic=RetryTopicPolicy.from_settings(self._settings.reliability),
             audit_publisher=self._audit_publisher,
+            sessions=self._sessions,
         )
 
     async def _report_health_periodically(self) -> None:
@@ -184,6 +190,7 @@ class PoolWorker:
                 "shutdown: %d record(s) not delivered worker_id=%s", left, self.worker_id
             )
         await asyncio.sleep(0)  # let the last delivery reports settle their futures
+        await self._sessions.stop()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

@@ -1,0 +1,182 @@
+"""A worker's hot sessions: a bounded LRU in front of the ``sessions`` topic.
+
+A session a worker has not served lately (a cold start, a partition taken over
+from a crashed worker, an LRU eviction) is read from the topic: its partition
+(:func:`~dspex.streams.sessions.session_partition`) is scanned to its current end
+by one consumer of the worker's own, and concurrent misses on one partition share
+a scan. Because the scan reads to the high-water mark and a worker counts a turn
+done only once its state write is acknowledged, a worker taking over a session
+sees every turn its predecessor finished.
+
+A worker's cached copy is right only while it is the session's only writer. A
+:class:`Invalidator` therefore follows the topic from its end and drops a cached
+session whenever someone else writes it: another worker (the partition moved and
+came back), ``dspex sessions end`` or the sessions agent's expiry tombstone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from confluent_kafka import Consumer, Message
+
+from dspex.schemas.records import Record
+from dspex.streams import kafka
+from dspex.streams.reader import end_offsets
+from dspex.streams.serde import Serde
+from dspex.streams.sessions import (
+    WRITER_HEADER,
+    Found,
+    header,
+    scan_partition,
+    session_partition,
+)
+from dspex.streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 30.0
+
+
+class SessionCache:
+    """Session states by id, least recently used dropped past ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._states: OrderedDict[str, Record] = OrderedDict()
+
+    def get(self, session_id: str) -> Record | None:
+        state = self._states.get(session_id)
+        if state is not None:
+            self._states.move_to_end(session_id)
+        return state
+
+    def put(self, session_id: str, state: Record) -> None:
+        self._states[session_id] = state
+        self._states.move_to_end(session_id)
+        while len(self._states) > self._capacity:
+            self._states.popitem(last=False)
+
+    def drop(self, session_id: str) -> None:
+        self._states.pop(session_id, None)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+class SessionLoader:
+    """Reads sessions from the topic on a cache miss; one scan serves every miss of a partition."""
+
+    def __init__(self, settings: Settings, serde: Serde, topic: str, partitions: int) -> None:
+        self._settings = settings
+        self._serde = serde
+        self._topic = topic
+        self._partitions = partitions
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sessions-load")
+        self._consumer: Consumer | None = None
+        self._waiting: dict[int, dict[str, list[asyncio.Future[Found]]]] = {}
+        self._scanning: dict[int, asyncio.Task[None]] = {}
+        self.scans = 0
+        """Partition scans done so far (tests and logs)."""
+
+    async def load(self, session_id: str) -> Found:
+        """The session's latest record on the topic (``Found()`` when there is none)."""
+        partition = session_partition(session_id, self._partitions)
+        found: asyncio.Future[Found] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(partition, {}).setdefault(session_id, []).append(found)
+        if partition not in self._scanning:
+            self._scanning[partition] = asyncio.create_task(
+                self._scan_while_waiting(partition), name=f"sessions-{partition}"
+            )
+        return await found
+
+    async def _scan_while_waiting(self, partition: int) -> None:
+        try:
+            while self._waiting.get(partition):
+                wanted = self._waiting.pop(partition)
+                loop = asyncio.get_running_loop()
+                try:
+                    found = await loop.run_in_executor(
+                        self._thread, self._scan, partition, list(wanted)
+                    )
+                except Exception as exc:
+                    for futures in wanted.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for session_id, futures in wanted.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found.get(session_id, Found()))
+        finally:
+            del self._scanning[partition]
+
+    def _scan(self, partition: int, wanted: list[str]) -> dict[str, Found]:
+        if self._consumer is None:
+            group = f"dspex-sessions-load-{uuid.uuid4().hex}"
+            self._consumer = kafka.consumer(self._settings, group)
+        self.scans += 1
+        return scan_partition(
+            self._consumer, self._serde, self._topic, partition, wanted, READ_TIMEOUT_S
+        )
+
+    def close(self) -> None:
+        def close_consumer() -> None:
+            if self._consumer is not None:
+                self._consumer.close()
+
+        self._thread.submit(close_consumer).result(timeout=READ_TIMEOUT_S)
+        self._thread.shutdown(wait=False)
+
+
+class Invalidator:
+    """Follows the sessions topic from its end; calls ``drop`` for records others wrote."""
+
+    def __init__(
+        self, settings: Settings, topic: str, writer: str, drop: Callable[[str], None]
+    ) -> None:
+        self._settings = settings
+        self._topic = topic
+        self._writer = writer
+        self._drop = drop
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="sessions-follow", daemon=True)
+
+    def start(self, timeout_s: float = READ_TIMEOUT_S) -> None:
+        """Start following; returns once positioned at the topic's end (or ``timeout_s``)."""
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            logger.warning("sessions follower not positioned within %.0fs", timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _follow(self) -> None:
+        consumer = kafka.consumer(self._settings, f"dspex-sessions-follow-{uuid.uuid4().hex}")
+        try:
+            consumer.assign(end_offsets(consumer, self._topic, READ_TIMEOUT_S))
+            self._ready.set()
+            while not self._stop.is_set():
+                for message in consumer.consume(500, 0.5):
+                    if message.error() is None and not self._own(message):
+                        self._drop((message.key() or b"").decode("utf-8", "replace"))
+        except Exception:
+            logger.exception("sessions follower stopped topic=%s", self._topic)
+        finally:
+            self._ready.set()
+            consumer.close()
+
+    def _own(self, message: Message) -> bool:
+        return header(message, WRITER_HEADER) == self._writer
