@@ -43,7 +43,7 @@ class Producer(Protocol):
     def produce(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         key: str | bytes | None = None,
         *,
         on_delivery: DeliveryReport | None = None,
@@ -94,7 +94,7 @@ class Publisher:
         self,
         topic: str,
         key: str | bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: Sequence[tuple[str, bytes | None]] = (),
         partition: int | None = None,
     ) -> asyncio.Future[None]:

@@ -56,6 +56,8 @@ class Chunk:
     pool: str | None
     program_version: int | None = None
     program_id: str | None = None
+    session: dict[str, Any] | None = None
+    """The final chunk of a session's turn: ``session_id``, ``turn``, ``fresh``, ``expired``."""
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Chunk:
@@ -73,6 +75,7 @@ class Chunk:
             pool=record.get("pool"),
             program_version=record.get("program_version"),
             program_id=record.get("program_id"),
+            session=record.get("session"),
         )
 
 
@@ -90,6 +93,8 @@ class Result:
     chunks: int
     elapsed_s: float
     program_id: str | None = None
+    session: dict[str, Any] | None = None
+    """A session's turn: ``session_id``, ``turn``, ``fresh`` and ``expired`` (docs/sessions.md)."""
 
     @classmethod
     def from_chunks(cls, chunks: list[Chunk], elapsed_s: float) -> Result:
@@ -106,6 +111,7 @@ class Result:
             chunks=len(chunks),
             elapsed_s=elapsed_s,
             program_id=final.program_id,
+            session=final.session,
         )
 
 

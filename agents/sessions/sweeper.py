@@ -1,0 +1,122 @@
+"""The sessions agent: follows the ``sessions`` topic and tombstones expired sessions.
+
+Workers already treat a session past its ``expires_at`` as expired when its next
+turn comes (the turn starts afresh and says so), so expiry does not depend on
+this agent's timing; the tombstone is what removes the state from the topic
+(compaction then drops it). It keeps only ``session id -> expires_at`` in memory.
+One instance is enough; two would only tombstone the same sessions twice.
+
+Each tombstone carries ``dspex-session-ended: expired`` and goes to the
+session's own partition (:func:`~dspex.streams.sessions.session_partition`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from dspex.agents.plumbing.catalog import CompactedReader
+from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.schemas import times
+from dspex.schemas.records import Record
+from dspex.streams import kafka
+from dspex.streams.ops.admin import require_topics
+from dspex.streams.serde import make_serde
+from dspex.streams.sessions import ENDED_HEADER, WRITER_HEADER, session_partition
+from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+WRITER = "sweeper"
+
+
+class Expiries:
+    """``session id -> expires_at`` (epoch ms) of every live session on the topic."""
+
+    def __init__(self) -> None:
+        self.due: dict[str, int] = {}
+
+    def apply(self, key: str, record: Record | None) -> None:
+        expires = times.to_ms(record["expires_at"]) if record is not None else None
+        if expires is None:
+            self.due.pop(key, None)
+        else:
+            self.due[key] = expires
+
+    def expired(self, now_ms: int) -> list[str]:
+        return [key for key, at in self.due.items() if at <= now_ms]
+
+
+class SessionSweeper:
+    """Tombstones each session once its ``expires_at`` has passed, every ``sweep_interval_s``."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        topics = Topics(settings.topics)
+        self.topic = topics.name("sessions")
+        self._partitions = topics.spec("sessions").partitions
+        self._clock = clock
+        self.expiries = Expiries()
+        self.swept = 0
+        self._reader = CompactedReader(
+            settings, make_serde(settings), {self.topic: ("SessionState", self.expiries.apply)}
+        )
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Follow and sweep until ``stop`` is set."""
+        partitions = await asyncio.to_thread(
+            require_topics, kafka.admin_client(self.settings), [self.topic], "sessions"
+        )
+        await self._reader.start(partitions)
+        producer = kafka.producer(self.settings, **{"client.id": f"{self.topic}-sweeper"})
+        publisher = Publisher(producer, make_serde(self.settings), asyncio.get_running_loop())
+        deliveries = asyncio.create_task(serve_deliveries(publisher))
+        try:
+            await self._reader.ready.wait()
+            while not stop.is_set():
+                await self.sweep(publisher)
+                try:
+                    await asyncio.wait_for(stop.wait(), self.settings.sessions.sweep_interval_s)
+                except TimeoutError:
+                    pass
+        finally:
+            await publisher.flush(10)
+            deliveries.cancel()
+            await asyncio.gather(deliveries, return_exceptions=True)
+            await self._reader.stop()
+
+    async def sweep(self, publisher: Publisher) -> int:
+        """Tombstone every expired session; returns how many (after the broker has them)."""
+        doomed = self.expiries.expired(int(self._clock() * 1000))
+        headers: list[tuple[str, bytes | None]] = [
+            (ENDED_HEADER, b"expired"),
+            (WRITER_HEADER, WRITER.encode()),
+        ]
+        sent = []
+        for session_id in doomed:
+            partition = session_partition(session_id, self._partitions)
+            sent.append(
+                await publisher.send_bytes(self.topic, session_id, None, headers, partition)
+            )
+            self.expiries.due.pop(session_id, None)
+        await asyncio.gather(*sent)
+        if doomed:
+            logger.info("tombstoned %d expired session(s) topic=%s", len(doomed), self.topic)
+        self.swept += len(doomed)
+        return len(doomed)
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (``python -m dspex.agents sessions``)."""
+        asyncio.run(_until_signalled(self))
+
+
+async def _until_signalled(sweeper: SessionSweeper) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await sweeper.serve(stop)
