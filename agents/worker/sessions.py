@@ -33,7 +33,7 @@ from typing import Any
 
 from dspex.agents.plumbing.publisher import Publisher
 from dspex.agents.plumbing.records import ExecutionResult, encode_outputs
-from dspex.agents.worker.sessionstore import Invalidator, SessionCache, SessionLoader
+from dspex.agents.worker.sessionstore import Invalidator, Loader, SessionCache, SessionLoader
 from dspex.schemas import records, times
 from dspex.schemas.records import Record
 from dspex.streams.errors import InvalidRequest
@@ -136,7 +136,7 @@ class Sessions:
         publisher: Publisher,
         worker_id: str,
         *,
-        loader: SessionLoader | None = None,
+        loader: Loader | None = None,
     ) -> None:
         topics = Topics(settings.topics)
         self.topic = topics.name("sessions")
@@ -147,7 +147,9 @@ class Sessions:
         self._publisher = publisher
         self._worker_id = worker_id
         self.cache = SessionCache(settings.sessions.cache_size)
-        self._loader = loader or SessionLoader(settings, serde, self.topic, self._partitions)
+        self._loader: Loader = loader or SessionLoader(
+            settings, serde, self.topic, self._partitions
+        )
         self._invalidator: Invalidator | None = None
         self._full_settings = settings
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}

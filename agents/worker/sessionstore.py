@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from confluent_kafka import Consumer, Message
 
@@ -71,6 +72,14 @@ class SessionCache:
 
     def __len__(self) -> int:
         return len(self._states)
+
+
+class Loader(Protocol):
+    """Reads a cold session from the topic (:class:`SessionLoader`; tests give a fake)."""
+
+    async def load(self, session_id: str) -> Found: ...
+
+    def close(self) -> None: ...
 
 
 class SessionLoader:

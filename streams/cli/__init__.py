@@ -14,6 +14,7 @@ from dspex.streams.cli import (  # noqa: F401 - importing them registers their c
     optimize,
     programs,
     records,
+    sessions,
     top,
     up,
     variables,

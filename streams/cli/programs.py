@@ -85,11 +85,13 @@ def submit(
     deadline: Annotated[float, typer.Option(help="Seconds.")] = 60.0,
     stream: Annotated[bool, typer.Option(help="Print token chunks as they arrive.")] = True,
     cache: bool = True,
+    session: Annotated[str | None, typer.Option(help="Session id: a turn of that session.")] = None,
 ) -> None:
     """Send one request and print the answer (streamed by default)."""
     inline = "->" in program
     target = Program.inline(program, module_type or "Predict") if inline else program
     options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
+    options["session_id"] = session
     with Client(settings_of(ctx)) as client:
         if stream:
             _stream(client, target, parse_inputs(inputs), options)
@@ -133,8 +135,12 @@ def _stream(client: Client, target: Program | str, inputs: dict[str, Any], optio
                     f"field={error.get('field')} stage={error.get('stage')}: {error.get('message')}"
                 )
                 raise typer.Exit(1)
+            turn = chunk.session or {}
+            where = f" session={turn['session_id']} turn={turn['turn']}" if turn else ""
+            where += " (expired: started afresh)" if turn.get("expired") else ""
             err.print(
-                f"[dim]request_id={chunk.request_id} pool={chunk.pool} cached={chunk.cached}[/]"
+                f"[dim]request_id={chunk.request_id} pool={chunk.pool} cached={chunk.cached}"
+                f"{where}[/]"
             )
             out.print_json(json.dumps(chunk.outputs))
 
