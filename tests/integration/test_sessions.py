@@ -9,22 +9,25 @@ shows exactly which history the worker gave the program. Turn ``k`` of session
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dspex import AsyncClient, Program, Result
+from dspex import AsyncClient, Client, Program, Result
 from dspex.agents.sessions.sweeper import SessionSweeper
 from dspex.schemas import records
 from dspex.streams.serde import make_serde
 from dspex.streams.sessions import find_session, list_sessions
 from dspex.streams.settings import Settings, load_settings
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, agent_env
 from tests.integration.tail import OpenTail, Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -331,3 +334,52 @@ async def _ask_when_known(client: AsyncClient, session: str) -> Result:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**agent_env(settings), "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "dspex.streams", "sessions", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_session_handles_concurrent_turns_and_the_sessions_command(
+    settings: Settings,
+    start_stack: StartStack,  # noqa: F811 - the fixture imported above
+) -> None:
+    """The blocking client's handle; three turns sent at once are served in order and all
+    recorded; ``dspex sessions show|list|end``; an ended session's next turn starts fresh;
+    an unknown or ended session is one error line naming ``session_id`` and exit 1."""
+    settings = recall_settings(settings)
+    start_stack(settings, ["general"])
+    session = f"c-{uuid.uuid4().hex[:6]}"
+    with Client(settings) as client, ThreadPoolExecutor(3) as pool:
+        chat = client.session(session)
+        # produced in this order (one key, one partition), answered concurrently by nobody:
+        # the worker runs one turn of a session at a time, in the order consumed
+        futures = []
+        for turn in (1, 2, 3):
+            futures.append(pool.submit(chat.submit, CHAT, {"question": f"{session}:{turn}"}))
+            time.sleep(0.05)
+        results = [f.result(timeout=DEADLINE_S) for f in futures]
+        shown = _dspex(settings, "show", session)
+        listed = _dspex(settings, "list")
+        ended = _dspex(settings, "end", session)
+        again = chat.submit(CHAT, {"question": f"{session}:1"}, deadline_s=DEADLINE_S)
+        state = chat.state()
+    assert check_answers(session, range(1, 4), results) == []
+    assert shown.returncode == 0, shown.stderr
+    assert [t["request_id"] for t in json.loads(shown.stdout)["turns"]] == [
+        r.request_id for r in results
+    ]
+    assert listed.returncode == 0 and session in listed.stdout, listed.stderr
+    assert ended.returncode == 0 and "after 3 turn(s)" in ended.stdout, ended.stderr
+    assert again.outputs == {"answer": f"{session}:1"}
+    assert again.session == {"session_id": session, "turn": 1, "fresh": True, "expired": True}
+    assert state is not None and state["restarted"] and len(state["turns"]) == 1
+
+    unknown = _dspex(settings, "show", "nobody-" + uuid.uuid4().hex[:6])
+    assert unknown.returncode == 1 and "session_id" in unknown.stderr, unknown.stderr
+    assert _dspex(settings, "end", session).returncode == 0  # live again since `again`
+    twice = _dspex(settings, "end", session)
+    assert twice.returncode == 1 and "it ended" in twice.stderr, twice.stderr
+    print(f"\n3 concurrent turns of {session} served in order; show/list/end and restart ok")
