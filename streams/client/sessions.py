@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Generator, Mapping
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Protocol, Unpack
 
 from dspex.schemas.records import Record
 from dspex.streams.client._replies import Chunk, Result
@@ -25,9 +25,30 @@ from dspex.streams.serde import make_serde
 from dspex.streams.sessions import end_session, find_session
 from dspex.streams.settings import Settings
 
-if TYPE_CHECKING:
-    from dspex.streams.client._async import AsyncClient
-    from dspex.streams.client.client import Client
+
+class _AsyncClient(Protocol):
+    """What an :class:`AsyncSession` needs of ``AsyncClient`` (no import: no cycle)."""
+
+    async def _submit(
+        self, program: Program | str, inputs: Mapping[str, Any], options: RequestOptions
+    ) -> Result: ...
+
+    def stream(
+        self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
+    ) -> AsyncGenerator[Chunk, None]: ...
+
+
+class _Client(Protocol):
+    """What a :class:`Session` needs of ``Client``."""
+
+    def submit(
+        self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
+    ) -> Result: ...
+
+    def stream(
+        self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
+    ) -> Generator[Chunk, None, None]: ...
+
 
 MAX_SESSION_ID_BYTES = 512
 
@@ -64,22 +85,22 @@ class _Handle:
 
 
 class AsyncSession(_Handle):
-    """One session of an :class:`AsyncClient`: its requests all carry ``session_id``."""
+    """One session of an ``AsyncClient``: its requests all carry ``session_id``."""
 
-    def __init__(self, client: AsyncClient, settings: Settings, session_id: str) -> None:
+    def __init__(self, client: _AsyncClient, settings: Settings, session_id: str) -> None:
         super().__init__(settings, session_id)
         self._client = client
 
     async def submit(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Result:
-        """:meth:`AsyncClient.submit` as this session's next turn."""
+        """``AsyncClient.submit`` as this session's next turn."""
         return await self._client._submit(program, inputs, _with_session(self.session_id, options))
 
     def stream(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> AsyncGenerator[Chunk, None]:
-        """:meth:`AsyncClient.stream` as this session's next turn."""
+        """``AsyncClient.stream`` as this session's next turn."""
         return self._client.stream(program, inputs, **_with_session(self.session_id, options))
 
     async def state(self) -> Record | None:
@@ -92,22 +113,22 @@ class AsyncSession(_Handle):
 
 
 class Session(_Handle):
-    """One session of a :class:`Client`: its requests all carry ``session_id``."""
+    """One session of a ``Client``: its requests all carry ``session_id``."""
 
-    def __init__(self, client: Client, settings: Settings, session_id: str) -> None:
+    def __init__(self, client: _Client, settings: Settings, session_id: str) -> None:
         super().__init__(settings, session_id)
         self._client = client
 
     def submit(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Result:
-        """:meth:`Client.submit` as this session's next turn."""
+        """``Client.submit`` as this session's next turn."""
         return self._client.submit(program, inputs, **_with_session(self.session_id, options))
 
     def stream(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Generator[Chunk, None, None]:
-        """:meth:`Client.stream` as this session's next turn."""
+        """``Client.stream`` as this session's next turn."""
         return self._client.stream(program, inputs, **_with_session(self.session_id, options))
 
     def state(self) -> Record | None:

@@ -323,3 +323,13 @@ async def test_a_cached_session_is_not_read_again_and_a_cold_one_once() -> None:
     _, hook = await _serve(*(_origin(r, n) for n, r in enumerate(turns)), loader=loader)
     assert loader.loads == 1
     assert "s1" in hook.cache
+
+
+def test_the_router_refuses_a_request_that_sends_the_history() -> None:
+    from dspex.agents.router.routing import ProgramsResolver
+
+    request = {"signature": SIGNATURE, "inputs": {"question": '"q"', "history": "{}"}}
+    with pytest.raises(InvalidRequest) as caught:
+        ProgramsResolver().resolve(request, None)
+    assert caught.value.field == "inputs.history"
+    assert ProgramsResolver().resolve({**request, "inputs": {"question": '"q"'}}, None)
