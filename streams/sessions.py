@@ -40,6 +40,7 @@ __all__ = [
     "list_sessions",
     "scan_partition",
     "session_partition",
+    "session_variable_keys",
 ]
 
 ENDED_HEADER = "dspex-session-ended"
@@ -161,10 +162,21 @@ def list_sessions(settings: Settings, serde: Serde) -> dict[str, Record]:
     return latest_by_key(read_to_end(settings, serde, topic, SCHEMA))
 
 
+def session_variable_keys(settings: Settings, serde: Serde, session_id: str) -> list[str]:
+    """The ``variables`` keys of the session's own variables (scope ``session``)."""
+    topic = Topics(settings.topics).name("variables")
+    latest = latest_by_key(read_to_end(settings, serde, topic, "VariableUpdate"))
+    return sorted(
+        key
+        for key, record in latest.items()
+        if record.get("scope") == "session" and record.get("scope_ref") == session_id
+    )
+
+
 def end_session(
     settings: Settings, serde: Serde, session_id: str, *, reason: str = "ended"
 ) -> Record:
-    """Tombstone a live session (with why); returns the state it had.
+    """Tombstone a live session (with why) and its session variables; returns its state.
 
     Raises :class:`InvalidRequest` (field ``session_id``) when there is no such live
     session: never seen, already ended, or expired and swept.
@@ -183,6 +195,8 @@ def end_session(
     producer.produce(
         topics.name("sessions"), None, session_id, headers=headers, partition=partition
     )
+    for key in session_variable_keys(settings, serde, session_id):
+        producer.produce(topics.name("variables"), None, key, headers=headers)
     if producer.flush(30):
         raise BrokerUnavailable(f"topic={topics.name('sessions')}: tombstone not acknowledged")
     return found.state

@@ -51,6 +51,23 @@ class Expiries:
         return [key for key, at in self.due.items() if at <= now_ms]
 
 
+class SessionVariables:
+    """The ``variables`` keys of each session's own variables (scope ``session``)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[str]] = {}
+        self._owner: dict[str, str] = {}
+
+    def apply(self, key: str, record: Record | None) -> None:
+        owner = self._owner.pop(key, None)
+        if owner is not None:
+            self.keys.get(owner, set()).discard(key)
+        if record is not None and record.get("scope") == "session" and record.get("scope_ref"):
+            session_id = str(record["scope_ref"])
+            self._owner[key] = session_id
+            self.keys.setdefault(session_id, set()).add(key)
+
+
 class SessionSweeper:
     """Tombstones each session once its ``expires_at`` has passed, every ``sweep_interval_s``."""
 
@@ -61,15 +78,25 @@ class SessionSweeper:
         self._partitions = topics.spec("sessions").partitions
         self._clock = clock
         self.expiries = Expiries()
+        self.variables = SessionVariables()
+        self._variables_topic = topics.name("variables")
         self.swept = 0
         self._reader = CompactedReader(
-            settings, make_serde(settings), {self.topic: ("SessionState", self.expiries.apply)}
+            settings,
+            make_serde(settings),
+            {
+                self.topic: ("SessionState", self.expiries.apply),
+                self._variables_topic: ("VariableUpdate", self.variables.apply),
+            },
         )
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Follow and sweep until ``stop`` is set."""
         partitions = await asyncio.to_thread(
-            require_topics, kafka.admin_client(self.settings), [self.topic], "sessions"
+            require_topics,
+            kafka.admin_client(self.settings),
+            [self.topic, self._variables_topic],
+            "sessions",
         )
         await self._reader.start(partitions)
         producer = kafka.producer(self.settings, **{"client.id": f"{self.topic}-sweeper"})
@@ -90,7 +117,8 @@ class SessionSweeper:
             await self._reader.stop()
 
     async def sweep(self, publisher: Publisher) -> int:
-        """Tombstone every expired session; returns how many (after the broker has them)."""
+        """Tombstone every expired session and its session variables; returns how many
+        sessions (once the broker has every tombstone)."""
         doomed = self.expiries.expired(int(self._clock() * 1000))
         headers: list[tuple[str, bytes | None]] = [
             (ENDED_HEADER, b"expired"),
@@ -103,6 +131,8 @@ class SessionSweeper:
                 await publisher.send_bytes(self.topic, session_id, None, headers, partition)
             )
             self.expiries.due.pop(session_id, None)
+            for key in sorted(self.variables.keys.pop(session_id, set())):
+                sent.append(await publisher.send_bytes(self._variables_topic, key, None, headers))
         await asyncio.gather(*sent)
         if doomed:
             logger.info("tombstoned %d expired session(s) topic=%s", len(doomed), self.topic)

@@ -20,6 +20,7 @@ from typing import Any, Protocol, Unpack
 from dspex.schemas.records import Record
 from dspex.streams.client._replies import Chunk, Result
 from dspex.streams.client._requests import Program, RequestOptions
+from dspex.streams.client.variables import VariableOptions
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.sessions import end_session, find_session
@@ -37,6 +38,10 @@ class _AsyncClient(Protocol):
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> AsyncGenerator[Chunk, None]: ...
 
+    async def set_variable(
+        self, name: str, value: Any, **options: Unpack[VariableOptions]
+    ) -> dict[str, Any]: ...
+
 
 class _Client(Protocol):
     """What a :class:`Session` needs of ``Client``."""
@@ -48,6 +53,10 @@ class _Client(Protocol):
     def stream(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
     ) -> Generator[Chunk, None, None]: ...
+
+    def set_variable(
+        self, name: str, value: Any, **options: Unpack[VariableOptions]
+    ) -> dict[str, Any]: ...
 
 
 MAX_SESSION_ID_BYTES = 512
@@ -67,6 +76,16 @@ def _with_session(session_id: str, options: Mapping[str, Any]) -> RequestOptions
     if other is not None and other != session_id:
         raise InvalidRequest("session_id", f"{other!r} given to session {session_id!r}")
     return RequestOptions(**{**options, "session_id": session_id})  # type: ignore[typeddict-item]
+
+
+def _session_scope(handle: _Handle, options: Mapping[str, Any]) -> VariableOptions:
+    if (
+        options.get("scope") not in (None, "session")
+        or options.get("program")
+        or options.get("module")
+    ):
+        raise InvalidRequest("scope", "a session's variable has scope session, nothing else")
+    return VariableOptions(**{**options, "scope": "session", "session": handle.session_id})  # type: ignore[typeddict-item]
 
 
 class _Handle:
@@ -103,6 +122,12 @@ class AsyncSession(_Handle):
         """``AsyncClient.stream`` as this session's next turn."""
         return self._client.stream(program, inputs, **_with_session(self.session_id, options))
 
+    async def set_variable(
+        self, name: str, value: Any, **options: Unpack[VariableOptions]
+    ) -> dict[str, Any]:
+        """A variable for this session only: it overrides the shared ones for its requests."""
+        return await self._client.set_variable(name, value, **_session_scope(self, options))
+
     async def state(self) -> Record | None:
         """The session's stored state (``SessionState``), None when it has none."""
         return await asyncio.to_thread(self._state)
@@ -130,6 +155,12 @@ class Session(_Handle):
     ) -> Generator[Chunk, None, None]:
         """``Client.stream`` as this session's next turn."""
         return self._client.stream(program, inputs, **_with_session(self.session_id, options))
+
+    def set_variable(
+        self, name: str, value: Any, **options: Unpack[VariableOptions]
+    ) -> dict[str, Any]:
+        """A variable for this session only: it overrides the shared ones for its requests."""
+        return self._client.set_variable(name, value, **_session_scope(self, options))
 
     def state(self) -> Record | None:
         """The session's stored state (``SessionState``), None when it has none."""

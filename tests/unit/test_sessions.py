@@ -333,3 +333,89 @@ def test_the_router_refuses_a_request_that_sends_the_history() -> None:
         ProgramsResolver().resolve(request, None)
     assert caught.value.field == "inputs.history"
     assert ProgramsResolver().resolve({**request, "inputs": {"question": '"q"'}}, None)
+
+
+# -- session variables ------------------------------------------------------------------------
+
+
+def _var(name: str, value: Any, scope: str = "global", ref: str | None = None) -> dict[str, Any]:
+    from dspex.streams.variables import new_update
+
+    return new_update(name, value, var_type="float", scope=scope, scope_ref=ref)
+
+
+def test_session_variables_override_shared_ones_for_that_session_only() -> None:
+    from dspex.streams.variables import VariableStore, variable_key
+
+    store = VariableStore()
+    for record in (
+        _var("temperature", 0.1),
+        _var("temperature", 0.3, "program", "chat"),
+        _var("temperature", 0.9, "session", "user/42"),  # any session id, "/" too
+    ):
+        key = variable_key(record["name"], record["scope"], record["scope_ref"])
+        assert store.apply(key, record) is None
+    assert key == "session/user/42/temperature"
+    assert store.resolve("chat", session_id="user/42") == {"temperature": "0.9"}
+    assert store.resolve("chat", session_id="someone-else") == {"temperature": "0.3"}
+    assert store.resolve(None) == {"temperature": "0.1"}
+    store.apply(key, None)  # ended: the tombstone removes it
+    assert store.resolve("chat", session_id="user/42") == {"temperature": "0.3"}
+
+
+def test_the_router_steers_a_session_by_its_own_model_variable() -> None:
+    from dspex.agents.router.routing import Route
+    from dspex.agents.router.variables import SharedVariables
+    from dspex.streams.variables import new_update, variable_key
+
+    settings = _settings()
+    shared = SharedVariables(settings.lm)
+    record = new_update("model", "b", var_type="string", scope="session", scope_ref="s1")
+    shared.apply(variable_key("model", "session", "s1"), record)
+    route = Route("general", "a", "static")
+    steered = shared.steer({"session_id": "s1", "variables": {}}, route, None)
+    other = shared.steer({"session_id": "s2", "variables": {}}, route, None)
+    assert (steered.route.variant, steered.route.reason) == ("b", "variable")
+    assert other.route.variant == "a"
+
+
+@pytest.mark.parametrize(
+    ("options", "scope", "ref"),
+    [
+        ({"session": "s1"}, "session", "s1"),
+        ({"session": "s1", "scope": "session"}, "session", "s1"),
+        ({"program": "chat"}, "program", "chat"),
+    ],
+)
+def test_the_client_infers_the_session_scope(
+    options: dict[str, Any], scope: str, ref: str | None
+) -> None:
+    from dspex.streams.client.variables import VariableScope, scope_of
+
+    assert scope_of(VariableScope(**options)) == (scope, ref)  # type: ignore[typeddict-item]
+
+
+@pytest.mark.parametrize("ref", [None, "", "  ", "x" * 513])
+def test_a_session_variable_needs_a_usable_session_id(ref: str | None) -> None:
+    from dspex.streams.variables import variable_key
+
+    with pytest.raises(InvalidRequest) as caught:
+        variable_key("temperature", "session", ref)
+    assert caught.value.field in {"scope_ref", "scope"}
+
+
+def test_the_sweeper_knows_each_sessions_variables() -> None:
+    from dspex.agents.sessions.sweeper import Expiries, SessionVariables
+
+    index = SessionVariables()
+    index.apply("session/s1/temperature", _var("temperature", 0.5, "session", "s1"))
+    index.apply("temperature", _var("temperature", 0.5))
+    assert index.keys == {"s1": {"session/s1/temperature"}}
+    index.apply("session/s1/temperature", None)
+    assert index.keys == {"s1": set()}
+    due = Expiries()
+    due.apply("s1", {"expires_at": 1_000})
+    due.apply("s2", {"expires_at": 5_000})
+    assert due.expired(2_000) == ["s1"]
+    due.apply("s1", None)
+    assert due.expired(10_000) == ["s2"]
