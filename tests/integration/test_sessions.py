@@ -345,17 +345,20 @@ def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 def test_session_handles_concurrent_turns_and_the_sessions_command(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
     """The blocking client's handle; three turns sent at once are served in order and all
     recorded; ``dspex sessions show|list|end``; an ended session's next turn starts fresh;
-    an unknown or ended session is one error line naming ``session_id`` and exit 1."""
+    a session variable steers that session only and ends with it; an unknown or ended
+    session is one error line naming ``session_id`` and exit 1."""
     settings = recall_settings(settings)
     start_stack(settings, ["general"])
     session = f"c-{uuid.uuid4().hex[:6]}"
+    executions = tails(["executions"], settings=settings)
     with Client(settings) as client, ThreadPoolExecutor(3) as pool:
         chat = client.session(session)
-        # produced in this order (one key, one partition), answered concurrently by nobody:
-        # the worker runs one turn of a session at a time, in the order consumed
+        # produced in this order (one key, one partition); the worker runs one turn of a
+        # session at a time, in the order consumed
         futures = []
         for turn in (1, 2, 3):
             futures.append(pool.submit(chat.submit, CHAT, {"question": f"{session}:{turn}"}))
@@ -366,6 +369,10 @@ def test_session_handles_concurrent_turns_and_the_sessions_command(
         ended = _dspex(settings, "end", session)
         again = chat.submit(CHAT, {"question": f"{session}:1"}, deadline_s=DEADLINE_S)
         state = chat.state()
+        chat.set_variable("model", "recall-b", var_type="string")
+        steered, plain = _steered(client, executions, session)
+        ended_again = _dspex(settings, "end", session)
+        variable = client.get_variable("model", session=session)
     assert check_answers(session, range(1, 4), results) == []
     assert shown.returncode == 0, shown.stderr
     assert [t["request_id"] for t in json.loads(shown.stdout)["turns"]] == [
@@ -376,10 +383,33 @@ def test_session_handles_concurrent_turns_and_the_sessions_command(
     assert again.outputs == {"answer": f"{session}:1"}
     assert again.session == {"session_id": session, "turn": 1, "fresh": True, "expired": True}
     assert state is not None and state["restarted"] and len(state["turns"]) == 1
+    assert (steered, plain) == ("recall-b", "recall")
+    assert ended_again.returncode == 0, ended_again.stderr
+    assert variable is None  # tombstoned with the session
 
     unknown = _dspex(settings, "show", "nobody-" + uuid.uuid4().hex[:6])
     assert unknown.returncode == 1 and "session_id" in unknown.stderr, unknown.stderr
-    assert _dspex(settings, "end", session).returncode == 0  # live again since `again`
     twice = _dspex(settings, "end", session)
     assert twice.returncode == 1 and "it ended" in twice.stderr, twice.stderr
-    print(f"\n3 concurrent turns of {session} served in order; show/list/end and restart ok")
+    print(
+        f"\n3 concurrent turns of {session} served in order; show/list/end and restart ok;"
+        " a session variable steered that session only and ended with it"
+    )
+
+
+def _steered(client: Client, executions: Tail, session: str) -> tuple[str, str]:
+    """The variants that ran a request of ``session`` (whose ``model`` variable names
+    ``recall-b``) and one of another session, once the router applies the variable."""
+    program = Program.inline("question -> answer")  # no History input: not sticky
+    deadline = time.monotonic() + 60
+    while True:
+        mine = client.submit(program, {"question": "x"}, session_id=session)
+        other = client.submit(program, {"question": "x"}, session_id=f"x-{uuid.uuid4().hex}")
+        ran = {
+            r["request_id"]: r["route"]["variant"]
+            for r in executions_of(executions, {mine.request_id, other.request_id})
+        }
+        variants = (str(ran[mine.request_id]), str(ran[other.request_id]))
+        if variants[0] == "recall-b" or time.monotonic() > deadline:
+            return variants
+        time.sleep(0.5)  # the router follows the variables topic
