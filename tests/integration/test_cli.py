@@ -90,7 +90,7 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     assert run.returncode == 0, run.stdout + run.stderr
     assert "answer: " in run.stdout
     assert "status=ok pool=gpu" in run.stdout
-    for name in ("router", "learner", "general-1", "optimizer-1", "gpu-1"):
+    for name in ("router", "learner", "sessions", "general-1", "optimizer-1", "gpu-1"):
         assert f"{name} stopped (code 0)" in run.stderr
     print(run.stdout.split("demo", 1)[1])
 
