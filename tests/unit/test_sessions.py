@@ -419,3 +419,46 @@ def test_the_sweeper_knows_each_sessions_variables() -> None:
     assert due.expired(2_000) == ["s1"]
     due.apply("s1", None)
     assert due.expired(10_000) == ["s2"]
+
+
+# -- the client's handles -----------------------------------------------------------------
+
+
+class _RecordingClient:
+    """Stands in for AsyncClient: records what the session handle asks for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def _submit(self, program: Any, inputs: Mapping[str, Any], options: Any) -> Any:
+        self.calls.append(("submit", dict(options)))
+        return "result"
+
+    def stream(self, program: Any, inputs: Mapping[str, Any], **options: Any) -> Any:
+        self.calls.append(("stream", options))
+        return "chunks"
+
+    async def set_variable(self, name: str, value: Any, **options: Any) -> dict[str, Any]:
+        self.calls.append(("set_variable", options))
+        return {}
+
+
+async def test_the_async_handle_sends_every_request_and_variable_with_its_session() -> None:
+    from dspex.streams.client.sessions import AsyncSession
+
+    client = _RecordingClient()
+    chat = AsyncSession(client, load_settings(), "user-42")
+    await chat.submit("chat", {"question": "q"}, deadline_s=5)
+    chat.stream("chat", {"question": "q"})
+    await chat.set_variable("temperature", 0.2, var_type="float")
+    assert client.calls == [
+        ("submit", {"deadline_s": 5, "session_id": "user-42"}),
+        ("stream", {"session_id": "user-42"}),
+        ("set_variable", {"var_type": "float", "scope": "session", "session": "user-42"}),
+    ]
+    with pytest.raises(InvalidRequest, match="given to session") as caught:
+        await chat.submit("chat", {"question": "q"}, session_id="someone-else")
+    assert caught.value.field == "session_id"
+    with pytest.raises(InvalidRequest) as scoped:
+        await chat.set_variable("temperature", 0.2, program="chat")
+    assert scoped.value.field == "scope"
