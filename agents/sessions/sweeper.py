@@ -1,4 +1,5 @@
-"""The sessions agent: follows the ``sessions`` topic and tombstones expired sessions.
+"""The sessions agent: follows the ``sessions`` topic, tombstones expired sessions, and
+publishes each session's counters to ``metrics``.
 
 Workers already treat a session past its ``expires_at`` as expired when its next
 turn comes (the turn starts afresh and says so), so expiry does not depend on
@@ -8,6 +9,10 @@ One instance is enough; two would only tombstone the same sessions twice.
 
 Each tombstone carries ``dspex-session-ended: expired`` and goes to the
 session's own partition (:func:`~dspex.streams.sessions.session_partition`).
+Every sweep also publishes one ``session`` MetricSnapshot per session written
+since the last sweep (labels ``session_id``; ``count`` turns, ``tokens``,
+``cost_usd``, ``value`` the mean run time per turn in ms, the window from the
+session's creation to its last turn) — at start, one for every live session.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Callable
 
 from dspex.agents.plumbing.catalog import CompactedReader
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
-from dspex.schemas import times
+from dspex.schemas import records, times
 from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.ops.admin import require_topics
@@ -32,23 +37,48 @@ from dspex.streams.topics import Topics
 logger = logging.getLogger(__name__)
 
 WRITER = "sweeper"
+METRIC = "session"
 
 
 class Expiries:
-    """``session id -> expires_at`` (epoch ms) of every live session on the topic."""
+    """``session id -> expires_at`` (epoch ms) of every live session on the topic, and the
+    states written since :meth:`take_changed` was last called."""
 
     def __init__(self) -> None:
         self.due: dict[str, int] = {}
+        self._changed: dict[str, Record] = {}
 
     def apply(self, key: str, record: Record | None) -> None:
         expires = times.to_ms(record["expires_at"]) if record is not None else None
-        if expires is None:
+        if record is None or expires is None:
             self.due.pop(key, None)
+            self._changed.pop(key, None)
         else:
             self.due[key] = expires
+            self._changed[key] = record
 
     def expired(self, now_ms: int) -> list[str]:
         return [key for key, at in self.due.items() if at <= now_ms]
+
+    def take_changed(self) -> dict[str, Record]:
+        changed, self._changed = self._changed, {}
+        return changed
+
+
+def session_snapshot(state: Record) -> Record:
+    """The ``session`` MetricSnapshot of one session's counters."""
+    counters = state["counters"]
+    turns = int(counters["turns"])
+    return records.metric_snapshot(
+        name=METRIC,
+        window_start=state["created_at"],
+        window_end=state["updated_at"],
+        labels={"session_id": state["session_id"]},
+        count=turns,
+        tokens=int(counters["prompt_tokens"]) + int(counters["completion_tokens"]),
+        cost_usd=float(counters["cost_usd"]),
+        value=float(counters["latency_ms"]) / turns if turns else None,
+    )
 
 
 class SessionVariables:
@@ -80,6 +110,7 @@ class SessionSweeper:
         self.expiries = Expiries()
         self.variables = SessionVariables()
         self._variables_topic = topics.name("variables")
+        self._metrics_topic = topics.name("metrics")
         self.swept = 0
         self._reader = CompactedReader(
             settings,
@@ -95,7 +126,7 @@ class SessionSweeper:
         partitions = await asyncio.to_thread(
             require_topics,
             kafka.admin_client(self.settings),
-            [self.topic, self._variables_topic],
+            [self.topic, self._variables_topic, self._metrics_topic],
             "sessions",
         )
         await self._reader.start(partitions)
@@ -133,6 +164,12 @@ class SessionSweeper:
             self.expiries.due.pop(session_id, None)
             for key in sorted(self.variables.keys.pop(session_id, set())):
                 sent.append(await publisher.send_bytes(self._variables_topic, key, None, headers))
+        for state in self.expiries.take_changed().values():
+            sent.append(
+                await publisher.send(
+                    self._metrics_topic, METRIC, "MetricSnapshot", session_snapshot(state)
+                )
+            )
         await asyncio.gather(*sent)
         if doomed:
             logger.info("tombstoned %d expired session(s) topic=%s", len(doomed), self.topic)

@@ -241,10 +241,13 @@ async def test_kill_9_of_the_worker_holding_a_session_hands_it_over_with_full_hi
 async def test_an_expired_session_is_tombstoned_and_its_next_turn_starts_fresh(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
+    tails: OpenTail,
 ) -> None:
-    """TTL 2 s: the sessions agent tombstones the state; the next turn says expired and fresh."""
+    """TTL 2 s: the sessions agent tombstones the state; the next turn says expired and fresh.
+    The agent also reports the session's counters on ``metrics``."""
     settings = recall_settings(settings, ttl_s=2.0, sweep_interval_s=0.5)
     start_stack(settings, ["general"])
+    metrics = tails(["metrics"], settings=settings)
     serde = make_serde(settings)
     session = f"e-{uuid.uuid4().hex[:6]}"
     sweeper = SessionSweeper(settings)
@@ -270,6 +273,19 @@ async def test_an_expired_session_is_tombstoned_and_its_next_turn_starts_fresh(
     assert again.session == {"session_id": session, "turn": 1, "fresh": True, "expired": True}
     assert more.outputs == {"answer": expected(session, 2)}
     assert more.session == {"session_id": session, "turn": 2, "fresh": False, "expired": False}
+    reported = metrics.wait(
+        lambda t: (
+            [
+                m
+                for m in t.of("metrics")
+                if m["name"] == "session" and m["labels"] == {"session_id": session}
+            ]
+            or None
+        ),
+        60,
+        "the session's counters on metrics",
+    )
+    assert max(m["count"] for m in reported) == 2  # the two turns before the expiry
     print(f"\nTTL 2s: tombstone seen {tombstoned_s:.1f}s after the last turn; next turn fresh")
 
 

@@ -462,3 +462,17 @@ async def test_the_async_handle_sends_every_request_and_variable_with_its_sessio
     with pytest.raises(InvalidRequest) as scoped:
         await chat.set_variable("temperature", 0.2, program="chat")
     assert scoped.value.field == "scope"
+
+
+def test_the_sessions_agent_reports_each_changed_sessions_counters_once() -> None:
+    from dspex.agents.sessions.sweeper import Expiries, session_snapshot
+
+    state = sample("SessionState")
+    due = Expiries()
+    due.apply("user-42", state)
+    (changed,) = due.take_changed().values()
+    assert due.take_changed() == {}
+    snapshot = session_snapshot(changed)
+    assert SERDE.decode(SERDE.encode("MetricSnapshot", snapshot, topic="m"), topic="m").record
+    assert (snapshot["name"], snapshot["labels"]) == ("session", {"session_id": "user-42"})
+    assert (snapshot["count"], snapshot["tokens"], snapshot["value"]) == (1, 134, 812.5)
