@@ -157,12 +157,9 @@ class Sessions:
     async def start(self) -> None:
         """Follow the topic for others' writes (they invalidate the cached copy)."""
         loop = asyncio.get_running_loop()
-
-        def drop(session_id: str) -> None:
-            loop.call_soon_threadsafe(self.cache.drop, session_id)
-
-        self._invalidator = Invalidator(self._full_settings, self.topic, self._worker_id, drop)
-        await asyncio.to_thread(self._invalidator.start)
+        invalidator = Invalidator(self._full_settings, self.topic, self._worker_id, self.cache.drop)
+        await asyncio.to_thread(invalidator.start, loop)
+        self._invalidator = invalidator
 
     async def stop(self) -> None:
         if self._invalidator is not None:
@@ -190,6 +187,9 @@ class Sessions:
                 self._locks[session_id] = (lock, users - 1)
 
     async def _state(self, session_id: str) -> Found:
+        if session_id in self.cache and self._invalidator is not None:
+            # others' writes (an end, another owner) that came before this turn drop it
+            await self._invalidator.settle(session_partition(session_id, self._partitions))
         cached = self.cache.get(session_id)
         if cached is not None:
             return Found(cached)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from dspex.schemas.records import Record
 from dspex.streams import kafka
@@ -43,6 +43,8 @@ from dspex.streams.settings import Settings
 logger = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 30.0
+SETTLE_TIMEOUT_S = 5.0
+SETTLE_POLL_S = 0.005
 
 
 class SessionCache:
@@ -149,7 +151,14 @@ class SessionLoader:
 
 
 class Invalidator:
-    """Follows the sessions topic from its end; calls ``drop`` for records others wrote."""
+    """Follows the sessions topic from its end and drops cached sessions that others wrote.
+
+    What it has read is handed to the event loop in one callback per batch (the drops,
+    then the new positions), so :meth:`settle` — "has everything on this partition up to
+    its current end been read?" — is true only once those drops have happened. The
+    worker settles before it trusts a cached session: a tombstone that ``dspex sessions
+    end`` had written before the turn was consumed is never missed.
+    """
 
     def __init__(
         self, settings: Settings, topic: str, writer: str, drop: Callable[[str], None]
@@ -158,12 +167,17 @@ class Invalidator:
         self._topic = topic
         self._writer = writer
         self._drop = drop
+        self._positions: dict[int, int] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="sessions-follow", daemon=True)
+        self._offsets = ThreadPoolExecutor(1, thread_name_prefix="sessions-offsets")
+        self._offsets_consumer: Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, timeout_s: float = READ_TIMEOUT_S) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, timeout_s: float = READ_TIMEOUT_S) -> None:
         """Start following; returns once positioned at the topic's end (or ``timeout_s``)."""
+        self._loop = loop
         self._thread.start()
         if not self._ready.wait(timeout_s):
             logger.warning("sessions follower not positioned within %.0fs", timeout_s)
@@ -172,20 +186,74 @@ class Invalidator:
         self._stop.set()
         self._thread.join(timeout=10)
 
+        def close() -> None:
+            if self._offsets_consumer is not None:
+                self._offsets_consumer.close()
+
+        self._offsets.submit(close).result(timeout=READ_TIMEOUT_S)
+        self._offsets.shutdown(wait=False)
+
+    async def settle(self, partition: int, timeout_s: float = SETTLE_TIMEOUT_S) -> bool:
+        """Wait until the follower has applied everything on ``partition`` up to its end now.
+
+        False (and a warning) when that takes longer than ``timeout_s``: the caller then
+        goes on with what it has.
+        """
+        loop = asyncio.get_running_loop()
+        high = await loop.run_in_executor(self._offsets, self._high, partition)
+        give_up = loop.time() + timeout_s
+        while self._positions.get(partition, -1) < high:
+            if loop.time() > give_up or not self._thread.is_alive():
+                logger.warning("sessions follower behind partition=%d end=%d", partition, high)
+                return False
+            await asyncio.sleep(SETTLE_POLL_S)
+        return True
+
+    def _high(self, partition: int) -> int:
+        if self._offsets_consumer is None:
+            group = f"dspex-sessions-offsets-{uuid.uuid4().hex}"
+            self._offsets_consumer = kafka.consumer(self._settings, group)
+        tp = TopicPartition(self._topic, partition)
+        _, high = self._offsets_consumer.get_watermark_offsets(
+            tp, timeout=READ_TIMEOUT_S, cached=False
+        )
+        return int(high)
+
     def _follow(self) -> None:
-        consumer = kafka.consumer(self._settings, f"dspex-sessions-follow-{uuid.uuid4().hex}")
+        group = f"dspex-sessions-follow-{uuid.uuid4().hex}"
+        consumer = kafka.consumer(self._settings, group, **{"fetch.wait.max.ms": 20})
         try:
-            consumer.assign(end_offsets(consumer, self._topic, READ_TIMEOUT_S))
+            start = end_offsets(consumer, self._topic, READ_TIMEOUT_S)
+            consumer.assign(start)
+            self._hand_over([], {tp.partition: tp.offset for tp in start})
             self._ready.set()
             while not self._stop.is_set():
-                for message in consumer.consume(500, 0.5):
-                    if message.error() is None and not self._own(message):
-                        self._drop((message.key() or b"").decode("utf-8", "replace"))
+                # the first record (or 0.1 s), then whatever else is fetched already
+                messages = consumer.consume(1, 0.1)
+                messages += consumer.consume(499, 0) if messages else []
+                others = [
+                    (m.key() or b"").decode("utf-8", "replace")
+                    for m in messages
+                    if m.error() is None and not self._own(m)
+                ]
+                positions = {tp.partition: tp.offset for tp in consumer.position(start)}
+                self._hand_over(others, positions)
         except Exception:
             logger.exception("sessions follower stopped topic=%s", self._topic)
         finally:
             self._ready.set()
             consumer.close()
+
+    def _hand_over(self, dropped: list[str], positions: dict[int, int]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._apply, dropped, positions)
+
+    def _apply(self, dropped: list[str], positions: dict[int, int]) -> None:
+        for session_id in dropped:
+            self._drop(session_id)
+        for partition, offset in positions.items():
+            if offset >= 0:  # no position yet: keep the last known one
+                self._positions[partition] = max(offset, self._positions.get(partition, -1))
 
     def _own(self, message: Message) -> bool:
         return header(message, WRITER_HEADER) == self._writer

@@ -363,7 +363,8 @@ def test_session_handles_concurrent_turns_and_the_sessions_command(
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tails: OpenTail,
 ) -> None:
-    """The blocking client's handle; three turns sent at once are served in order and all
+    """The blocking client's handle; three turns sent at once from three threads are
+    served one after another in the order produced, each seeing the ones before, and all
     recorded; ``dspex sessions show|list|end``; an ended session's next turn starts fresh;
     a session variable steers that session only and ends with it; an unknown or ended
     session is one error line naming ``session_id`` and exit 1."""
@@ -375,11 +376,12 @@ def test_session_handles_concurrent_turns_and_the_sessions_command(
         chat = client.session(session)
         # produced in this order (one key, one partition); the worker runs one turn of a
         # session at a time, in the order consumed
-        futures = []
-        for turn in (1, 2, 3):
-            futures.append(pool.submit(chat.submit, CHAT, {"question": f"{session}:{turn}"}))
-            time.sleep(0.05)
-        results = [f.result(timeout=DEADLINE_S) for f in futures]
+        asked = [f"{session}:{word}" for word in ("a", "b", "c")]
+        futures = [pool.submit(chat.submit, CHAT, {"question": q}) for q in asked]
+        answered = [(q, f.result(timeout=DEADLINE_S)) for q, f in zip(asked, futures, strict=True)]
+        # whatever order they were produced in: by turn number, each saw all before it
+        in_order = sorted(answered, key=lambda pair: (pair[1].session or {}).get("turn", 0))
+        results = [result for _, result in in_order]
         shown = _dspex(settings, "show", session)
         listed = _dspex(settings, "list")
         ended = _dspex(settings, "end", session)
@@ -389,7 +391,9 @@ def test_session_handles_concurrent_turns_and_the_sessions_command(
         steered, plain = _steered(client, executions, session)
         ended_again = _dspex(settings, "end", session)
         variable = client.get_variable("model", session=session)
-    assert check_answers(session, range(1, 4), results) == []
+    assert [(r.session or {}).get("turn") for r in results] == [1, 2, 3]
+    for turn, (_, result) in enumerate(in_order, start=1):
+        assert result.outputs == {"answer": " | ".join(q for q, _ in in_order[:turn])}
     assert shown.returncode == 0, shown.stderr
     assert [t["request_id"] for t in json.loads(shown.stdout)["turns"]] == [
         r.request_id for r in results
