@@ -1,4 +1,4 @@
-"""``python -m dspex.agents router|learner|metrics|worker --pool NAME|jobs``: one agent process.
+"""``python -m dspex.agents router|learner|metrics|sessions|worker --pool P|jobs``: one agent.
 
 ``dspex up`` starts these through its supervisor; they can also be run (and scaled)
 by hand, by systemd or by Kubernetes. Settings come from the environment and

@@ -68,6 +68,14 @@ def metrics(settings_file: SettingsFile = None) -> None:
     _serve(make_metrics, settings_file, "metrics")
 
 
+@app.command("sessions")
+def sessions(settings_file: SettingsFile = None) -> None:
+    """The sessions agent: tombstones sessions whose TTL has passed."""
+    from dspex.agents.sessions.sweeper import SessionSweeper
+
+    _serve(SessionSweeper, settings_file, "sessions")
+
+
 @app.command("worker")
 def pool_worker(
     pool: Annotated[str, typer.Option(help="general, optimizer or gpu")],

@@ -369,6 +369,57 @@ def stage_condition(*, ref: str, values: Sequence[str]) -> Record:
     return _record(locals())
 
 
+# -- Sessions -----------------------------------------------------------------------------------
+
+
+def session_state(
+    *,
+    session_id: str,
+    version: int,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    ttl_ms: int,
+    expires_at: Timestamp,
+    turns: Sequence[Mapping[str, Any]] = (),
+    variables: Mapping[str, str] = _EMPTY,
+    pinned: Mapping[str, str] = _EMPTY,
+    counters: Mapping[str, Any],
+    restarted: bool = False,
+    writer: str = "",
+) -> Record:
+    """A ``SessionState``: one session's history, variables, pins, counters and TTL."""
+    return _record(locals())
+
+
+def history_turn(
+    *,
+    request_id: str,
+    turn: int,
+    program_id: str | None = None,
+    pipeline_id: str | None = None,
+    signature: str | None = None,
+    inputs: Mapping[str, str] = _EMPTY,
+    outputs: Mapping[str, str] = _EMPTY,
+    variant: str | None = None,
+    at: Timestamp,
+) -> Record:
+    """A ``HistoryTurn``: one answered turn kept in a session's history."""
+    return _record(locals())
+
+
+def session_counters(
+    *,
+    turns: int = 0,
+    dropped_turns: int = 0,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    cost_usd: float = 0.0,
+    latency_ms: float = 0.0,
+) -> Record:
+    """``SessionCounters``: totals over every turn of a session."""
+    return _record(locals())
+
+
 # -- RoutingTable, with its Variants and VariantStats -------------------------------------------
 
 

@@ -377,6 +377,35 @@ def _job_control() -> Record:
     )
 
 
+def _session_state() -> Record:
+    first = times.now() - timedelta(minutes=3)
+    turn = records.history_turn(
+        request_id=str(uuid.uuid4()),
+        turn=1,
+        program_id="support.chat",
+        signature="question, history: History -> answer",
+        inputs={"question": _j("Where is my order?")},
+        outputs={"answer": _j("It left the warehouse this morning.")},
+        variant="cot-mini",
+        at=first,
+    )
+    return records.session_state(
+        session_id="user-42",
+        version=1,
+        created_at=first,
+        updated_at=first,
+        ttl_ms=3_600_000,
+        expires_at=first + timedelta(hours=1),
+        turns=[turn],
+        variables={"temperature": _j(0.2)},
+        pinned={"support.chat": "cot-mini"},
+        counters=records.session_counters(
+            turns=1, prompt_tokens=120, completion_tokens=14, cost_usd=0.0001, latency_ms=812.5
+        ),
+        writer="worker-general-host-1a2b:4242",
+    )
+
+
 _BUILDERS: dict[str, Callable[[], Record]] = {
     "DeadLetter": _dead_letter,
     "Execution": _execution,
@@ -389,6 +418,7 @@ _BUILDERS: dict[str, Callable[[], Record]] = {
     "Request": _request,
     "Response": _response,
     "RoutingTable": _routing_table,
+    "SessionState": _session_state,
     "Telemetry": _telemetry,
     "VariableUpdate": _variable_update,
 }

@@ -246,6 +246,24 @@ class RouterSettings(_Section):
     default_pool: Literal["general", "optimizer", "gpu"] = "general"
 
 
+class SessionSettings(_Section):
+    """Sessions (docs/sessions.md): history caps, TTL, the worker's hot sessions, sticky routing."""
+
+    ttl_s: float = Field(default=86_400.0, gt=0)
+    """A session expires this long after its last turn; its next turn starts afresh."""
+    max_turns: int = Field(default=50, ge=1)
+    """Turns kept in a session's history (the oldest are dropped first)."""
+    max_history_bytes: int = Field(default=65_536, ge=256)
+    """JSON bytes of the kept turns' inputs and outputs (the oldest are dropped first)."""
+    cache_size: int = Field(default=10_000, ge=1)
+    """Sessions a worker keeps in memory (least recently used dropped; re-read from the topic)."""
+    sticky: dict[str, bool] = Field(default_factory=dict)
+    """Per program id: pin a session to the variant of its first turn. Unlisted programs:
+    on when their signature has a History input."""
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    """How often the sessions agent tombstones expired sessions."""
+
+
 _PRESETS = {
     "quality": (1.0, 0.0, 0.0),
     "latency": (1.0, 1.0, 0.0),
@@ -444,6 +462,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     # Deployed modules and tools (docs/modules.md): name -> "package.module:Attribute".
     # Only these paths are ever imported, by each worker at start; routers and clients

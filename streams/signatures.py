@@ -21,11 +21,13 @@ from typing import Any
 from dspex.streams.errors import InvalidRequest
 
 __all__ = [
+    "HISTORY",
     "MAX_SIGNATURE_BYTES",
     "RESERVED_NAMES",
     "Field",
     "SignatureFields",
     "decode_value",
+    "history_inputs",
     "matches",
     "parse_field_list",
     "parse_signature_fields",
@@ -70,6 +72,21 @@ _LIST = re.compile(r"^list\[\s*(\w+)\s*\]$")
 _DICT = re.compile(r"^dict\[\s*str\s*,\s*(\w+)\s*\]$")
 _FIELD = "signature"
 
+
+class HistoryType:
+    """The annotation of a ``history: History`` input (DSPy's ``dspy.History`` at run time).
+
+    A caller never sends it: the worker fills it from the session's earlier turns
+    (docs/sessions.md). Only an input may have it, and at most one.
+    """
+
+    def __repr__(self) -> str:
+        return "History"
+
+
+HISTORY = HistoryType()
+"""The one :class:`HistoryType` annotation."""
+
 Field = tuple[str, Any]
 """A signature field: its name and Python annotation (``str``, ``list[int]``, ...)."""
 
@@ -97,12 +114,14 @@ def parse_type(text: str, *, field: str = _FIELD) -> Any:
         return _SCALARS[text]
     if text == "dict":
         return dict[str, Any]
+    if text == "History":
+        return HISTORY
     if (match := _LIST.match(text)) and match.group(1) in _SCALARS:
         return _LISTS[match.group(1)]
     if (match := _DICT.match(text)) and match.group(1) in _DICTS:
         return _DICTS[match.group(1)]
     raise InvalidRequest(
-        field, f"unsupported type {text!r} (use str, int, float, bool, list[T], dict)"
+        field, f"unsupported type {text!r} (use str, int, float, bool, list[T], dict, History)"
     )
 
 
@@ -117,7 +136,16 @@ def parse_signature_fields(text: str) -> SignatureFields:
     inputs = parse_field_list(left, side="input")
     outputs = parse_field_list(right, side="output")
     _check_unique([name for name, _ in inputs + outputs], _FIELD)
+    if any(kind is HISTORY for _, kind in outputs):
+        raise InvalidRequest(_FIELD, "History is an input type: an output cannot be History")
+    if sum(kind is HISTORY for _, kind in inputs) > 1:
+        raise InvalidRequest(_FIELD, "at most one History input")
     return SignatureFields(inputs, outputs)
+
+
+def history_inputs(fields: SignatureFields) -> tuple[str, ...]:
+    """The names of ``fields``' History inputs (none or one)."""
+    return tuple(name for name, kind in fields.inputs if kind is HISTORY)
 
 
 def parse_field_list(text: str, *, side: str = "input", field: str = _FIELD) -> tuple[Field, ...]:
@@ -195,6 +223,9 @@ def matches(value: Any, annotation: Any) -> bool:
     """Whether a decoded JSON value fits a signature annotation."""
     if annotation is Any:
         return True
+    if annotation is HISTORY:
+        messages = value.get("messages") if isinstance(value, dict) else None
+        return isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -216,6 +247,8 @@ def matches(value: Any, annotation: Any) -> bool:
 
 def type_name(annotation: Any) -> str:
     """How a signature annotation is written (``list[str]``)."""
+    if annotation is HISTORY:
+        return "History"
     if annotation in _SCALARS.values():
         return str(annotation.__name__)
     return str(annotation).replace("typing.", "")

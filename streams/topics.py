@@ -169,6 +169,22 @@ CATALOG: tuple[TopicSpec, ...] = (
         7,
         "Per-execution measurements and worker health.",
     ),
+    TopicSpec(
+        "sessions",
+        "SessionState",
+        "session id",
+        6,
+        "compact",
+        None,
+        "Session state (bounded history, variables, pinned variants, counters, TTL), written by"
+        " the worker serving the session; a tombstone ends it. Tombstones are kept a day"
+        " (delete.retention.ms): within it, a returning session is told it expired.",
+        {
+            "min.cleanable.dirty.ratio": "0.1",
+            "segment.ms": str(DAY_MS),
+            "delete.retention.ms": str(DAY_MS),
+        },
+    ),
     _compact(
         "routing",
         "RoutingTable",

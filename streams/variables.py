@@ -44,25 +44,35 @@ __all__ = [
     "variable_key",
 ]
 
-SCOPES = ("global", "program", "module")
+SCOPES = ("global", "program", "module", "session")
+MAX_SESSION_REF_BYTES = 512
 # A variable named "module" steers the module type a program runs as, so it must be typed so.
 RESERVED_TYPES = {"module": "module"}
 
 
 def variable_key(name: str, scope: str = "global", scope_ref: str | None = None) -> str:
-    """The Kafka key: ``name``, ``program/<program_id>/<name>`` or ``module/<id>/<m>/<name>``."""
+    """The Kafka key: ``name``, ``program/<program_id>/<name>``, ``module/<id>/<m>/<name>``
+    or ``session/<session_id>/<name>``."""
     _check_scope(scope, scope_ref)
     if scope == "global":
         return name
     return f"{scope}/{scope_ref}/{name}"
 
 
-def scope_ref_for(scope: str, program: str | None, module: str | None) -> str | None:
-    """The ``scope_ref`` a scope needs: None, ``<program>`` or ``<program>/<module>``."""
-    needs = {"global": (), "program": ("program",), "module": ("program", "module")}.get(scope)
+def scope_ref_for(
+    scope: str, program: str | None, module: str | None, session: str | None = None
+) -> str | None:
+    """The ``scope_ref`` a scope needs: None, ``<program>``, ``<program>/<module>`` or
+    ``<session id>``."""
+    needs = {
+        "global": (),
+        "program": ("program",),
+        "module": ("program", "module"),
+        "session": ("session",),
+    }.get(scope)
     if needs is None:
         raise InvalidRequest("scope", f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
-    given = {"program": program, "module": module}
+    given = {"program": program, "module": module, "session": session}
     extra = [part for part, value in given.items() if value is not None and part not in needs]
     if extra:
         raise InvalidRequest("scope", f"a {extra[0]} was named for a {scope} variable")
@@ -206,8 +216,10 @@ class VariableStore:
         module: str | None = None,
         *,
         context: Mapping[str, str] | None = None,
+        session_id: str | None = None,
     ) -> dict[str, str]:
-        """Effective ``name -> value_json`` for a program (and module): global < program < module.
+        """Effective ``name -> value_json`` for a program (and module, and session):
+        global < program < module < session.
 
         A record whose constraints carry ``"when": {"<var>": [JSON values]}`` applies
         only while ``<var>``'s effective value is one of them; otherwise the next
@@ -216,14 +228,16 @@ class VariableStore:
         """
         if not self._by_name:
             return {}
-        resolver = _Resolver(self, program_id, module, context or {})
+        resolver = _Resolver(self, program_id, module, context or {}, session_id)
         found = {name: resolver.value(name, frozenset()) for name in self._by_name}
         return {name: value for name, value in found.items() if value is not None}
 
-    def candidates(self, name: str, program_id: str | None, module: str | None) -> list[str]:
+    def candidates(
+        self, name: str, program_id: str | None, module: str | None, session_id: str | None = None
+    ) -> list[str]:
         """Keys of ``name``'s records that could apply, most specific scope first."""
         keys = self._by_name.get(name, {})
-        refs = []
+        refs = [f"session/{session_id}"] if session_id else []
         if program_id is not None and module is not None:
             refs.append(f"module/{program_id}/{module}")
         if program_id is not None:
@@ -278,7 +292,9 @@ class _Resolver:
         program_id: str | None,
         module: str | None,
         context: Mapping[str, str],
+        session_id: str | None = None,
     ) -> None:
+        self._session_id = session_id
         self._store = store
         self._program_id = program_id
         self._module = module
@@ -290,7 +306,8 @@ class _Resolver:
         if name in self._memo:
             return self._memo[name]
         found = None
-        for key in self._store.candidates(name, self._program_id, self._module):
+        candidates = self._store.candidates(name, self._program_id, self._module, self._session_id)
+        for key in candidates:
             if self._holds(key, visiting | {name}):
                 found = self._store.value_json(key)
                 break
@@ -322,6 +339,12 @@ def _check_scope(scope: Any, scope_ref: Any) -> None:
     if scope == "global":
         if scope_ref not in (None, ""):
             raise InvalidRequest("scope_ref", "must be null for a global variable")
+        return
+    if scope == "session":  # any session id (it may contain "/"), as the client sends it
+        if not isinstance(scope_ref, str) or not scope_ref.strip():
+            raise InvalidRequest("scope_ref", "a session variable needs the session id")
+        if len(scope_ref.encode("utf-8")) > MAX_SESSION_REF_BYTES:
+            raise InvalidRequest("scope_ref", f"longer than {MAX_SESSION_REF_BYTES} bytes")
         return
     parts = scope_ref.split("/") if isinstance(scope_ref, str) else []
     wanted = 1 if scope == "program" else 2

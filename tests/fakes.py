@@ -45,7 +45,7 @@ class Produced(NamedTuple):
 
     topic: str
     key: str | bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[Header]
     """As the broker keeps them: a ``str`` value is UTF-8 encoded, as librdkafka does."""
 
@@ -78,11 +78,12 @@ class FakeProducer:
     def produce(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         key: str | bytes | None = None,
         *,
         on_delivery: DeliveryReport | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int = -1,
     ) -> None:
         if not _LEGAL_TOPIC.fullmatch(topic):
             raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
@@ -126,7 +127,11 @@ class FakeProducer:
 
     def records(self, topic: str) -> list[dict[str, Any]]:
         """The records produced to ``topic``, decoded."""
-        return [self._serde.decode(p.value, topic=topic).record for p in self.raw(topic)]
+        return [
+            self._serde.decode(p.value, topic=topic).record
+            for p in self.raw(topic)
+            if p.value is not None
+        ]
 
 
 Behaviour = Callable[[Mapping[str, Any], ChunkCallback | None], Awaitable[Outcome]]

@@ -44,13 +44,14 @@ class Producer(Protocol):
     def produce(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         key: str | bytes | None = None,
         *,
         on_delivery: DeliveryReport | None = None,
         headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int = -1,
     ) -> None:
-        """Queue one record; raises BufferError when the local queue is full."""
+        """Queue one record (partition -1: the partitioner's); BufferError when queue is full."""
         ...
 
     def poll(self, timeout: float = -1) -> int:
@@ -94,14 +95,18 @@ class Publisher:
         self,
         topic: str,
         key: str | bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: Sequence[tuple[str, bytes | None]] = (),
+        partition: int | None = None,
     ) -> asyncio.Future[None]:
-        """Produce already-encoded ``value`` (and ``headers``); the future resolves on delivery."""
+        """Produce already-encoded ``value`` (and ``headers``, to ``partition`` when given);
+        the future resolves on delivery."""
         delivered: asyncio.Future[None] = self._loop.create_future()
         callback = partial(self._on_delivery, delivered, topic)
         headers = tracing.inject(headers)  # the current span's traceparent, when tracing
-        extra: dict[str, Any] = {"headers": headers} if headers else {}
+        extra: dict[str, Any] = {"headers": list(headers)} if headers else {}
+        if partition is not None:
+            extra["partition"] = partition
         while True:
             try:
                 self._producer.produce(topic, value, key, on_delivery=callback, **extra)

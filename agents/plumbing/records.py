@@ -64,9 +64,13 @@ def chunk_response(request: Mapping[str, Any], seq: int, delta: str, pool: str) 
 
 
 def final_response(
-    request: Mapping[str, Any], result: ExecutionResult, seq: int, pool: str
+    request: Mapping[str, Any],
+    result: ExecutionResult,
+    seq: int,
+    pool: str,
+    session: Record | None = None,
 ) -> Record:
-    """The one final chunk: outputs when ``result`` is ok, else its error."""
+    """The one final chunk: outputs when ``result`` is ok, else its error (and the session turn)."""
     ok = result.status == "ok"
     return _response(
         request,
@@ -77,6 +81,7 @@ def final_response(
         status=result.status,
         outputs=encode_outputs(result.outputs) if ok else None,
         error=None if ok or result.error is None else result.error.record(),
+        session=session,
     )
 
 
@@ -91,6 +96,7 @@ def _response(
     delta: str = "",
     outputs: Mapping[str, str] | None = None,
     error: Record | None = None,
+    session: Record | None = None,
 ) -> Record:
     return records.response(
         request_id=request["request_id"],
@@ -104,6 +110,7 @@ def _response(
         program_version=version if version is not None else request.get("program_version"),
         pool=pool,
         produced_at=now(),
+        session=session,
     )
 
 

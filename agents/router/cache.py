@@ -51,8 +51,8 @@ def is_cacheable(
 
     ``variables``: the effective variables (default: the variant's and the request's).
     """
-    if not request.get("cache", True):
-        return False
+    if not request.get("cache", True) or request.get("session_id"):
+        return False  # a session's turn must reach its worker: history, counters, pins
     module = route.module_type or program.get("module_type")
     if module in NONDETERMINISTIC_MODULES:
         return False

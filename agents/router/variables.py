@@ -7,7 +7,8 @@ again there, and a refused one leaves the last good value in force.
 
 For each request (see ``docs/variables.md``):
 
-1. the store's variables for the program (global < program scope, ``when``
+1. the store's variables for the program (global < program scope < the request's
+   session's scope, ``when``
    conditions evaluated with the request's own variables on top) and the request's
    variables decide ``model``: a configured LM backend name pins the route's variant;
 2. ``module`` (store < routing variant < request) sets the module type a
@@ -83,7 +84,8 @@ class SharedVariables:
     ) -> Steering:
         """Apply ``model`` to the route and ``module`` to the request (steps 1 and 2)."""
         own = request.get("variables") or {}
-        shared = self.store.resolve(request.get("program_id"), context=own)
+        session = request.get("session_id")
+        shared = self.store.resolve(request.get("program_id"), context=own, session_id=session)
         route = self._pinned(route, {**shared, **own})
         module = module_variable({**shared, **route.variables, **own})
         if module is not None and not request.get("module_type"):
@@ -96,7 +98,12 @@ class SharedVariables:
         own = request.get("variables") or {}
         context = {} if MODEL in steering.shared else {MODEL: json.dumps(route.variant)}
         context.update({**route.variables, **own})
-        shared = self.store.resolve(request.get("program_id"), module_type, context=context)
+        shared = self.store.resolve(
+            request.get("program_id"),
+            module_type,
+            context=context,
+            session_id=request.get("session_id"),
+        )
         return effective_variables(route, request, shared)
 
     def _pinned(self, route: Route, variables: Mapping[str, str]) -> Route:

@@ -34,8 +34,11 @@ from dspex.agents.plumbing.offsets import RecentIds
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
 from dspex.agents.plumbing.records import ExecutionResult
 from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
+from dspex.agents.runtime.history import session_history
 from dspex.agents.worker.execution import Executor, Outcome, classify
+from dspex.agents.worker.sessions import Sessions, Turn
 from dspex.schemas import times
+from dspex.schemas.records import Record
 from dspex.schemas.times import to_ms
 from dspex.streams import tracing
 from dspex.streams.errors import SerdeError
@@ -81,9 +84,9 @@ class _Replies:
         self.seq += 1
         await self._send("Response", record)
 
-    async def final(self, result: ExecutionResult) -> None:
+    async def final(self, result: ExecutionResult, session: Record | None = None) -> None:
         """The final Response; an ok answer to a cacheable request also goes to ``cache``."""
-        record = records.final_response(self._request, result, self.seq, self._pool)
+        record = records.final_response(self._request, result, self.seq, self._pool, session)
         with tracing.producing(self.topic):
             await self._send("Response", record)
         cache_key = (self._request.get("route") or {}).get("cache_key")
@@ -113,13 +116,16 @@ class WorkerHandler:
         retry_topic: RetryTopicPolicy | None = None,
         audit_publisher: Publisher | None = None,
         answers: FinalStatusLookup | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         """``audit_publisher`` sends Execution and Telemetry (default: ``publisher``).
 
         ``answers`` finds a final answer already on a reply topic (blocking; see
         :mod:`dspex.agents.plumbing.answers`): a possibly redone request whose deadline
-        has passed is not answered again when it was answered before.
+        has passed is not answered again when it was answered before. ``sessions``:
+        session state for requests with a session id (None: keys only).
         """
+        self._sessions = sessions
         self._executor = executor
         self._publisher = publisher
         self._audit_publisher = audit_publisher or publisher
@@ -214,7 +220,24 @@ class WorkerHandler:
     async def _answer(
         self, origin: Consumed, request: dict[str, Any], received_at: datetime, attempt: int
     ) -> bool:
+        """Run and answer one attempt (a session's turns one at a time, in consumed order)."""
+        if self._sessions is None or not request.get("session_id"):
+            return await self._answer_turn(origin, request, received_at, attempt, None)
+        async with self._sessions.turn(request) as turn:
+            return await self._answer_turn(origin, request, received_at, attempt, turn)
+
+    async def _answer_turn(
+        self,
+        origin: Consumed,
+        request: dict[str, Any],
+        received_at: datetime,
+        attempt: int,
+        turn: Turn | None,
+    ) -> bool:
         """Run and answer one attempt; True when it went to the retry topic instead."""
+        if turn is not None:
+            request = dict(turn.request)  # the pinned variant, when sticky
+            session_history.set(turn.history)
         replies = _Replies(
             self._publisher,
             request.get("reply_topic") or self._to.responses,
@@ -227,11 +250,14 @@ class WorkerHandler:
         tracing.outcome(result.status, result.error)
         retry = self._plan_retry(origin, request, result, streamed=replies.seq > 0)
         if retry is None:
-            await replies.final(result)
+            await replies.final(result, turn.record() if turn is not None else None)
         pending = [
             *replies.pending,
             *(await self._audit(origin, request, result, attempt, final=retry is None)),
         ]
+        if turn is not None and retry is None and self._sessions is not None:
+            recorded = await self._sessions.record(turn, result)
+            pending.extend([recorded] if recorded is not None else [])
         if retry is not None:
             pending.append(await self._send_retry(origin, request, retry))
         await self._await_delivery(origin, request, replies.topic, pending)

@@ -30,6 +30,7 @@ from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.retry import RetryTopicPolicy
 from dspex.agents.worker.execution import DSPyExecutor, Executor
 from dspex.agents.worker.handler import Destinations, WorkerHandler
+from dspex.agents.worker.sessions import Sessions
 from dspex.streams import kafka
 from dspex.streams.errors import ConfigError
 from dspex.streams.logs import configure_logging
@@ -106,10 +107,16 @@ class PoolWorker:
         shutdown) when the broker stopped acknowledging the worker's records.
         """
         self._loop = asyncio.get_running_loop()
+        # first: a deployed module that does not import stops the worker before it connects
+        self._executor = self._executor or DSPyExecutor(self._settings)
         self._publisher = self._make_publisher()
         self._audit_publisher = self._make_publisher(
             "audit", linger_ms=self._settings.kafka.audit_linger_ms
         )
+        self._sessions = Sessions(
+            self._settings, make_serde(self._settings), self._publisher, self.worker_id
+        )
+        await self._sessions.start()
         self._handler = self._make_handler()
         self._consumer_loop = ConsumerLoop(
             self._settings, self._config, self._handler.handle, busy=self.running
@@ -160,6 +167,7 @@ class PoolWorker:
             retry_topic=RetryTopicPolicy.from_settings(self._settings.reliability),
             audit_publisher=self._audit_publisher,
             answers=AnswerFinder(self._settings, serde).final_status,
+            sessions=self._sessions,
         )
 
     async def _report_health_periodically(self) -> None:
@@ -188,6 +196,7 @@ class PoolWorker:
                 "shutdown: %d record(s) not delivered worker_id=%s", left, self.worker_id
             )
         await asyncio.sleep(0)  # let the last delivery reports settle their futures
+        await self._sessions.stop()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

@@ -19,6 +19,7 @@ from dspex.streams.cli import (  # noqa: F401 - importing them registers their c
     programs,
     records,
     runs,
+    sessions,
     top,
     up,
     variables,

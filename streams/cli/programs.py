@@ -112,6 +112,7 @@ def submit(
         bool, typer.Option("--pipeline", help="PROGRAM is a pipeline id: show its stages live.")
     ] = False,
     version: Annotated[int | None, typer.Option(help="Pipeline version (default latest).")] = None,
+    session: Annotated[str | None, typer.Option(help="Session id: a turn of that session.")] = None,
 ) -> None:
     """Send one request (or pipeline run) and print the answer (streamed by default)."""
     inline = "->" in program
@@ -121,6 +122,7 @@ def submit(
         else Program.registered(program, adapter=adapter)
     )
     options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
+    options["session_id"] = session
     with Client(settings_of(ctx)) as client:
         if pipeline:
             from dspex.streams.cli.runs import show_run
@@ -168,8 +170,12 @@ def _stream(client: Client, target: Program | str, inputs: dict[str, Any], optio
                     f"field={error.get('field')} stage={error.get('stage')}: {error.get('message')}"
                 )
                 raise typer.Exit(1)
+            turn = chunk.session or {}
+            where = f" session={turn['session_id']} turn={turn['turn']}" if turn else ""
+            where += " (expired: started afresh)" if turn.get("expired") else ""
             err.print(
-                f"[dim]request_id={chunk.request_id} pool={chunk.pool} cached={chunk.cached}[/]"
+                f"[dim]request_id={chunk.request_id} pool={chunk.pool} cached={chunk.cached}"
+                f"{where}[/]"
             )
             out.print_json(json.dumps(chunk.outputs))
 

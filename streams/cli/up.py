@@ -126,14 +126,17 @@ def _run_agents(
 def agent_commands(
     settings: Settings, settings_file: Path | None, processes: Mapping[str, int] | None = None
 ) -> dict[str, list[str]]:
-    """One command line per agent process: router, pipeline agent, learner, metrics, each
-    pool's workers, and one optimizer-job runner (``jobs-N``) beside each optimizer-pool worker.
+    """One command line per agent process: router, pipeline agent, learner, metrics, sessions,
+    each pool's workers, and one optimizer-job runner (``jobs-N``) beside each optimizer-pool
+    worker.
 
     ``processes`` (workers per pool) defaults to each pool's configured ``processes``.
     """
     extra = ["--settings", str(settings_file)] if settings_file else []
     base = [sys.executable, "-m", "dspex.agents"]
-    commands = {name: [*base, name, *extra] for name in ("router", "learner", "metrics")}
+    commands = {
+        name: [*base, name, *extra] for name in ("router", "learner", "metrics", "sessions")
+    }
     commands["router"] = [*base, "router", "--instance-id", "1", *extra]  # quick restarts
     commands["pipeline"] = [*base, "pipeline", "--instance-id", "1", *extra]
     for pool in POOLS:

@@ -20,7 +20,12 @@ variables_app = typer.Typer(
 app.add_typer(variables_app, name="variables")
 
 _BARE_TEXT_TYPES = ("string", "module")
-ScopeOption = Annotated[str | None, typer.Option(help="global, program or module (inferred).")]
+ScopeOption = Annotated[
+    str | None, typer.Option(help="global, program, module or session (inferred).")
+]
+SessionOption = Annotated[
+    str | None, typer.Option(help="A session id: that session only (docs/sessions.md).")
+]
 ProgramOption = Annotated[str | None, typer.Option(help="The program id (program/module scope).")]
 ModuleOption = Annotated[str | None, typer.Option(help="The module type (module scope).")]
 
@@ -47,13 +52,14 @@ def variables_set(
     scope: ScopeOption = None,
     program: ProgramOption = None,
     module: ModuleOption = None,
+    session: SessionOption = None,
     reason: Annotated[str, typer.Option(help="Why, for the history.")] = "",
     by: Annotated[str | None, typer.Option("--by", help="Who (default user@host).")] = None,
     source: Annotated[str, typer.Option(help="person, optimizer, learning-agent.")] = "person",
     observer: Annotated[list[str] | None, typer.Option(help="A program using it (repeat).")] = None,
 ) -> None:
     """Validate and publish a new value; exit 1 naming the field when it is invalid."""
-    where = VariableScope(scope=scope, program=program, module=module)
+    where = VariableScope(scope=scope, program=program, module=module, session=session)
     flags = _flags(minimum, maximum, choices, dims, shape, max_length, pattern, fields, when)
     with Client(settings_of(ctx)) as client:
         current = client.get_variable(name, **where)

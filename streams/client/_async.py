@@ -40,6 +40,7 @@ from dspex.streams.client._requests import (
     request_key,
 )
 from dspex.streams.client.programs import latest_version, program_version_record
+from dspex.streams.client.sessions import AsyncSession
 from dspex.streams.errors import BrokerUnavailable, DSPexError
 from dspex.streams.programs import check_program
 from dspex.streams.serde import Serde, make_serde
@@ -162,6 +163,10 @@ class AsyncClient:
             metadata=metadata,
         )
         return await self._submit(program, inputs, options)
+
+    def session(self, session_id: str) -> AsyncSession:
+        """A handle whose requests all carry ``session_id`` (docs/sessions.md)."""
+        return AsyncSession(self, self._settings, session_id)
 
     async def _submit(
         self, program: Target, inputs: Mapping[str, Any], options: RequestOptions

@@ -62,6 +62,8 @@ class Chunk:
     """A pipeline run's final chunk: an optional stage failed and its defaults were used."""
     stages: tuple[dict[str, Any], ...] = ()
     """A pipeline run's final chunk: one StageStatus per stage."""
+    session: dict[str, Any] | None = None
+    """The final chunk of a session's turn: ``session_id``, ``turn``, ``fresh``, ``expired``."""
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Chunk:
@@ -82,6 +84,7 @@ class Chunk:
             stage=record.get("stage"),
             partial=bool(record.get("partial", False)),
             stages=tuple(record.get("stages") or ()),
+            session=record.get("session"),
         )
 
 
@@ -103,6 +106,8 @@ class Result:
     """A pipeline run: an optional stage failed and its defaults were used."""
     stages: tuple[dict[str, Any], ...] = ()
     """A pipeline run: one StageStatus per stage (state, pool, started_at, finished_at, error)."""
+    session: dict[str, Any] | None = None
+    """A session's turn: ``session_id``, ``turn``, ``fresh`` and ``expired`` (docs/sessions.md)."""
 
     @classmethod
     def from_chunks(cls, chunks: list[Chunk], elapsed_s: float) -> Result:
@@ -121,6 +126,7 @@ class Result:
             program_id=final.program_id,
             partial=final.partial,
             stages=final.stages,
+            session=final.session,
         )
 
 

@@ -42,6 +42,7 @@ from dspex.streams.client._replies import Chunk, ClientClosed, RequestFailed, Re
 from dspex.streams.client._requests import PipelineRef, Program, RequestOptions, Target
 from dspex.streams.client.jobs import JobOptions, JobProgress, JobResult
 from dspex.streams.client.pipelines import Pipelines
+from dspex.streams.client.sessions import Session
 from dspex.streams.client.variables import VariableOptions, VariableScope
 from dspex.streams.errors import DSPexError
 from dspex.streams.settings import Settings
@@ -125,6 +126,10 @@ class Client:
     ) -> Generator[Chunk, None, None]:
         """Blocking :meth:`AsyncClient.stream`: chunks in order; ``close()`` it to leave early."""
         return self._blocking(self._client.stream(program, inputs, **options))
+
+    def session(self, session_id: str) -> Session:
+        """A handle whose requests all carry ``session_id`` (docs/sessions.md)."""
+        return Session(self, self._client._settings, session_id)
 
     def submit_many(
         self,

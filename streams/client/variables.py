@@ -40,12 +40,14 @@ READ_TIMEOUT_S = 10.0
 
 
 class VariableScope(TypedDict, total=False):
-    """Which variable a name means: ``scope`` (inferred when None: module if ``module``
-    is given, else program if ``program`` is, else global), ``program``, ``module``."""
+    """Which variable a name means: ``scope`` (inferred when None: session if ``session``
+    is given, else module if ``module`` is, else program if ``program`` is, else global),
+    ``program``, ``module``, ``session`` (a session id: docs/sessions.md)."""
 
     scope: str | None
     program: str | None
     module: str | None
+    session: str | None
 
 
 class VariableOptions(VariableScope, total=False):
@@ -65,9 +67,10 @@ class VariableOptions(VariableScope, total=False):
 
 def scope_of(options: VariableScope) -> tuple[str, str | None]:
     """``(scope, scope_ref)`` for the options, the scope inferred when not given."""
-    program, module = options.get("program"), options.get("module")
-    scope = options.get("scope") or ("module" if module else "program" if program else "global")
-    return scope, scope_ref_for(scope, program, module)
+    program, module, session = options.get("program"), options.get("module"), options.get("session")
+    inferred = "session" if session else "module" if module else "program" if program else "global"
+    scope = options.get("scope") or inferred
+    return scope, scope_ref_for(scope, program, module, session)
 
 
 async def set_variable(

@@ -98,7 +98,7 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     assert "not started" not in run.stderr
     assert "answer: " in run.stdout
     assert "status=ok pool=gpu" in run.stdout
-    for name in ("router", "pipeline", "learner", "general-1", "optimizer-1", "gpu-1"):
+    for name in ("router", "pipeline", "learner", "sessions", "general-1", "optimizer-1", "gpu-1"):
         assert f"{name} stopped (code 0)" in run.stderr
     print(run.stdout.split("demo", 1)[1])
     # a taken port is worth a warning (the test holds them on purpose); nothing else is

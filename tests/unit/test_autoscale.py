@@ -58,7 +58,7 @@ def test_the_newest_table_with_hints_wins() -> None:
 def test_agent_commands_follow_the_desired_counts() -> None:
     settings = load_settings()
     commands = agent_commands(settings, None, {"general": 3, "optimizer": 0, "gpu": 1})
-    agents = ("router", "pipeline", "learner", "metrics")
+    agents = ("router", "pipeline", "learner", "metrics", "sessions")
     workers = sorted(name for name in commands if name not in agents)
     assert workers == ["general-1", "general-2", "general-3", "gpu-1"]
     assert commands["general-3"][-4:] == ["--pool", "general", "--instance-id", "3"]

@@ -35,7 +35,7 @@ def test_every_deployment_runs_a_real_agent_command() -> None:
         name: d["spec"]["template"]["spec"]["containers"][0]["command"]
         for name, d in deployments.items()
     }
-    for agent in ("router", "pipeline", "learner", "metrics"):
+    for agent in ("router", "pipeline", "learner", "metrics", "sessions"):
         assert commands[f"dspex-{agent}"] == ["python", "-m", "dspex.agents", agent]
     for pool in POOLS:
         assert commands[f"dspex-pool-{pool}"] == [

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("streams", "agents", "schemas")
 # The agent processes, one subpackage each; they share only the layers below them.
-PROCESSES = {"router", "worker", "learner", "metrics", "jobs", "pipeline"}
+PROCESSES = {"router", "worker", "learner", "metrics", "jobs", "pipeline", "sessions"}
 LAYERS = {"runtime", "plumbing"}
 
 

@@ -207,7 +207,7 @@ def test_a_stage_is_a_registered_program_or_an_inline_signature() -> None:
         "stages.bad.module": "unknown module type 'Magic' (Predict, ChainOfThought, ReAct, "
         "BestOfN, Refine)",
         "stages.bad.signature": "unsupported type 'tuple' "
-        "(use str, int, float, bool, list[T], dict)",
+        "(use str, int, float, bool, list[T], dict, History)",
     }
 
 
@@ -310,7 +310,7 @@ def test_names_inputs_and_outputs_of_the_pipeline_are_checked() -> None:
     pipeline = Pipeline("bad id!", inputs="q: tuple")
     assert paths(pipeline) == {
         "pipeline": "'bad id!' is not a pipeline id (letters, digits, _ . -)",
-        "inputs": "unsupported type 'tuple' (use str, int, float, bool, list[T], dict)",
+        "inputs": "unsupported type 'tuple' (use str, int, float, bool, list[T], dict, History)",
         "outputs": "a pipeline needs at least one output",
     }
     twice = (

@@ -30,6 +30,7 @@ EXPECTED = [
     "Request",
     "Response",
     "RoutingTable",
+    "SessionState",
     "Telemetry",
     "VariableUpdate",
 ]

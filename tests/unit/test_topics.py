@@ -31,6 +31,7 @@ DESIGN_TOPICS = {
     "pipeline.runs",
     "pipeline.replies",
     "pipeline.state",
+    "sessions",
 }
 
 
@@ -44,6 +45,7 @@ def test_catalog_is_the_design_table() -> None:
         "routing",
         "jobs.control",
         "jobs.status",
+        "sessions",
     }
     expiring = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact,delete"}
     assert expiring == {"cache", "pipeline.state"}  # the latest entry per key, for a week

@@ -21,6 +21,12 @@ unless its configuration says it cannot:
   ``LMServerError`` — and later calls answer normally (retry-topic tests;
   a huge N fails every call).
 
+``task=recall`` is a SIMULATION of a model that remembers the conversation:
+its ``str`` answer is the first input of every earlier user turn in the prompt
+(DSPy renders a ``History`` input's messages as earlier user/assistant turns),
+then this turn's, joined by :data:`RECALL_SEPARATOR` — so a test sees exactly
+which history a program was given (sessions tests).
+
 A wrong answer is :data:`WRONG`. Options travel in the model string, e.g.
 ``dspex/sim?task=reverse&needs=demos&delay=0.5``; two backends with different
 tasks make a search over ``model`` (backend names) pick the one that is right.
@@ -55,6 +61,7 @@ from dspex.agents.runtime.lms.base import (
     InlineLM,
     StatelessEngine,
     last_user_text,
+    prompt_inputs,
     system_text,
 )
 from dspex.agents.runtime.lms.formats import CHAT, EXTRACT, read_prompt, render
@@ -62,12 +69,15 @@ from dspex.streams.errors import ConfigError
 
 SIM_MODEL = "dspex/sim"
 WRONG = "I do not know"
+RECALL = "recall"
+RECALL_SEPARATOR = " | "
 
 TASKS: dict[str, Callable[[str], str]] = {
     "reverse": lambda text: text[::-1],
     "upper": str.upper,
     "lower": str.lower,
     "echo": lambda text: text,
+    RECALL: lambda text: text,  # the whole conversation: see recalled()
 }
 
 
@@ -252,12 +262,24 @@ def sim_reply(options: SimOptions, request: Request) -> str:
     for name, type_text in prompt.outputs:
         if name == "reasoning":
             value = "simulated reasoning"
+        elif type_text == "str" and not right:
+            value = WRONG
         elif type_text == "str":
-            value = TASKS[options.task](first) if right else WRONG
+            value = recalled(request) if options.task == RECALL else TASKS[options.task](first)
         else:
             value = _typed(type_text, first)
         values.append((name, type_text, value))
     return render(prompt.format, values)
+
+
+def recalled(request: Request) -> str:
+    """SIMULATED memory: the first input of each user turn in the prompt, oldest first."""
+    firsts = []
+    for message in request.messages:
+        if message.role == "user":
+            inputs = prompt_inputs(message.text or "")
+            firsts.append(next(iter(inputs.values()), ""))
+    return RECALL_SEPARATOR.join(firsts)
 
 
 def _typed(type_text: str, first: str) -> str:

@@ -1,0 +1,1 @@
+"""The sessions agent: tombstones sessions whose TTL has passed (docs/sessions.md)."""
