@@ -380,6 +380,26 @@ async def test_bad_runs_get_one_error_naming_the_field(
         records.pipeline_version(
             pipeline_id="count",
             version=1,
+            inputs="data: dict",
+            stages=[
+                # a dict of any values fits `dict[str, int]` until the run's values are known:
+                # a run whose value is not an int fails in the stage, which names the field
+                stage(
+                    name="counting",
+                    signature="counts: dict[str, int] -> answer",
+                    inputs={"counts": "$input.data"},
+                ),
+            ],
+            outputs={"answer": "$stage.counting.answer"},
+            created_at=now(),
+        ),
+    )
+    # produced past the client's check: the router refuses it with every problem named
+    publish(
+        settings,
+        records.pipeline_version(
+            pipeline_id="mismatch",
+            version=1,
             inputs="text",
             stages=[
                 stage(name="first", signature="text -> upper", inputs={"text": "$input.text"}),
@@ -400,7 +420,8 @@ async def test_bad_runs_get_one_error_naming_the_field(
         (PipelineRef("support"), {**good, "topics": "not a list"}, "inputs.topics", "validate"),
         (PipelineRef("support"), {"question": "q", "topics": []}, "inputs.kind", "validate"),
         (PipelineRef("support"), {**good, "extra": 1}, "inputs.extra", "validate"),
-        (PipelineRef("count"), {"text": "seven"}, "inputs.n", "counting"),
+        (PipelineRef("count"), {"data": {"n": "seven"}}, "inputs.counts", "counting"),
+        (PipelineRef("mismatch"), {"text": "seven"}, "stages.counting.inputs.n", "validate"),
     ]
     async with AsyncClient(settings) as client:
         for target, inputs, field, where in cases:
@@ -414,7 +435,7 @@ async def test_bad_runs_get_one_error_naming_the_field(
     finals = Counter(r["request_id"] for _, r in tail.records["responses"] if r and r["final"])
     assert all(count == 1 for count in finals.values()), finals
     dead = {r["request_id"] for _, r in tail.records["dlq"] if r}
-    assert len(dead) >= 5  # every run the router refused is dead-lettered
+    assert len(dead) >= 6  # every run the router refused is dead-lettered
 
     # the same from a terminal: a live per-stage view, then the outputs or the error
     env = {
@@ -423,9 +444,9 @@ async def test_bad_runs_get_one_error_naming_the_field(
         "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
         "COLUMNS": "200",
     }
-    bad = _dspex(env, "submit", "--pipeline", "count", "text=seven")
+    bad = _dspex(env, "submit", "--pipeline", "count", 'data={"n": "seven"}')
     assert bad.returncode == 1, bad.stderr
-    assert "stage=counting field=inputs.n" in bad.stderr
+    assert "stage=counting field=inputs.counts" in bad.stderr
     publish(
         settings,
         records.pipeline_version(
