@@ -173,9 +173,10 @@ def _stream(client: Client, target: Program | str, inputs: dict[str, Any], optio
             turn = chunk.session or {}
             where = f" session={turn['session_id']} turn={turn['turn']}" if turn else ""
             where += " (expired: started afresh)" if turn.get("expired") else ""
+            # the router answers a cache hit itself: no pool ran it
+            source = f"pool={chunk.pool}" if chunk.pool else "from=the router's cache"
             err.print(
-                f"[dim]request_id={chunk.request_id} pool={chunk.pool} cached={chunk.cached}"
-                f"{where}[/]"
+                f"[dim]request_id={chunk.request_id} {source} cached={chunk.cached}{where}[/]"
             )
             out.print_json(json.dumps(chunk.outputs))
 

@@ -166,6 +166,13 @@ def test_the_readme_quickstart_answers_with_the_local_model_in_every_pool(
             assert run.stdout.strip(), f"{pool}: empty answer"
             assert "echo" not in run.stdout.lower(), run.stdout
             print(f"{pool}: {run.stdout.strip()!r}")
+        # the same question again is answered from the router's cache, which says so
+        give_up, hit = time.monotonic() + 60, ""
+        while time.monotonic() < give_up and "from=the router's cache" not in hit:
+            again = dspex("submit", "qa", "question=Who did it?", "context=Alice did it")
+            assert again.returncode == 0 and "pool=None" not in again.stderr, again.stderr
+            hit = again.stderr
+        assert "from=the router's cache" in hit, hit
     finally:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=120)
