@@ -28,6 +28,7 @@ from dspex.streams.topics import Topics
 
 CATCH_UP_S = 10.0
 WINDOWS_BACK = 3  # read this many metric windows before the end
+ACTIVE_S = 15 * 60.0  # a session with a turn this recent counts as active
 
 
 @dataclass
@@ -38,8 +39,14 @@ class View:
     requests: dict[str, Record] = field(default_factory=dict)
     lags: dict[str, Record] = field(default_factory=dict)
     tables: dict[str, Record] = field(default_factory=dict)
+    sessions: dict[str, Record] = field(default_factory=dict)
 
     def take_snapshot(self, record: Record) -> None:
+        if record["name"] == "session":  # the sessions agent: one per changed session
+            session_id = (record.get("labels") or {}).get("session_id")
+            if session_id:
+                self.sessions[session_id] = record
+            return
         pool = (record.get("labels") or {}).get("pool")
         latest = {"pool.requests": self.requests, "pool.lag": self.lags}.get(record["name"])
         if pool is None or latest is None:
@@ -55,7 +62,26 @@ class View:
             self.tables[record["program_id"]] = record
 
     def render(self) -> Group:
-        return Group(self._pool_table(), self._routing_table())
+        return Group(self._pool_table(), self._routing_table(), self._session_table())
+
+    def _session_table(self, now: float | None = None, shown: int = 10) -> Table:
+        """Sessions with a turn in the last ``ACTIVE_S`` seconds, most recent first."""
+        now = time.time() if now is None else now
+        active = [r for r in self.sessions.values() if now - _end(r) <= ACTIVE_S]
+        active.sort(key=_end, reverse=True)
+        title = f"active sessions ({len(active)} in the last {ACTIVE_S / 60:.0f} min)"
+        table = Table(title=title, title_justify="left")
+        for column in ("session", "turns", "tokens", "avg ms", "last turn"):
+            table.add_column(column, justify="left" if column == "session" else "right")
+        for record in active[:shown]:
+            table.add_row(
+                (record.get("labels") or {}).get("session_id", "?"),
+                str(record.get("count") or 0),
+                str(record.get("tokens") or 0),
+                _num(record.get("value"), "{:.0f}"),
+                _clock(record.get("window_end")),
+            )
+        return table
 
     def _pool_table(self) -> Table:
         table = Table(title="pools (last closed window)", title_justify="left")

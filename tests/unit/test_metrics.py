@@ -6,16 +6,21 @@ import json
 import math
 import re
 import socket
+import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML (locked via dspy) ships no type hints
 from prometheus_client import CollectorRegistry
+from rich.console import Console
 
 from dspex.agents.metrics.metrics import WORKER_GAUGES, Exporter, Metrics, serve_exporter
 from dspex.agents.metrics.windows import Closed, Sample, Windows, percentile, snapshots
 from dspex.agents.plumbing.messages import Consumed
+from dspex.agents.sessions.sweeper import session_snapshot
+from dspex.schemas import samples
 from dspex.streams.cli.top import View
 from dspex.streams.dashboard import board
 from dspex.streams.serde import make_serde
@@ -328,3 +333,20 @@ def test_compose_brings_up_prometheus_and_grafana() -> None:
     assert compose["dspex"]["environment"]["DSPEX_METRICS__BIND_HOST"] == "0.0.0.0"  # noqa: S104
     assert compose["dspex"]["environment"]["DSPEX_DASHBOARD__BIND_HOST"] == "0.0.0.0"  # noqa: S104
     assert "127.0.0.1:9465:9465" in compose["dspex"]["ports"]  # the dashboard, host loopback
+
+
+def test_top_shows_the_sessions_with_a_recent_turn() -> None:
+    view = View(pools=["general"])
+    now = time.time()
+    for session_id, minutes_ago, turns in (("user-1", 1, 3), ("user-2", 2, 5), ("old", 60, 9)):
+        state = samples.sample("SessionState")
+        updated = datetime.fromtimestamp(now - minutes_ago * 60, UTC)
+        counters = {**state["counters"], "turns": turns}
+        state = {**state, "session_id": session_id, "updated_at": updated, "counters": counters}
+        view.take_snapshot(session_snapshot(state))
+    console = Console(width=200, record=True)
+    console.print(view._session_table(now))
+    text = console.export_text()
+    assert "active sessions (2 in the last 15 min)" in text
+    assert "user-1" in text and "user-2" in text and "old" not in text
+    assert text.index("user-1") < text.index("user-2")  # most recent first
