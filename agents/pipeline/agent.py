@@ -50,7 +50,7 @@ from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.schemas.records import Record
-from dspex.streams import kafka
+from dspex.streams import kafka, tracing
 from dspex.streams.errors import ConfigError, DSPexError, InvalidRequest, SerdeError
 from dspex.streams.ops.admin import require_topics
 from dspex.streams.pipelines.plan import Plan
@@ -278,15 +278,29 @@ class PipelineApp:
         if not issues:
             return
         topic = self._topics.name("requests")
-        await self._deliver([(topic, i.request_id, "Request", i.request) for i in issues])
+        records = [(topic, i.request_id, "Request", i.request) for i in issues]
+        # each stage request in a span of its own under the run's: the stage's router and
+        # worker spans hang below it (docs/tracing.md)
+        await self._deliver(records, spans=[f"stage {issue.key}" for issue in issues])
         run.issued |= {issue.key for issue in issues}
 
-    async def _deliver(self, records: list[tuple[str, str, str, Record]]) -> None:
-        """Produce every record and return once the broker has them all; resend what failed."""
+    async def _deliver(
+        self, records: list[tuple[str, str, str, Record]], *, spans: list[str] | None = None
+    ) -> None:
+        """Produce every record and return once the broker has them all; resend what failed.
+
+        ``spans`` names a tracing span per record, current while it is produced.
+        """
         if self._publisher is None:
             raise RuntimeError("the pipeline agent sends only between start() and stop()")
+        named = dict(zip(map(id, records), spans or [], strict=False))
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            sent = [await self._publisher.send(t, k.encode(), s, r) for t, k, s, r in records]
+            sent = []
+            for record in records:
+                topic, key, schema, value = record
+                name = named.get(id(record))
+                with tracing.span(name) if name else contextlib.nullcontext():
+                    sent.append(await self._publisher.send(topic, key.encode(), schema, value))
             outcomes = await asyncio.gather(*sent, return_exceptions=True)
             failed = [r for r, o in zip(records, outcomes, strict=True) if o is not None]
             if not failed:

@@ -477,3 +477,29 @@ def test_with_nothing_configured_the_sdk_is_not_even_imported() -> None:
         env=quiet,
     )
     assert done.stdout.strip() == "False False"
+
+
+async def test_each_pipeline_stage_request_is_sent_in_a_stage_span_under_the_run(
+    spans: InMemorySpanExporter,
+) -> None:
+    from dspex.agents.pipeline.agent import PipelineApp
+    from tests.unit.test_pipeline_run import chain, run_of
+
+    settings = load_settings()
+    app = PipelineApp(settings, app_id="test-pipeline")
+    producer = FakeProducer()
+    app._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
+    run = run_of(chain(), {"q": "hi", "items": ["x", "y"]})
+    server = asyncio.create_task(serve_deliveries(app._publisher))
+    try:
+        with tracing.span("process run"):
+            await asyncio.wait_for(app._issue(run, run.advance(2_000)), 10)
+    finally:
+        server.cancel()
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    run_span = _hex(finished["process run"])
+    stage_spans = {name: _hex(span) for name, span in finished.items() if name.startswith("stage ")}
+    assert stage_spans and all(s[2] == run_span[1] for s in stage_spans.values())
+    sent = [_traceparent(list(m.headers)) for m in producer.raw(app._topics.name("requests"))]
+    assert sorted(span_id for _, span_id in sent) == sorted(s[1] for s in stage_spans.values())
+    assert {trace_id for trace_id, _ in sent} == {run_span[0]}
