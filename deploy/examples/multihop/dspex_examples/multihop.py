@@ -12,6 +12,14 @@ Deploy it with the workers (docs/modules.md)::
     export DSPEX_MODULES='{"multihop": "dspex_examples.multihop:MultiHop"}'
     export DSPEX_TOOLS='{"search_corpus": "dspex_examples.multihop:search_corpus"}'
     dspex programs put hotpot "question -> answer" --module multihop --tool search_corpus
+
+The same flow as a pipeline (``pipeline.yaml`` beside this package): retrieval is a
+stage of its own, the deployed module ``Search`` (no LM), and the query and answer
+steps are inline ``Predict`` stages::
+
+    export DSPEX_MODULES='{"multihop": "...:MultiHop", "search": "dspex_examples.multihop:Search"}'
+    dspex programs put search "query -> passages: list[str]" --module search --tool search_corpus
+    dspex pipelines put multihop deploy/examples/multihop/pipeline.yaml
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any
 import bm25s
 import dspy
 
-__all__ = ["Corpus", "MultiHop", "Passage", "load_corpus", "search_corpus"]
+__all__ = ["Corpus", "MultiHop", "Passage", "Search", "load_corpus", "search_corpus"]
 
 MAX_HOPS = 4
 MAX_K = 10
@@ -89,6 +97,32 @@ def search_corpus(query: str, k: int = 3) -> list[str]:
     return [passage.render() for passage in load_corpus().search(query, k)]
 
 
+def _check_int(name: str, value: object, most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
+
+
+class Search(dspy.Module):  # type: ignore[misc]
+    """Retrieval as a program of its own: ``query -> passages: list[str]``, no LM call.
+
+    A pipeline stage (``pipeline.yaml``) runs it; deterministic, it returns the ``k``
+    best passages for the query as 'Title | text' (none when nothing matches).
+    ``tools``: DSPex passes the program's tools; the first is the retriever, as for
+    :class:`MultiHop`.
+    """
+
+    def __init__(self, tools: Sequence[dspy.Tool], k: int = 3) -> None:
+        super().__init__()
+        if not tools:
+            raise ValueError("Search needs a retriever tool (e.g. tools=['search_corpus'])")
+        _check_int("k", k, MAX_K)
+        self.retrieve = tools[0]
+        self.k = k
+
+    def forward(self, query: str) -> dspy.Prediction:
+        return dspy.Prediction(passages=list(self.retrieve(query=query, k=self.k)))
+
+
 class WriteQuery(dspy.Signature):  # type: ignore[misc]
     """Write a short search query that finds the passage needed next to answer the question."""
 
@@ -117,9 +151,8 @@ class MultiHop(dspy.Module):  # type: ignore[misc]
         super().__init__()
         if not tools:
             raise ValueError("MultiHop needs a retriever tool (e.g. tools=['search_corpus'])")
-        for name, value, most in (("hops", hops, MAX_HOPS), ("k", k, MAX_K)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-                raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
+        _check_int("hops", hops, MAX_HOPS)
+        _check_int("k", k, MAX_K)
         self.retrieve = tools[0]
         self.hops = hops
         self.k = k
