@@ -118,7 +118,10 @@ class TopicSettings(_Section):
     """Topic naming and sizing; per-topic defaults live in the catalog (streams/topics.py)."""
 
     prefix: str = "dspex."
-    replication_factor: int = Field(default=1, ge=1)
+    # None: from the cluster's size when topics are created (3 from three brokers, else 1)
+    replication_factor: int | None = Field(default=None, ge=1)
+    # None: 2 when a topic has 3 or more replicas, else 1
+    min_insync_replicas: int | None = Field(default=None, ge=1)
     partitions: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("partitions")
@@ -128,6 +131,13 @@ class TopicSettings(_Section):
         if bad:
             raise ValueError(f"partition counts must be >= 1, got {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _isr_within_replicas(self) -> TopicSettings:
+        factor, isr = self.replication_factor, self.min_insync_replicas
+        if factor is not None and isr is not None and isr > factor:
+            raise ValueError(f"min_insync_replicas {isr} > replication_factor {factor}")
+        return self
 
 
 class PoolSettings(_Section):
@@ -392,9 +402,15 @@ class JobsSettings(_Section):
 
 
 class LocalBrokerSettings(_Section):
-    """The single-node KRaft broker DSPex runs from Apache Kafka's jars when none is configured."""
+    """The local KRaft broker (or cluster) run from Kafka's jars when no cluster is configured.
+
+    Node ``n`` of a cluster prefers ports ``port + 2(n-1)`` and ``controller_port + 2(n-1)``;
+    ``heap`` is each node's.
+    """
 
     kafka_version: str = "4.1.2"
+    # 1: one broker+controller; 3 (or more): that many, each a broker and a controller voter
+    nodes: int = Field(default=1, ge=1, le=9)
     port: int = Field(default=9092, ge=1, le=65535)
     controller_port: int = Field(default=9093, ge=1, le=65535)
     heap: str = "512m"

@@ -17,7 +17,7 @@ from dspex.streams.cli.cluster import create_topics, ensure_cluster, topics_tabl
 from dspex.streams.client.client import Client, Program
 from dspex.streams.errors import DSPexError
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
-from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.cluster import LocalCluster
 from dspex.streams.ops.extras import require_server_extra
 from dspex.streams.ops.supervisor import Supervisor
 from dspex.streams.settings import POOLS, Settings
@@ -53,7 +53,7 @@ def up(
         stop.wait()
         failed = False
     if started is not None:
-        LocalBroker(settings.local_broker).stop()
+        LocalCluster(settings.local_broker).stop()
         out.print("local broker stopped")
     if failed:
         raise typer.Exit(1)

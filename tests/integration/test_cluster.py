@@ -1,0 +1,272 @@
+"""A three-broker KRaft cluster under the DSPex request path: ``kill -9`` of a broker, and back.
+
+The cluster is this module's own (not the session's single broker): three local
+nodes started by :class:`LocalCluster`, each a broker and a voter of a three-node
+controller quorum, with ``-Xmx256m`` each (about 310 MB resident measured; the
+single-node test broker gets 768 MB) so that three JVMs, the agents and the test
+fit a two-core CI machine. Topics are created as ``dspex topics create`` does:
+3 replicas, ``min.insync.replicas=2``.
+
+Under steady load (a router and a general-pool worker, 20 requests/s, a 30 ms
+simulated LM) one broker is SIGKILLed: the one leading most ``requests``
+partitions, or the active controller. Counted: sent, answered at the client,
+lost, answered twice at the client, final Responses duplicated or contradicting
+(same request, other status) on the topic. Measured (run with ``-s``): seconds
+from the kill to the first answer of a request sent after it, per ``requests``
+partition, and the longest pause in answers. The broker is restarted under load
+and must rejoin the in-sync replicas of every partition it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from dspex.streams import kafka
+from dspex.streams.client.client import AsyncClient, Program, Result
+from dspex.streams.errors import DSPexError
+from dspex.streams.ops import _kraft
+from dspex.streams.ops.admin import ensure_topics
+from dspex.streams.ops.broker import BrokerInfo
+from dspex.streams.ops.cluster import LocalCluster
+from dspex.streams.settings import LocalBrokerSettings, Settings, load_settings
+from dspex.streams.topics import CATALOG, Topics
+from tests.integration.stack import Stack
+from tests.integration.tail import Tail
+
+INLINE = Program.inline("question -> answer")
+SIM_30MS = "dspex/sim?task=echo&delay=0.03"
+RATE, LOAD_S, KILL_AT_S, RESTART_AFTER_S = 20, 30.0, 5.0, 15.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    settings = LocalBrokerSettings(
+        nodes=3,
+        port=_kraft.free_port(),
+        controller_port=_kraft.free_port(),
+        data_dir=tmp_path_factory.mktemp("cluster"),
+        heap="256m",
+        start_timeout_s=180,
+    )
+    cluster = LocalCluster(settings)
+    try:
+        started = time.monotonic()
+        info = cluster.start()
+        print(f"\n3-node cluster at {info.bootstrap_servers} in {time.monotonic() - started:.1f}s")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def settings(cluster: LocalCluster) -> Settings:
+    """This module's cluster (by its three addresses), a fresh prefix, a 30 ms simulated LM."""
+    info = cluster.status()
+    assert info is not None and not info.down, info
+    return load_settings(
+        kafka={"bootstrap_servers": info.bootstrap_servers},
+        topics={"prefix": f"c{uuid.uuid4().hex[:10]}."},
+        lm={"backends": {"sim": {"model": SIM_30MS}}, "pool_variants": {"general": "sim"}},
+    )
+
+
+def test_topics_get_three_replicas_and_two_in_sync(settings: Settings) -> None:
+    admin = kafka.admin_client(settings)
+    catalog = Topics(settings.topics).all()
+    first = ensure_topics(admin, catalog, settings=settings.topics)
+    assert [(r.status, r.replicas) for r in first] == [("created", 3)] * len(CATALOG)
+    again = ensure_topics(admin, catalog, settings=settings.topics)
+    assert [(r.status, r.differences) for r in again] == [("ok", [])] * len(CATALOG)
+    live = admin.list_topics(timeout=10).topics
+    for name, _ in catalog:
+        assert {len(p.replicas) for p in live[name].partitions.values()} == {3}, name
+        # spread: every broker leads some partition of the 6-partition topics
+    assert len({p.leader for p in live[catalog[0][0]].partitions.values()}) == 3
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name, _ in catalog]
+    for resource, future in admin.describe_configs(resources).items():
+        assert future.result(timeout=30)["min.insync.replicas"].value == "2", resource.name
+
+
+@pytest.mark.parametrize("role", ["requests-leader", "controller"])
+async def test_kill_9_of_a_broker_under_load_loses_nothing(
+    cluster: LocalCluster, settings: Settings, tmp_path: Path, role: str
+) -> None:
+    admin = kafka.admin_client(settings)
+    topics = Topics(settings.topics)
+    ensure_topics(admin, topics.all(), settings=settings.topics)
+    stack = Stack(settings, ["general"], tmp_path)
+    tail = Tail(settings, ["requests", "responses"])
+    try:
+        stack.start(ready_timeout_s=120)
+        victim, led = _victim(cluster, admin, topics.name("requests"), role)
+        run = await _load_with_a_kill(cluster, settings, victim)
+        total = len(run.outcomes)
+        tail.wait(lambda t: len({r["request_id"] for r in t.of("responses")}) >= total, 60, "all")
+        stack.wait_idle(120)  # committed all they consumed: nothing more will be redone
+        tail.catch_up(60)
+        rejoined_s = _wait_in_sync(admin, settings.topics.prefix, victim, run.restarted_at)
+        placed = _partitions(tail, "requests")
+        finals = [r for r in tail.of("responses") if r["final"]]
+    finally:
+        stack.stop()
+        tail.close()
+        cluster.start()  # every node back for the next test, whatever happened here
+    assert not stack.killed and all(code == 0 for code in stack.exit_codes.values()), (
+        stack.exit_codes,
+        stack.log_tails(),
+    )
+
+    results = [r for _, r, _ in run.outcomes if isinstance(r, Result)]
+    lost = [(q, repr(r)) for q, r, _ in run.outcomes if not isinstance(r, Result)]
+    wrong = [q for q, r, _ in run.outcomes if isinstance(r, Result) and r.outputs != {"answer": q}]
+    twice_at_client = total - len({r.request_id for r in results})
+    statuses: dict[str, set[str]] = defaultdict(set)
+    for final in finals:
+        statuses[final["request_id"]].add(final["status"])
+    contradicting = {rid: s for rid, s in statuses.items() if len(s) > 1}
+    duplicated = sum(n - 1 for n in Counter(f["request_id"] for f in finals).values())
+    recovery = _first_answer_after(run, placed)
+    answers_after = sorted(at for at in run.answered_at.values() if at > run.killed_at)
+    pause = max(b - a for a, b in zip([run.killed_at, *answers_after], answers_after, strict=False))
+    print(
+        f"\nkill -9 of broker node {victim} ({role}; it led requests partitions {led}) at "
+        f"{RATE}/s: sent {total}, answered {len(results)}, lost {len(lost)}, answered twice "
+        f"at the client {twice_at_client}, duplicated final responses on the topic "
+        f"{duplicated}, contradicting {len(contradicting)}; seconds from the kill to the first "
+        f"answer of a request sent after it, per requests partition {recovery}; longest pause "
+        f"in answers {pause:.2f}s; restarted {RESTART_AFTER_S:.0f}s after the kill, back in "
+        f"every ISR {rejoined_s:.1f}s after its restart"
+    )
+    assert run.victim_exit == -signal.SIGKILL
+    assert lost == [] and wrong == []
+    assert twice_at_client == 0 and len(results) == total
+    assert contradicting == {}
+    assert set(recovery) == set(placed.values()), (recovery, sorted(set(placed.values())))
+
+
+class _Run:
+    """What one load run saw: outcomes, answer times, when the broker died and came back."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, Result | DSPexError, float]] = []
+        self.answered_at: dict[str, float] = {}
+        self.sent_at: dict[str, float] = {}
+        self.killed_at = self.restarted_at = 0.0
+        self.victim_exit = 0
+
+
+async def _load_with_a_kill(cluster: LocalCluster, settings: Settings, victim: int) -> _Run:
+    """``RATE`` requests/s for ``LOAD_S``; SIGKILL node ``victim`` at ``KILL_AT_S``, restart
+    it ``RESTART_AFTER_S`` later (``cluster.start`` starts only the missing node)."""
+    run = _Run()
+    pid = next(n.pid for n in _running(cluster) if n.node_id == victim)
+    async with AsyncClient(settings) as client:
+
+        async def one(question: str) -> tuple[str, Result | DSPexError, float]:
+            sent_at = time.monotonic()
+            try:
+                answer = await client.submit(
+                    INLINE, {"question": question}, deadline_s=120, cache=False
+                )
+            except DSPexError as exc:
+                return question, exc, sent_at
+            run.answered_at[answer.request_id] = time.monotonic()
+            run.sent_at[answer.request_id] = sent_at
+            return question, answer, sent_at
+
+        tasks, restart, start = [], None, time.monotonic()
+        for tick in range(int(LOAD_S * RATE)):
+            tasks.append(asyncio.create_task(one(f"cluster {tick} {uuid.uuid4().hex[:6]}")))
+            now = time.monotonic()
+            if not run.killed_at and now - start >= KILL_AT_S:
+                os.kill(pid, signal.SIGKILL)
+                run.killed_at = time.monotonic()
+                run.victim_exit = await asyncio.to_thread(_reap, pid)
+            if run.killed_at and restart is None and now - run.killed_at >= RESTART_AFTER_S:
+                run.restarted_at = time.monotonic()
+                restart = asyncio.create_task(asyncio.to_thread(cluster.start))
+            await asyncio.sleep(max(0.0, start + (tick + 1) / RATE - time.monotonic()))
+        run.outcomes = await asyncio.gather(*tasks)
+        assert restart is not None
+        await restart
+    return run
+
+
+def _running(cluster: LocalCluster) -> tuple[BrokerInfo, ...]:
+    info = cluster.status()
+    assert info is not None
+    return info.nodes
+
+
+def _reap(pid: int) -> int:
+    """The victim's exit as a Popen return code would say it (-9 for SIGKILL).
+
+    The JVM is not this process's child (the cluster detaches it), so wait until the
+    pid is gone and report the signal we sent once it is.
+    """
+    deadline = time.monotonic() + 30
+    while _kraft.pid_alive(pid):
+        if time.monotonic() > deadline:
+            return 0
+        time.sleep(0.05)
+    return -signal.SIGKILL
+
+
+def _victim(
+    cluster: LocalCluster, admin: AdminClient, requests: str, role: str
+) -> tuple[int, list[int]]:
+    """The node to kill and the ``requests`` partitions it leads."""
+    partitions = admin.list_topics(timeout=10).topics[requests].partitions
+    leaders = Counter(p.leader for p in partitions.values())
+    if role == "controller":
+        node = cluster.controller()
+        assert node is not None, "no active controller recorded"
+    else:
+        node = leaders.most_common(1)[0][0]
+    return node, sorted(p.id for p in partitions.values() if p.leader == node)
+
+
+def _partitions(tail: Tail, short: str) -> dict[str, int]:
+    """request id -> partition, for every record read from ``short``."""
+    pairs = zip(tail.records[short], tail.messages(short), strict=True)
+    return {rec["request_id"]: int(msg.partition() or 0) for (_, rec), msg in pairs if rec}
+
+
+def _first_answer_after(run: _Run, placed: dict[str, int]) -> dict[int, float]:
+    """Per partition: seconds from the kill to the first answer of a request sent after it."""
+    first: dict[int, float] = {}
+    for rid, at in run.answered_at.items():
+        partition = placed.get(rid)
+        if partition is not None and run.sent_at[rid] > run.killed_at:
+            first[partition] = min(first.get(partition, at), at)
+    return {p: round(at - run.killed_at, 2) for p, at in sorted(first.items())}
+
+
+def _wait_in_sync(admin: AdminClient, prefix: str, node: int, since: float) -> float:
+    """Seconds from ``since`` until ``node`` is in the ISR of every partition of the test's
+    topics (with 3 replicas on 3 brokers it holds a copy of each)."""
+    deadline = time.monotonic() + 180
+    while True:
+        topics = admin.list_topics(timeout=10).topics
+        behind = [
+            (name, p.id)
+            for name, meta in topics.items()
+            if name.startswith(prefix)
+            for p in meta.partitions.values()
+            if node not in p.isrs
+        ]
+        if not behind:
+            return time.monotonic() - since
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node {node} not back in the ISR of {behind}")
+        time.sleep(0.2)
