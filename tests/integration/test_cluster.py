@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -80,17 +82,37 @@ def settings(cluster: LocalCluster) -> Settings:
     )
 
 
+def dspex(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "dspex.streams", *args]
+    env = {**os.environ, "COLUMNS": "250", **env}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_broker_status_lists_every_node_and_the_controller(cluster: LocalCluster) -> None:
+    run = dspex("broker", "status", env={"DSPEX_LOCAL_BROKER__DATA_DIR": str(cluster.data_dir)})
+    assert run.returncode == 0, run.stderr
+    assert "3 nodes" in run.stdout
+    assert f"active controller: node {cluster.controller()}" in run.stdout
+    for n in (1, 2, 3):
+        assert f"node {n}: 127.0.0.1:" in run.stdout
+
+
 def test_topics_get_three_replicas_and_two_in_sync(settings: Settings) -> None:
+    """``dspex topics create`` against the three addresses, as an operator runs it."""
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+    }
+    first = dspex("topics", "create", env=env)
+    assert first.returncode == 0, first.stderr
     admin = kafka.admin_client(settings)
     catalog = Topics(settings.topics).all()
-    first = ensure_topics(admin, catalog, settings=settings.topics)
-    assert [(r.status, r.replicas) for r in first] == [("created", 3)] * len(CATALOG)
     again = ensure_topics(admin, catalog, settings=settings.topics)
-    assert [(r.status, r.differences) for r in again] == [("ok", [])] * len(CATALOG)
+    assert [(r.status, r.replicas, r.differences) for r in again] == [("ok", 3, [])] * len(CATALOG)
     live = admin.list_topics(timeout=10).topics
     for name, _ in catalog:
         assert {len(p.replicas) for p in live[name].partitions.values()} == {3}, name
-        # spread: every broker leads some partition of the 6-partition topics
+    # spread: every broker leads some partition of a 6-partition topic
     assert len({p.leader for p in live[catalog[0][0]].partitions.values()}) == 3
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name, _ in catalog]
     for resource, future in admin.describe_configs(resources).items():
