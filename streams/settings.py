@@ -373,6 +373,8 @@ class ReliabilitySettings(_Section):
     # how soon a worker that died without leaving (kill -9) loses its partitions;
     # librdkafka's 45 s default would stall a dead worker's requests that long
     session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+    # `dspex up`: how long its processes may drain after SIGTERM before they are killed
+    drain_timeout_s: float = Field(default=30.0, gt=0, le=600)
     retry_topic_attempts: int = Field(default=3, ge=1, le=20)
     # at most a minute: a router's rebalance and graceful stop wait for its pending retries
     retry_topic_backoff_s: tuple[Annotated[float, Field(ge=0.0, le=60.0)], ...] = Field(

@@ -68,7 +68,10 @@ def _run_agents(
         # the cluster by address: a child restarted during a broker outage waits for it
         env={"DSPEX_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers(settings)},
     )
-    runner = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor")
+    drain_s = settings.reliability.drain_timeout_s
+    runner = threading.Thread(
+        target=supervisor.run, args=(stop,), kwargs={"drain_timeout_s": drain_s}, name="supervisor"
+    )
     runner.start()
     if scalable(settings.pools):
         scaler = threading.Thread(
@@ -89,7 +92,12 @@ def _run_agents(
     finally:
         while runner.is_alive():
             runner.join(0.5)
-    return failed
+    if supervisor.undrained:
+        err.print(
+            f"[red]not drained within {drain_s:g} s, killed:[/] {', '.join(supervisor.undrained)}"
+            " (their unfinished requests are redone when DSPex runs again)"
+        )
+    return failed or bool(supervisor.undrained)
 
 
 def agent_commands(
