@@ -44,8 +44,8 @@ def up(
     settings = settings_of(ctx)
     started = ensure_cluster(settings)
     out.print(topics_table(create_topics(settings)))
+    stop = _stop_on_signals()  # before saying so: a SIGTERM from then on stops it cleanly
     out.print(f"[green bold]DSPex is up[/] on {kafka.bootstrap_servers(settings)}")
-    stop = _stop_on_signals()
     if agents:
         failed = _run_agents(settings, ctx.meta.get("settings_file"), stop, demo, once)
     else:

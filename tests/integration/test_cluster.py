@@ -103,6 +103,43 @@ def test_broker_status_lists_every_node_and_the_controller(cluster: LocalCluster
         assert f"node {n}: 127.0.0.1:" in run.stdout
 
 
+def test_up_finds_the_running_cluster_and_replicates_its_topics(cluster: LocalCluster) -> None:
+    """``dspex up`` with no cluster configured uses the local one (all three addresses)."""
+    prefix = f"u{uuid.uuid4().hex[:8]}."
+    env = {
+        **os.environ,
+        "DSPEX_LOCAL_BROKER__DATA_DIR": str(cluster.data_dir),
+        "DSPEX_LOCAL_BROKER__NODES": "3",
+        "DSPEX_TOPICS__PREFIX": prefix,
+        "COLUMNS": "250",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    argv = [sys.executable, "-m", "dspex.streams", "up", "--no-agents"]
+    up = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert up.stdout is not None
+    lines = []
+    for raw in up.stdout:
+        lines.append(raw.decode(errors="replace"))
+        if "DSPex is up" in lines[-1]:
+            break
+    up.send_signal(signal.SIGTERM)
+    output = "".join(lines) + up.communicate(timeout=60)[0].decode(errors="replace")
+    info = cluster.status()
+    assert up.returncode == 0, output
+    assert info is not None and f"DSPex is up on {info.bootstrap_servers}" in output
+    assert not info.down  # it found the cluster running: it neither started nor stopped it
+    replicas = {
+        len(p.replicas)
+        for name, meta in AdminClient({"bootstrap.servers": info.bootstrap_servers})
+        .list_topics(timeout=10)
+        .topics.items()
+        if name.startswith(prefix)
+        for p in meta.partitions.values()
+    }
+    assert replicas == {3}, output
+
+
 def test_topics_get_three_replicas_and_two_in_sync(settings: Settings) -> None:
     """``dspex topics create`` against the three addresses, as an operator runs it."""
     env = {
