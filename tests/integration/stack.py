@@ -91,6 +91,8 @@ class Stack:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.exit_codes: dict[str, int] = {}
         self.killed: list[str] = []
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[int]] = {}  # name -> exit codes of processes restarted
 
     @property
     def groups(self) -> dict[str, str]:
@@ -107,17 +109,31 @@ class Stack:
         commands |= {
             pool: [*base, "worker", "--pool", pool, "--instance-id", "1"] for pool in self.pools
         }
-        for name, argv in commands.items():
-            log = (self.log_dir / f"{name}.log").open("wb")
-            try:
-                process = subprocess.Popen(
-                    argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-                )
-            finally:
-                log.close()
-            _live.add(process)
-            self.processes[name] = process
+        self.commands = commands
+        for name in commands:
+            self._spawn(name, env, "wb")
         self.wait_ready(ready_timeout_s)
+
+    def _spawn(self, name: str, env: dict[str, str], mode: str) -> None:
+        log = (self.log_dir / f"{name}.log").open(mode)
+        try:
+            process = subprocess.Popen(
+                self.commands[name], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        finally:
+            log.close()
+        _live.add(process)
+        self.processes[name] = process
+
+    def restart_exited(self) -> None:
+        """Start again every process that exited, as ``dspex up``'s supervisor does."""
+        env: dict[str, str] | None = None
+        for name, process in list(self.processes.items()):
+            if process.poll() is not None:
+                self.restarts.setdefault(name, []).append(process.returncode)
+                _live.discard(process)
+                env = env or agent_env(self.settings)
+                self._spawn(name, env, "ab")
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         """Until every process's consumer group is stable with partitions assigned."""

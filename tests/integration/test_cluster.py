@@ -174,6 +174,7 @@ class _Run:
         self.led: list[int] = []  # requests partitions the victim led
         self.finals: list[dict[str, Any]] = []
         self.placed: dict[str, int] = {}  # request id -> requests partition
+        self.restarts: dict[str, list[int]] = {}  # agent -> exit codes it was restarted after
 
     def counts(self) -> dict[str, int]:
         """sent, answered, lost, wrong, twice at the client, duplicated and contradicting
@@ -220,8 +221,13 @@ async def _under_load(
     run = _Run()
     try:
         stack.start(ready_timeout_s=120)
-        async with AsyncClient(settings) as client:
-            run.outcomes = await _send(client, run, fault)
+        supervising = asyncio.create_task(_supervise(stack))
+        try:
+            async with AsyncClient(settings) as client:
+                run.outcomes = await _send(client, run, fault)
+        finally:
+            supervising.cancel()
+        run.restarts = stack.restarts
         total = len(run.outcomes)
         tail.wait(lambda t: len({r["request_id"] for r in t.of("responses")}) >= total, 60, "all")
         stack.wait_idle(120)
@@ -235,6 +241,17 @@ async def _under_load(
     unclean = {n: c for n, c in stack.exit_codes.items() if c != 0}
     assert not stack.killed and not unclean, (unclean, stack.log_tails())
     return run
+
+
+async def _supervise(stack: Stack) -> None:
+    """The supervisor's part (``dspex up``): an agent that exits is started again.
+
+    An agent whose consumer is fenced for good (a static member after its group
+    coordinator's broker died) exits 1 so that this happens.
+    """
+    while True:
+        await asyncio.to_thread(stack.restart_exited)
+        await asyncio.sleep(0.5)
 
 
 async def _send(
@@ -298,7 +315,7 @@ async def test_kill_9_of_a_broker_under_load_loses_nothing(
         f"at {RATE}/s: {run.counts()}; seconds from the kill to the first answer of a request "
         f"sent after it, per requests partition {recovery}; longest pause in answers "
         f"{pause:.2f}s; restarted {RESTART_AFTER_S:.0f}s after the kill, back in every ISR "
-        f"{run.rejoined_s:.1f}s after its restart"
+        f"{run.rejoined_s:.1f}s after its restart; agents restarted (exit codes) {run.restarts}"
     )
     assert run.victim_exit == -signal.SIGKILL
     run.assert_nothing_lost_or_doubled()
@@ -335,7 +352,8 @@ async def test_rolling_restart_of_every_broker_under_load_loses_nothing(
     print(
         f"\nrolling restart of nodes 1, 2, 3 at {RATE}/s: {run.counts()}; per node (seconds "
         f"to stop, restart to back in every ISR) {steps}; the roll took "
-        f"{run.restarted_at - run.killed_at:.1f}s; longest pause in answers {pause:.2f}s"
+        f"{run.restarted_at - run.killed_at:.1f}s; longest pause in answers {pause:.2f}s; "
+        f"agents restarted (exit codes) {run.restarts}"
     )
     run.assert_nothing_lost_or_doubled()
     assert sorted(steps) == [1, 2, 3]
