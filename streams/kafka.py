@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from dspex.streams.errors import BrokerUnavailable, ConfigError
-from dspex.streams.ops.broker import local_bootstrap
+from dspex.streams.ops.cluster import local_bootstrap
 from dspex.streams.settings import KafkaSettings, Settings
 
 _librdkafka_logger = logging.getLogger("librdkafka")

@@ -120,7 +120,10 @@ class TopicSettings(_Section):
     """Topic naming and sizing; per-topic defaults live in the catalog (streams/topics.py)."""
 
     prefix: str = "dspex."
-    replication_factor: int = Field(default=1, ge=1)
+    # None: from the cluster's size when topics are created (3 from three brokers, else 1)
+    replication_factor: int | None = Field(default=None, ge=1)
+    # None: 2 when a topic has 3 or more replicas, else 1
+    min_insync_replicas: int | None = Field(default=None, ge=1)
     partitions: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("partitions")
@@ -130,6 +133,13 @@ class TopicSettings(_Section):
         if bad:
             raise ValueError(f"partition counts must be >= 1, got {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _isr_within_replicas(self) -> TopicSettings:
+        factor, isr = self.replication_factor, self.min_insync_replicas
+        if factor is not None and isr is not None and isr > factor:
+            raise ValueError(f"min_insync_replicas {isr} > replication_factor {factor}")
+        return self
 
 
 class PoolSettings(_Section):
@@ -397,6 +407,8 @@ class ReliabilitySettings(_Section):
     # how soon a worker that died without leaving (kill -9) loses its partitions;
     # librdkafka's 45 s default would stall a dead worker's requests that long
     session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+    # `dspex up`: how long its processes may drain after SIGTERM before they are killed
+    drain_timeout_s: float = Field(default=30.0, gt=0, le=600)
     retry_topic_attempts: int = Field(default=3, ge=1, le=20)
     # at most a minute: a router's rebalance and graceful stop wait for its pending retries
     retry_topic_backoff_s: tuple[Annotated[float, Field(ge=0.0, le=60.0)], ...] = Field(
@@ -426,9 +438,15 @@ class JobsSettings(_Section):
 
 
 class LocalBrokerSettings(_Section):
-    """The single-node KRaft broker DSPex runs from Apache Kafka's jars when none is configured."""
+    """The local KRaft broker (or cluster) run from Kafka's jars when no cluster is configured.
+
+    Node ``n`` of a cluster prefers ports ``port + 2(n-1)`` and ``controller_port + 2(n-1)``;
+    ``heap`` is each node's.
+    """
 
     kafka_version: str = "4.1.2"
+    # 1: one broker+controller; 3 (or more): that many, each a broker and a controller voter
+    nodes: int = Field(default=1, ge=1, le=9)
     port: int = Field(default=9092, ge=1, le=65535)
     controller_port: int = Field(default=9093, ge=1, le=65535)
     heap: str = "512m"

@@ -23,7 +23,7 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from dspex.agents.plumbing.messages import Outgoing
 from dspex.streams import kafka
-from dspex.streams.ops.admin import await_visible
+from dspex.streams.ops.admin import await_visible, replication_for
 from dspex.streams.settings import KafkaSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ def faust_app(settings: Settings, app_id: str, bootstrap: str) -> Any:
         datadir=str(data_root / "{conf.name}-data"),
         web_enabled=False,
         autodiscover=False,
-        topic_replication_factor=settings.topics.replication_factor,
+        # faust itself creates only its leader-assignor topic (no data): the configured
+        # factor, else 1; the changelogs (the data) are made by create_changelogs
+        topic_replication_factor=settings.topics.replication_factor or 1,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger=settings.kafka.linger_ms / 1000.0,
@@ -117,13 +119,15 @@ def create_changelogs(settings: Settings, app: Any) -> list[str]:
     four benchmark runs of the learner). Creating them first removes the race.
     """
     admin = kafka.admin_client(settings)
-    live = admin.list_topics(timeout=10).topics
+    metadata = admin.list_topics(timeout=10)
+    live = metadata.topics
+    replication = replication_for(len(metadata.brokers), settings.topics)
     wanted = [
         NewTopic(
             table.changelog_topic_name,
             num_partitions=table.partitions,
-            replication_factor=settings.topics.replication_factor,
-            config={"cleanup.policy": "compact"},
+            replication_factor=replication.factor,
+            config={"cleanup.policy": "compact", **replication.configs()},
         )
         for table in app.tables.values()
         if table.changelog_topic_name not in live

@@ -54,6 +54,7 @@ from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.offsets import OffsetTracker
 from dspex.agents.plumbing.offsets import TopicPartition as TP
 from dspex.streams import kafka, tracing
+from dspex.streams.errors import BrokerUnavailable
 from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,15 @@ class ConsumerLoop:
     def _dispatch(self, message: Message) -> None:
         error = message.error()
         if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
+            if error.fatal():
+                # e.g. a static member fenced after its group coordinator moved (a broker
+                # died): this consumer never fetches again. Stop, drain, and let the
+                # process exit so that its supervisor starts a fresh one.
+                logger.error("fatal consumer error group=%s: %s", self.config.group_id, error)
+                self._fatal = self._fatal or BrokerUnavailable(
+                    f"group={self.config.group_id}: fatal consumer error: {error.str()}"
+                )
+            elif error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
             return
         tp = (message.topic() or "", message.partition() or 0)

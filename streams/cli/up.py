@@ -18,7 +18,7 @@ from dspex.streams.client.client import Client, Program
 from dspex.streams.dashboard.server import Dashboard
 from dspex.streams.errors import DSPexError
 from dspex.streams.ops.autoscale import HintFollower, desired_processes, scalable
-from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.cluster import LocalCluster
 from dspex.streams.ops.extras import require_server_extra
 from dspex.streams.ops.ports import choose_port, reachable_host
 from dspex.streams.ops.supervisor import Supervisor
@@ -47,6 +47,7 @@ def up(
     settings = settings_of(ctx)
     started = ensure_cluster(settings)
     out.print(topics_table(create_topics(settings)))
+    stop = _stop_on_signals()  # before saying so: a SIGTERM from then on stops it cleanly
     out.print(f"[green bold]DSPex is up[/] on {kafka.bootstrap_servers(settings)}")
     if agents:
         for line in pool_models(settings):
@@ -67,7 +68,7 @@ def up(
         if board is not None:
             board.stop()
     if started is not None:
-        LocalBroker(settings.local_broker).stop()
+        LocalCluster(settings.local_broker).stop()
         out.print("local broker stopped")
     if failed:
         raise typer.Exit(1)
@@ -99,7 +100,10 @@ def _run_agents(
         on_event=lambda line: err.print(f"[dim]{line}[/]"),
         env=env,
     )
-    runner = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor")
+    drain_s = settings.reliability.drain_timeout_s
+    runner = threading.Thread(
+        target=supervisor.run, args=(stop,), kwargs={"drain_timeout_s": drain_s}, name="supervisor"
+    )
     runner.start()
     if scalable(settings.pools):
         scaler = threading.Thread(
@@ -120,7 +124,12 @@ def _run_agents(
     finally:
         while runner.is_alive():
             runner.join(0.5)
-    return failed
+    if supervisor.undrained:
+        err.print(
+            f"[red]not drained within {drain_s:g} s, killed:[/] {', '.join(supervisor.undrained)}"
+            " (their unfinished requests are redone when DSPex runs again)"
+        )
+    return failed or bool(supervisor.undrained)
 
 
 def agent_commands(

@@ -10,14 +10,19 @@ readers, and a unit test keeps the copies equal.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from dspex.streams.errors import LocalBrokerError
+from dspex.streams.ops.admin import min_insync, replication_factor
 
 # the launcher chooses its ports with these (re-exported: tests call them here)
 from dspex.streams.ops.ports import choose_port as choose_port
@@ -30,17 +35,36 @@ TAIL_LINES = 40
 MVN_TIMEOUT_S = 900.0
 
 
-def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
-    """A single-node combined broker+controller config on 127.0.0.1.
+def server_properties(
+    log_dir: Path,
+    port: int,
+    controller_port: int,
+    *,
+    node_id: int = 1,
+    voters: Mapping[int, int] | None = None,
+) -> str:
+    """A combined broker+controller config on 127.0.0.1.
 
+    Without ``voters``: a single node whose quorum is found through its own
+    controller listener (formatted ``--standalone``). With ``voters`` (node id ->
+    controller port, this node among them): one node of a static quorum in which
+    every node is a voter; internal topics and new topics default to
+    ``replication_factor(len(voters))`` replicas and ``min_insync(...)``.
     ``.properties`` values allow no trailing ``#`` comment, so comments stay on
     their own lines.
     """
     plaintext, controller = f"{HOST}:{port}", f"{HOST}:{controller_port}"
+    replicas = replication_factor(len(voters)) if voters else 1
+    min_isr = str(min_insync(replicas))
+    quorum = (
+        {"controller.quorum.voters": ",".join(f"{n}@{HOST}:{p}" for n, p in sorted(voters.items()))}
+        if voters
+        else {"controller.quorum.bootstrap.servers": controller}
+    )
     settings = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.bootstrap.servers": controller,
+        "node.id": str(node_id),
+        **quorum,
         "listeners": f"PLAINTEXT://{plaintext},CONTROLLER://{controller}",
         "advertised.listeners": f"PLAINTEXT://{plaintext},CONTROLLER://{controller}",
         "controller.listener.names": "CONTROLLER",
@@ -49,15 +73,18 @@ def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
         "log.dirs": str(log_dir),
         "num.partitions": "1",
         "auto.create.topics.enable": "false",
-        # One partition each instead of 50: a single local node gains nothing from
+        # One partition each instead of 50: a local cluster gains nothing from
         # more, and creating and loading 50 partitions adds seconds to tests.
         "offsets.topic.num.partitions": "1",
         "transaction.state.log.num.partitions": "1",
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "offsets.topic.replication.factor": str(replicas),
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": min_isr,
+        "share.coordinator.state.topic.replication.factor": str(replicas),
+        "share.coordinator.state.topic.min.isr": min_isr,
+        # For topics created without an explicit factor (DSPex always gives one).
+        "default.replication.factor": str(replicas),
+        "min.insync.replicas": min_isr,
         # The default 3 s delay slows every consumer group's first join.
         "group.initial.rebalance.delay.ms": "0",
     }
@@ -177,14 +204,30 @@ def run_mvn(pom: Path, out_dir: Path, kafka_version: str) -> None:
         )
 
 
-def format_storage(java: str, jars: Path, config: Path, cluster_id: str) -> None:
-    """``StorageTool format --standalone`` (the controller is the only voter)."""
-    cmd = [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format", "--standalone",
+def format_storage(
+    java: str, jars: Path, config: Path, cluster_id: str, *, standalone: bool
+) -> None:
+    """``StorageTool format``: ``--standalone`` for a single node (the controller is the only
+    voter); without it for a node of a static quorum (``controller.quorum.voters``)."""
+    cmd = [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format",
+           *(["--standalone"] if standalone else []),
            "-t", cluster_id, "-c", str(config)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
     if proc.returncode != 0:
         output = "\n".join((proc.stdout + proc.stderr).splitlines()[-TAIL_LINES:])
         raise LocalBrokerError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output}")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing): serialises start/stop
+    across processes sharing a data dir."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_tree(path: Path) -> None:

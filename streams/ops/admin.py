@@ -1,9 +1,15 @@
 """Topic administration: create the catalog's topics and report any that drifted.
 
 ``ensure_topics`` is idempotent: it creates what is missing and, for topics
-that already exist, compares partitions and the configs the catalog pins
-(cleanup policy, retention, ...) with what the cluster holds. It never alters
-an existing topic: a difference is reported for a person to decide.
+that already exist, compares partitions, replicas and the configs the catalog
+pins (cleanup policy, retention, ``min.insync.replicas``, ...) with what the
+cluster holds. It never alters an existing topic: a difference is reported for
+a person to decide.
+
+Replication is decided here (:func:`replication_for`): what the settings say,
+else from the cluster's size: 3 replicas with ``min.insync.replicas=2`` from
+three brokers on (a write needs two copies, so one broker may fail without
+losing an acknowledged record or stopping writes), one replica on a single node.
 """
 
 from __future__ import annotations
@@ -18,11 +24,45 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from dspex.streams.errors import BrokerUnavailable, ConfigError, TopicConfigError
+from dspex.streams.settings import TopicSettings
 from dspex.streams.topics import TopicSpec
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["created", "ok", "differs"]
+
+
+def replication_factor(brokers: int) -> int:
+    """Replicas per partition on a cluster of ``brokers``: 3 from three on, else one each."""
+    return min(3, max(1, brokers))
+
+
+def min_insync(replicas: int) -> int:
+    """``min.insync.replicas`` for ``replicas``: 2 of 3 or more (one may fail), else 1."""
+    return 2 if replicas >= 3 else 1
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How many copies of each partition, and how many must have a write before it is acked."""
+
+    factor: int
+    min_insync: int
+
+    def configs(self) -> dict[str, str]:
+        """The topic config it pins (producers use acks=all: this is what "acked" means)."""
+        return {"min.insync.replicas": str(self.min_insync)}
+
+
+def replication_for(brokers: int, settings: TopicSettings | None = None) -> Replication:
+    """The settings' factor and min ISR where set, else decided from the cluster's size."""
+    settings = settings or TopicSettings()
+    factor = settings.replication_factor or replication_factor(brokers)
+    if factor > brokers:
+        raise TopicConfigError(
+            f"topics.replication_factor={factor} but the cluster has {brokers} broker(s)"
+        )
+    return Replication(factor, settings.min_insync_replicas or min_insync(factor))
 
 
 @dataclass(frozen=True)
@@ -33,44 +73,56 @@ class TopicReport:
     status: Status
     partitions: int
     differences: list[str] = field(default_factory=list)
+    replicas: int = 1
 
 
 def ensure_topics(
     admin: AdminClient,
     topics: Iterable[tuple[str, TopicSpec]],
     *,
-    replication_factor: int = 1,
+    settings: TopicSettings | None = None,
     timeout_s: float = 30.0,
 ) -> list[TopicReport]:
-    """Create missing topics; describe existing ones and report differences from the spec."""
+    """Create missing topics; describe existing ones and report differences from the spec.
+
+    Replication comes from ``settings`` (see :func:`replication_for`), else from the
+    cluster's size.
+    """
     wanted = dict(topics)
-    existing = _existing_partitions(admin, timeout_s)
+    brokers, existing = _existing(admin, timeout_s)
+    replication = replication_for(brokers, settings)
     missing = [name for name in wanted if name not in existing]
-    created = _create(admin, {n: wanted[n] for n in missing}, replication_factor, timeout_s)
+    created = _create(admin, {n: wanted[n] for n in missing}, replication, timeout_s)
     await_visible(admin, set(wanted), timeout_s)
     present = {n: s for n, s in wanted.items() if n not in created}
     live = _describe(admin, list(present), timeout_s)
     reports = []
     for name, spec in wanted.items():
         if name in created:
-            reports.append(TopicReport(name, "created", spec.partitions))
+            reports.append(TopicReport(name, "created", spec.partitions, [], replication.factor))
             continue
-        partitions = existing.get(name, spec.partitions)
-        diffs = _differences(spec, partitions, live[name])
-        reports.append(TopicReport(name, "differs" if diffs else "ok", partitions, diffs))
+        partitions, replicas = existing.get(name, (spec.partitions, replication.factor))
+        diffs = _differences(spec, replication, (partitions, replicas), live[name])
+        status: Status = "differs" if diffs else "ok"
+        reports.append(TopicReport(name, status, partitions, diffs, replicas))
     return reports
 
 
-def _existing_partitions(admin: AdminClient, timeout_s: float) -> dict[str, int]:
+def _existing(admin: AdminClient, timeout_s: float) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The number of brokers, and (partitions, replicas of partition 0) per topic."""
     try:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         raise BrokerUnavailable(f"cannot list topics: {exc}") from exc
-    return {name: len(t.partitions) for name, t in metadata.topics.items()}
+    topics = {
+        name: (len(t.partitions), len(t.partitions[0].replicas) if 0 in t.partitions else 0)
+        for name, t in metadata.topics.items()
+    }
+    return len(metadata.brokers), topics
 
 
 def _create(
-    admin: AdminClient, specs: dict[str, TopicSpec], replication: int, timeout_s: float
+    admin: AdminClient, specs: dict[str, TopicSpec], replication: Replication, timeout_s: float
 ) -> set[str]:
     if not specs:
         return set()
@@ -78,8 +130,8 @@ def _create(
         NewTopic(
             name,
             num_partitions=spec.partitions,
-            replication_factor=replication,
-            config=spec.configs(),
+            replication_factor=replication.factor,
+            config={**spec.configs(), **replication.configs()},
         )
         for name, spec in specs.items()
     ]
@@ -88,7 +140,10 @@ def _create(
         try:
             future.result(timeout=timeout_s)
             created.add(name)
-            logger.info("topic created topic=%s partitions=%d", name, specs[name].partitions)
+            logger.info(
+                "topic created topic=%s partitions=%d replicas=%d min_insync=%d",
+                name, specs[name].partitions, replication.factor, replication.min_insync,
+            )  # fmt: skip
         except KafkaException as exc:
             # Another process may have created it between our listing and our request.
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
@@ -131,11 +186,16 @@ def _describe(admin: AdminClient, names: list[str], timeout_s: float) -> dict[st
     return out
 
 
-def _differences(spec: TopicSpec, partitions: int, live: dict[str, str]) -> list[str]:
+def _differences(
+    spec: TopicSpec, replication: Replication, shape: tuple[int, int], live: dict[str, str]
+) -> list[str]:
+    partitions, replicas = shape
     diffs = []
     if partitions != spec.partitions:
         diffs.append(f"partitions: catalog {spec.partitions}, cluster {partitions}")
-    for key, value in spec.configs().items():
+    if replicas != replication.factor:
+        diffs.append(f"replicas: wanted {replication.factor}, cluster {replicas}")
+    for key, value in {**spec.configs(), **replication.configs()}.items():
         if live.get(key) != value:
             diffs.append(f"{key}: catalog {value}, cluster {live.get(key)}")
     return diffs

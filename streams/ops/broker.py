@@ -1,10 +1,12 @@
-"""The local single-node KRaft broker, run from Apache Kafka's own jars (no Docker).
+"""One local KRaft node (broker + controller), run from Apache Kafka's own jars (no Docker).
 
 ``LocalBroker(settings).start()`` fetches the jars once with Maven into
 ``cache_dir/kafka-<version>/``, formats KRaft storage once under ``data_dir``,
 writes ``server.properties`` for free ports on 127.0.0.1 and starts
-``kafka.Kafka`` detached (it outlives the CLI that started it). ``data_dir``
-holds::
+``kafka.Kafka`` detached (it outlives the CLI that started it). Alone it is a
+single-node cluster; given a :class:`NodeSpec` it is one node of a static quorum
+that :class:`dspex.streams.ops.cluster.LocalCluster` puts together (the entry
+point the CLI uses for one node or several). Its data dir holds::
 
     broker.json        state file: pid, bootstrap, version, started_at
     server.properties  rewritten on every start (ports may change)
@@ -17,7 +19,6 @@ holds::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -25,7 +26,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,17 +51,41 @@ class BrokerInfo:
     kafka_version: str
     data_dir: Path
     log_file: Path
+    node_id: int = 1
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a local multi-node cluster: fixed ports, the quorum, the shared cluster id.
+
+    ``voters`` maps every node id to its controller port (this node's included): a
+    static quorum in which every node votes.
+    """
+
+    node_id: int
+    data_dir: Path
+    port: int
+    controller_port: int
+    voters: dict[int, int]
+    cluster_id: str
 
 
 class LocalBroker:
-    """Starts, finds and stops the single-node KRaft broker described by the settings."""
+    """Starts, finds and stops one KRaft node: the single-node broker, or ``node`` of a cluster."""
 
-    def __init__(self, settings: LocalBrokerSettings, *, pom: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: LocalBrokerSettings,
+        *,
+        pom: Path | None = None,
+        node: NodeSpec | None = None,
+    ) -> None:
         self.settings = settings
         # None: the POM embedded in dspex.streams.ops._kraft (identical to deploy/kafka/pom.xml).
         self.pom = pom
+        self.node = node
         # Absolute: the config path in the JVM's argv identifies the process later.
-        self.data_dir = settings.data_dir.expanduser().absolute()
+        self.data_dir = (node.data_dir if node else settings.data_dir).expanduser().absolute()
         cache_dir = settings.cache_dir.expanduser().absolute()
         self.jar_dir = cache_dir / f"kafka-{settings.kafka_version}"
         self.config = self.data_dir / "server.properties"
@@ -107,36 +131,55 @@ class LocalBroker:
         seconds = time.monotonic() - started
         logger.info("fetched Kafka jars count=%d seconds=%.1f", count, seconds)
 
-    def start(self) -> BrokerInfo:
-        """Start the broker, or return the one already running; waits until it answers."""
+    def start(self, *, wait: bool = True) -> BrokerInfo:
+        """Start the broker, or return the one already running; waits until it answers.
+
+        ``wait=False`` returns once the JVM is spawned: a node of a cluster cannot
+        answer before a majority of the quorum runs, so the cluster starts them all
+        first and then calls :meth:`wait_ready` on each.
+        """
+        started = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            running = self.status()
-            if running is not None:
-                self._wait_ready(running, time.monotonic() + self.settings.start_timeout_s)
-                return running
-            return self._launch()
+            info = self.status() or self._launch()
+        if wait:
+            self.wait_ready(info, started + self.settings.start_timeout_s)
+            logger.info(
+                "local broker ready node=%d pid=%d bootstrap=%s seconds=%.1f",
+                info.node_id, info.pid, info.bootstrap_servers, time.monotonic() - started,
+            )  # fmt: skip
+        return info
 
     def _launch(self) -> BrokerInfo:
-        started = time.monotonic()
         jars = self.ensure_jars()
         java_home = self.settings.java_home
         java = _kraft.java_executable(str(java_home) if java_home else None)
         port, controller_port = self._choose_ports()
+        node_id, voters = (self.node.node_id, self.node.voters) if self.node else (1, None)
         self.config.write_text(
-            _kraft.server_properties(self.log_dir, port, controller_port), encoding="utf-8"
+            _kraft.server_properties(
+                self.log_dir, port, controller_port, node_id=node_id, voters=voters
+            ),
+            encoding="utf-8",
         )
         self._ensure_formatted(java, jars)
-        info = self._spawn(java, jars, f"{_kraft.HOST}:{port}")
-        self._wait_ready(info, started + self.settings.start_timeout_s)
-        logger.info(
-            "local broker ready pid=%d bootstrap=%s seconds=%.1f",
-            info.pid, info.bootstrap_servers, time.monotonic() - started,
-        )  # fmt: skip
-        return info
+        return self._spawn(java, jars, f"{_kraft.HOST}:{port}")
 
     def _choose_ports(self) -> tuple[int, int]:
-        """The configured ports where free, else free ones (fine for formatted storage too)."""
+        """The configured ports where free, else free ones (fine for formatted storage too).
+
+        A cluster's node has the ports its cluster chose: the other nodes' quorum
+        config names them, so a busy one is an error, not a reason to move.
+        """
+        if self.node is not None:
+            ports = (self.node.port, self.node.controller_port)
+            busy = [p for p in ports if not _kraft.port_is_free(p)]
+            if busy:
+                raise LocalBrokerError(
+                    f"node {self.node.node_id}: port(s) {busy} on {_kraft.HOST} are taken by "
+                    "another program; the other nodes expect this node there"
+                )
+            return ports
         wanted = (self.settings.port, self.settings.controller_port)
         port = _kraft.choose_port(wanted[0])
         controller = _kraft.choose_port(wanted[1], taken=(port,))
@@ -161,9 +204,9 @@ class LocalBroker:
                 f"{self.log_dir} is not empty but has no meta.properties: it is not KRaft "
                 "storage this broker formatted; remove it to start from empty storage"
             )
-        cluster_id = _kraft.new_cluster_id()
+        cluster_id = self.node.cluster_id if self.node else _kraft.new_cluster_id()
         logger.info("formatting storage dir=%s cluster_id=%s", self.log_dir, cluster_id)
-        _kraft.format_storage(java, jars, self.config, cluster_id)
+        _kraft.format_storage(java, jars, self.config, cluster_id, standalone=self.node is None)
 
     def _spawn(self, java: str, jars: Path, bootstrap: str) -> BrokerInfo:
         log4j2 = self.data_dir / "log4j2.properties"
@@ -179,15 +222,16 @@ class LocalBroker:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=self.data_dir, start_new_session=True,
             )  # fmt: skip
+        node_id = self.node.node_id if self.node else 1
         info = BrokerInfo(
-            bootstrap, proc.pid, self.settings.kafka_version, self.data_dir, self.log_file
+            bootstrap, proc.pid, self.settings.kafka_version, self.data_dir, self.log_file, node_id
         )
         self._write_state(info)
         return info
 
-    def _wait_ready(self, info: BrokerInfo, deadline: float) -> None:
+    def wait_ready(self, info: BrokerInfo, deadline: float) -> None:
         """Poll metadata until the broker answers; fail with the log tail."""
-        admin = AdminClient(_probe_conf(info.bootstrap_servers))
+        admin = AdminClient(probe_conf(info.bootstrap_servers))
         while True:
             if not _kraft.is_broker_process(info.pid, self.config):
                 self.state_file.unlink(missing_ok=True)
@@ -264,6 +308,7 @@ class LocalBroker:
                 kafka_version=str(state["kafka_version"]),
                 data_dir=self.data_dir,
                 log_file=self.log_file,
+                node_id=int(state.get("node_id", 1)),
             )
         except FileNotFoundError:
             return None
@@ -272,24 +317,11 @@ class LocalBroker:
             self.state_file.unlink(missing_ok=True)
             return None
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """Serialize start/stop across processes sharing this data dir."""
-        with (self.data_dir / ".broker.lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return _kraft.file_lock(self.data_dir / ".broker.lock")
 
 
-def local_bootstrap(settings: LocalBrokerSettings) -> str | None:
-    """``host:port`` of the local broker when it is running, else None."""
-    info = LocalBroker(settings).status()
-    return info.bootstrap_servers if info else None
-
-
-def _probe_conf(bootstrap: str) -> dict[str, str | int | float | bool]:
+def probe_conf(bootstrap: str) -> dict[str, str | int | float | bool]:
     # log_level 0: refused connections while the broker boots are expected, not news.
     return {
         "bootstrap.servers": bootstrap,

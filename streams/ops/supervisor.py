@@ -52,6 +52,7 @@ class Supervisor:
         self._max_backoff_s = max_backoff_s
         self._lock = threading.Lock()
         self._retiring: list[Child] = []
+        self.undrained: list[str] = []  # killed at the last stop: did not drain in time
 
     def set_children(self, children: Mapping[str, Sequence[str]]) -> None:
         """Change the set of children while running: new names start, dropped ones drain.
@@ -124,19 +125,30 @@ class Supervisor:
         logger.info("process started name=%s pid=%d", child.name, child.process.pid)
         self._on_event(f"{child.name} started (pid {child.process.pid})")
 
-    def stop_all(self, timeout_s: float) -> None:
-        """SIGTERM every child (they drain in-flight work), SIGKILL what outlives the timeout."""
+    def stop_all(self, timeout_s: float) -> list[str]:
+        """SIGTERM every child (they drain in-flight work), SIGKILL what outlives the timeout.
+
+        Bounded whether or not Kafka answers (a child whose broker is gone may wait for
+        it): returns, and keeps in ``undrained``, the names of the children it killed.
+        Their uncommitted work is redone by their successors (at-least-once).
+        """
         with self._lock:
             children = [*self.children, *self._retiring]
         running = [(c, c.process) for c in children if c.process and c.process.poll() is None]
         for _, process in running:
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
+        self.undrained = []
         for child, process in running:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.error("process did not drain name=%s pid=%d", child.name, process.pid)
+                logger.error(
+                    "process did not drain name=%s pid=%d timeout_s=%.0f",
+                    child.name, process.pid, timeout_s,
+                )  # fmt: skip
                 process.kill()
                 process.wait()
+                self.undrained.append(child.name)
             self._on_event(f"{child.name} stopped (code {process.returncode})")
+        return self.undrained

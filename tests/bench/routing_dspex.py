@@ -258,7 +258,7 @@ def create_stats_changelog(admin: AdminClient, settings: Settings) -> None:
 
     name = f"{settings.topics.prefix}learner-stats-changelog"
     partitions = Topics(settings.topics).spec("telemetry").partitions
-    replicas = settings.topics.replication_factor
+    replicas = settings.topics.replication_factor or 1  # the bench runs one broker
     topic = NewTopic(name, partitions, replicas, config={"cleanup.policy": "compact"})
     for future in admin.create_topics([topic], operation_timeout=30).values():
         future.result()

@@ -100,6 +100,8 @@ class Stack:
         self.commands: dict[str, list[str]] = {}
         self.exit_codes: dict[str, int] = {}
         self.killed: list[str] = []
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[int]] = {}  # name -> exit codes of processes restarted
 
     @property
     def groups(self) -> dict[str, str]:
@@ -146,6 +148,14 @@ class Stack:
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         _live.discard(process)
+
+    def restart_exited(self) -> None:
+        """Start again every process that exited, as ``dspex up``'s supervisor does."""
+        for name, process in list(self.processes.items()):
+            if process.poll() is not None:
+                self.restarts.setdefault(name, []).append(process.returncode)
+                _live.discard(process)
+                self.launch(name)
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         """Until every process's consumer group is stable with partitions assigned."""

@@ -17,7 +17,8 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dspex.streams.ops import _kraft
-from dspex.streams.ops.broker import LocalBroker, local_bootstrap
+from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.cluster import local_bootstrap
 from dspex.streams.settings import LocalBrokerSettings
 
 pytestmark = pytest.mark.integration

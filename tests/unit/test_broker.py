@@ -15,7 +15,8 @@ import pytest
 
 from dspex.streams.errors import LocalBrokerError
 from dspex.streams.ops import _kraft
-from dspex.streams.ops.broker import LocalBroker, local_bootstrap
+from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.cluster import local_bootstrap
 from dspex.streams.settings import LocalBrokerSettings
 
 REPO = Path(__file__).resolve().parents[2]

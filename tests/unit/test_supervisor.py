@@ -121,3 +121,31 @@ def test_children_get_the_extra_environment_on_every_start(tmp_path: object) -> 
     stop.set()
     runner.join(30)
     assert out.read_text().split()[:2] == ["10.9.8.7:9", "10.9.8.7:9"]
+
+
+def test_a_child_that_does_not_drain_is_killed_and_named(tmp_path: Path) -> None:
+    """Bounded whether or not a child cooperates: SIGKILL after the drain timeout, named."""
+    ignorer = [
+        sys.executable,
+        "-c",
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "pathlib.Path(sys.argv[1]).write_text('ready')\n"
+        "time.sleep(60)",
+    ]
+    events: list[str] = []
+    ready = [tmp_path / "stuck", tmp_path / "drainer"]
+    children = {"stuck": [*ignorer, str(ready[0])], "drainer": drainer(ready[1])}
+    sup = Supervisor(children, on_event=events.append)
+    stop = threading.Event()
+    runner = threading.Thread(target=sup.run, args=(stop,), kwargs={"drain_timeout_s": 1})
+    runner.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(path.exists() for path in ready):
+        time.sleep(0.05)
+    stop.set()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert sup.undrained == ["stuck"]
+    assert "stuck stopped (code -9)" in events
+    assert "drainer stopped (code 0)" in events
