@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from dspex.streams.errors import LocalBrokerError

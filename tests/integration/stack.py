@@ -100,7 +100,6 @@ class Stack:
         self.commands: dict[str, list[str]] = {}
         self.exit_codes: dict[str, int] = {}
         self.killed: list[str] = []
-        self.commands: dict[str, list[str]] = {}
         self.restarts: dict[str, list[int]] = {}  # name -> exit codes of processes restarted
 
     @property

@@ -282,7 +282,9 @@ async def _send(
     return list(await asyncio.gather(*tasks))
 
 
-@pytest.mark.parametrize("role", ["leader", "controller"])
+# "controller" (kill the active controller) ran too while this was written (figures in
+# docs/reliability.md); the suite keeps the leader's kill, which the issue names, for time
+@pytest.mark.parametrize("role", ["leader"])
 async def test_kill_9_of_a_broker_under_load_loses_nothing(
     cluster: LocalCluster, settings: Settings, tmp_path: Path, role: str
 ) -> None:
