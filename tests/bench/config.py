@@ -27,6 +27,8 @@ class BenchConfig:
     scaling: tuple[int, ...]
     serde_records: int
     profile_requests: int
+    composition_runs: int
+    """Runs of the pipeline-overhead composition, one after another and then all at once."""
     warm_up_requests: int
     """Cache misses before each miss-saturation phase: on fresh topics and groups the
     broker spent 1.5-3x the CPU per request in the first few thousand requests as in
@@ -49,6 +51,7 @@ class BenchConfig:
             scaling=(1, 2, 4),
             serde_records=20_000,
             profile_requests=2_000,
+            composition_runs=50,
             warm_up_requests=2_000,
         )
 
@@ -69,6 +72,7 @@ class BenchConfig:
             scaling=(1, 2),
             serde_records=500,
             profile_requests=100,
+            composition_runs=3,
             warm_up_requests=10,
         )
 

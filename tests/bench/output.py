@@ -196,8 +196,32 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
             f"{report['serde']['serde_us']:.1f} / {report['serde']['json_us']:.1f}",
         ),
         ("agent exit codes (-9: killed)", str(pipe["exit_codes"])),
+        *_composition_rows(report.get("composition") or {}),
     ]
     return rows
+
+
+def _composition_rows(comp: dict[str, Any]) -> list[tuple[str, str]]:
+    """Figure 6: a pipeline against the same composition in-process (same run)."""
+    if not comp:
+        return []
+    piped, local = comp["pipeline"], comp["in_process"]
+    stages = f"{comp['stages']} stages, {comp['stage_executions']} executions"
+    return [
+        (
+            f"pipeline run p50 ms: DSPex / in-process ({stages})",
+            f"{piped['sequential_ms']['p50']:.1f} / {local['sequential_ms']['p50']:.1f}",
+        ),
+        ("pipeline overhead per stage, p50 ms", f"{comp['overhead_per_stage_p50_ms']:.2f}"),
+        (
+            "pipeline / in-process: latency p50, throughput",
+            f"{comp['latency_ratio_p50']:.2f}, {comp['throughput_ratio']:.2f}",
+        ),
+        (
+            "pipeline runs/s: DSPex / in-process",
+            f"{piped['concurrent']['runs_per_s']:,.1f} / {local['concurrent']['runs_per_s']:,.1f}",
+        ),
+    ]
 
 
 def _stage_rows(stages: dict[str, Any]) -> list[tuple[str, str]]:

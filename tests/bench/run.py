@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench import evaluate, inprocess, output, serde_bench
+from tests.bench import composition, evaluate, inprocess, output, serde_bench
 from tests.bench.config import BenchConfig
 from tests.bench.stack import Broker, bench_broker, bench_settings, catalog_topics
 from tests.bench.stages import (
@@ -81,6 +81,8 @@ def _measure(
         _step("DSPex pipeline and scaling")
         stack = Stack(settings, cfg, broker, tmp)
         report["pipeline"], report["scaling"] = asyncio.run(run_pipeline(stack, admin, cfg))
+        _step("pipeline overhead per stage")
+        report["composition"] = asyncio.run(composition.measure(settings, cfg, broker, tmp, admin))
         report["ratios"] = evaluate.ratios(report)
         report["targets"] = evaluate.targets(report["ratios"])
         report["saturated"] = evaluate.saturations(report)

@@ -168,6 +168,12 @@ def agent_env(settings: Settings, in_flight: int) -> dict[str, str]:
         "DSPEX_POOLS__GENERAL__IN_FLIGHT": str(in_flight),
         "DSPEX_LM__DEFAULT_VARIANT": settings.lm.default_variant,
         "DSPEX_LM__POOL_VARIANTS": json.dumps(settings.lm.pool_variants),
+        "DSPEX_LM__BACKENDS": json.dumps(
+            {
+                k: v.model_dump(mode="json", exclude_none=True)
+                for k, v in settings.lm.backends.items()
+            }
+        ),
         "DSPEX_LOG_LEVEL": "WARNING",
     }
 

@@ -17,7 +17,16 @@ from tests.bench.trace import STAGES
 
 pytestmark = pytest.mark.integration
 
-SECTIONS = ("machine", "config", "serde", "in_process", "ceiling", "pipeline", "scaling")
+SECTIONS = (
+    "machine",
+    "config",
+    "serde",
+    "in_process",
+    "ceiling",
+    "pipeline",
+    "scaling",
+    "composition",
+)
 DERIVED = ("ratios", "targets", "saturated", "diagnostics", "cpu_ms_per_request")
 
 
@@ -59,7 +68,22 @@ def test_quick_run_writes_a_complete_report(bench_bootstrap: str, tmp_path: Path
         "cache_hit_over_two_hop_relay",
     }
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+    assert_composition(report["composition"], report["config"]["composition_runs"])
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def assert_composition(comp: dict[str, Any], runs: int) -> None:
+    """The pipeline-overhead figure: both sides ran every run, with the same outputs."""
+    assert comp["stages"] == 5 and comp["stage_executions"] == 7
+    assert comp["same_outputs"] is True
+    for side in ("pipeline", "in_process"):
+        assert comp[side]["sequential_ms"]["samples"] == runs, side
+        assert_positive(comp[side]["sequential_ms"], "p50", "p95", "p99")
+        assert comp[side]["concurrent"]["runs"] == runs, side
+        assert_positive(comp[side]["concurrent"], "runs_per_s")
+    assert_positive(comp, "latency_ratio_p50", "throughput_ratio")
+    assert isinstance(comp["overhead_per_stage_p50_ms"], float)
+    assert set(comp["exit_codes"]) == {"pipeline", "router", "worker-1"}
 
 
 def assert_positive(figures: dict[str, Any], *names: str) -> None:
