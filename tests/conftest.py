@@ -11,11 +11,12 @@ import os
 import pytest
 
 # The product answers with the local model in every pool by default. The suite opts
-# into DSPex's echo SIMULATION for the general and optimizer pools (deterministic and
-# instant) and keeps the local model on the gpu pool, unless a test names other
-# backends; tests/unit/test_settings.py checks the product default without this.
+# into DSPex's echo SIMULATION (deterministic and instant) unless a test names other
+# backends; the integration tests' `settings` fixture keeps the local model on the gpu
+# pool. tests/unit/test_settings.py checks the product default without this. (Only the
+# default variant is set here: an environment `pool_variants` would be deep-merged into
+# every test's own `lm={"pool_variants": ...}` and could not be emptied.)
 os.environ.setdefault("DSPEX_LM__DEFAULT_VARIANT", "echo")
-os.environ.setdefault("DSPEX_LM__POOL_VARIANTS", '{"gpu": "local"}')
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -37,7 +37,12 @@ def kafka_bootstrap(
 def settings(kafka_bootstrap: str) -> Settings:
     """Settings pointing at the session broker with a topic prefix unique to this test."""
     prefix = f"t{uuid.uuid4().hex[:10]}."
-    return load_settings(kafka={"bootstrap_servers": kafka_bootstrap}, topics={"prefix": prefix})
+    return load_settings(
+        kafka={"bootstrap_servers": kafka_bootstrap},
+        topics={"prefix": prefix},
+        # the echo simulation (tests/conftest.py), and the local model on the gpu pool
+        lm={"pool_variants": {"gpu": "local"}},
+    )
 
 
 @pytest.fixture

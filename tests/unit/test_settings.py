@@ -92,7 +92,10 @@ def test_no_bootstrap_is_a_config_error() -> None:
         load_settings().kafka.to_librdkafka()
 
 
-def test_configured_backends_keep_the_builtin_ones_and_variants_must_exist() -> None:
+def test_configured_backends_keep_the_builtin_ones_and_variants_must_exist(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DSPEX_LM__DEFAULT_VARIANT", raising=False)
     settings = load_settings(lm={"backends": {"gpt": {"model": "openai/gpt-4o-mini"}}})
     assert set(settings.lm.backends) == {"echo", "local", "gpt"}
     assert settings.lm.variant_for_pool("gpu") == "local"
