@@ -56,7 +56,6 @@ def up(
     if board is not None:
         board.start()
         out.print(f"dashboard  {board.url}")
-    stop = _stop_on_signals()
     try:
         if agents:
             failed = _run_agents(settings, ctx.meta.get("settings_file"), stop, demo, once)
