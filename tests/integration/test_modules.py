@@ -50,11 +50,12 @@ def _example_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _settings(settings: Settings, lm: dict[str, Any] | None = None) -> Settings:
-    """The test's broker and prefix, the example allowlisted, ``lm`` (default: the defaults)."""
+    """The test's broker and prefix, the example allowlisted, ``lm`` (default: the suite's:
+    the echo simulation, the local model on the gpu pool)."""
     return load_settings(
         kafka={"bootstrap_servers": settings.kafka.bootstrap_servers},
         topics={"prefix": settings.topics.prefix},
-        lm=lm or {},
+        lm=lm or {"pool_variants": {"gpu": "local"}},
         modules=DEPLOYED["modules"],
         tools=DEPLOYED["tools"],
     )
