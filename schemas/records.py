@@ -177,6 +177,7 @@ def execution(
     pool: str,
     attempt: int = 1,
     metadata: Mapping[str, str] = _EMPTY,
+    tenant: str | None = None,
 ) -> Record:
     """An ``Execution``: the audit record of one attempt to run a program."""
     return _record(locals())
@@ -222,6 +223,7 @@ def telemetry(
     cache_hit: bool = False,
     quality: float | None = None,
     health: Mapping[str, Any] | None = None,
+    tenant: str | None = None,
 ) -> Record:
     """A ``Telemetry`` measurement (kind ``execution``, ``health``, ``feedback``, ...)."""
     return _record(locals())

@@ -163,9 +163,9 @@ def test_release_refuses_an_incompatible_change(store: SchemaStore) -> None:
 
 
 def test_doc_only_change_keeps_the_version(store: SchemaStore) -> None:
-    changed = definition("Telemetry")
+    changed = definition("MetricSnapshot")
     changed["doc"] = "Reworded."
-    (store.root / "Telemetry.avsc").write_text(json.dumps(changed))
+    (store.root / "MetricSnapshot.avsc").write_text(json.dumps(changed))
     store.clear()
-    assert store.current("Telemetry").version == 1
-    assert len(store.versions("Telemetry")) == 1
+    assert store.current("MetricSnapshot").version == 1
+    assert len(store.versions("MetricSnapshot")) == 1
