@@ -89,18 +89,34 @@ def scan_to_end(consumer: Consumer, topic: str, timeout_s: float) -> Iterator[Me
     """
     marks = watermarks(consumer, topic, timeout_s)
     ends = {partition: high for partition, (low, high) in marks.items() if high > low}
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    yield from scan_range(consumer, topic, dict.fromkeys(ends, OFFSET_BEGINNING), ends, timeout_s)
+
+
+def scan_range(
+    consumer: Consumer,
+    topic: str,
+    starts: Mapping[int, int],
+    ends: Mapping[int, int],
+    timeout_s: float,
+) -> Iterator[Message]:
+    """Every record of ``topic`` from ``starts`` (offsets per partition) up to ``ends``.
+
+    A partition whose start is at or past its end is not read. Raises BrokerUnavailable
+    when the ends are not reached within ``timeout_s``.
+    """
+    todo = {p: end for p, end in ends.items() if p in starts and (starts[p] < 0 or starts[p] < end)}
+    consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
     give_up = time.monotonic() + timeout_s
-    while ends:
+    while todo:
         if time.monotonic() > give_up:
             raise BrokerUnavailable(f"topic={topic}: not read to its end within {timeout_s}s")
         for message in consumer.consume(_BATCH, 0.2):
             if message.error() is None:
                 yield message
         # positions, not offsets: a compacted partition has holes
-        for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-            if tp.offset >= ends[tp.partition]:
-                del ends[tp.partition]
+        for tp in consumer.position([TopicPartition(topic, p) for p in todo]):
+            if tp.offset >= todo[tp.partition]:
+                del todo[tp.partition]
 
 
 def group_lag(settings: Settings, group: str, topic: str, timeout_s: float = 10.0) -> int:

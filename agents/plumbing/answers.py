@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from dspex.streams import kafka
 from dspex.streams.errors import DSPexError
-from dspex.streams.reader import watermarks
+from dspex.streams.reader import scan_range, watermarks
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
@@ -104,19 +103,8 @@ class AnswerFinder:
             marks = watermarks(consumer, topic, self._timeout_s)
             ends = {partition: high for partition, (_, high) in marks.items()}
             starts = self._next.get(topic) or self._offsets_at(consumer, topic, since_ms, ends)
-            todo = {p: end for p, end in ends.items() if starts.get(p, end) < end}
-            consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
-            give_up = time.monotonic() + self._timeout_s
-            while todo:
-                if time.monotonic() > give_up:
-                    raise DSPexError(f"topic={topic}: not read to its end in {self._timeout_s}s")
-                for message in consumer.consume(_BATCH, 0.2):
-                    if message.error() is None:
-                        self._keep(topic, message.value())
-                positions = consumer.position([TopicPartition(topic, p) for p in todo])
-                for tp in positions:
-                    if tp.offset >= todo[tp.partition]:
-                        del todo[tp.partition]
+            for message in scan_range(consumer, topic, starts, ends, self._timeout_s):
+                self._keep(topic, message.value())
             self._next[topic] = ends
         finally:
             consumer.close()
