@@ -64,7 +64,15 @@ def decode_json(field: str, text: Any) -> Any:
     try:
         return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(field, f"not valid JSON: {exc}") from exc
+        raise InvalidRequest(field, f"invalid JSON: {exc}") from exc
+
+
+def decode_json_object(field: str, text: Any) -> dict[str, Any]:
+    """Like :func:`decode_json`, and the value must be a JSON object."""
+    value = decode_json(field, text)
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, "must be a JSON object")
+    return value
 
 
 def encode_json(field: str, value: Any) -> str:

@@ -15,12 +15,12 @@ directory, a wandb key or an LM of its own.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dspex.streams._vartypes import decode_json_object
 from dspex.streams.errors import InvalidRequest
 
 
@@ -202,7 +202,7 @@ def parse_optimizer_config(
     optimizer: str | None, config_json: str, *, available: Sequence[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(constructor kwargs, compile kwargs)`` of a known optimizer's whitelisted config."""
-    config = _json_object("optimizer_config_json", config_json)
+    config = decode_json_object("optimizer_config_json", config_json)
     if optimizer is None:
         if config:
             raise InvalidRequest("optimizer_config_json", "set without an optimizer")
@@ -250,7 +250,7 @@ def _checked(where: str, value: Any, option: Option) -> Any:
 
 def parse_search(search_json: str, *, backends: Iterable[str]) -> tuple[SearchVariable, ...]:
     """The variables to search, in the order given, each with its candidate values."""
-    search = _json_object("search_json", search_json)
+    search = decode_json_object("search_json", search_json)
     return tuple(_variable(name, spec, set(backends)) for name, spec in search.items())
 
 
@@ -311,20 +311,6 @@ def _choices(where: str, spec: Mapping[str, Any], allowed: Sequence[Any]) -> tup
     if unknown:
         raise InvalidRequest(where, f"unknown choice {unknown[0]!r} (allowed: {list(allowed)})")
     return tuple(dict.fromkeys(choices))
-
-
-def _json_object(where: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text, parse_constant=_refuse)
-    except ValueError as exc:
-        raise InvalidRequest(where, f"invalid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise InvalidRequest(where, "must be a JSON object")
-    return value
-
-
-def _refuse(token: str) -> Any:
-    raise ValueError(f"{token} is not allowed")
 
 
 def _nonempty(record: Mapping[str, Any], name: str) -> str:

@@ -11,13 +11,12 @@ names are known from settings alone, nothing is imported here.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Collection
 from typing import Any
 
-from dspex.streams._vartypes import MODULE_TYPES
+from dspex.streams._vartypes import MODULE_TYPES, decode_json_object
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.signatures import parse_signature_fields
 
@@ -116,7 +115,7 @@ def parse_module_config(
     worker that imported it knows (``dspex.agents.runtime.modules``): here its config
     must be a JSON object of plain JSON values.
     """
-    config = _decode_object(config_json)
+    config = decode_json_object(_CONFIG, config_json or "{}")
     if module_type in deployed and module_type not in BUILTIN_MODULES:
         return config
     allowed = _ALLOWED.get(module_type, {})
@@ -132,20 +131,6 @@ def parse_module_config(
                 _CONFIG, f"unknown key {key!r} for {module_type} (allowed: {names})"
             )
     return config
-
-
-def _decode_object(config_json: str) -> dict[str, Any]:
-    try:
-        config = json.loads(config_json or "{}", parse_constant=_refuse)
-    except ValueError as exc:
-        raise InvalidRequest(_CONFIG, f"invalid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise InvalidRequest(_CONFIG, "must be a JSON object")
-    return config
-
-
-def _refuse(token: str) -> Any:
-    raise ValueError(f"{token} is not allowed")
 
 
 def _check_number(key: str, value: Any, kind: type, low: float, high: float) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dspex.streams._vartypes import decode_json
 from dspex.streams.errors import InvalidRequest
 
 __all__ = [
@@ -202,18 +203,11 @@ def _check_unique(names: list[str], field: str) -> None:
         seen.add(name)
 
 
-def _refuse_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not allowed")
-
-
 def decode_value(field: str, raw: Any, annotation: Any) -> Any:
     """Decode one JSON-encoded value and check it against ``annotation``; errors name ``field``."""
     if not isinstance(raw, str):
         raise InvalidRequest(field, "value must be a JSON-encoded string")
-    try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise InvalidRequest(field, f"invalid JSON: {exc}") from exc
+    value = decode_json(field, raw)
     if not matches(value, annotation):
         raise InvalidRequest(field, f"expected {type_name(annotation)}, got {type(value).__name__}")
     return float(value) if annotation is float else value

@@ -73,8 +73,8 @@ def test_every_type_has_an_accepted_example() -> None:
 
 
 REFUSED_VALUES = [
-    ("float", "NaN", {}, "not valid JSON"),
-    ("float", "Infinity", {}, "not valid JSON"),
+    ("float", "NaN", {}, "invalid JSON"),
+    ("float", "Infinity", {}, "invalid JSON"),
     ("float", "1e999", {}, "infinity"),
     ("float", '"0.5"', {}, "finite number"),
     ("float", "true", {}, "finite number"),
@@ -98,7 +98,7 @@ REFUSED_VALUES = [
     ("tensor", "[[1, 2], [3, 4]]", {"shape": [4]}, r"expected \[4\]"),
     ("tensor", '["a"]', {}, "numbers"),
     ("composite", "[1]", {}, "JSON object"),
-    ("float", "{", {}, "not valid JSON"),
+    ("float", "{", {}, "invalid JSON"),
 ]
 
 
