@@ -21,6 +21,8 @@ Rebalances. ``cooperative-sticky`` assignment revokes only the partitions that
 move, so the others keep answering through a rebalance. With an ``instance_id``
 (static membership, ``group.instance.id``) a supervised process that restarts
 within ``session.timeout.ms`` takes its partitions back without any rebalance.
+A consumer that reports a fatal error (a static member fenced, e.g. after a broker
+restart) never fetches again: the loop replaces it with a new member (``_renew``).
 
 Back-pressure: at the limit the loop stops taking messages and waits for a slot;
 only when no slot frees up for ``keepalive_s`` (long jobs) does it ``pause()`` its
@@ -61,6 +63,12 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 Handle = Callable[[Consumed], Awaitable[None]]
+
+MAX_RENEWALS = 10
+"""Fatal consumer errors in a row a loop recovers from by a new consumer; then it ends
+(and the agent exits for its supervisor). Errors RENEW_RESET_S apart are not in a row."""
+RENEW_RESET_S = 60.0
+RENEW_BACKOFF_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,11 @@ class ConsumerLoop:
         self._redo_below: dict[TP, int] = {}
         self._paused = False
         self._fatal: BaseException | None = None
+        self._broken: KafkaError | None = None  # a fatal consumer error: renew the consumer
+        self.renewals = 0
+        """Consumers replaced after a fatal consumer error (logs and tests)."""
+        self._renewed_in_a_row = 0
+        self._last_renewal = 0.0
 
     def in_flight(self) -> int:
         """Messages received and not yet finished."""
@@ -161,6 +174,9 @@ class ConsumerLoop:
     async def _fetch_until(self, stop: asyncio.Event) -> None:
         busy_since: float | None = None
         while not stop.is_set() and self._fatal is None:
+            if self._broken is not None:
+                await self._renew(self._broken)
+                continue
             free = self._free_slots()
             if free > 0:
                 busy_since = None
@@ -224,14 +240,9 @@ class ConsumerLoop:
     def _dispatch(self, message: Message) -> None:
         error = message.error()
         if error is not None:
-            if error.fatal():
-                # e.g. a static member fenced after its group coordinator moved (a broker
-                # died): this consumer never fetches again. Stop, drain, and let the
-                # process exit so that its supervisor starts a fresh one.
-                logger.error("fatal consumer error group=%s: %s", self.config.group_id, error)
-                self._fatal = self._fatal or BrokerUnavailable(
-                    f"group={self.config.group_id}: fatal consumer error: {error.str()}"
-                )
+            # consume() hands a fatal error over as code _FATAL with fatal() unset
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                self._broken = self._broken or error
             elif error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
             return
@@ -265,6 +276,43 @@ class ConsumerLoop:
                 "handler failed topic=%s partition=%d offset=%d: %s; stopping", *tp, offset, exc
             )
             self._fatal = self._fatal or exc
+
+    async def _renew(self, error: KafkaError) -> None:
+        """Replace a consumer that hit a fatal error with a new member of the same group.
+
+        A fatal consumer never fetches again. Seen after a broker restart: a static
+        member whose session timed out rejoins while an offset commit of its old
+        member id is in flight; the broker fences that commit (FENCED_INSTANCE_ID) and
+        librdkafka makes it fatal. Its partitions count as lost (what runs there still
+        answers; its offsets are not committed and the next owner may redo them, which
+        clients dedupe), the old handle is closed, and a new one joins the group under
+        the same ``group.instance.id``.
+        """
+        now = time.monotonic()
+        in_a_row = self._renewed_in_a_row + 1 if now - self._last_renewal < RENEW_RESET_S else 1
+        if in_a_row > MAX_RENEWALS:
+            self._fatal = BrokerUnavailable(
+                f"group={self.config.group_id}: fatal consumer error again after "
+                f"{MAX_RENEWALS} new consumers in a row: {error.str()}"
+            )
+            return
+        self.renewals += 1
+        self._renewed_in_a_row, self._last_renewal = in_a_row, now
+        logger.error(
+            "fatal consumer error group=%s: %s; joining again with a new consumer (%d so far)",
+            self.config.group_id,
+            error.str(),
+            self.renewals,
+        )
+        with self._lock:
+            known = self._tracker.partitions()
+        self._forget(known)
+        old = self._consumer
+        await self._in_kafka_thread(partial(_close_quietly, old, self.config.group_id))
+        await asyncio.sleep(min(in_a_row - 1, RENEW_BACKOFF_MAX_S))  # the first at once
+        self._paused = False
+        self._consumer = await self._in_kafka_thread(self._subscribe)
+        self._broken = None
 
     # -- committing -----------------------------------------------------------------------
 
@@ -354,6 +402,13 @@ class ConsumerLoop:
 
     async def _in_kafka_thread(self, call: Callable[[], _T]) -> _T:
         return await self._loop.run_in_executor(self._thread, call)
+
+
+def _close_quietly(consumer: Consumer, group: str) -> None:
+    try:
+        consumer.close()
+    except (KafkaException, RuntimeError) as exc:  # a fatal handle may refuse: it is gone anyway
+        logger.info("closing a failed consumer group=%s error=%s", group, exc)
 
 
 def _end_offsets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[TP, int]:

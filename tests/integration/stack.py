@@ -44,6 +44,26 @@ def _kill_leftovers() -> None:  # a backstop: the fixture's teardown normally st
             process.wait(10)
 
 
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `dspex` command on the test's broker and topics (80 columns
+    unless ``COLUMNS`` is given); ``extra`` adds or overrides variables."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
+        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
+        "COLUMNS": "80",
+        **extra,
+    }
+
+
+def run_dspex(
+    env: dict[str, str], *args: str, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``dspex ARGS`` (as ``python -m dspex.streams``) with ``env``; output captured."""
+    cmd = [sys.executable, "-m", "dspex.streams", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
 def agent_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``python -m dspex.agents`` build exactly ``settings``.
 

@@ -22,6 +22,7 @@ from dspex.streams.ops.admin import TopicReport
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.stack import cli_env
 from tests.integration.tail import OpenTail
 
 
@@ -105,17 +106,6 @@ def test_up_once_runs_the_stack_and_streams_the_demo_through_the_local_model(
     lines = (run.stdout + run.stderr).splitlines()
     noise = [line for line in lines if "WARNING" in line and "taken" not in line]
     assert noise == [], "a healthy start and stop prints no warning"
-
-
-def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a `dspex` command on the test's broker and topics, 80 columns."""
-    return {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "COLUMNS": "80",
-        **extra,
-    }
 
 
 def product_env(settings: Settings) -> dict[str, str]:

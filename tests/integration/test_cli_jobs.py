@@ -7,9 +7,7 @@ queued, so each refusal is also checked to have produced nothing to the jobs top
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,17 +21,11 @@ from dspex.streams.reader import read_to_end
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.stack import cli_env, run_dspex
 
 
 def dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "COLUMNS": "80",
-    }
-    cmd = [sys.executable, "-m", "dspex.streams", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return run_dspex(cli_env(settings), *args)
 
 
 def one_error(run: subprocess.CompletedProcess[str]) -> str:

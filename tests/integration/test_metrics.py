@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -31,6 +29,7 @@ from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
 from tests.integration.brokers import free_port
+from tests.integration.stack import cli_env, run_dspex
 from tests.integration.tail import OpenTail, Tail, until
 
 WINDOW_S = 2.0
@@ -190,15 +189,8 @@ def _scrape(port: int | None) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def _top_once(settings: Settings) -> str:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "DSPEX_METRICS__WINDOW_S": str(WINDOW_S),
-        "COLUMNS": "200",
-    }
-    cmd = [sys.executable, "-m", "dspex.streams", "top", "--once"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    env = cli_env(settings, DSPEX_METRICS__WINDOW_S=str(WINDOW_S), COLUMNS="200")
+    run = run_dspex(env, "top", "--once", timeout_s=60)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
 

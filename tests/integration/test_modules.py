@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -27,7 +25,7 @@ from dspex.streams.programs import ADAPTERS
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.stack import REPO
+from tests.integration.stack import REPO, cli_env, run_dspex
 from tests.integration.tail import OpenTail, Tail, end_offsets
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
     StartStack,
@@ -62,16 +60,10 @@ def _settings(settings: Settings, lm: dict[str, Any] | None = None) -> Settings:
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "DSPEX_MODULES": json.dumps(settings.modules),
-        "DSPEX_TOOLS": json.dumps(settings.tools),
-        "COLUMNS": "80",
-    }
-    cmd = [sys.executable, "-m", "dspex.streams", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    env = cli_env(
+        settings, DSPEX_MODULES=json.dumps(settings.modules), DSPEX_TOOLS=json.dumps(settings.tools)
+    )
+    return run_dspex(env, *args)
 
 
 def _refused(run: subprocess.CompletedProcess[str]) -> str:

@@ -8,9 +8,7 @@ and nothing reaches the topic; valid ones get versions 1, 2, 3.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from dspex.streams.pipelines.spec import Pipeline
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
+from tests.integration.stack import cli_env, run_dspex
 
 GOOD = """\
 description: retrieve, classify, then answer
@@ -78,14 +77,8 @@ BAD = {
 
 
 def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "COLUMNS": "100",  # narrower than an error: it must still be one line
-    }
-    cmd = [sys.executable, "-m", "dspex.streams", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    # narrower than an error: it must still be one line
+    return run_dspex(cli_env(settings, COLUMNS="100"), *args)
 
 
 @pytest.fixture

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -19,6 +16,7 @@ from confluent_kafka.admin import (
 from dspex.streams.ops.admin import TopicReport
 from dspex.streams.settings import Settings
 from dspex.streams.topics import CATALOG, Topics
+from tests.integration.stack import cli_env, run_dspex
 
 
 def test_create_is_idempotent_and_matches_catalog(
@@ -68,23 +66,16 @@ def _wait_for_config(admin: AdminClient, topic: str, key: str, value: str) -> No
 def test_cli_topics_create_reports_drift_with_exit_code(
     settings: Settings, admin: AdminClient, create_topics: Callable[[], list[TopicReport]]
 ) -> None:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": str(settings.kafka.bootstrap_servers),
-        "DSPEX_TOPICS__PREFIX": settings.topics.prefix,
-        "COLUMNS": "250",
-    }
-    cmd = [sys.executable, "-m", "dspex.streams", "topics", "create"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    run = run_dspex(cli_env(settings, COLUMNS="250"), "topics", "create")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("created") == len(CATALOG)
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    again = run_dspex(cli_env(settings, COLUMNS="250"), "topics", "create")
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout
     requests = Topics(settings.topics).name("requests")
     for future in admin.create_partitions([NewPartitions(requests, 8)]).values():
         future.result(timeout=30)
-    drift = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    drift = run_dspex(cli_env(settings, COLUMNS="250"), "topics", "create")
     assert drift.returncode == 1
     assert "partitions: catalog 6, cluster 8" in drift.stdout
     assert "differ from the catalog" in drift.stderr
