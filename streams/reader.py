@@ -144,6 +144,96 @@ def group_lag(settings: Settings, group: str, topic: str, timeout_s: float = 10.
     )
 
 
+class StallGuard:
+    """Restarts the fetch of an assigned partition that stopped fetching for good.
+
+    librdkafka sometimes leaves a partition of an ``assign()``-ed consumer unfetched
+    after its broker restarts (librdkafka issue 5153; here about one restart in eight):
+    no error is reported, the position stays where it was while the log grows, and
+    nothing arrives again until the consumer is replaced. That stopped the client's
+    replies after a 15 s broker outage while every answer was on the topic.
+
+    Every ``interval_s`` while ``wanted()``, the guard reads each assigned partition's
+    position and high-water mark (one ListOffsets request per partition); a partition
+    behind its end whose position has not moved since the previous check is sought to
+    that position again, which restarts its fetcher (no record is skipped or repeated).
+    A healthy partition behind its end moves between two checks and is never touched;
+    positions count transaction markers, so a transactional topic raises no false
+    alarm. Call :meth:`check` from the thread that polls the consumer.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        *,
+        interval_s: float = 10.0,
+        wanted: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._consumer = consumer
+        self._interval_s = interval_s
+        self._wanted = wanted
+        self._clock = clock
+        self._starts: dict[tuple[str, int], int] = {}
+        self._last: dict[tuple[str, int], int] = {}
+        self._due = clock() + interval_s
+        self.restarts = 0
+        """Partition fetches restarted so far (logs and tests)."""
+
+    def assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Note the offsets ``partitions`` were assigned at (positions before any record)."""
+        for tp in partitions:
+            self._starts[(tp.topic, tp.partition)] = tp.offset
+
+    def check(self) -> list[tuple[str, int]]:
+        """Restart stalled partitions when a check is due; returns those restarted."""
+        now = self._clock()
+        if now < self._due:
+            return []
+        self._due = now + self._interval_s
+        if not self._wanted():
+            self._last.clear()  # positions only compare across consecutive checks
+            return []
+        try:
+            return self._restart(self._stalled())
+        except KafkaException as exc:  # the broker is away: nothing to judge now
+            logger.debug("stall check skipped error=%s", exc)
+            return []
+
+    def _stalled(self) -> list[TopicPartition]:
+        stalled: list[TopicPartition] = []
+        last, self._last = self._last, {}
+        for tp in self._consumer.position(self._consumer.assignment()):
+            key = (tp.topic, tp.partition)
+            position = tp.offset if tp.offset >= 0 else self._starts.get(key, -1)
+            if position < 0:
+                continue
+            self._last[key] = position
+            if last.get(key) != position:
+                continue
+            marks = self._consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=STALL_CHECK_TIMEOUT_S, cached=False
+            )
+            if marks is not None and marks[1] > position:
+                stalled.append(TopicPartition(tp.topic, tp.partition, position))
+        return stalled
+
+    def _restart(self, stalled: list[TopicPartition]) -> list[tuple[str, int]]:
+        for tp in stalled:
+            logger.warning(
+                "fetch stalled topic=%s partition=%d position=%d: restarting it",
+                tp.topic,
+                tp.partition,
+                tp.offset,
+            )
+            self._consumer.seek(tp)
+            self.restarts += 1
+        return [(tp.topic, tp.partition) for tp in stalled]
+
+
+STALL_CHECK_TIMEOUT_S = 2.0
+
+
 Apply = Callable[[str, str, Record | None], None]
 """What a follower calls for each record: topic, key and the decoded record (None: a tombstone)."""
 
@@ -170,6 +260,8 @@ class TopicFollower:
         self.on_skip = on_skip
         self.timeout_s = timeout_s
         self.consumer: Consumer = kafka.consumer(settings, f"dspex-follow-{uuid.uuid4().hex}")
+        # librdkafka may stop fetching a partition after a broker restart: restart it
+        self.stalls = StallGuard(self.consumer)
         self.pending = self._assign(starts)
 
     def _assign(self, starts: Mapping[str, int | None]) -> dict[tuple[str, int], int]:
@@ -192,6 +284,7 @@ class TopicFollower:
                     start = high
                 assigned.append(TopicPartition(topic, partition, start))
         self.consumer.assign(assigned)
+        self.stalls.assigned(assigned)
         return ends
 
     def _firsts(
@@ -215,6 +308,7 @@ class TopicFollower:
             for message in self.consumer.consume(_BATCH, min(left, 0.2)):
                 if message.error() is None:
                     self._apply(message, apply)
+            self.stalls.check()
 
     def catch_up(self, apply: Apply, timeout_s: float | None = None) -> bool:
         """Read until the end offsets seen at start (or ``timeout_s``); True when there."""

@@ -29,7 +29,7 @@ from dspex.agents.plumbing.messages import Consumed
 from dspex.schemas.records import Record
 from dspex.streams import kafka
 from dspex.streams.errors import DSPexError, InvalidRequest, PermanentError, SerdeError
-from dspex.streams.reader import watermarks
+from dspex.streams.reader import StallGuard, watermarks
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
@@ -154,6 +154,7 @@ class CompactedReader:
         self._since = dict(since or {})
         self._on_refused = on_refused
         self._consumer: Any = None
+        self._stalls: StallGuard | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dspex-compacted")
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -164,6 +165,7 @@ class CompactedReader:
     async def start(self, partitions: Mapping[str, int]) -> None:
         """Assign every partition (``partitions``: count per topic); recent ones near the end."""
         self._consumer = await self._call(self._make_consumer)
+        self._stalls = StallGuard(self._consumer)
         tps = [TopicPartition(t, p) for t in self._views for p in range(partitions[t])]
         ranges = await self._call(partial(self._assign, tps))
         self._task = asyncio.create_task(self._follow(ranges), name="compacted-reader")
@@ -199,9 +201,10 @@ class CompactedReader:
                     found = times.get(tp.partition, -1)
                     start = high if found < 0 else max(low, found)
                 ranges[(topic, tp.partition)] = (start, high)
-        self._consumer.assign(
-            [TopicPartition(t, p, start) for (t, p), (start, _) in ranges.items()]
-        )
+        assigned = [TopicPartition(t, p, start) for (t, p), (start, _) in ranges.items()]
+        self._consumer.assign(assigned)
+        if self._stalls is not None:
+            self._stalls.assigned(assigned)
         return ranges
 
     def _offsets_since(self, topic: str, partitions: list[int]) -> dict[int, int]:
@@ -242,6 +245,8 @@ class CompactedReader:
         # first, then take what else is fetched already, so a new record is applied at
         # once (a program version a job just published must route the next request)
         first: list[Any] = self._consumer.consume(1, 0.2)
+        if self._stalls is not None:  # librdkafka may stop fetching after a broker restart
+            self._stalls.check()
         return [*first, *self._consumer.consume(499, 0)] if first else first
 
     async def _take(self, message: Any) -> None:

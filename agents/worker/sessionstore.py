@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from dspex.schemas.records import Record
 from dspex.streams import kafka
-from dspex.streams.reader import end_offsets
+from dspex.streams.reader import StallGuard, end_offsets
 from dspex.streams.serde import Serde
 from dspex.streams.sessions import (
     WRITER_HEADER,
@@ -225,6 +225,8 @@ class Invalidator:
         try:
             start = end_offsets(consumer, self._topic, READ_TIMEOUT_S)
             consumer.assign(start)
+            stalls = StallGuard(consumer)  # librdkafka may stop fetching after a broker restart
+            stalls.assigned(start)
             self._hand_over([], {tp.partition: tp.offset for tp in start})
             self._ready.set()
             while not self._stop.is_set():
@@ -236,6 +238,7 @@ class Invalidator:
                     for m in messages
                     if m.error() is None and not self._own(m)
                 ]
+                stalls.check()
                 positions = {tp.partition: tp.offset for tp in consumer.position(start)}
                 self._hand_over(others, positions)
         except Exception:

@@ -117,6 +117,7 @@ class AsyncClient:
             self.listen_topic,
             on_chunk=partial(_call_soon, loop, self._dispatcher.deliver),
             on_idle=partial(producer.poll, 0),
+            waiting=partial(_any, self._dispatcher),
         )
         try:
             await asyncio.to_thread(listener.start)
@@ -537,3 +538,8 @@ def _resolve(sent: asyncio.Future[None], error: DSPexError | None) -> None:
         sent.set_result(None)
     else:
         sent.set_exception(error)
+
+
+def _any(dispatcher: Dispatcher) -> bool:
+    """Whether any request waits for a reply (read from the listener's thread)."""
+    return len(dispatcher) > 0

@@ -3,7 +3,9 @@
 It is assigned at the end of every partition before the first request is
 produced, decodes each record into a :class:`~dspex.streams.client._replies.Chunk` and hands
 it to the client's event loop. A record that cannot be decoded is logged with
-its topic, partition and offset and skipped: it never stops the loop.
+its topic, partition and offset and skipped: it never stops the loop. While
+replies are awaited, a :class:`~dspex.streams.reader.StallGuard` restarts the fetch
+of a partition librdkafka stopped fetching after a broker restart.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from confluent_kafka import (
 
 from dspex.streams.client._replies import Chunk
 from dspex.streams.errors import DSPexError
-from dspex.streams.reader import end_offsets
+from dspex.streams.reader import StallGuard, end_offsets
 from dspex.streams.serde import Serde
 
 logger = logging.getLogger(__name__)
+
+STALL_CHECK_S = 5.0
+"""How often, while replies are awaited, partitions are checked for a stalled fetch."""
 
 
 class ReplyListener:
@@ -31,7 +36,8 @@ class ReplyListener:
     :meth:`start` assigns every partition at its high-water mark (explicit offsets,
     so positions are known before any request is produced) and starts the thread.
     Each decoded chunk goes to ``on_chunk``; ``on_idle`` runs after every poll (the
-    client serves its producer's delivery reports there).
+    client serves its producer's delivery reports there); ``waiting()`` says whether
+    any reply is awaited (stalls are looked for only then).
     """
 
     def __init__(
@@ -41,6 +47,7 @@ class ReplyListener:
         topic: str,
         on_chunk: Callable[[Chunk], None],
         on_idle: Callable[[], object] = lambda: None,
+        waiting: Callable[[], bool] = lambda: True,
     ) -> None:
         self._consumer = consumer
         self._serde = serde
@@ -48,13 +55,16 @@ class ReplyListener:
         self._on_chunk = on_chunk
         self._on_idle = on_idle
         self._stop = threading.Event()
+        self._stalls = StallGuard(consumer, interval_s=STALL_CHECK_S, wanted=waiting)
         self._thread = threading.Thread(
             target=self._run, name=f"dspex-replies-{topic}", daemon=True
         )
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Assign all partitions at their end offsets, then start polling (blocking call)."""
-        self._consumer.assign(end_offsets(self._consumer, self.topic, timeout_s))
+        starts = end_offsets(self._consumer, self.topic, timeout_s)
+        self._consumer.assign(starts)
+        self._stalls.assigned(starts)
         self._thread.start()
         logger.info("listening for replies topic=%s", self.topic)
 
@@ -80,6 +90,7 @@ class ReplyListener:
             if message is not None:
                 self._handle(message)
             self._on_idle()
+            self._stalls.check()
         except Exception:  # a broken poll must not end the replies of every request
             logger.exception("reply poll failed topic=%s", self.topic)
             self._stop.wait(0.5)

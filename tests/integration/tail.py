@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from dspex.streams import kafka
-from dspex.streams.reader import watermarks
+from dspex.streams.reader import StallGuard, watermarks
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -65,7 +65,11 @@ class Tail:
         self._consumer = kafka.consumer(settings, f"test-tail-{uuid.uuid4().hex}")
         self._start = _offsets(self._consumer, self._shorts, beginning=from_beginning)
         self._read_to = dict(self._start)
-        self._consumer.assign([TopicPartition(t, p, o) for (t, p), o in self._start.items()])
+        assigned = [TopicPartition(t, p, o) for (t, p), o in self._start.items()]
+        self._consumer.assign(assigned)
+        # librdkafka may stop fetching a partition after a broker restart: restart it
+        self._stalls = StallGuard(self._consumer, interval_s=5.0)
+        self._stalls.assigned(assigned)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test-tail", daemon=True)
         self._thread.start()
@@ -75,6 +79,7 @@ class Tail:
         while not self._stop.is_set():
             for message in self._consumer.consume(500, _POLL_S):
                 self._keep(message)
+            self._stalls.check()
             # positions, not last offsets + 1: transaction markers and compaction leave holes
             read = {
                 (tp.topic, tp.partition): tp.offset for tp in self._consumer.position(partitions)
