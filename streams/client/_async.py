@@ -99,6 +99,11 @@ class AsyncClient:
         self._listener: ReplyListener | None = None
         self._closed = False
 
+    @property
+    def requests_topic(self) -> str:
+        """The topic this client produces its requests to (its tenant's, else the shared one)."""
+        return self._requests_topic
+
     async def __aenter__(self) -> AsyncClient:
         await self.start()
         return self

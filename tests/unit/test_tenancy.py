@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
+from typer.testing import CliRunner
 
+from dspex import AsyncClient
 from dspex.agents.plumbing.catalog import ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.messages import Consumed, TokenUsage
 from dspex.agents.plumbing.records import ExecutionResult, execution, telemetry
@@ -23,6 +26,8 @@ from dspex.agents.router.tenancy import (
     tenant_of_topic,
 )
 from dspex.schemas import records
+from dspex.streams.cli import app
+from dspex.streams.cli import programs as programs_cli
 from dspex.streams.errors import ConfigError, InvalidRequest, QuotaExceeded
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings, TenantLimits, TenantsSettings, load_settings
@@ -232,3 +237,50 @@ def test_settings_name_tenants_validly(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
     with pytest.raises(ValueError, match="tenant name"):
         TenantsSettings(limits={"UPPER": TenantLimits()})
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+def test_a_tenant_client_uses_its_own_topics() -> None:
+    client = AsyncClient(Settings(), tenant="acme")
+    assert (client.tenant, client.listen_topic, client.reply_topic) == ("acme", ACME_OUT, ACME_OUT)
+    assert client.requests_topic == ACME_IN
+    by_settings = AsyncClient(Settings(tenants=TenantsSettings(client="bob")))
+    assert by_settings.listen_topic == "dspex.tenant.bob.responses"
+    shared = AsyncClient(Settings())
+    assert (shared.tenant, shared.listen_topic) == (None, "dspex.responses")
+
+
+def test_a_tenant_client_refuses_another_reply_topic_or_a_bad_name() -> None:
+    with pytest.raises(ConfigError, match=r"always come on dspex\.tenant\.acme\.responses"):
+        AsyncClient(Settings(), tenant="acme", reply_topic="dspex.tenant.bob.responses")
+    assert AsyncClient(Settings(), tenant="acme", reply_topic=ACME_OUT).reply_topic == ACME_OUT
+    with pytest.raises(ConfigError, match="tenant name"):
+        AsyncClient(Settings(), tenant="ACME")
+
+
+class TenantRecordingClient:
+    """Stands in for the client: records the tenant ``dspex submit`` asked for."""
+
+    tenants: ClassVar[list[str | None]] = []
+
+    def __init__(self, settings: object, *, tenant: str | None = None) -> None:
+        self.tenants.append(tenant)
+
+    def __enter__(self) -> TenantRecordingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, *args: object, **options: object) -> Any:
+        return SimpleNamespace(outputs={"answer": "4"})
+
+
+def test_dspex_submit_takes_a_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(programs_cli, "Client", TenantRecordingClient)
+    line = ["submit", "q -> a", "q=2+2", "--no-stream", "--tenant", "acme"]
+    result = CliRunner().invoke(app, line)
+    assert result.exit_code == 0, result.output
+    assert TenantRecordingClient.tenants == ["acme"]
