@@ -55,7 +55,7 @@ class RegistryUnavailable(RetryableError):
 class QuotaExceeded(RetryableError):
     """A tenant is over one of its DSPex limits (``settings.tenants``); try again later.
 
-    ``limit`` names it (``requests_per_s``, ``tokens_per_day``, ``cost_per_day_usd``).
+    ``limit`` names it (``requests_per_s``, ``tokens_per_day``).
     The router answers such a request with final status ``quota_exceeded``.
     """
 

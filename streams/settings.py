@@ -261,20 +261,19 @@ class TenantLimits(_Section):
     """DSPex limits the router enforces on one tenant's requests; None: no such limit.
 
     ``requests_per_s`` is a token bucket per router instance holding ``burst`` requests
-    (default: one second's worth, at least 1). ``tokens_per_day`` / ``cost_per_day_usd``
-    count the tenant's execution Telemetry (prompt + completion tokens, ``cost_usd``)
-    since 00:00 UTC. A request over a limit is answered ``quota_exceeded`` (docs/tenants.md).
+    (default: one second's worth, at least 1). ``tokens_per_day`` counts the tenant's
+    execution Telemetry (prompt + completion tokens) since 00:00 UTC. A request over a
+    limit is answered ``quota_exceeded`` (docs/tenants.md).
     """
 
     requests_per_s: float | None = Field(default=None, gt=0)
     burst: int | None = Field(default=None, ge=1)
     tokens_per_day: int | None = Field(default=None, ge=1)
-    cost_per_day_usd: float | None = Field(default=None, gt=0)
 
     @property
     def per_day(self) -> bool:
-        """True when a daily tokens or cost limit is set."""
-        return self.tokens_per_day is not None or self.cost_per_day_usd is not None
+        """True when a daily limit is set."""
+        return self.tokens_per_day is not None
 
 
 class TenantsSettings(_Section):
@@ -309,7 +308,7 @@ class TenantsSettings(_Section):
 
     @property
     def per_day(self) -> bool:
-        """True when any tenant (or the default) has a daily tokens or cost limit."""
+        """True when any tenant (or the default) has a daily limit."""
         return self.default.per_day or any(lim.per_day for lim in self.limits.values())
 
 

@@ -17,7 +17,7 @@ record. :func:`admit` makes the record say so before anything else reads it:
 
 :class:`Quotas` holds the per-tenant DSPex limits (``settings.tenants``): a token
 bucket per tenant for requests per second (per router instance), and daily tokens
-and cost from :class:`DailyUsage`, a view of the ``telemetry`` topic since 00:00 UTC
+from :class:`DailyUsage`, a view of the ``telemetry`` topic since 00:00 UTC
 that every router rebuilds at start (so the daily counts survive a restart and agree
 between router instances). No Kafka here: unit-tested as is.
 """
@@ -99,7 +99,7 @@ class TokenBucket:
 
 
 class DailyUsage:
-    """Tokens and cost per tenant and UTC day, from execution Telemetry (a reader view).
+    """Tokens per tenant and UTC day, from execution Telemetry (a reader view).
 
     Counts ``kind="execution"`` records that carry a tenant: one per attempt a worker
     made, so a retried request counts each attempt's tokens (what the LM was paid for).
@@ -107,7 +107,7 @@ class DailyUsage:
     """
 
     def __init__(self) -> None:
-        self._used: dict[tuple[str, int], list[float]] = {}
+        self._used: dict[tuple[str, int], int] = {}
         self._latest_day = 0
 
     def apply(self, _key: str, record: Record | None) -> None:
@@ -119,19 +119,15 @@ class DailyUsage:
             return
         day = at_ms // DAY_MS
         tokens = sum(max(0, int(record.get(f) or 0)) for f in TOKEN_FIELDS)
-        spent = record.get("cost_usd")
-        cost = float(spent) if isinstance(spent, int | float) and math.isfinite(spent) else 0.0
-        used = self._used.setdefault((str(record["tenant"]), day), [0.0, 0.0])
-        used[0] += tokens
-        used[1] += max(0.0, cost)
+        key = (str(record["tenant"]), day)
+        self._used[key] = self._used.get(key, 0) + tokens
         if day > self._latest_day:
             self._latest_day = day
             self._used = {k: v for k, v in self._used.items() if k[1] >= day - 1}
 
-    def today(self, tenant: str, now_ms: int) -> tuple[int, float]:
-        """(tokens, cost in USD) ``tenant`` used since 00:00 UTC of ``now_ms``."""
-        tokens, cost = self._used.get((tenant, now_ms // DAY_MS), (0.0, 0.0))
-        return int(tokens), cost
+    def today(self, tenant: str, now_ms: int) -> int:
+        """Tokens ``tenant`` used since 00:00 UTC of ``now_ms``."""
+        return self._used.get((tenant, now_ms // DAY_MS), 0)
 
 
 def start_of_day_ms(now_ms: int) -> int:
@@ -170,17 +166,14 @@ class Quotas:
     def _check_day(self, tenant: str, limits: TenantLimits, now_ms: int) -> None:
         if not limits.per_day:
             return
-        tokens, cost = self.usage.today(tenant, now_ms)
-        for limit, used, allowed, shown in (
-            ("tokens_per_day", tokens, limits.tokens_per_day, f"{tokens} tokens"),
-            ("cost_per_day_usd", cost, limits.cost_per_day_usd, f"${cost:.4f}"),
-        ):
-            if allowed is not None and used >= allowed:
-                raise QuotaExceeded(
-                    tenant,
-                    limit,
-                    f"{shown} used today (UTC), limit {allowed}; retry after 00:00 UTC",
-                )
+        tokens = self.usage.today(tenant, now_ms)
+        allowed = limits.tokens_per_day
+        if allowed is not None and tokens >= allowed:
+            raise QuotaExceeded(
+                tenant,
+                "tokens_per_day",
+                f"{tokens} tokens used today (UTC), limit {allowed}; retry after 00:00 UTC",
+            )
 
     def _check_rate(self, tenant: str, limits: TenantLimits) -> None:
         rate = limits.requests_per_s
