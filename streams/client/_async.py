@@ -45,7 +45,7 @@ from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
 from dspex.streams.programs import check_program
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
-from dspex.streams.tenants import check_name, request_topic, response_topic
+from dspex.streams.tenants import check_name, request_topic, resource_prefix, response_topic
 from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ class AsyncClient:
         self._serde = make_serde(self._settings)
         producer = self._producer = kafka.producer(self._settings)
         group = f"dspex-client-{uuid.uuid4().hex}"
+        if self.tenant is not None:  # a tenant may use only groups under its own prefix
+            group = resource_prefix(self.tenant, self._settings.topics.prefix) + group
         listener = ReplyListener(
             kafka.consumer(self._settings, group),
             self._serde,
