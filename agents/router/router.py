@@ -74,6 +74,7 @@ from dspex.agents.router.tenancy import (
     DailyUsage,
     Quotas,
     admit,
+    refusable,
     start_of_day_ms,
 )
 from dspex.agents.router.variables import RefusedUpdates, SharedVariables
@@ -160,8 +161,8 @@ class RouterHandler:
             return [self._dead_letter(original, ErrorInfo.from_exception(exc, "decode"), None, now)]
         try:
             tenant, request = admit(decoded, original.topic, self._prefix)
-        except InvalidRequest as exc:  # a shared request naming a tenant's topic: answered
-            request = {**decoded, "reply_topic": None}  # on the shared topic, never there
+        except InvalidRequest as exc:  # a shared request reaching for a tenant's topic or session
+            request = refusable(decoded, self._prefix)
             return self._reject(original, request, ErrorInfo.from_exception(exc, "validate"), now)
         try:
             if tenant is not None:

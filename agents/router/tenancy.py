@@ -6,6 +6,8 @@ record. :func:`admit` makes the record say so before anything else reads it:
 
 - ``reply_topic`` is forced to the tenant's own response topic, whatever the sender
   named (another tenant's topic, the shared ``responses``, anything);
+- ``session_id`` is scoped (``tenant.<name>/<id>``): tenants never share a session;
+  a shared-topic request may not name a scoped session id;
 - ``metadata["dspex.tenant"]`` is set to the tenant, overwriting what the sender put
   there; on the shared ``requests`` topic the key is removed. The worker stamps
   Execution and Telemetry from that key
@@ -35,7 +37,13 @@ from dspex.schemas.records import Record
 from dspex.schemas.times import to_ms
 from dspex.streams.errors import InvalidRequest, QuotaExceeded
 from dspex.streams.settings import TenantLimits, TenantsSettings
-from dspex.streams.tenants import request_topic, response_topic, tenant_of
+from dspex.streams.tenants import (
+    is_scoped_session,
+    request_topic,
+    response_topic,
+    session_scope,
+    tenant_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +69,13 @@ def admit(request: Record, topic: str, prefix: str) -> tuple[str | None, Record]
     """
     tenant = tenant_of_topic(topic, prefix)
     metadata = {k: v for k, v in (request.get("metadata") or {}).items() if k != TENANT_KEY}
+    session_id = request.get("session_id")
     if tenant is None:
+        if session_id and is_scoped_session(session_id):
+            raise InvalidRequest(
+                "session_id",
+                f"{session_id!r} is a tenant's session: only that tenant's requests join it",
+            )
         reply = request.get("reply_topic")
         owner = tenant_of(reply, prefix) if reply else None
         if owner is not None:
@@ -76,7 +90,17 @@ def admit(request: Record, topic: str, prefix: str) -> tuple[str | None, Record]
         **request,
         "metadata": metadata,
         "reply_topic": response_topic(tenant, prefix),
+        "session_id": session_scope(tenant, session_id) if session_id else session_id,
     }
+
+
+def refusable(request: Record, prefix: str) -> Record:
+    """A shared-topic request :func:`admit` refused, made safe to answer: never on a
+    tenant's topic (its error goes to the shared ``responses`` instead)."""
+    reply = request.get("reply_topic")
+    if reply and tenant_of(reply, prefix) is not None:
+        return {**request, "reply_topic": None}
+    return request
 
 
 @dataclass

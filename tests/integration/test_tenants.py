@@ -210,8 +210,24 @@ async def test_tenants_are_answered_on_their_own_topics_stamped_and_limited(
     added = time.monotonic()
     async with AsyncClient(settings, tenant="late") as late:
         result = await late.submit(INLINE, {"question": "new here"}, deadline_s=120)
-    print(f"tenant created after the router started: answered in {time.monotonic() - added:.1f}s")
-    assert result.status == "ok"
+        print(
+            f"tenant created after the router started: answered in {time.monotonic() - added:.1f}s"
+        )
+        assert result.status == "ok"
+
+        # 6. the same session id in two tenants (and the shared topic): three sessions
+        async with AsyncClient(settings, tenant="bob") as bob, AsyncClient(settings) as anyone:
+            turns = [
+                (await client.submit(INLINE, {"question": "hi"}, session_id="s1")).session
+                for client in (bob, bob, late, anyone)
+            ]
+    assert [(t or {}).get("session_id") for t in turns] == [
+        "tenant.bob/s1",
+        "tenant.bob/s1",
+        "tenant.late/s1",
+        "s1",
+    ]
+    assert [(t or {}).get("turn") for t in turns] == [1, 2, 1, 1]
 
 
 # --- daily usage: rebuilt from telemetry at start, followed live (router in-process) -----

@@ -282,3 +282,37 @@ def test_dspex_submit_takes_a_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(app, line)
     assert result.exit_code == 0, result.output
     assert TenantRecordingClient.tenants == ["acme"]
+
+
+# --- sessions --------------------------------------------------------------------------
+
+
+def test_tenant_sessions_are_scoped_and_shared_requests_cannot_join_them() -> None:
+    _, admitted = admit(request(session_id="user-42"), ACME_IN, PREFIX)
+    assert admitted["session_id"] == "tenant.acme/user-42"
+    _, other = admit(request(session_id="user-42"), "dspex.tenant.bob.requests", PREFIX)
+    assert other["session_id"] == "tenant.bob/user-42"
+    _, shared = admit(request(session_id="user-42"), "dspex.requests", PREFIX)
+    assert shared["session_id"] == "user-42"
+    with pytest.raises(InvalidRequest) as caught:
+        admit(request(session_id="tenant.acme/user-42"), "dspex.requests", PREFIX)
+    assert caught.value.field == "session_id"
+
+
+def test_a_refused_shared_request_is_answered_on_its_own_topic_unless_a_tenants() -> None:
+    router = handler([0.0])
+    own = request(session_id="tenant.acme/x", reply_topic="app.replies")
+    assert [o.topic for o in router.handle_request(consumed("dspex.requests", own))] == [
+        "app.replies",
+        "dspex.dlq",
+    ]
+    both = request(session_id="tenant.acme/x", reply_topic=ACME_OUT)
+    assert [o.topic for o in router.handle_request(consumed("dspex.requests", both))] == [
+        "dspex.responses",
+        "dspex.dlq",
+    ]
+
+
+def test_a_tenant_clients_session_handle_knows_its_stored_id() -> None:
+    assert AsyncClient(Settings(), tenant="acme").session("s1").stored_id == "tenant.acme/s1"
+    assert AsyncClient(Settings()).session("s1").stored_id == "s1"
