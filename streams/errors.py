@@ -10,7 +10,8 @@ what the caller should do with it::
     ├── RetryableError               try again later, back off, break the circuit
     │   ├── BrokerUnavailable        no broker answered in time
     │   ├── RegistryUnavailable      schema registry 5xx / unreachable
-    │   └── RequestTimeout           no final response by the deadline (client)
+    │   ├── RequestTimeout           no final response by the deadline (client)
+    │   └── QuotaExceeded            a tenant is over a DSPex limit (router: status quota_exceeded)
     └── PermanentError               dead-letter the record, commit, move on
         ├── SerdeError               a record cannot be encoded or decoded
         │   ├── SchemaNotFound       unknown fingerprint / schema id / schema name
@@ -49,6 +50,19 @@ class BrokerUnavailable(RetryableError):
 
 class RegistryUnavailable(RetryableError):
     """The schema registry could not be reached or answered with a server error."""
+
+
+class QuotaExceeded(RetryableError):
+    """A tenant is over one of its DSPex limits (``settings.tenants``); try again later.
+
+    ``limit`` names it (``requests_per_s``, ``tokens_per_day``).
+    The router answers such a request with final status ``quota_exceeded``.
+    """
+
+    def __init__(self, tenant: str, limit: str, reason: str) -> None:
+        self.tenant = tenant
+        self.limit = limit
+        super().__init__(f"tenant {tenant} is over its {limit} limit: {reason}")
 
 
 class PermanentError(DSPexError):

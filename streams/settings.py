@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 from dspex.streams.errors import ConfigError
 from dspex.streams.programs import BUILTIN_MODULES, check_import_path
+from dspex.streams.tenants import check_name
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
@@ -254,6 +255,68 @@ class RouterSettings(_Section):
     cache_max_entries: int = Field(default=100_000, ge=1)
     """Result-cache entries each router keeps in memory (least recently used dropped)."""
     default_pool: Literal["general", "optimizer", "gpu"] = "general"
+
+
+class TenantLimits(_Section):
+    """DSPex limits the router enforces on one tenant's requests; None: no such limit.
+
+    ``requests_per_s`` is a token bucket per router instance holding ``burst`` requests
+    (default: one second's worth, at least 1). ``tokens_per_day`` counts the tenant's
+    execution Telemetry (prompt + completion tokens) since 00:00 UTC. A request over a
+    limit is answered ``quota_exceeded`` (docs/tenants.md).
+    """
+
+    requests_per_s: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+
+    @property
+    def per_day(self) -> bool:
+        """True when a daily limit is set."""
+        return self.tokens_per_day is not None
+
+
+class TenantsSettings(_Section):
+    """Tenants (docs/tenants.md): the client's own tenant, and the limits routers enforce.
+
+    ``limits.<name>`` replaces ``default`` for tenant ``name`` as a whole.
+    ``refresh_s`` bounds how long a router takes to start serving a tenant topic created
+    after it started (librdkafka's ``topic.metadata.refresh.interval.ms``).
+    """
+
+    client: str | None = None
+    """The tenant this process's client sends as; None: the shared requests topic."""
+    default: TenantLimits = Field(default_factory=TenantLimits)
+    limits: dict[str, TenantLimits] = Field(default_factory=dict)
+    refresh_s: float = Field(default=5.0, ge=0.1, le=300.0)
+
+    @field_validator("client")
+    @classmethod
+    def _client_name(cls, value: str | None) -> str | None:
+        return None if value is None else _tenant_name(value)
+
+    @field_validator("limits")
+    @classmethod
+    def _limit_names(cls, value: dict[str, TenantLimits]) -> dict[str, TenantLimits]:
+        for name in value:
+            _tenant_name(name)
+        return value
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        """The limits of ``tenant``: its own entry, else the default."""
+        return self.limits.get(tenant, self.default)
+
+    @property
+    def per_day(self) -> bool:
+        """True when any tenant (or the default) has a daily limit."""
+        return self.default.per_day or any(lim.per_day for lim in self.limits.values())
+
+
+def _tenant_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except ConfigError as exc:  # pydantic reports a ValueError with the field's path
+        raise ValueError(str(exc)) from None
 
 
 class SessionSettings(_Section):
@@ -481,6 +544,7 @@ class Settings(BaseSettings):
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+    tenants: TenantsSettings = Field(default_factory=TenantsSettings)
     local_broker: LocalBrokerSettings = Field(default_factory=LocalBrokerSettings)
     # Deployed modules and tools (docs/modules.md): name -> "package.module:Attribute".
     # Only these paths are ever imported, by each worker at start; routers and clients

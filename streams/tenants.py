@@ -8,6 +8,7 @@ prefix, default ``dspex.``, makes them physical):
 - requests:  ``tenant.<name>.requests``
 - responses: ``tenant.<name>.responses``
 - principal: ``User:dspex-tenant-<name>`` (SCRAM user ``dspex-tenant-<name>``)
+- sessions:  the router stores tenant ``<name>``'s session ``<id>`` as ``tenant.<name>/<id>``
 
 Every topic and consumer group a tenant may touch starts with ``<prefix>tenant.<name>.``,
 so one prefixed ACL per resource type grants exactly that and nothing of another tenant.
@@ -61,6 +62,22 @@ def principal(name: str) -> str:
 def request_topic_pattern(prefix: str) -> str:
     """A librdkafka subscription regex matching every tenant's request topic."""
     return "^" + re.escape(f"{prefix}tenant.") + r"[a-z][a-z0-9-]{0,30}\.requests$"
+
+
+SCOPED_SESSION = re.compile(r"^tenant\.[a-z][a-z0-9-]{0,30}/")
+
+
+def session_scope(name: str, session_id: str) -> str:
+    """The session id tenant ``name``'s session ``session_id`` has past the router.
+
+    Tenants choose session ids freely; scoped, two tenants never share a session.
+    """
+    return f"tenant.{check_name(name)}/{session_id}"
+
+
+def is_scoped_session(session_id: str) -> bool:
+    """True for a session id of the scoped form, which only the router may give."""
+    return SCOPED_SESSION.match(session_id) is not None
 
 
 def tenant_of(topic: str, prefix: str) -> str | None:

@@ -75,6 +75,15 @@ class Exporter:
         )
         self.tokens = Counter("dspex_tokens", "LM tokens used.", SERIES, registry=registry)
         self.cost = Counter("dspex_cost_usd", "Estimated LM cost (USD).", SERIES, registry=registry)
+        self.tenant_requests = Counter(
+            "dspex_tenant_requests",
+            "Executions measured, per tenant (docs/tenants.md).",
+            ["tenant", "outcome"],
+            registry=registry,
+        )
+        self.tenant_tokens = Counter(
+            "dspex_tenant_tokens", "LM tokens used, per tenant.", ["tenant"], registry=registry
+        )
         self.lag = Gauge(
             "dspex_pool_lag_messages",
             "Requests not yet consumed, per pool.",
@@ -139,7 +148,10 @@ class Exporter:
 
     def observe(self, sample: Sample) -> None:
         """Count one execution."""
-        labels = sample.key
+        labels = sample.key[:3]  # per-tenant series: MetricSnapshot labels, dspex_tenant_*
+        if sample.tenant:
+            self.tenant_requests.labels(sample.tenant, sample.outcome).inc()
+            self.tenant_tokens.labels(sample.tenant).inc(sample.tokens)
         self.requests.labels(*labels, sample.outcome).inc()
         if sample.latency_ms is not None:
             self.latency.labels(*labels).observe(sample.latency_ms / 1000.0)

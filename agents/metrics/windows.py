@@ -22,7 +22,7 @@ from dspex.schemas import records
 from dspex.schemas.records import Record
 from dspex.schemas.times import to_ms
 
-SeriesKey = tuple[str, str, str]  # (program, pool, variant)
+SeriesKey = tuple[str, str, str, str]  # (program, pool, variant, tenant or "")
 INLINE = "inline"  # program label of inline signatures (no program_id)
 UNKNOWN = "unknown"
 
@@ -56,10 +56,12 @@ class Sample:
     queue_wait_ms: float | None = None
     tokens: int = 0
     cost_usd: float = 0.0
+    tenant: str = ""
+    """The tenant the router stamped on the request (docs/tenants.md); "": shared topics."""
 
     @property
     def key(self) -> SeriesKey:
-        return (self.program, self.pool, self.variant)
+        return (self.program, self.pool, self.variant, self.tenant)
 
     @property
     def outcome(self) -> str:
@@ -89,6 +91,7 @@ class Sample:
             queue_wait_ms=_finite(record.get("queue_wait_ms")),
             tokens=tokens,
             cost_usd=_finite(record.get("cost_usd")) or 0.0,
+            tenant=_label(record.get("tenant"), ""),
         )
 
 
@@ -206,14 +209,17 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def snapshots(closed: Closed, window_s: float) -> list[tuple[str, Record]]:
     """(metric name, MetricSnapshot) for every series of ``closed`` and each pool's total.
 
-    ``requests`` (labels program_id, pool, variant) and ``pool.requests`` (pool) carry
+    ``requests`` (labels program_id, pool, variant, and tenant for a tenant's requests)
+    and ``pool.requests`` (pool) carry
     counts, rates, end-to-end latency percentiles, error rate, tokens and cost;
     ``queue_wait`` carries queue-wait percentiles in the latency fields.
     """
     out: list[tuple[str, Record]] = []
     pools: dict[str, Bucket] = {}
-    for (program, pool, variant), bucket in sorted(closed.buckets.items()):
+    for (program, pool, variant, tenant), bucket in sorted(closed.buckets.items()):
         labels = {"program_id": program, "pool": pool, "variant": variant}
+        if tenant:
+            labels["tenant"] = tenant
         out.append(("requests", _record("requests", labels, closed, bucket, window_s)))
         if bucket.waits.values:
             out.append(("queue_wait", _waits(labels, closed, bucket, window_s)))

@@ -81,6 +81,10 @@ class LoopConfig:
     limit: int
     instance_id: str | None = None
     """Static membership (``group.instance.id``); None: a dynamic member."""
+    metadata_refresh_s: float | None = None
+    """How often to refresh topic metadata: with a regex subscription (a topic starting
+    with ``^``), how soon a newly created matching topic is consumed. None: librdkafka's
+    default (5 minutes)."""
     commit_interval_s: float = 0.2
     drain_timeout_s: float = 30.0
     poll_timeout_s: float = 0.1
@@ -160,6 +164,8 @@ class ConsumerLoop:
         }
         if self.config.instance_id:
             conf["group.instance.id"] = self.config.instance_id
+        if self.config.metadata_refresh_s is not None:
+            conf["topic.metadata.refresh.interval.ms"] = int(self.config.metadata_refresh_s * 1000)
         consumer = kafka.consumer(self._settings, self.config.group_id, **conf)
         consumer.subscribe(
             list(self.config.topics),

@@ -30,6 +30,17 @@ _MAX_MESSAGE = 2000
 MAX_EMBEDDED_BYTES = 512 * 1024
 
 
+TENANT_KEY = "dspex.tenant"
+"""Request metadata key carrying the tenant from the router to the worker. The router
+owns it: it sets it from the topic a request came from and removes a sender's own."""
+
+
+def tenant_of_request(request: Mapping[str, Any]) -> str | None:
+    """The tenant a routed request belongs to, as the router stamped it; None: shared."""
+    tenant = (request.get("metadata") or {}).get(TENANT_KEY)
+    return str(tenant) if tenant else None
+
+
 @dataclass(frozen=True)
 class ExecutionResult:
     """What became of one attempt to run a request: outputs or an error, tokens, trace, timings."""
@@ -141,6 +152,7 @@ def execution(
         pool=pool,
         attempt=attempt,
         metadata=request.get("metadata") or {},
+        tenant=tenant_of_request(request),
     )
 
 
@@ -238,6 +250,7 @@ def telemetry(
         success=result.status == "ok",
         error_class=result.error.error_class if result.error else None,
         health=_health(result, in_flight),
+        tenant=tenant_of_request(request),
     )
 
 

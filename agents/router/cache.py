@@ -78,9 +78,14 @@ def cache_key(
     inputs: Mapping[str, str],
     variables: Mapping[str, str],
     route: Route,
+    tenant: str | None = None,
 ) -> str:
-    """``sha256:<hex>`` naming one deterministic (program, inputs, variables, variant)."""
-    material = {
+    """``sha256:<hex>`` naming one deterministic (program, inputs, variables, variant).
+
+    A tenant's requests have keys of their own: no tenant is answered from another's
+    results (nor learns from a cache hit what another asked).
+    """
+    material: dict[str, Any] = {
         "program": {
             "id": program.get("program_id"),
             "version": program.get("program_version"),
@@ -95,6 +100,8 @@ def cache_key(
         "variables": {k: _canonical_value(v) for k, v in variables.items()},
         "variant": [route.variant, route.model, route.module_type],
     }
+    if tenant is not None:
+        material["tenant"] = tenant
     digest = hashlib.sha256(_canonical(material).encode("utf-8")).hexdigest()
     return f"sha256:{digest}"
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from dspex.agents.plumbing.answers import AnswerFinder, answered_before
 from dspex.agents.plumbing.catalog import (
+    Apply,
     CompactedReader,
     PipelineCatalog,
     ProgramCatalog,
@@ -51,7 +52,7 @@ from dspex.agents.plumbing.loop import (
 )
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
-from dspex.agents.plumbing.records import dead_letter, error_response
+from dspex.agents.plumbing.records import dead_letter, error_response, tenant_of_request
 from dspex.agents.plumbing.retry import RETRY_POOL, retry_due
 from dspex.agents.router.cache import (
     ResultCache,
@@ -69,6 +70,13 @@ from dspex.agents.router.routing import (
     check_request,
     reply_topic,
 )
+from dspex.agents.router.tenancy import (
+    DailyUsage,
+    Quotas,
+    admit,
+    refusable,
+    start_of_day_ms,
+)
 from dspex.agents.router.variables import RefusedUpdates, SharedVariables
 from dspex.schemas import records
 from dspex.schemas.records import Record
@@ -78,6 +86,7 @@ from dspex.streams.errors import (
     CorruptRecord,
     InvalidRequest,
     PermanentError,
+    QuotaExceeded,
     SerdeError,
 )
 from dspex.streams.ops.admin import require_topics
@@ -86,6 +95,7 @@ from dspex.streams.pipelines.spec import Pipeline
 from dspex.streams.pipelines.validate import check
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
+from dspex.streams.tenants import request_topic_pattern, response_topic
 from dspex.streams.topics import AGENT_REPLY_TOPICS, Topics
 
 logger = logging.getLogger(__name__)
@@ -115,8 +125,11 @@ class RouterHandler:
         existing_topics: Container[str] | None = None,
         variables: SharedVariables | None = None,
         pipelines: PipelineCatalog | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._settings = settings
+        self._prefix = settings.topics.prefix
+        self.quotas = quotas or Quotas(settings.tenants)
         self._pipelines = pipelines if pipelines is not None else PipelineCatalog()
         self._variables = variables or SharedVariables(settings.lm)
         self._existing = existing_topics
@@ -139,15 +152,24 @@ class RouterHandler:
         return int(self._clock() * 1000)
 
     def handle_request(self, original: Consumed) -> list[Outgoing]:
-        """Decode, check, resolve, validate, then answer from the cache or forward."""
+        """Decode, admit (tenant, limits), check, resolve, validate, then answer or forward."""
         now = self.now_ms()
         try:
-            request = self._decode(original, "Request")
+            decoded = self._decode(original, "Request")
         except SerdeError as exc:
             logger.warning("undecodable request %s error=%s", original.where(), exc)
             return [self._dead_letter(original, ErrorInfo.from_exception(exc, "decode"), None, now)]
         try:
+            tenant, request = admit(decoded, original.topic, self._prefix)
+        except InvalidRequest as exc:  # a shared request reaching for a tenant's topic or session
+            request = refusable(decoded, self._prefix)
+            return self._reject(original, request, ErrorInfo.from_exception(exc, "validate"), now)
+        try:
+            if tenant is not None:
+                self.quotas.check(tenant, now)
             return self._route(original, request, now)
+        except QuotaExceeded as exc:
+            return [self._over_quota(request, exc, now)]
         except DeadlineExceeded as exc:
             status = status_of(exc)
             return self._reject(
@@ -219,7 +241,8 @@ class RouterHandler:
         if self._settings.router.cache_enabled and is_cacheable(
             request, program, route, self._settings.lm, variables
         ):
-            key = cache_key(program, request.get("inputs") or {}, variables, route)
+            inputs = request.get("inputs") or {}
+            key = cache_key(program, inputs, variables, route, tenant_of_request(request))
             hits = self._cached(request, program, key, now)
             if hits:
                 tracing.annotate({"dspex.cache_hit": True})
@@ -319,10 +342,33 @@ class RouterHandler:
             self._dead_letter(original, failure, request_id or None, now),
         ]
 
-    def _response(self, request: Record, response: Record) -> Outgoing:
-        topic = reply_topic(request, self._own_topics, self._existing) or self._topics.name(
-            "responses"
+    def _over_quota(self, request: Record, exc: QuotaExceeded, now: int) -> Outgoing:
+        """The final ``quota_exceeded`` answer (no DeadLetter: the request itself is fine)."""
+        failure = ErrorInfo(
+            type(exc).__name__,
+            str(exc),
+            None,
+            "route",
+            retryable=True,
+            status="quota_exceeded",
         )
+        tracing.outcome(failure.status, failure)
+        program = {
+            "program_id": request.get("program_id"),
+            "program_version": request.get("program_version"),
+        }
+        request_id = str(request.get("request_id") or "")
+        response = error_response(request_id, failure, produced_at_ms=now, program=program)
+        return self._response(request, response)
+
+    def _response(self, request: Record, response: Record) -> Outgoing:
+        tenant = tenant_of_request(request)  # set by admit() only: a tenant's answers go to
+        if tenant is not None:  # its own topic, whatever else happened
+            topic = response_topic(tenant, self._prefix)
+        else:
+            topic = reply_topic(request, self._own_topics, self._existing) or self._topics.name(
+                "responses"
+            )
         value = self._serde.encode("Response", response, topic=topic)
         status = response["status"] if response["final"] else None
         return Outgoing(topic, response["request_id"].encode("utf-8"), value, (), status)
@@ -375,24 +421,33 @@ class RouterApp:
         self.routing = RoutingCatalog()
         self.variables = SharedVariables(settings.lm)
         self.cache = ResultCache(settings.router.cache_max_entries)
+        self.usage = DailyUsage()
         self._answers: AnswerFinder | None = AnswerFinder(settings, serde)
         self._refused = RefusedUpdates(
             settings, serde, component=COMPONENT, held=self.variables.store.get
         )
+        views: dict[str, tuple[str, Apply]] = {
+            topics.name("programs"): ("ProgramVersion", self.programs.apply),
+            topics.name("pipelines"): ("PipelineVersion", self.pipelines.apply),
+            topics.name("routing"): ("RoutingTable", self.routing.apply),
+            topics.name("variables"): ("VariableUpdate", self.variables.apply),
+            topics.name("cache"): ("Response", self.cache.apply),
+        }
+        since: dict[str, int] = {}
+        if settings.tenants.per_day:
+            # today's tokens and cost per tenant, rebuilt from telemetry since 00:00 UTC
+            # before the first request is routed, then followed (docs/tenants.md)
+            views[topics.name("telemetry")] = ("Telemetry", self.usage.apply)
+            since[topics.name("telemetry")] = start_of_day_ms(int(time.time() * 1000))
         self.reader = CompactedReader(
             settings,
             serde,
-            {
-                topics.name("programs"): ("ProgramVersion", self.programs.apply),
-                topics.name("pipelines"): ("PipelineVersion", self.pipelines.apply),
-                topics.name("routing"): ("RoutingTable", self.routing.apply),
-                topics.name("variables"): ("VariableUpdate", self.variables.apply),
-                topics.name("cache"): ("Response", self.cache.apply),
-            },
+            views,
             on_refused=self._refused,
             # the cache is best effort while it loads: at most what the LRU holds is
             # replayed, and the router starts routing without waiting for it
             recent={topics.name("cache"): settings.router.cache_max_entries},
+            since=since,
         )
         self.handler = RouterHandler(
             settings,
@@ -405,11 +460,19 @@ class RouterApp:
             existing_topics=KnownTopics(self._list_topics),
             variables=self.variables,
             pipelines=self.pipelines,
+            quotas=Quotas(settings.tenants, self.usage),
         )
         self._retry_topic = topics.name("retry")
         self._own_topics = frozenset(name for name, _ in topics.all())
         self.config = LoopConfig(
-            topics=(topics.name("requests"), self._retry_topic),
+            # every tenant's requests topic too, one created later included (a regex
+            # subscription, re-matched at each metadata refresh)
+            topics=(
+                topics.name("requests"),
+                self._retry_topic,
+                request_topic_pattern(settings.topics.prefix),
+            ),
+            metadata_refresh_s=settings.tenants.refresh_s,
             group_id=app_id,
             client_id=app_id,
             limit=IN_FLIGHT,

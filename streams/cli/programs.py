@@ -113,6 +113,10 @@ def submit(
     ] = False,
     version: Annotated[int | None, typer.Option(help="Pipeline version (default latest).")] = None,
     session: Annotated[str | None, typer.Option(help="Session id: a turn of that session.")] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="Send as this tenant (its own topics; default tenants.client)."),
+    ] = None,
 ) -> None:
     """Send one request (or pipeline run) and print the answer (streamed by default)."""
     inline = "->" in program
@@ -123,7 +127,7 @@ def submit(
     )
     options: dict[str, Any] = {"deadline_s": deadline, "pool_hint": pool, "cache": cache}
     options["session_id"] = session
-    with Client(settings_of(ctx)) as client:
+    with Client(settings_of(ctx), tenant=tenant) as client:
         if pipeline:
             from dspex.streams.cli.runs import show_run
 

@@ -41,10 +41,11 @@ from dspex.streams.client._requests import (
 )
 from dspex.streams.client.programs import latest_version, program_version_record
 from dspex.streams.client.sessions import AsyncSession
-from dspex.streams.errors import BrokerUnavailable, DSPexError
+from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
 from dspex.streams.programs import check_program
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
+from dspex.streams.tenants import check_name, request_topic, resource_prefix, response_topic
 from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,11 @@ class AsyncClient:
     """Sends requests and receives their answers on one asyncio event loop.
 
     ``reply_topic``: a topic of this client's own for its replies (it must exist);
-    None means the shared responses topic. ``grace_s``: how long past a request's
-    deadline to wait for the server's own ``timeout`` reply.
+    None means the shared responses topic. ``tenant`` (default
+    ``settings.tenants.client``): send to that tenant's request topic and read its
+    response topic instead (docs/tenants.md); a tenant's answers come only there, so
+    it excludes ``reply_topic``. ``grace_s``: how long past a request's deadline to
+    wait for the server's own ``timeout`` reply.
     """
 
     def __init__(
@@ -67,13 +71,24 @@ class AsyncClient:
         settings: Settings,
         *,
         reply_topic: str | None = None,
+        tenant: str | None = None,
         grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         topics = Topics(settings.topics)
         self._settings = settings
+        self.tenant = check_name(tenant) if tenant else settings.tenants.client
         self._requests_topic = topics.name("requests")
         self._programs_topic = topics.name("programs")
         self._telemetry_topic = topics.name("telemetry")
+        if self.tenant is not None:
+            own = response_topic(self.tenant, settings.topics.prefix)
+            if reply_topic not in (None, own):
+                raise ConfigError(
+                    f"reply_topic={reply_topic!r} with tenant={self.tenant!r}: a tenant's "
+                    f"answers always come on {own}"
+                )
+            reply_topic = own
+            self._requests_topic = request_topic(self.tenant, settings.topics.prefix)
         self.reply_topic = reply_topic
         self.listen_topic = reply_topic or topics.name("responses")
         self._grace_s = grace_s
@@ -83,6 +98,11 @@ class AsyncClient:
         self._producer: Producer | None = None
         self._listener: ReplyListener | None = None
         self._closed = False
+
+    @property
+    def requests_topic(self) -> str:
+        """The topic this client produces its requests to (its tenant's, else the shared one)."""
+        return self._requests_topic
 
     async def __aenter__(self) -> AsyncClient:
         await self.start()
@@ -111,6 +131,8 @@ class AsyncClient:
         self._serde = make_serde(self._settings)
         producer = self._producer = kafka.producer(self._settings)
         group = f"dspex-client-{uuid.uuid4().hex}"
+        if self.tenant is not None:  # a tenant may use only groups under its own prefix
+            group = resource_prefix(self.tenant, self._settings.topics.prefix) + group
         listener = ReplyListener(
             kafka.consumer(self._settings, group),
             self._serde,

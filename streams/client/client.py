@@ -79,6 +79,7 @@ class Client:
         settings: Settings,
         *,
         reply_topic: str | None = None,
+        tenant: str | None = None,
         grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         self._loop = asyncio.new_event_loop()
@@ -86,7 +87,13 @@ class Client:
             target=self._loop.run_forever, name="dspex-client-loop", daemon=True
         )
         self._thread.start()
-        self._client = AsyncClient(settings, reply_topic=reply_topic, grace_s=grace_s)
+        try:
+            self._client = AsyncClient(
+                settings, reply_topic=reply_topic, tenant=tenant, grace_s=grace_s
+            )
+        except BaseException:
+            self._stop_loop()
+            raise
         try:
             self._call(self._client.start())
         except BaseException:
@@ -108,6 +115,11 @@ class Client:
     def reply_topic(self) -> str | None:
         """This client's own reply topic, or None for the shared responses topic."""
         return self._client.reply_topic
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant this client sends as (docs/tenants.md), or None for the shared topics."""
+        return self._client.tenant
 
     @property
     def pipelines(self) -> Pipelines:

@@ -25,10 +25,13 @@ from dspex.streams.errors import InvalidRequest
 from dspex.streams.serde import make_serde
 from dspex.streams.sessions import end_session, find_session
 from dspex.streams.settings import Settings
+from dspex.streams.tenants import session_scope
 
 
 class _AsyncClient(Protocol):
     """What an :class:`AsyncSession` needs of ``AsyncClient`` (no import: no cycle)."""
+
+    tenant: str | None
 
     async def _submit(
         self, program: Program | str, inputs: Mapping[str, Any], options: RequestOptions
@@ -45,6 +48,9 @@ class _AsyncClient(Protocol):
 
 class _Client(Protocol):
     """What a :class:`Session` needs of ``Client``."""
+
+    @property
+    def tenant(self) -> str | None: ...
 
     def submit(
         self, program: Program | str, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
@@ -85,19 +91,21 @@ def _session_scope(handle: _Handle, options: Mapping[str, Any]) -> VariableOptio
         or options.get("module")
     ):
         raise InvalidRequest("scope", "a session's variable has scope session, nothing else")
-    return VariableOptions(**{**options, "scope": "session", "session": handle.session_id})  # type: ignore[typeddict-item]
+    return VariableOptions(**{**options, "scope": "session", "session": handle.stored_id})  # type: ignore[typeddict-item]
 
 
 class _Handle:
-    def __init__(self, settings: Settings, session_id: str) -> None:
+    def __init__(self, settings: Settings, session_id: str, tenant: str | None = None) -> None:
         self.session_id = check_session_id(session_id)
+        self.stored_id = session_scope(tenant, session_id) if tenant else session_id
+        """The id past the router: a tenant's sessions are scoped (docs/tenants.md)."""
         self._settings = settings
 
     def _state(self) -> Record | None:
-        return find_session(self._settings, make_serde(self._settings), self.session_id).state
+        return find_session(self._settings, make_serde(self._settings), self.stored_id).state
 
     def _end(self) -> Record:
-        return end_session(self._settings, make_serde(self._settings), self.session_id)
+        return end_session(self._settings, make_serde(self._settings), self.stored_id)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.session_id!r})"
@@ -107,7 +115,7 @@ class AsyncSession(_Handle):
     """One session of an ``AsyncClient``: its requests all carry ``session_id``."""
 
     def __init__(self, client: _AsyncClient, settings: Settings, session_id: str) -> None:
-        super().__init__(settings, session_id)
+        super().__init__(settings, session_id, client.tenant)
         self._client = client
 
     async def submit(
@@ -141,7 +149,7 @@ class Session(_Handle):
     """One session of a ``Client``: its requests all carry ``session_id``."""
 
     def __init__(self, client: _Client, settings: Settings, session_id: str) -> None:
-        super().__init__(settings, session_id)
+        super().__init__(settings, session_id, client.tenant)
         self._client = client
 
     def submit(

@@ -90,6 +90,7 @@ def agent_env(settings: Settings) -> dict[str, str]:
             "DSPEX_MODULES": json.dumps(settings.modules),
             "DSPEX_TOOLS": json.dumps(settings.tools),
             "DSPEX_SESSIONS": settings.sessions.model_dump_json(),
+            "DSPEX_TENANTS": settings.tenants.model_dump_json(),
             "DSPEX_RELIABILITY": settings.reliability.model_dump_json(),
             "DSPEX_ROUTER__MAX_REQUEST_BYTES": str(settings.router.max_request_bytes),
             "DSPEX_ROUTER__CACHE_ENABLED": json.dumps(settings.router.cache_enabled),

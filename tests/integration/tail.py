@@ -29,6 +29,7 @@ from dspex.streams import kafka
 from dspex.streams.reader import StallGuard, watermarks
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
+from dspex.streams.tenants import tenant_of
 from dspex.streams.topics import Topics
 
 __all__ = ["OpenTail", "Tail", "committed", "end_offsets", "lag", "until", "wait_for_records"]
@@ -53,8 +54,7 @@ class Tail:
         self, settings: Settings, shorts: Iterable[str], *, from_beginning: bool = False
     ) -> None:
         self._settings = settings
-        topics = Topics(settings.topics)
-        self._shorts = {topics.name(s): s for s in shorts}
+        self._shorts = {physical(settings, s): s for s in shorts}
         self._serde = make_serde(settings)
         self.records: dict[str, list[tuple[bytes | None, Record | None]]] = {
             s: [] for s in self._shorts.values()
@@ -163,6 +163,14 @@ class Tail:
         with self._lock:
             counts = {s: len(r) for s, r in self.records.items()}
         return f"timed out after {timeout_s}s waiting for {what}: read {counts}"
+
+
+def physical(settings: Settings, short: str) -> str:
+    """The topic a short name means: a catalog topic, or a tenant's (``tenant.acme.requests``)."""
+    prefix = settings.topics.prefix
+    if tenant_of(prefix + short, prefix) is not None:
+        return prefix + short
+    return Topics(settings.topics).name(short)
 
 
 class OpenTail(Protocol):

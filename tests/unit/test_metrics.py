@@ -173,6 +173,29 @@ def test_snapshots_follow_the_contract_and_the_exporter_counts_in_seconds() -> N
     assert value("dspex_requests_total", **series, outcome="ok") == 1
 
 
+def test_a_tenants_executions_have_series_and_counters_of_their_own() -> None:
+    config, registry, clock = settings(), CollectorRegistry(), Clock(T0 + 100)
+    metrics = Metrics(config, make_serde(config), Exporter(registry), clock=clock)
+    for record in (execution(tenant="acme"), execution(tenant="acme"), execution()):
+        assert metrics.observe(record)
+    clock.ms = T0 + 2_500
+    (closed,) = metrics.due()
+    requests = [r for name, r in snapshots(closed, 2.0) if name == "requests"]
+    assert sorted((r["labels"].get("tenant", "-"), r["count"]) for r in requests) == [
+        ("-", 1),
+        ("acme", 2),
+    ]
+    assert (
+        registry.get_sample_value(
+            "dspex_tenant_requests_total", {"tenant": "acme", "outcome": "ok"}
+        )
+        == 2
+    )
+    assert registry.get_sample_value("dspex_tenant_tokens_total", {"tenant": "acme"}) == 10
+    series = {"program": "qa", "pool": "general", "variant": "echo", "outcome": "ok"}
+    assert registry.get_sample_value("dspex_requests_total", series) == 3
+
+
 def test_routing_weights_follow_the_tables() -> None:
     registry = CollectorRegistry()
     exporter = Exporter(registry)
@@ -274,7 +297,7 @@ def test_metrics_settings_defaults_and_environment(monkeypatch: Any) -> None:
 
 def test_top_keeps_the_latest_window_per_pool() -> None:
     view = View(pools=["general", "gpu"])
-    closed = Closed(T0, T0 + 2_000, {("qa", "general", "echo"): _bucket()})
+    closed = Closed(T0, T0 + 2_000, {("qa", "general", "echo", ""): _bucket()})
     for _name, record in snapshots(closed, 2.0):
         view.take_snapshot(record)
     older = {**dict(snapshots(closed, 2.0))["pool.requests"], "window_end": T0, "count": 0}

@@ -427,6 +427,8 @@ def test_the_sweeper_knows_each_sessions_variables() -> None:
 class _RecordingClient:
     """Stands in for AsyncClient: records what the session handle asks for."""
 
+    tenant: str | None = None
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
