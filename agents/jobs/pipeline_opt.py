@@ -144,6 +144,9 @@ class PipelineModule(dspy.Module):  # type: ignore[misc]
         kwargs = {name: _value(ref, inputs, results, item) for name, ref in stage.inputs.items()}
         module = self.stage_module(stage.name)
         signature = next(iter(module.named_predictors()))[1].signature
+        for name, field in signature.input_fields.items():  # no session here: empty History
+            if field.annotation is dspy.History and name not in kwargs:
+                kwargs[name] = dspy.History(messages=[])
         adapter = make_adapter(self.adapters[stage.name], dspy.settings.lm, signature)
         with dspy.context(adapter=adapter):
             prediction = module(**kwargs)

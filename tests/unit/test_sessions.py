@@ -17,11 +17,12 @@ import pytest
 
 from dspex.agents.plumbing.messages import Consumed, TokenUsage
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.agents.plumbing.sessionstate import trim
 from dspex.agents.runtime.history import session_history
 from dspex.agents.runtime.signatures import decode_inputs, parse_signature
 from dspex.agents.worker.execution import Outcome
 from dspex.agents.worker.handler import Destinations, WorkerHandler
-from dspex.agents.worker.sessions import Sessions, program_key, trim
+from dspex.agents.worker.sessions import Sessions, program_key
 from dspex.schemas import records, times
 from dspex.schemas.samples import sample
 from dspex.streams.client.sessions import check_session_id
