@@ -91,10 +91,12 @@ class PipelineModule(dspy.Module):  # type: ignore[misc]
     yields its defaults. Stages naming the same program share one module.
     """
 
-    def __init__(self, plan: Plan, modules: Mapping[str, dspy.Module], adapters: Mapping[str, str]):
+    def __init__(
+        self, plan: Plan, modules: Mapping[str, dspy.Module], specs: Mapping[str, ProgramSpec]
+    ):
         super().__init__()
         self.plan = plan
-        self.adapters = dict(adapters)
+        self.specs = dict(specs)
         for name in plan.order():
             setattr(self, stage_attr(name), modules[name])
 
@@ -142,15 +144,18 @@ class PipelineModule(dspy.Module):  # type: ignore[misc]
         self, stage: StagePlan, inputs: Mapping[str, Any], results: Mapping[str, Any], item: Any
     ) -> dict[str, Any]:
         kwargs = {name: _value(ref, inputs, results, item) for name, ref in stage.inputs.items()}
-        module = self.stage_module(stage.name)
-        signature = next(iter(module.named_predictors()))[1].signature
+        spec = self.specs[stage.name]
+        signature = parse_signature(spec.signature)  # the program's, as the worker runs it
         for name, field in signature.input_fields.items():  # no session here: empty History
             if field.annotation is dspy.History and name not in kwargs:
                 kwargs[name] = dspy.History(messages=[])
-        adapter = make_adapter(self.adapters[stage.name], dspy.settings.lm, signature)
+        adapter = make_adapter(adapter_name(spec.adapter, {}), dspy.settings.lm, signature)
         with dspy.context(adapter=adapter):
-            prediction = module(**kwargs)
-        return {name: prediction[name] for name in prediction.keys()}
+            return _fields(self.stage_module(stage.name)(**kwargs))
+
+
+def _fields(prediction: dspy.Prediction) -> dict[str, Any]:
+    return {name: prediction[name] for name in prediction.keys()}
 
 
 def stage_attr(name: str) -> str:
@@ -176,8 +181,8 @@ class StagePrograms:
     registered: Mapping[str, ProgramSpec]
     """Program id -> the version the stages run (one per program)."""
 
-    def build(self, settings: Settings) -> tuple[dict[str, dspy.Module], dict[str, str]]:
-        """Fresh modules per stage (one per program id) and each stage's adapter name."""
+    def build(self, settings: Settings) -> tuple[dict[str, dspy.Module], Mapping[str, ProgramSpec]]:
+        """Fresh modules per stage (one per program id), and each stage's program spec."""
         tools = deployed_tools(settings.tools)
         deployed = DeployedModules.load(settings.modules)
         shared: dict[str, dspy.Module] = {}
@@ -187,8 +192,7 @@ class StagePrograms:
             if key not in shared:  # a builder per module: its cache must not share instances
                 shared[key] = ProgramBuilder(tools, modules=deployed, max_size=1).build(spec)
             modules[name] = shared[key]
-        adapters = {name: adapter_name(spec.adapter, {}) for name, spec in self.specs.items()}
-        return modules, adapters
+        return modules, self.specs
 
 
 def stage_programs(plan: Plan, versions: Mapping[str, list[Record]]) -> StagePrograms:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -30,6 +31,7 @@ from dspex.schemas.samples import sample
 from dspex.streams.client.programs import program_version_record
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.optimizers import check_job, pipeline_target
+from dspex.streams.pipelines import files
 from dspex.streams.pipelines.plan import Plan
 from dspex.streams.pipelines.spec import Pipeline
 from dspex.streams.settings import LMBackend, load_settings
@@ -211,3 +213,37 @@ def test_cancelling_stops_the_scoring_at_the_next_lm_call() -> None:
     )
     with pytest.raises(JobCancelled):
         job._score(module(), [example("kafka")])
+
+
+def test_deployed_modules_are_stages_like_any_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-hop example: two stages run the deployed Search module (BM25, no LM)."""
+    example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "multihop"
+    monkeypatch.syspath_prepend(str(example))
+    settings = load_settings(
+        modules={"search": "dspex_examples.multihop:Search"},
+        tools={"search_corpus": "dspex_examples.multihop:search_corpus"},
+    )
+    search = program_version_record(
+        "search",
+        "query -> passages: list[str]",
+        version=1,
+        parent_version=None,
+        module_type="search",
+        state_json=None,
+        module_config_json='{"k": 2}',
+        tools=("search_corpus",),
+        metric=None,
+        description="",
+        created_by="test",
+    )
+    multihop = Plan.from_record(files.load(example / "pipeline.yaml").to_record(version=1))
+    built = PipelineModule(
+        multihop, *stage_programs(multihop, {"search": [search]}).build(settings)
+    )
+    # the LM stages are what an optimizer compiles; the deployed Search has no predictor
+    assert sorted(n for n, _ in built.named_predictors()) == ["stage_answer", "stage_next_query"]
+    with dspy.context(lm=build_lm(LMBackend(model="dspex/echo"))):
+        prediction = built(question="Where was the engineer of the Eiffel Tower born?")
+    assert len(prediction.passages) == 2 and len(prediction.more) == 2
+    assert any(p.startswith("Eiffel Tower | ") for p in prediction.passages)
+    assert prediction.answer.startswith("echo")
