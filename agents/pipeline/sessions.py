@@ -71,10 +71,14 @@ class RunSessions:
             state, expired = None, True
         turns = list(state["turns"]) if state else []
         held = next((t for t in turns if t["request_id"] == run.run_id), None)
-        if held is not None or run.status != "ok":  # answered again, or failed: not recorded
-            number = held["turn"] if held else len(turns) + 1
-            return records.session_turn(session_id=session_id, turn=number, expired=expired)
         number = state["counters"]["turns"] + 1 if state else 1
+        if held is not None:  # answered again after a crash: recorded already
+            turn = held["turn"]
+            return records.session_turn(session_id=session_id, turn=turn, fresh=turn == 1)
+        if run.status != "ok":  # a failed run is not recorded: the number the next one gets
+            return records.session_turn(
+                session_id=session_id, turn=number, fresh=state is None, expired=expired
+            )
         appended = records.history_turn(
             request_id=run.run_id,
             turn=number,
@@ -83,7 +87,8 @@ class RunSessions:
             outputs=run.outputs or {},
             at=now,
         )
-        created = run.request.get("created_at") or now
+        now_ms = times.to_ms(now) or 0
+        took_ms = max(0, now_ms - (times.to_ms(run.request.get("created_at")) or now_ms))
         new = next_state(
             state,
             appended,
@@ -91,7 +96,7 @@ class RunSessions:
             settings=self._settings.sessions,
             writer=self._writer,
             restarted=expired,
-            usage={"latency_ms": times.millis_between(created, now)},
+            usage={"latency_ms": took_ms},
         )
         await self._write(publisher, session_id, new)
         return records.session_turn(
