@@ -15,7 +15,7 @@ from typing import Any
 import dspy
 import pytest
 
-from dspex.agents.jobs.jobspec import parse_job
+from dspex.agents.jobs.jobspec import available_optimizers, parse_job
 from dspex.agents.jobs.optimize import JobCancelled, Progress
 from dspex.agents.jobs.pipeline_opt import (
     PipelineJob,
@@ -247,3 +247,42 @@ def test_deployed_modules_are_stages_like_any_program(monkeypatch: pytest.Monkey
     assert len(prediction.passages) == 2 and len(prediction.more) == 2
     assert any(p.startswith("Eiffel Tower | ") for p in prediction.passages)
     assert prediction.answer.startswith("echo")
+
+
+@pytest.mark.skipif("MIPROv2" not in available_optimizers(), reason="optuna is not installed")
+async def test_miprov2_compiles_a_pipeline_and_drops_the_simulations_instructions() -> None:
+    config = {
+        "auto": None,
+        "num_candidates": 2,
+        "num_trials": 2,
+        "max_bootstrapped_demos": 1,
+        "max_labeled_demos": 2,
+        "minibatch": False,
+        "seed": 7,
+    }
+    record = sample("OptimizationJob")
+    record.update(program_id="pipeline:po", optimizer="MIPROv2", metric="exact_match")
+    record.update(optimizer_config_json=json.dumps(config), search_json="{}", canary_weight=None)
+    record.update(dataset_json="[]")
+    events: list[Progress] = []
+    job = PipelineJob(
+        load_settings(),
+        None,  # type: ignore[arg-type]  # nothing is read from a topic here
+        parse_job(record, backends=[], max_trials=1),
+        compile_lm=build_lm(FEWSHOT),
+        cancel=threading.Event(),
+        progress=events.append,
+    )
+    base, examples = module(), [example(w) for w in WORDS]
+    before = job._score(base, examples)
+    compiled = job._compile(base, examples[:4])
+    after = job._score(compiled, examples)
+    kept, score = await job._earned_instructions(compiled, base, examples, after)
+    assert before < 0.5 and score == 1.0, (before, after, score)
+    # the simulation proposes "I do not know" as instructions: they earn nothing, so the
+    # originals are what would be published
+    originals = {name: p.signature.instructions for name, p in base.named_predictors()}
+    assert {name: p.signature.instructions for name, p in kept.named_predictors()} == originals
+    demos = {n: len(kept.stage_module(n).demos) for n in ("first", "spell", "final", "check")}
+    # the stages the outputs depend on carry demos (final's answer does not need first's hint)
+    assert demos["spell"] and demos["final"], demos
