@@ -293,7 +293,7 @@ class PipelineJob:
         compiled = await asyncio.to_thread(self._compile, base, train)
         after = await asyncio.to_thread(self._score, compiled, val)
         compiled, after = await self._earned_instructions(compiled, base, val, after)
-        self._progress(Progress("search", trial=1, trials=1, score=after, best=max(after, before)))
+        self._progress(Progress("score", trial=1, trials=1, score=after, best=max(after, before)))
         if after <= before:
             return PipelineResult(before, after, [], {}, None)
         scores = (before, after)
@@ -323,7 +323,7 @@ class PipelineJob:
         return read_versions(self._settings, self._serde, topic)
 
     def _examples(self, plan: Plan) -> tuple[list[dspy.Example], list[dspy.Example]]:
-        inputs = ", ".join(f"{name}: {_annotation(kind)}" for name, kind in plan.inputs)
+        inputs = ", ".join(f"{name}: {type_name(kind)}" for name, kind in plan.inputs)
         signature = parse_signature(f"{inputs} -> {', '.join(plan.outputs)}")
         spec = self._spec
         if spec.dataset_json is not None:
@@ -473,7 +473,3 @@ def _scored(metric: Metric, module: PipelineModule, example: dspy.Example) -> fl
 
 def _quiet(_: Progress) -> None:
     """Scoring reports no compile progress."""
-
-
-def _annotation(kind: Any) -> str:
-    return type_name(kind)
