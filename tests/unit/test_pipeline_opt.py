@@ -17,13 +17,8 @@ import pytest
 
 from dspex.agents.jobs.jobspec import available_optimizers, parse_job
 from dspex.agents.jobs.optimize import JobCancelled, Progress
-from dspex.agents.jobs.pipeline_opt import (
-    PipelineJob,
-    PipelineModule,
-    StagePrograms,
-    is_pipeline_job,
-    stage_programs,
-)
+from dspex.agents.jobs.pipeline_opt import PipelineJob, is_pipeline_job
+from dspex.agents.jobs.pipemodule import PipelineModule, StagePrograms, stage_programs
 from dspex.agents.runtime.lms import build_lm
 from dspex.agents.runtime.lms.simulations import WRONG
 from dspex.agents.runtime.scoring import get_metric
