@@ -161,9 +161,11 @@ def stage_programs(plan: Plan, versions: Mapping[str, list[Record]]) -> StagePro
             specs[stage.name] = ProgramSpec(str(stage.signature), stage.module_type or "Predict")
             continue
         known = {int(r["version"]): r for r in versions.get(stage.program_id, [])}
-        wanted = stage.program_version or max(known, default=0)
+        if not known:
+            raise InvalidRequest(where, f"no program {stage.program_id!r} is registered")
+        wanted = stage.program_version or max(known)
         if wanted not in known:
-            raise InvalidRequest(where, f"program {stage.program_id} v{wanted} is not registered")
+            raise InvalidRequest(where, f"program {stage.program_id} has no version {wanted}")
         spec = spec_from_version(known[wanted])
         held = registered.setdefault(stage.program_id, spec)
         if held.version != spec.version:

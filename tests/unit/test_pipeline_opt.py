@@ -281,3 +281,11 @@ async def test_miprov2_compiles_a_pipeline_and_drops_the_simulations_instruction
     demos = {n: len(kept.stage_module(n).demos) for n in ("first", "spell", "final", "check")}
     # the stages the outputs depend on carry demos (final's answer does not need first's hint)
     assert demos["spell"] and demos["final"], demos
+
+
+def test_a_stage_program_that_is_not_registered_is_named() -> None:
+    held = versions()
+    del held["po.spell"]
+    with pytest.raises(InvalidRequest) as refused:
+        stage_programs(plan(), held)
+    assert refused.value.field == "stages.spell" and "'po.spell'" in str(refused.value)
