@@ -127,6 +127,19 @@ SEARCHABLE: dict[str, tuple[str, Mapping[str, Any]]] = {
 }
 
 
+PIPELINE_PREFIX = "pipeline:"
+"""A job whose ``program_id`` is ``pipeline:<pipeline_id>`` optimizes that whole pipeline
+(``program_version`` then pins the pipeline version). Program ids cannot contain ``:``,
+so the prefix is a namespace of its own (docs/optimizer.md, *Optimizing a pipeline*)."""
+
+
+def pipeline_target(program_id: Any) -> str | None:
+    """The pipeline id a job's ``program_id`` names (``pipeline:<id>``), else None."""
+    if isinstance(program_id, str) and program_id.startswith(PIPELINE_PREFIX):
+        return program_id[len(PIPELINE_PREFIX) :]
+    return None
+
+
 METRIC_NAMES: tuple[str, ...] = (
     "contains",
     "dspy:answer_exact_match",
@@ -191,11 +204,29 @@ def check_job(
         val_fraction=_fraction(record.get("val_fraction", 0.5)),
         canary_weight=_canary(record.get("canary_weight")),
     )
+    if pipeline_target(checked.program_id) is not None:
+        _check_pipeline_job(checked)
     if checked.trial_count > max_trials:
         raise InvalidRequest(
             "search_json", f"{checked.trial_count} combinations, over jobs.max_trials={max_trials}"
         )
     return checked
+
+
+def _check_pipeline_job(checked: CheckedJob) -> None:
+    """What a pipeline job cannot do: it compiles the stage programs with a DSPy optimizer."""
+    if not pipeline_target(checked.program_id):
+        raise InvalidRequest("program_id", "name the pipeline: pipeline:<pipeline_id>")
+    if checked.optimizer is None:
+        raise InvalidRequest("optimizer", "a pipeline job needs a DSPy optimizer")
+    if checked.search:
+        raise InvalidRequest(
+            "search_json", "a pipeline job does not search variables (search per program)"
+        )
+    if checked.canary_weight is not None:
+        raise InvalidRequest(
+            "canary_weight", "a pipeline job pins its new versions in a new pipeline version"
+        )
 
 
 def parse_optimizer_config(

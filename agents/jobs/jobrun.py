@@ -37,6 +37,7 @@ from dspex.agents.jobs.optimize import (
     PipelineEvaluator,
     Progress,
 )
+from dspex.agents.jobs.pipeline_opt import PipelineJob, encode_records, is_pipeline_job
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Producer
 from dspex.agents.plumbing.records import dead_letter
@@ -175,6 +176,8 @@ class JobExecution:
         if await asyncio.to_thread(self._already_finished):
             return JobOutcome("skipped", summary="already finished (jobs.status)")
         await asyncio.to_thread(self._check_cancel_requested)
+        if is_pipeline_job(spec):  # a whole pipeline: agents/jobs/pipeline_opt.py
+            return await self._pipeline(spec)
         base = await asyncio.to_thread(self._program, spec)
         self.emitter.head = self._head(base.version)
         store = await asyncio.to_thread(self._variables, spec)
@@ -203,6 +206,24 @@ class JobExecution:
             result = await optimization.run(train, val)
         self._check_cancel()
         return await asyncio.to_thread(self._completed, spec, result, store)
+
+    async def _pipeline(self, spec: JobSpec) -> JobOutcome:
+        """A pipeline job: its stage programs' versions and the pinned pipeline, one outcome."""
+        job = PipelineJob(
+            self._settings,
+            self._serde,
+            spec,
+            compile_lm=self._compile_lm(),
+            cancel=self.cancel,
+            progress=self.emitter.progress,
+        )
+        done = await job.run()
+        self._check_cancel()
+        outputs = done.outputs(spec)
+        final = jr.final_response(self._head_or_job(), self._seq(), "ok", outputs=outputs)
+        published = encode_records(self._serde, done.records)
+        records = [*published, *self._final(final, done.score_after, True)]
+        return JobOutcome("completed", records, done.summary(spec))
 
     # -- the steps ------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from dspex.agents.pipeline.answers import (
     state_record,
 )
 from dspex.agents.pipeline.run import Issue, Run
+from dspex.agents.pipeline.sessions import RunSessions
 from dspex.agents.pipeline.views import RunStates, StageAnswers
 from dspex.agents.plumbing.catalog import CompactedReader, PipelineCatalog
 from dspex.agents.plumbing.loop import (
@@ -71,6 +72,7 @@ NEEDED = (
     "pipeline.replies",
     "pipeline.state",
     "pipelines",
+    "sessions",
     "requests",
     "telemetry",
     "dlq",
@@ -88,6 +90,7 @@ class PipelineApp:
         self.states = RunStates()
         self.answers = StageAnswers()
         self._plans: dict[tuple[str, int | None], Plan] = {}
+        self.sessions = RunSessions(settings, self._serde, app_id)
         self._active: dict[str, asyncio.Future[None]] = {}  # run id -> set when it is done
         self.reader = CompactedReader(
             settings,
@@ -125,6 +128,11 @@ class PipelineApp:
             await self._dead_letter(consumed, ErrorInfo.from_exception(exc, "decode"), None)
             return
         record = request.record
+        # a session's runs one at a time, in consumed order (docs/sessions.md)
+        async with self.sessions.ordered(record.get("session_id")):
+            await self._handle(consumed, record)
+
+    async def _handle(self, consumed: Consumed, record: Record) -> None:
         try:
             plan = await self._plan(record)
         except InvalidRequest as exc:
@@ -262,7 +270,10 @@ class PipelineApp:
         """The final answer, unless an earlier agent's was acknowledged already."""
         if run.delivered > len(run.events):
             return
-        final = final_response(run, _now_ms())
+        if self._publisher is None:
+            raise RuntimeError("the pipeline agent answers only between start() and stop()")
+        session = await self.sessions.record(run, self._publisher)  # its turn, then the answer
+        final = final_response(run, _now_ms(), session)
         await self._deliver([(self._reply_topic(run.request), run.run_id, "Response", final)])
         run.delivered = len(run.events) + 1
         await self._save(run)

@@ -54,7 +54,7 @@ def progress_chunk(run: Run, seq: int, now_ms: int) -> Record:
     )
 
 
-def final_response(run: Run, now_ms: int) -> Record:
+def final_response(run: Run, now_ms: int, session: Record | None = None) -> Record:
     """The one final chunk: outputs, partial and per-stage status (or the error)."""
     return records.response(
         request_id=run.run_id,
@@ -66,6 +66,7 @@ def final_response(run: Run, now_ms: int) -> Record:
         produced_at=now_ms,
         partial=run.partial,
         stages=stage_summary(run),
+        session=session,
     )
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dspex.agents.plumbing.sessionstate import PIPELINE_META
 from dspex.schemas import records
 from dspex.schemas.records import Record
 from dspex.schemas.times import to_ms
@@ -30,7 +31,7 @@ from dspex.streams.pipelines.refs import Ref, resolve
 NAMESPACE = uuid.UUID("6f2d1c8e-5b0a-4f7e-9c3d-2a1b0e9f8d7c")
 """uuid5 namespace of stage request ids (fixed: a stage's id must not change across restarts)."""
 TERMINAL = frozenset({"finished", "failed", "skipped", "defaulted", "cancelled"})
-META = "dspex.pipeline."
+META = PIPELINE_META
 
 
 def stage_request_id(run_id: str, stage: str, item: int | None) -> str:
@@ -143,6 +144,7 @@ class Run:
             request_id=request_id,
             created_at=now_ms,
             deadline_at=self.request.get("deadline_at"),
+            session_id=self.request.get("session_id"),  # History inputs read the session
             program_id=stage.program_id,
             program_version=stage.program_version,
             signature=stage.signature,

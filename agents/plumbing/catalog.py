@@ -55,9 +55,12 @@ class VersionCatalog:
 
     def __init__(self) -> None:
         self._versions: dict[str, dict[int, Record]] = {}
+        self.changes = 0
+        """Records taken so far: what was derived from the catalog is stale once it moves."""
 
     def apply(self, key: str, record: Record | None) -> None:
         """Take one record (``None`` = tombstone for ``key``)."""
+        self.changes += 1
         if record is None:
             self._versions.pop(key, None)
             return

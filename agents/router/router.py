@@ -61,6 +61,7 @@ from dspex.agents.router.cache import (
     decode_outputs,
     is_cacheable,
 )
+from dspex.agents.router.pipelines import CheckedPipelines
 from dspex.agents.router.routing import (
     KnownTopics,
     ProgramResolver,
@@ -90,9 +91,6 @@ from dspex.streams.errors import (
     SerdeError,
 )
 from dspex.streams.ops.admin import require_topics
-from dspex.streams.pipelines.plan import Plan
-from dspex.streams.pipelines.spec import Pipeline
-from dspex.streams.pipelines.validate import check
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.tenants import request_topic_pattern, response_topic
@@ -140,6 +138,7 @@ class RouterHandler:
             n for n, spec in self._topics.all() if spec.name not in AGENT_REPLY_TOPICS
         ]
         self._programs = programs
+        self._checked = CheckedPipelines(programs)
         self._routing = routing
         self._resolver = resolver
         self._cache = cache
@@ -265,22 +264,12 @@ class RouterHandler:
             if request.get(field) is not None:
                 raise InvalidRequest(field, "a request names a pipeline_id or a program, not both")
         version = self._pipelines.resolve(request["pipeline_id"], request.get("pipeline_version"))
-        plan = Plan.from_record(version)
-        # the client checked it before publishing; a record produced past the client, or a
-        # program changed since, is refused here with every problem named
-        check(Pipeline.from_record(version), self._signature_of)
+        plan = self._checked.plan(version)  # validated once per version and programs catalog
         plan.check_run_inputs(request.get("inputs") or {})
         topic = self._topics.name("pipeline.runs")
         pinned = records.request(**{**request, "pipeline_version": plan.version})
         value = self._serde.encode("Request", pinned, topic=topic)
         return Outgoing(topic, original.key, value, original.headers)
-
-    def _signature_of(self, program_id: str, version: int | None) -> str | None:
-        """A registered program's signature for pipeline validation; None when unknown."""
-        try:
-            return str(self._programs.resolve(program_id, version)["signature"])
-        except InvalidRequest:
-            return None
 
     def _registered(self, program_id: str, version: int | None, route: Route) -> Record:
         """The program version to run: the request's, else the route's canary, else latest.

@@ -23,16 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Any
 
 from dspex.agents.plumbing.publisher import Publisher
 from dspex.agents.plumbing.records import ExecutionResult, encode_outputs
+from dspex.agents.plumbing.sessionstate import (
+    OrderedLocks,
+    is_expired,
+    message,
+    next_state,
+    pipeline_stage,
+)
 from dspex.agents.worker.sessionstore import Invalidator, Loader, SessionCache, SessionLoader
 from dspex.schemas import records, times
 from dspex.schemas.records import Record
@@ -64,6 +69,8 @@ class Turn:
     pin: str | None = None
     """The program key to pin after this turn (sticky, not pinned yet)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    stage: bool = False
+    """A pipeline's stage: it reads the session, the pipeline agent records the run's turn."""
 
     def record(self) -> Record:
         """The Response's ``session`` field."""
@@ -95,37 +102,6 @@ def is_sticky(settings: SessionSettings, request: Mapping[str, Any]) -> bool:
     return bool(_history_fields(request.get("signature")))
 
 
-def trim(turns: Sequence[Record], max_turns: int, max_bytes: int) -> tuple[list[Record], int]:
-    """The newest turns within both caps, oldest first, and how many were dropped.
-
-    A turn's size is the UTF-8 length of its inputs' and outputs' names and JSON
-    values. A single turn over ``max_bytes`` is not kept at all.
-    """
-    kept = list(turns)
-    sizes = [_size(turn) for turn in kept]
-    total = sum(sizes)
-    dropped = 0
-    while kept and (len(kept) > max_turns or total > max_bytes):
-        kept.pop(0)
-        total -= sizes.pop(0)
-        dropped += 1
-    return kept, dropped
-
-
-def _size(turn: Mapping[str, Any]) -> int:
-    fields = {**turn.get("inputs", {}), **turn.get("outputs", {})}
-    return sum(len(k.encode()) + len(v.encode()) for k, v in fields.items())
-
-
-def _message(turn: Mapping[str, Any]) -> dict[str, Any]:
-    values = {**turn.get("inputs", {}), **turn.get("outputs", {})}
-    return {name: json.loads(value) for name, value in values.items()}
-
-
-def _expired(state: Mapping[str, Any], now: datetime) -> bool:
-    return bool(times.to_ms(state["expires_at"]) <= times.to_ms(now))  # type: ignore[operator]
-
-
 class Sessions:
     """The worker's session hook: :meth:`turn` around a run, :meth:`record` after it."""
 
@@ -152,7 +128,7 @@ class Sessions:
         )
         self._invalidator: Invalidator | None = None
         self._full_settings = settings
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks = OrderedLocks()
 
     async def start(self) -> None:
         """Follow the topic for others' writes (they invalidate the cached copy)."""
@@ -174,17 +150,27 @@ class Sessions:
         order their records were consumed.
         """
         session_id = str(request["session_id"])
-        lock, users = self._locks.get(session_id) or (asyncio.Lock(), 0)
-        self._locks[session_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield self._begin(request, await self._state(session_id))
-        finally:
-            lock, users = self._locks[session_id]
-            if users == 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
+        stage = pipeline_stage(request)
+        if stage is not None:  # reads only: no lock, so a run's stages stay parallel
+            yield await self._stage_turn(request, *stage)
+            return
+        async with self._locks.ordered(session_id):
+            yield self._begin(request, await self._state(session_id))
+
+    async def _stage_turn(self, request: Mapping[str, Any], pipeline_id: str, run_id: str) -> Turn:
+        """A pipeline stage's view: the session's earlier turns of that pipeline (before the
+        run's own turn when it is already recorded), for a program with a History input."""
+        session_id = str(request["session_id"])
+        turn = Turn(session_id, 0, False, False, False, [], request, None, stage=True)
+        if not _history_fields(request.get("signature")):
+            return turn
+        state = (await self._state(session_id)).state
+        if state is None or is_expired(state, times.now()):
+            return turn
+        turns = list(state["turns"])
+        index = next((i for i, t in enumerate(turns) if t["request_id"] == run_id), len(turns))
+        turn.history = [message(t) for t in turns[:index] if t.get("pipeline_id") == pipeline_id]
+        return turn
 
     async def _state(self, session_id: str) -> Found:
         if session_id in self.cache and self._invalidator is not None:
@@ -198,7 +184,7 @@ class Sessions:
     def _begin(self, request: Mapping[str, Any], found: Found) -> Turn:
         now = times.now()
         state, expired = found.state, found.ended is not None
-        if state is not None and _expired(state, now):
+        if state is not None and is_expired(state, now):
             state, expired = None, True
         turns = list(state["turns"]) if state else []
         request_id = request["request_id"]
@@ -210,7 +196,7 @@ class Sessions:
             number = state["counters"]["turns"] + 1 if state else 1
             fresh, prior = state is None, turns
         key = program_key(request)
-        history = [_message(t) for t in prior if program_key(t) == key]
+        history = [message(t) for t in prior if program_key(t) == key]
         run, pin = self._pinned(request, state, key)
         return Turn(
             str(request["session_id"]), number, fresh, expired, index is not None, history, run,
@@ -234,7 +220,7 @@ class Sessions:
 
     async def record(self, turn: Turn, result: ExecutionResult) -> asyncio.Future[None] | None:
         """Write the state with this turn appended (ok answers only; a redelivery is not)."""
-        if result.status != "ok" or turn.redelivered:
+        if result.status != "ok" or turn.redelivered or turn.stage:
             return None
         state = self._next_state(turn, result)
         self.cache.put(turn.session_id, state)
@@ -248,7 +234,7 @@ class Sessions:
         )
 
     def _next_state(self, turn: Turn, result: ExecutionResult) -> Record:
-        now, base, request = times.now(), turn.base, turn.request
+        base, request = turn.base, turn.request
         variant = result.variant or (request.get("route") or {}).get("variant")
         hidden = set(_history_fields(request.get("signature")))
         appended = records.history_turn(
@@ -260,43 +246,23 @@ class Sessions:
             inputs={k: v for k, v in (request.get("inputs") or {}).items() if k not in hidden},
             outputs=encode_outputs(result.outputs),
             variant=variant,
-            at=now,
+            at=times.now(),
         )
-        kept, dropped = trim([*(base or {}).get("turns", []), appended], *self._caps)
-        if dropped:
-            logger.info("history trimmed session_id=%s dropped=%d", turn.session_id, dropped)
         pinned = dict((base or {}).get("pinned", {}))
         if turn.pin is not None and variant:
             pinned.setdefault(turn.pin, str(variant))
-        ttl = timedelta(seconds=self._settings.ttl_s)
-        return records.session_state(
+        usage = {
+            "prompt_tokens": result.usage.prompt_tokens,
+            "completion_tokens": result.usage.completion_tokens,
+            "latency_ms": times.millis_between(result.started_at, result.finished_at),
+        }
+        return next_state(
+            base,
+            appended,
             session_id=turn.session_id,
-            version=base["version"] + 1 if base else 1,
-            created_at=base["created_at"] if base else now,
-            updated_at=now,
-            ttl_ms=int(ttl.total_seconds() * 1000),
-            expires_at=now + ttl,
-            turns=kept,
-            variables=(base or {}).get("variables", {}),
-            pinned=pinned,
-            counters=_counted((base or {}).get("counters"), result, dropped),
-            restarted=base["restarted"] if base else turn.expired,
+            settings=self._settings,
             writer=self._worker_id,
+            restarted=turn.expired,
+            pinned=pinned,
+            usage=usage,
         )
-
-    @property
-    def _caps(self) -> tuple[int, int]:
-        return self._settings.max_turns, self._settings.max_history_bytes
-
-
-def _counted(counters: Mapping[str, Any] | None, result: ExecutionResult, dropped: int) -> Record:
-    before = counters or records.session_counters()
-    run_ms = times.millis_between(result.started_at, result.finished_at)
-    return records.session_counters(
-        turns=before["turns"] + 1,
-        dropped_turns=before["dropped_turns"] + dropped,
-        prompt_tokens=before["prompt_tokens"] + result.usage.prompt_tokens,
-        completion_tokens=before["completion_tokens"] + result.usage.completion_tokens,
-        cost_usd=before["cost_usd"],
-        latency_ms=before["latency_ms"] + run_ms,
-    )

@@ -18,6 +18,7 @@ from dspex.streams.client.jobs import (
     JobResult,
     job_status,
     job_submitted,
+    pipeline_job_target,
 )
 from dspex.streams.errors import ConfigError
 from dspex.streams.serde import make_serde
@@ -31,7 +32,9 @@ app.add_typer(optimize_app, name="optimize")
 @optimize_app.command("run")
 def optimize_run(
     ctx: typer.Context,
-    program_id: Annotated[str, typer.Argument(help="The registered program to optimize.")],
+    program_id: Annotated[
+        str, typer.Argument(help="The registered program (or, with --pipeline, pipeline).")
+    ],
     metric: Annotated[str, typer.Option(help="exact_match, f1, contains, dspy:<name>.")],
     optimizer: Annotated[
         str | None,
@@ -55,8 +58,13 @@ def optimize_run(
     val_fraction: Annotated[float, typer.Option(help="Examples held out for scoring.")] = 0.5,
     canary: Annotated[float | None, typer.Option(help="Canary weight for the new version.")] = None,
     follow: Annotated[bool, typer.Option(help="Show live progress until the job ends.")] = False,
+    pipeline: Annotated[
+        bool, typer.Option("--pipeline", help="PROGRAM is a pipeline id: compile all its stages.")
+    ] = False,
 ) -> None:
     """Queue an optimizer job; with --follow, show its progress and result."""
+    if pipeline:
+        program_id = pipeline_job_target(program_id)
     options = JobOptions(
         optimizer=optimizer,
         optimizer_config=_object("--config", config),
@@ -131,6 +139,14 @@ def _print_progress(progress: JobProgress) -> None:
 
 
 def _print_result(result: JobResult) -> None:
+    if result.ok and "pipeline_id" in result.outputs:
+        out.print(
+            f"[green]job {result.job_id} done[/]: score {result.score_before} -> "
+            f"{result.score_after}; pipeline {result.outputs['pipeline_id']} version "
+            f"{result.outputs['pipeline_version']}; programs "
+            f"{json.dumps(result.outputs['program_versions'])}"
+        )
+        return
     if result.ok:
         out.print(
             f"[green]job {result.job_id} done[/]: score {result.score_before} -> "

@@ -24,7 +24,7 @@ from dspex.schemas.records import Record
 from dspex.streams.client._replies import Chunk, Inbox
 from dspex.streams.client.programs import latest_version
 from dspex.streams.errors import InvalidRequest
-from dspex.streams.optimizers import check_job
+from dspex.streams.optimizers import PIPELINE_PREFIX, check_job, pipeline_target
 from dspex.streams.reader import latest_by_key, read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
@@ -55,6 +55,11 @@ class JobOptions(TypedDict, total=False):
     requested_by: str
     canary_weight: float | None
     job_id: str
+
+
+def pipeline_job_target(pipeline_id: str) -> str:
+    """The ``program_id`` of a job that optimizes the whole pipeline ``pipeline_id``."""
+    return f"{PIPELINE_PREFIX}{pipeline_id}"
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,10 @@ def check_job_record(settings: Settings, serde: Serde, record: Mapping[str, Any]
     program: it must be registered, and a pinned version must exist.
     """
     check_job(record, backends=settings.lm.backends, max_trials=settings.jobs.max_trials)
+    pipeline_id = pipeline_target(record["program_id"])
+    if pipeline_id is not None:
+        _check_pipeline(settings, serde, pipeline_id, record.get("program_version"))
+        return
     topic = Topics(settings.topics).name("programs")
     program_id = str(record["program_id"])
     latest = latest_version(settings, serde, topic, program_id)
@@ -217,6 +226,17 @@ def check_job_record(settings: Settings, serde: Serde, record: Mapping[str, Any]
         raise InvalidRequest(
             "program_version", f"{program_id} has versions 1..{latest}, not {pinned}"
         )
+
+
+def _check_pipeline(settings: Settings, serde: Serde, pipeline_id: str, pinned: Any) -> None:
+    topic = Topics(settings.topics).name("pipelines")
+    found = read_to_end(settings, serde, topic, "PipelineVersion", key=pipeline_id)
+    versions = {int(r["version"]) for _, r in found if r is not None}
+    if not versions:
+        raise InvalidRequest("program_id", f"no pipeline {pipeline_id!r} is registered on {topic}")
+    if pinned is not None and pinned not in versions:
+        known = sorted(versions)
+        raise InvalidRequest("program_version", f"pipeline {pipeline_id} has {known}, not {pinned}")
 
 
 def check_cancellable(settings: Settings, serde: Serde, job_id: str) -> None:

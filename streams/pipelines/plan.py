@@ -1,13 +1,16 @@
-"""A ``PipelineVersion`` record read once into what running it needs: the execution plan.
+"""A pipeline spec turned once into what running it needs: the execution plan.
 
-The one place that reads PipelineVersion records for execution: the router checks
-a run's inputs with :meth:`Plan.check_run_inputs`; the pipeline agent schedules
-stages from :class:`StagePlan`. References are parsed with
-:mod:`dspex.streams.pipelines.refs` and condition values decoded from JSON; nothing
-is evaluated. :meth:`Plan.from_record` refuses what execution cannot run (an
-unknown reference target, a cycle, a bad reference) with the path named; the full
-publish-time validation (field types against stage signatures, unknown keys) is the
-pipeline spec's job.
+A ``PipelineVersion`` record is read once, into the frozen spec
+(:class:`~dspex.streams.pipelines.spec.Pipeline`, what
+:func:`~dspex.streams.pipelines.validate.check` validates), and the plan is built from
+that spec (:meth:`Plan.from_spec`): the router validates the spec and runs the plan of
+the same spec, once per pipeline version (it caches both), and checks each run's inputs
+with :meth:`Plan.check_run_inputs`; the pipeline agent schedules stages from
+:class:`StagePlan`. References are parsed with :mod:`dspex.streams.pipelines.refs` and
+condition values decoded from JSON; nothing is evaluated. Building a plan still refuses
+what execution cannot run (an unknown reference target, a cycle, a bad reference) with
+the path named, for a spec that reaches it unvalidated; the full validation (field types
+against stage signatures, unknown keys) is :mod:`~dspex.streams.pipelines.validate`'s.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.pipelines.refs import Ref, parse_ref
+from dspex.streams.pipelines.spec import Condition as SpecCondition
+from dspex.streams.pipelines.spec import Pipeline, Stage
 from dspex.streams.signatures import Field, decode_value, parse_field_list
 
 __all__ = ["Condition", "Plan", "StagePlan", "json_equal"]
@@ -79,17 +84,22 @@ class Plan:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Plan:
-        """Parse a decoded PipelineVersion; :class:`InvalidRequest` names the path."""
-        fields = parse_field_list(record["inputs"], field="inputs")
-        stages = tuple(_stage(raw) for raw in record["stages"])
+        """The plan of a decoded PipelineVersion (through its spec); errors name the path."""
+        return cls.from_spec(Pipeline.from_record(record), int(record["version"]))
+
+    @classmethod
+    def from_spec(cls, pipeline: Pipeline, version: int) -> Plan:
+        """The plan of ``pipeline`` as ``version``; :class:`InvalidRequest` names the path."""
+        fields = parse_field_list(pipeline.inputs, field="inputs")
+        stages = tuple(_stage(stage) for stage in pipeline.stages)
         names = [stage.name for stage in stages]
         if len(set(names)) != len(names):
             raise InvalidRequest("stages", f"stage names must be unique: {names}")
         outputs = {
             name: parse_ref(text, where=f"outputs.{name}")
-            for name, text in record["outputs"].items()
+            for name, text in pipeline.outputs.items()
         }
-        plan = cls(record["pipeline_id"], int(record["version"]), fields, stages, outputs)
+        plan = cls(pipeline.pipeline_id, version, fields, stages, outputs)
         plan._check_targets()
         plan.order()
         return plan
@@ -156,38 +166,36 @@ def _check_target(
         raise InvalidRequest(where, f"{ref} is only meaningful inside a map stage")
 
 
-def _stage(raw: Mapping[str, Any]) -> StagePlan:
-    name = raw["name"]
-    where = f"stages.{name}"
-    if bool(raw.get("program_id")) == bool(raw.get("signature")):
+def _stage(stage: Stage) -> StagePlan:
+    where = f"stages.{stage.name}"
+    if bool(stage.program_id) == bool(stage.signature):
         raise InvalidRequest(where, "set exactly one of program_id and signature")
-    when = raw.get("when")
-    concurrency = int(raw.get("map_concurrency") or 1)
+    concurrency = stage.map_concurrency
     if concurrency < 1:
         raise InvalidRequest(f"{where}.map_concurrency", f"must be >= 1, got {concurrency}")
-    map_over = raw.get("map_over")
+    over = stage.map_over
     return StagePlan(
-        name=name,
-        program_id=raw.get("program_id"),
-        program_version=raw.get("program_version"),
-        signature=raw.get("signature"),
-        module_type=raw.get("module_type"),
+        name=stage.name,
+        program_id=stage.program_id,
+        program_version=stage.program_version,
+        signature=stage.signature,
+        module_type=stage.module_type,
         inputs={
             field: parse_ref(text, where=f"{where}.inputs.{field}")
-            for field, text in (raw.get("inputs") or {}).items()
+            for field, text in stage.inputs.items()
         },
-        map_over=None if map_over is None else parse_ref(map_over, where=f"{where}.map_over"),
+        map_over=None if over is None else parse_ref(over, where=f"{where}.map_over"),
         map_concurrency=concurrency,
-        when=None if when is None else _condition(when, f"{where}.when"),
-        optional=bool(raw.get("optional")),
-        defaults=_json_values(raw.get("defaults") or {}, f"{where}.defaults"),
-        pool_hint=raw.get("pool_hint"),
+        when=None if stage.when is None else _condition(stage.when, f"{where}.when"),
+        optional=stage.optional,
+        defaults=_json_values(stage.defaults, f"{where}.defaults"),
+        pool_hint=stage.pool_hint,
     )
 
 
-def _condition(raw: Mapping[str, Any], where: str) -> Condition:
-    values = _json_values(dict(enumerate(raw["values"])), f"{where}.values")
-    return Condition(parse_ref(raw["ref"], where=f"{where}.ref"), tuple(values.values()))
+def _condition(when: SpecCondition, where: str) -> Condition:
+    values = _json_values(dict(enumerate(when.values)), f"{where}.values")
+    return Condition(parse_ref(when.ref, where=f"{where}.ref"), tuple(values.values()))
 
 
 def _json_values(raw: Mapping[Any, str], where: str) -> dict[Any, Any]:

@@ -16,10 +16,10 @@ What holds for a pipeline that passes (``docs/pipelines-spec.md``):
   ``$stage.s.f`` an output of another stage ``s``, ``$item[.f]`` only in a map stage
   (``.f`` only when items are objects); no stage reads itself or, through others,
   its own output (a cycle is named);
-- a stage's inputs are exactly its program's input fields, each fed a value of a
-  compatible type (``int`` fits ``float``; a map stage's ``f: T`` reads as
-  ``list[T]``; ``$item`` has the element type of the list mapped over, which must
-  be a list);
+- a stage's inputs are exactly its program's input fields but a ``History`` one (the
+  run's session fills that in: docs/sessions.md), each fed a value of a compatible
+  type (``int`` fits ``float``; a map stage's ``f: T`` reads as ``list[T]``;
+  ``$item`` has the element type of the list mapped over, which must be a list);
 - ``when`` compares an upstream value with JSON values of its type; ``defaults``
   (only on optional stages) are outputs of the stage with JSON values of their type
   (per item for a map stage); ``map.concurrency >= 1``; a pool hint names a pool.
@@ -39,6 +39,7 @@ from dspex.streams.pipelines.refs import FIELD_NAME, STAGE_NAME, parse_ref
 from dspex.streams.pipelines.spec import DEFAULT_CONCURRENCY, Pipeline, Stage, stage_read
 from dspex.streams.settings import POOLS
 from dspex.streams.signatures import (
+    HISTORY,
     SignatureFields,
     decode_value,
     parse_field_list,
@@ -254,13 +255,15 @@ class _Checker:
             target = wanted.get(name)
             if target is None:
                 self.add(where, f"not an input of {what} (its inputs: {', '.join(wanted)})")
+            elif target is HISTORY:
+                self.add(where, "a History input is filled in from the run's session, not mapped")
             elif kind is not None and not assignable(kind, target):
                 self.add(
                     where,
                     f"type mismatch: {text} is {type_name(kind)}, {name} takes {type_name(target)}",
                 )
         for name, target in (wanted or {}).items():
-            if name not in stage.inputs:
+            if name not in stage.inputs and target is not HISTORY:
                 self.add(
                     f"{path}.inputs.{name}", f"missing: {what} needs {name} ({type_name(target)})"
                 )

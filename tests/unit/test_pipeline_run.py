@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -338,3 +339,37 @@ async def test_a_run_delivered_twice_is_run_once_and_both_deliveries_end_with_it
     release.set()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert app._active == {}
+
+
+async def test_a_session_run_is_recorded_once_as_one_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspex.agents.pipeline import sessions as run_sessions
+    from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+    from dspex.streams.serde import SingleObjectSerde
+    from dspex.streams.sessions import Found
+    from dspex.streams.settings import load_settings
+    from tests.fakes import FakeProducer
+
+    serde = SingleObjectSerde()
+    held: dict[str, Found] = {}
+    monkeypatch.setattr(run_sessions, "find_session", lambda _s, _d, sid: held.get(sid, Found()))
+    producer = FakeProducer()
+    publisher = Publisher(producer, serde, asyncio.get_running_loop())
+    server = asyncio.create_task(serve_deliveries(publisher))
+    hook = run_sessions.RunSessions(load_settings(), serde, "pipe-agent")
+    run = run_of(chain(), {"q": "hi", "items": []})
+    run.request = {**run.request, "session_id": "s1"}
+    run.status, run.outputs = "ok", {"answer": json.dumps("A")}
+    try:
+        first = await hook.record(run, publisher)
+        (state,) = producer.records("dspex.sessions")
+        held["s1"] = Found(state)
+        again = await hook.record(run, publisher)  # answered again after a crash
+    finally:
+        server.cancel()
+    assert first == {"session_id": "s1", "turn": 1, "fresh": True, "expired": False}
+    assert again == {"session_id": "s1", "turn": 1, "fresh": True, "expired": False}
+    assert len(producer.records("dspex.sessions")) == 1  # not recorded twice
+    (turn,) = state["turns"]
+    assert (turn["request_id"], turn["pipeline_id"]) == (run.run_id, "p")
+    assert turn["inputs"] == run.request["inputs"] and turn["outputs"] == run.outputs
+    assert state["writer"] == "pipe-agent" and state["counters"]["turns"] == 1

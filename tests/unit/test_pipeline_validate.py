@@ -399,3 +399,25 @@ def test_the_reserved_fields_are_the_runtimes() -> None:
     from dspex.streams.pipelines.validate import MODULE_RESERVED
 
     assert programs._RESERVED == MODULE_RESERVED
+
+
+def test_a_history_input_is_left_to_the_session_and_may_not_be_mapped() -> None:
+    programs = {"chat": "question, history: History -> answer"}
+    chat = (
+        Pipeline("chat", inputs="question")
+        .stage("reply", program="chat", inputs={"question": "$input.question"})
+        .output(answer="$stage.reply.answer")
+    )
+    assert validate(chat, programs) == []
+    mapped = (
+        Pipeline("chat", inputs="question")
+        .stage(
+            "reply",
+            program="chat",
+            inputs={"question": "$input.question", "history": "$input.question"},
+        )
+        .output(answer="$stage.reply.answer")
+    )
+    assert (
+        "filled in from the run's session" in paths(mapped, programs)["stages.reply.inputs.history"]
+    )

@@ -6,10 +6,14 @@ import json
 import uuid
 from typing import Any
 
-from dspex.agents.plumbing.catalog import PipelineCatalog
+import pytest
+
+from dspex.agents.plumbing.catalog import PipelineCatalog, ProgramCatalog
+from dspex.agents.router.pipelines import CheckedPipelines
 from dspex.agents.router.router import RouterHandler
 from dspex.schemas import records
 from dspex.schemas.times import now
+from dspex.streams.errors import InvalidRequest
 from tests.unit.test_router import NOW_MS, SERDE, decode, incoming
 from tests.unit.test_router import handler as router_handler
 
@@ -79,3 +83,38 @@ def test_a_stage_request_may_name_the_pipeline_agents_reply_topic_only() -> None
     assert [o.topic for o in ok] == ["dspex.pool.general"]
     refused = handler().handle_request(incoming({**stage, "reply_topic": "dspex.pipeline.runs"}))
     assert decode(refused[0].value)["error"]["field"] == "reply_topic"
+
+
+def _registered(pipelines: PipelineCatalog, program: str = "p") -> None:
+    stage = records.pipeline_stage(name="s", program_id=program, inputs={"q": "$input.question"})
+    record = records.pipeline_version(
+        pipeline_id="reg",
+        version=1,
+        inputs="question",
+        stages=[stage],
+        outputs={"a": "$stage.s.a"},
+        created_at=now(),
+    )
+    pipelines.apply("reg", record)
+
+
+def test_a_pipeline_version_is_validated_once_until_the_programs_catalog_changes() -> None:
+    programs = ProgramCatalog()
+    pipelines = PipelineCatalog()
+    _registered(pipelines)
+    checked = CheckedPipelines(programs)
+    version = pipelines.resolve("reg", None)
+    for _ in range(3):  # no program p yet: refused, every time, from one validation
+        with pytest.raises(InvalidRequest, match="no program 'p'"):
+            checked.plan(version)
+    assert checked.checks == 1
+    programs.apply("p", sample_program("p", "q -> a"))
+    plan = checked.plan(version)
+    assert [s.name for s in plan.stages] == ["s"] and checked.checks == 2
+    assert checked.plan(version) is plan and checked.checks == 2
+    _registered(pipelines)  # the same version re-read (another record): checked again
+    assert checked.plan(pipelines.resolve("reg", None)) is not plan and checked.checks == 3
+
+
+def sample_program(program_id: str, signature: str) -> dict[str, Any]:
+    return {"program_id": program_id, "version": 1, "signature": signature}

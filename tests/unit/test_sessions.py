@@ -17,11 +17,12 @@ import pytest
 
 from dspex.agents.plumbing.messages import Consumed, TokenUsage
 from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
+from dspex.agents.plumbing.sessionstate import trim
 from dspex.agents.runtime.history import session_history
 from dspex.agents.runtime.signatures import decode_inputs, parse_signature
 from dspex.agents.worker.execution import Outcome
 from dspex.agents.worker.handler import Destinations, WorkerHandler
-from dspex.agents.worker.sessions import Sessions, program_key, trim
+from dspex.agents.worker.sessions import Sessions, program_key
 from dspex.schemas import records, times
 from dspex.schemas.samples import sample
 from dspex.streams.client.sessions import check_session_id
@@ -478,3 +479,44 @@ def test_the_sessions_agent_reports_each_changed_sessions_counters_once() -> Non
     assert SERDE.decode(SERDE.encode("MetricSnapshot", snapshot, topic="m"), topic="m").record
     assert (snapshot["name"], snapshot["labels"]) == ("session", {"session_id": "user-42"})
     assert (snapshot["count"], snapshot["tokens"], snapshot["value"]) == (1, 134, 812.5)
+
+
+async def test_a_pipeline_stage_reads_the_pipelines_turns_and_records_nothing() -> None:
+    run_turns = [
+        records.history_turn(
+            request_id=f"run-{n}",
+            turn=n,
+            pipeline_id="chat" if n != 2 else "other",
+            inputs={"question": json.dumps(f"p{n}")},
+            outputs={"answer": json.dumps(f"a{n}")},
+            at=times.now(),
+        )
+        for n in (1, 2, 3)
+    ]
+    state = records.session_state(
+        session_id="s1",
+        version=3,
+        created_at=times.now(),
+        updated_at=times.now(),
+        ttl_ms=60_000,
+        expires_at=times.now() + timedelta(minutes=1),
+        turns=run_turns,
+        counters=records.session_counters(turns=3),
+    )
+    meta = {"dspex.pipeline.id": "chat", "dspex.pipeline.run": "run-9", "dspex.pipeline.stage": "s"}
+    stages = [_request("s1", f"stage{n}", metadata=meta) for n in (1, 2)]
+    again = _request("s1", "again", metadata={**meta, "dspex.pipeline.run": "run-3"})
+    loader = FakeLoader({"s1": Found(state)})
+    producer, _ = await _serve(
+        *(_origin(r, n) for n, r in enumerate([*stages, again])), loader=loader
+    )
+    answers = _answers(producer)
+    # this pipeline's earlier runs (not another pipeline's), oldest first; both stages alike
+    for stage in stages:
+        assert (
+            answers[stage["request_id"]][0]
+            == f"p1 | p3 | {json.loads(stage['inputs']['question'])}"
+        )
+    # a run already recorded (answered again after a crash) sees the runs before it only
+    assert answers[again["request_id"]][0] == "p1 | again"
+    assert _states(producer) == []  # the pipeline agent records the run, not its stages
