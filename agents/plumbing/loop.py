@@ -25,6 +25,14 @@ within ``session.timeout.ms`` takes its partitions back without any rebalance.
 Back-pressure: at the limit the loop stops taking messages and waits for a slot;
 only when no slot frees up for ``keepalive_s`` (long jobs) does it ``pause()`` its
 partitions and keep polling, so the group never evicts it (``max.poll.interval.ms``).
+The limit is strict: a message that polling returns anyway (fetched before the pause
+took effect, or from a partition assigned meanwhile) is put back with ``seek``.
+
+Committing goes through a :class:`Committer`: plain ``commit()`` by default; a
+transactional user (the job runner) commits each message's records and its offset
+in one Kafka transaction (``send_offsets_to_transaction``) instead. A handler that
+raises :class:`Unfinished` leaves its message uncommitted (abandoned on a stop:
+the partition's next owner runs it again).
 """
 
 from __future__ import annotations
@@ -35,11 +43,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import (
     OFFSET_END,
@@ -61,6 +69,46 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 Handle = Callable[[Consumed], Awaitable[None]]
+Released = Callable[[set[TP]], None]
+"""Told the partitions revoked or lost, from inside the rebalance callback: must not block."""
+
+
+class Unfinished(Exception):
+    """Raised by a handler: leave this message uncommitted (e.g. a job abandoned on a stop).
+
+    The loop keeps running; the message keeps its slot, and commits of its partition
+    stay below it, until the partition is revoked or the loop stops.
+    """
+
+
+class Committer(Protocol):
+    """How a loop commits the offsets that are done (on its Kafka thread).
+
+    ``commit`` may run inside a rebalance callback: it must not wait for the event
+    loop. It raises ``KafkaException`` when the commit was refused (the loop tries
+    again later); any other exception stops the loop. ``forget`` drops whatever it
+    holds for partitions revoked or lost; ``discard`` for one message that finished
+    after its partition moved.
+    """
+
+    def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None: ...
+
+    def forget(self, partitions: set[TP]) -> None: ...
+
+    def discard(self, tp: TP, offset: int) -> None: ...
+
+
+class PlainCommit:
+    """The default :class:`Committer`: a synchronous ``commit()`` of the offsets."""
+
+    def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
+        consumer.commit(offsets=offsets, asynchronous=False)
+
+    def forget(self, partitions: set[TP]) -> None:
+        return None
+
+    def discard(self, tp: TP, offset: int) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,13 +125,17 @@ class LoopConfig:
     drain_timeout_s: float = 30.0
     poll_timeout_s: float = 0.1
     keepalive_s: float = 5.0
+    consumer_conf: Mapping[str, Any] = field(default_factory=dict)
+    """More librdkafka settings (e.g. ``isolation.level``, ``max.poll.interval.ms``)."""
 
 
 class ConsumerLoop:
     """A consumer-group member that runs ``handle`` for each message, concurrently.
 
     ``busy`` (default: the messages in flight) says how many messages hold a slot;
-    a worker subtracts those only waiting for acknowledgements.
+    a worker subtracts those only waiting for acknowledgements. ``committer``
+    (default :class:`PlainCommit`) commits; ``on_released`` hears of revoked and lost
+    partitions (e.g. to abandon work there).
     """
 
     def __init__(
@@ -93,11 +145,15 @@ class ConsumerLoop:
         handle: Handle,
         *,
         busy: Callable[[], int] | None = None,
+        committer: Committer | None = None,
+        on_released: Released | None = None,
     ) -> None:
         self.config = config
         self._settings = settings
         self._handle = handle
         self._busy = busy or self.in_flight
+        self._committer = committer or PlainCommit()
+        self._on_released = on_released
         self._tracker = OffsetTracker()
         self._lock = threading.Lock()  # the tracker is shared with the rebalance callbacks
         self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
@@ -144,6 +200,7 @@ class ConsumerLoop:
             "heartbeat.interval.ms": max(500, session_ms // 5),
             # only partitions that move are revoked: the rest keep answering
             "partition.assignment.strategy": "cooperative-sticky",
+            **self.config.consumer_conf,
         }
         if self.config.instance_id:
             conf["group.instance.id"] = self.config.instance_id
@@ -172,7 +229,7 @@ class ConsumerLoop:
                 await self._wait_for_a_slot()
             else:  # long jobs: keep calling consume() so the group keeps us, but take nothing
                 await self._set_paused(True)
-                await self._fetch(1)
+                await self._fetch(0)
 
     def _free_slots(self) -> int:
         """Up to ``limit`` messages holding a slot, and at most ``2 * limit`` held in all."""
@@ -187,10 +244,31 @@ class ConsumerLoop:
         # consume(n, t) returns only when n messages arrived or t passed: wait for one,
         # then take what else is already fetched without waiting
         first: list[Message] = self._consumer.consume(1, self.config.poll_timeout_s)
-        if not first or wanted <= 1:
+        if wanted <= 0:
+            return self._put_back(first)
+        if not first or wanted == 1:
             return first
         rest: list[Message] = self._consumer.consume(wanted - 1, 0)
         return [*first, *rest]
+
+    def _put_back(self, messages: list[Message]) -> list[Message]:
+        """Polled at the limit: seek each message back and pause again; keep only errors.
+
+        A message that cannot be put back (its partition just moved) is kept and run:
+        one over the limit rather than one skipped.
+        """
+        kept = [m for m in messages if m.error() is not None]
+        for message in (m for m in messages if m.error() is None):
+            where = (message.topic() or "", message.partition() or 0, message.offset() or 0)
+            tp = TopicPartition(*where)
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as exc:
+                logger.info("cannot put back %s[%d]: %s", tp.topic, tp.partition, exc)
+                kept.append(message)
+        if len(kept) < len(messages):
+            self._pause_assigned(True)  # e.g. a partition assigned since the pause
+        return kept
 
     async def _wait_for_a_slot(self) -> None:
         if not self._tasks:
@@ -247,13 +325,19 @@ class ConsumerLoop:
         task.add_done_callback(self._on_task_done)
 
     async def _run(self, consumed: Consumed, tp: TP, generation: int) -> None:
-        with tracing.processing(consumed, group=self.config.group_id):
-            await self._handle(consumed)
+        try:
+            with tracing.processing(consumed, group=self.config.group_id):
+                await self._handle(consumed)
+        except Unfinished:
+            logger.info("left unfinished %s", consumed.where())
+            return
         # in the handler's last step (no await since its records were delivered), so
         # busy() never counts a finished message for a loop turn
         with self._lock:
             if self._generation.get(tp, 0) == generation:  # not revoked since it started
                 self._tracker.finished(tp, consumed.offset)
+            else:
+                self._committer.discard(tp, consumed.offset)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         tp, offset = self._tasks.pop(task)
@@ -283,11 +367,15 @@ class ConsumerLoop:
         """Commit ``offsets`` on the kafka thread (or inside a rebalance callback)."""
         tps = [TopicPartition(topic, part, off) for (topic, part), off in offsets.items()]
         try:
-            self._consumer.commit(offsets=tps, asynchronous=False)
+            self._committer.commit(self._consumer, tps)
         except KafkaException as exc:  # e.g. a partition just moved: its new owner redoes it
             logger.warning(
                 "commit failed group=%s offsets=%s: %s", self.config.group_id, offsets, exc
             )
+            return
+        except Exception as exc:  # the committer is broken (e.g. a fenced producer): stop
+            logger.error("committer failed group=%s: %s; stopping", self.config.group_id, exc)
+            self._fatal = self._fatal or exc
             return
         with self._lock:
             self._tracker.committed(offsets)
@@ -329,12 +417,15 @@ class ConsumerLoop:
         logger.warning("lost group=%s partitions=%s", self.config.group_id, _names(partitions))
         self._forget({(p.topic, p.partition) for p in partitions})
 
-    def _forget(self, tps: Iterable[TP]) -> None:
+    def _forget(self, tps: set[TP]) -> None:
         with self._lock:
             self._tracker.forget(tps)
+            self._committer.forget(tps)
             for tp in tps:
                 self._generation[tp] = self._generation.get(tp, 0) + 1
                 self._redo_below.pop(tp, None)
+        if self._on_released is not None:
+            self._on_released(tps)
 
     # -- stopping -------------------------------------------------------------------------
 
