@@ -33,11 +33,15 @@ transactional user (the job runner) commits each message's records and its offse
 in one Kafka transaction (``send_offsets_to_transaction``) instead. A handler that
 raises :class:`Unfinished` leaves its message uncommitted (abandoned on a stop:
 the partition's next owner runs it again).
+
+:class:`LoopApp` is the lifecycle of an agent built on one loop (the router, the
+pipeline agent): a publisher, the loop as a task, a stop that raises its failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -61,8 +65,10 @@ from confluent_kafka import (
 from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.offsets import OffsetTracker
 from dspex.agents.plumbing.offsets import TopicPartition as TP
+from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.streams import kafka, tracing
 from dspex.streams.errors import BrokerUnavailable
+from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -464,6 +470,78 @@ def _end_offsets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[T
         (tp.topic, tp.partition): tp.offset if tp.offset >= 0 and tp.error is None else sys.maxsize
         for tp in found
     }
+
+
+class LoopApp:
+    """An agent process around one :class:`ConsumerLoop`: its lifecycle, written once.
+
+    ``start`` makes a producer (a :class:`~dspex.agents.plumbing.publisher.Publisher`
+    whose delivery reports a task serves) and runs the loop as a task; ``stop``
+    stops consuming (drain, commit), flushes, stops the helpers and raises what
+    made consuming fail. A subclass defines ``handle``, readies its own readers in
+    ``start`` before ``await super().start()``, and closes them in ``close``.
+    """
+
+    flush_timeout_s = 10.0
+
+    def __init__(self, settings: Settings, serde: Serde, config: LoopConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self._serde = serde
+        self._publisher: Publisher | None = None  # made in start(), on the running loop
+        self._deliveries: asyncio.Task[None] | None = None
+        self._consuming: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def handle(self, consumed: Consumed) -> None:
+        """One consumed message; returns once everything it caused is on the broker."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start producing and consuming."""
+        producer = kafka.producer(self.settings, **{"client.id": self.config.client_id})
+        self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
+        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
+        consumer = ConsumerLoop(self.settings, self.config, self.handle)
+        self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+
+    async def close(self) -> None:
+        """After consuming stopped and the producer flushed: stop what the subclass runs."""
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start, consume until ``stop`` is set (or consuming fails), then stop."""
+        await self.start()
+        try:
+            await until_stopped(stop, self._consuming)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop consuming (drain, commit), flush, close; raise what made consuming fail."""
+        self._stopping.set()
+        failure: BaseException | None = None
+        if self._consuming is not None:
+            try:
+                await self._consuming
+            except Exception as exc:  # reported after the rest is stopped
+                failure = exc
+        if self._publisher is not None:
+            left = await self._publisher.flush(self.flush_timeout_s)
+            if left:
+                logger.warning(
+                    "%s stopped with %d records not acknowledged", self.config.client_id, left
+                )
+        if self._deliveries is not None:
+            self._deliveries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deliveries
+        await self.close()
+        if failure is not None:
+            raise failure
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (an agent's entry point)."""
+        asyncio.run(serve_until_signalled(self.serve))
 
 
 async def until_stopped(stop: asyncio.Event, consuming: asyncio.Future[Any] | None) -> None:
