@@ -75,6 +75,8 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 Handle = Callable[[Consumed], Awaitable[None]]
+HandleBatch = Callable[[list[Consumed]], Awaitable[None]]
+"""Handles every message of one fetch at once (batch-aware processing, e.g. the router's)."""
 Released = Callable[[set[TP]], None]
 """Told the partitions revoked or lost, from inside the rebalance callback: must not block."""
 
@@ -141,7 +143,9 @@ class ConsumerLoop:
     ``busy`` (default: the messages in flight) says how many messages hold a slot;
     a worker subtracts those only waiting for acknowledgements. ``committer``
     (default :class:`PlainCommit`) commits; ``on_released`` hears of revoked and lost
-    partitions (e.g. to abandon work there).
+    partitions (e.g. to abandon work there). With ``handle_batch`` the messages of one
+    fetch are handled by one call in one task instead of a task per message; each
+    holds its slot until the whole batch is done.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class ConsumerLoop:
         busy: Callable[[], int] | None = None,
         committer: Committer | None = None,
         on_released: Released | None = None,
+        handle_batch: HandleBatch | None = None,
     ) -> None:
         self.config = config
         self._settings = settings
@@ -160,6 +165,7 @@ class ConsumerLoop:
         self._busy = busy or self.in_flight
         self._committer = committer or PlainCommit()
         self._on_released = on_released
+        self._handle_batch = handle_batch
         self._tracker = OffsetTracker()
         self._lock = threading.Lock()  # the tracker is shared with the rebalance callbacks
         self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
@@ -243,7 +249,11 @@ class ConsumerLoop:
         return min(limit - self._busy(), 2 * limit - self.in_flight())
 
     async def _fetch(self, wanted: int) -> None:
-        for message in await self._in_kafka_thread(partial(self._take, wanted)):
+        messages = await self._in_kafka_thread(partial(self._take, wanted))
+        if self._handle_batch is not None and len(messages) > 1:
+            self._dispatch_batch(self._handle_batch, messages)
+            return
+        for message in messages:
             self._dispatch(message)
 
     def _take(self, wanted: int) -> list[Message]:
@@ -306,6 +316,44 @@ class ConsumerLoop:
             self._consumer.resume(assigned)
 
     def _dispatch(self, message: Message) -> None:
+        consumed = self._consumed(message)
+        if consumed is None:
+            return
+        tp = (consumed.topic, consumed.partition)
+        with self._lock:
+            self._tracker.started(tp, consumed.offset)
+            generation = self._generation.get(tp, 0)
+        task = asyncio.create_task(self._run(consumed, tp, generation), name=consumed.where())
+        self._tasks[task] = (tp, consumed.offset)
+        task.add_done_callback(self._on_task_done)
+
+    def _dispatch_batch(self, handle: HandleBatch, messages: list[Message]) -> None:
+        batch = [c for c in map(self._consumed, messages) if c is not None]
+        if not batch:
+            return
+        with self._lock:
+            started = []
+            for c in batch:
+                tp = (c.topic, c.partition)
+                self._tracker.started(tp, c.offset)
+                started.append((tp, c.offset, self._generation.get(tp, 0)))
+        task = asyncio.create_task(self._run_batch(handle, batch, started), name="batch")
+        self._tasks[task] = started[0][:2]
+        task.add_done_callback(self._on_task_done)
+
+    async def _run_batch(
+        self, handle: HandleBatch, batch: list[Consumed], started: list[tuple[TP, int, int]]
+    ) -> None:
+        await handle(batch)  # traces each message itself
+        with self._lock:
+            for tp, offset, generation in started:
+                if self._generation.get(tp, 0) == generation:
+                    self._tracker.finished(tp, offset)
+                else:
+                    self._committer.discard(tp, offset)
+
+    def _consumed(self, message: Message) -> Consumed | None:
+        """The message as consumed; None for an error (logged, or fatal: the loop stops)."""
         error = message.error()
         if error is not None:
             if error.fatal():
@@ -318,17 +366,11 @@ class ConsumerLoop:
                 )
             elif error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
-            return
+            return None
         tp = (message.topic() or "", message.partition() or 0)
         with self._lock:
             redo_below = self._redo_below.get(tp, 0)
-        consumed = Consumed.from_message(message, maybe_redone=(message.offset() or 0) < redo_below)
-        with self._lock:
-            self._tracker.started(tp, consumed.offset)
-            generation = self._generation.get(tp, 0)
-        task = asyncio.create_task(self._run(consumed, tp, generation), name=consumed.where())
-        self._tasks[task] = (tp, consumed.offset)
-        task.add_done_callback(self._on_task_done)
+        return Consumed.from_message(message, maybe_redone=(message.offset() or 0) < redo_below)
 
     async def _run(self, consumed: Consumed, tp: TP, generation: int) -> None:
         try:
@@ -502,8 +544,14 @@ class LoopApp:
         producer = kafka.producer(self.settings, **{"client.id": self.config.client_id})
         self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
         self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
-        consumer = ConsumerLoop(self.settings, self.config, self.handle)
+        consumer = ConsumerLoop(
+            self.settings, self.config, self.handle, handle_batch=self.batch_handler()
+        )
         self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+
+    def batch_handler(self) -> HandleBatch | None:
+        """The batch-aware handler, when the subclass has one (None: a task per message)."""
+        return None
 
     async def close(self) -> None:
         """After consuming stopped and the producer flushed: stop what the subclass runs."""

@@ -42,7 +42,7 @@ from dspex.agents.plumbing.catalog import (
     RoutingCatalog,
 )
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
-from dspex.agents.plumbing.loop import LoopApp, LoopConfig
+from dspex.agents.plumbing.loop import HandleBatch, LoopApp, LoopConfig
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.agents.plumbing.retry import RETRY_POOL, retry_due
@@ -435,6 +435,36 @@ class RouterApp(LoopApp):
             if consumed.maybe_redone:
                 outs = await self._unless_answered_before(consumed, outs)
         await self.deliver(consumed, outs)
+
+    def batch_handler(self) -> HandleBatch | None:
+        """:meth:`handle_batch` when ``router.batch_processing`` is on."""
+        return self.handle_batch if self.settings.router.batch_processing else None
+
+    async def handle_batch(self, batch: list[Consumed]) -> None:
+        """Route one fetch's requests together: decide each in order, produce every record,
+        then wait for the broker once. Retries and possible redos go one by one (:meth:`handle`).
+        """
+        alone = [c.topic == self._retry_topic or c.maybe_redone for c in batch]
+        others = [
+            asyncio.create_task(self._traced(c)) for c, one in zip(batch, alone, strict=True) if one
+        ]
+        sent: list[tuple[Consumed, list[Outgoing], list[asyncio.Future[Any]]]] = []
+        for consumed in (c for c, one in zip(batch, alone, strict=True) if not one):
+            with tracing.processing(consumed, group=self.config.group_id):
+                outs = self.handler.handle_request(consumed)
+                sent.append((consumed, outs, [await self._send(out) for out in outs]))
+        waiting = [f for _, _, futures in sent for f in futures]
+        if waiting:
+            await asyncio.wait(waiting)
+        for consumed, outs, futures in sent:
+            failed = [o for o, f in zip(outs, futures, strict=True) if _failed(f)]
+            if failed:  # resent one by one, as deliver() does
+                await self.deliver(consumed, failed)
+        await asyncio.gather(*others)
+
+    async def _traced(self, consumed: Consumed) -> None:
+        with tracing.processing(consumed, group=self.config.group_id):
+            await self.handle(consumed)
 
     async def _unless_answered_before(
         self, consumed: Consumed, outs: list[Outgoing]

@@ -176,3 +176,22 @@ async def test_commits_go_through_the_committer_and_an_unfinished_message_stays_
     assert loop._fatal is None
     loop._on_lost(cast(Consumer, consumer), [TopicPartition("t", 0)])
     assert committer.forgotten == [{("t", 0)}] and released == [{("t", 0)}]
+
+
+async def test_a_batch_handler_gets_each_fetch_at_once_within_the_limit() -> None:
+    consumer = FakeConsumer([FakeMessage("t", o % 2, o // 2) for o in range(10)])
+    batches: list[list[tuple[int, int]]] = []
+
+    async def one(_: Consumed) -> None:
+        raise AssertionError("a fetch of several messages goes to the batch handler")
+
+    async def handle_batch(batch: list[Consumed]) -> None:
+        batches.append([(c.partition, c.offset) for c in batch])
+        await asyncio.sleep(0.01)
+
+    loop = make_loop(consumer, one, 4, handle_batch=handle_batch)
+    await run_until(loop, lambda: sum(map(len, batches)) == 10 and not loop.in_flight())
+    print(f"\nbatches {[len(b) for b in batches]}")
+    assert sorted(m for b in batches for m in b) == sorted((o % 2, o // 2) for o in range(10))
+    assert all(2 <= len(b) <= 4 for b in batches)
+    assert consumer.commits[-1] == {("t", 0): 5, ("t", 1): 5}
