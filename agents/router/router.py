@@ -456,11 +456,12 @@ class RouterApp(LoopApp):
         waiting = [f for _, _, futures in sent for f in futures]
         if waiting:
             await asyncio.wait(waiting)
-        for consumed, outs, futures in sent:
-            failed = [o for o, f in zip(outs, futures, strict=True) if _failed(f)]
-            if failed:  # resent one by one, as deliver() does
-                await self.deliver(consumed, failed)
-        await asyncio.gather(*others)
+        resends = [
+            self.deliver(consumed, failed)  # as deliver() resends: with backoff, concurrently
+            for consumed, outs, futures in sent
+            if (failed := [o for o, f in zip(outs, futures, strict=True) if _failed(f)])
+        ]
+        await asyncio.gather(*resends, *others)
 
     async def _traced(self, consumed: Consumed) -> None:
         with tracing.processing(consumed, group=self.config.group_id):

@@ -36,7 +36,12 @@ def parse_arm(text: str) -> tuple[str, dict[str, str]]:
 
 
 async def measure_arm(
-    stack: Stack, admin: Any, cfg: BenchConfig, env: dict[str, str], offset: int
+    stack: Stack,
+    admin: Any,
+    cfg: BenchConfig,
+    env: dict[str, str],
+    offset: int,
+    keep_logs: Path | None = None,
 ) -> dict[str, Any]:
     """One arm: start the agents with ``env``, measure, stop them."""
     stack.env = {**stack.env, **env}
@@ -61,6 +66,10 @@ async def measure_arm(
             )
     finally:
         codes = stack.stop()
+        if keep_logs is not None:  # the agents' logs, before the scratch dir goes
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in stack.workdir.glob("*.log"):
+                (keep_logs / f"{offset}-{log.name}").write_bytes(log.read_bytes())
     return {
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
@@ -81,7 +90,12 @@ def _own(phase: dict[str, Any]) -> dict[str, float]:
 
 
 async def run(
-    arms: list[tuple[str, dict[str, str]]], rounds: int, cfg: BenchConfig, broker: Broker, tmp: Path
+    arms: list[tuple[str, dict[str, str]]],
+    rounds: int,
+    cfg: BenchConfig,
+    broker: Broker,
+    tmp: Path,
+    keep_logs: Path | None = None,
 ) -> list[dict[str, Any]]:
     settings = bench_settings(broker.bootstrap)
     results: list[dict[str, Any]] = []
@@ -91,7 +105,7 @@ async def run(
             for name, env in order:
                 stack = Stack(settings, cfg, broker, tmp)
                 offset = (len(results) + 1) * 10**6
-                figures = await measure_arm(stack, admin, cfg, env, offset)
+                figures = await measure_arm(stack, admin, cfg, env, offset, keep_logs)
                 results.append({"arm": name, "round": n + 1, "env": env, **figures})
                 print(json.dumps(results[-1]), flush=True)
     return results
@@ -117,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", help="an existing broker (default: start a local one)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/ab.json"))
     parser.add_argument("--paced-s", type=float, default=10.0)
+    parser.add_argument("--keep-logs", type=Path, help="copy the agents' logs here")
     args = parser.parse_args(argv)
     arms = [parse_arm(a) for a in args.arm]
     full = BenchConfig.full()
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="dspex-ab-") as tmp,
         bench_broker(Path(tmp) / "broker", args.bootstrap) as broker,
     ):
-        results = asyncio.run(run(arms, args.rounds, cfg, broker, Path(tmp)))
+        results = asyncio.run(run(arms, args.rounds, cfg, broker, Path(tmp), args.keep_logs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = summary(results)
     report = {"arms": dict(arms), "results": results, "summary": table}
