@@ -5,7 +5,9 @@ on the same broker and topics, alternated (A B A B ...) so that a change in the
 machine's load hits every arm alike. An arm is a set of environment variables for
 the router and worker processes (``DSPEX_...`` settings). Each arm: router + one
 general worker (as processes), a warm-up, cache-miss saturation, cache-hit
-saturation and cache misses paced at 100/s, with the CPU of every process. Prints
+saturation and cache misses paced at 100/s, with the CPU of every process. The
+pseudo-variable ``PARTITIONS=N`` gives an arm topics of its own with N partitions
+on the request path (requests, pool.general, responses, executions, telemetry, cache). Prints
 and writes (``--out``) per arm and round: requests/s, CPU ms per request by process,
 paced p50/p99, and the machine's load average before and after; the figures to
 compare are the ratios between arms, never the absolute numbers.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -97,18 +100,35 @@ async def run(
     tmp: Path,
     keep_logs: Path | None = None,
 ) -> list[dict[str, Any]]:
-    settings = bench_settings(broker.bootstrap)
     results: list[dict[str, Any]] = []
-    with catalog_topics(settings) as admin:
+    with contextlib.ExitStack() as topics:
+        # an arm with PARTITIONS=N gets topics of its own (its request path at N partitions)
+        shared = bench_settings(broker.bootstrap)
+        admin = topics.enter_context(catalog_topics(shared))
+        own = {name: _own_topics(broker, env, topics) for name, env in arms}
         for n in range(rounds):
             order = arms if n % 2 == 0 else arms[::-1]  # A B, then B A: alternated
             for name, env in order:
+                settings = own[name] or shared
+                agents_env = {k: v for k, v in env.items() if k != "PARTITIONS"}
                 stack = Stack(settings, cfg, broker, tmp)
                 offset = (len(results) + 1) * 10**6
-                figures = await measure_arm(stack, admin, cfg, env, offset, keep_logs)
+                figures = await measure_arm(stack, admin, cfg, agents_env, offset, keep_logs)
                 results.append({"arm": name, "round": n + 1, "env": env, **figures})
                 print(json.dumps(results[-1]), flush=True)
     return results
+
+
+REQUEST_PATH = ("requests", "pool.general", "responses", "executions", "telemetry", "cache")
+
+
+def _own_topics(broker: Broker, env: dict[str, str], stack: contextlib.ExitStack) -> Any:
+    if "PARTITIONS" not in env:
+        return None
+    count = int(env["PARTITIONS"])
+    settings = bench_settings(broker.bootstrap, partitions=dict.fromkeys(REQUEST_PATH, count))
+    stack.enter_context(catalog_topics(settings))
+    return settings
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
