@@ -255,6 +255,9 @@ class RouterSettings(_Section):
     cache_max_entries: int = Field(default=100_000, ge=1)
     """Result-cache entries each router keeps in memory (least recently used dropped)."""
     default_pool: Literal["general", "optimizer", "gpu"] = "general"
+    batch_processing: bool = True
+    """Route each fetch's requests together: decide each, produce all, await the broker once
+    (fewer tasks per request; a request waits for its fetch's others). docs/benchmarks.md."""
 
 
 class TenantLimits(_Section):

@@ -41,14 +41,8 @@ from dspex.agents.pipeline.run import Issue, Run
 from dspex.agents.pipeline.sessions import RunSessions
 from dspex.agents.pipeline.views import RunStates, StageAnswers
 from dspex.agents.plumbing.catalog import CompactedReader, PipelineCatalog
-from dspex.agents.plumbing.loop import (
-    ConsumerLoop,
-    LoopConfig,
-    serve_until_signalled,
-    until_stopped,
-)
+from dspex.agents.plumbing.loop import LoopApp, LoopConfig
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo
-from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
 from dspex.schemas.records import Record
 from dspex.streams import kafka, tracing
@@ -79,13 +73,12 @@ NEEDED = (
 )
 
 
-class PipelineApp:
+class PipelineApp(LoopApp):
     """The pipeline agent process: the runs loop, the state and replies readers, a producer."""
 
     def __init__(self, settings: Settings, *, app_id: str, instance_id: str | None = None) -> None:
-        self.settings = settings
         self._topics = topics = Topics(settings.topics)
-        self._serde: Serde = make_serde(settings)
+        serde: Serde = make_serde(settings)
         self.pipelines = PipelineCatalog()
         self.states = RunStates()
         self.answers = StageAnswers()
@@ -94,14 +87,14 @@ class PipelineApp:
         self._active: dict[str, asyncio.Future[None]] = {}  # run id -> set when it is done
         self.reader = CompactedReader(
             settings,
-            self._serde,
+            serde,
             {
                 topics.name("pipelines"): ("PipelineVersion", self.pipelines.apply),
                 topics.name("pipeline.state"): ("PipelineRun", self.states.apply),
             },
         )
         self.replies: CompactedReader | None = None
-        self.config = LoopConfig(
+        config = LoopConfig(
             topics=(topics.name("pipeline.runs"),),
             group_id=app_id,
             client_id=app_id,
@@ -109,11 +102,8 @@ class PipelineApp:
             instance_id=f"{app_id}-{instance_id}" if instance_id else None,
             drain_timeout_s=2.0,  # a run's state is on the topic: the next agent resumes it
         )
+        super().__init__(settings, serde, config)
         self._app_id = app_id
-        self._publisher: Publisher | None = None
-        self._deliveries: asyncio.Task[None] | None = None
-        self._consuming: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
 
     # -- one run -------------------------------------------------------------------------
 
@@ -358,11 +348,7 @@ class PipelineApp:
             len(self.states.running),
             since,
         )
-        producer = kafka.producer(self.settings, **{"client.id": self._app_id})
-        self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
-        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher))
-        consumer = ConsumerLoop(self.settings, self.config, self.handle)
-        self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+        await super().start()
 
     async def _ready(self, reader: CompactedReader, partitions: dict[str, int], what: str) -> None:
         await reader.start(partitions)
@@ -372,38 +358,11 @@ class PipelineApp:
             await reader.stop()
             raise ConfigError(f"pipeline agent: {what} not read within {READY_TIMEOUT_S}s") from exc
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Start, run pipelines until ``stop`` is set (or consuming fails), then stop."""
-        await self.start()
-        try:
-            await until_stopped(stop, self._consuming)
-        finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        """Stop consuming (running runs stay on the state topic), flush, stop the readers."""
-        self._stopping.set()
-        failure: BaseException | None = None
-        if self._consuming is not None:
-            try:
-                await self._consuming
-            except Exception as exc:  # reported after the rest is stopped
-                failure = exc
-        if self._publisher is not None:
-            await self._publisher.flush(10.0)
-        if self._deliveries is not None:
-            self._deliveries.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._deliveries
+    async def close(self) -> None:
+        """Stop the readers (running runs stay on the state topic for the next agent)."""
         for reader in (self.reader, self.replies):
             if reader is not None:
                 await reader.stop()
-        if failure is not None:
-            raise failure
-
-    def run(self) -> None:
-        """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents pipeline`` entry point)."""
-        asyncio.run(serve_until_signalled(self.serve))
 
     def _check_topics(self) -> dict[str, int]:
         names = [self._topics.name(short) for short in NEEDED]

@@ -27,21 +27,33 @@ restart) never fetches again: the loop replaces it with a new member (``_renew``
 Back-pressure: at the limit the loop stops taking messages and waits for a slot;
 only when no slot frees up for ``keepalive_s`` (long jobs) does it ``pause()`` its
 partitions and keep polling, so the group never evicts it (``max.poll.interval.ms``).
+The limit is strict: a message that polling returns anyway (fetched before the pause
+took effect, or from a partition assigned meanwhile) is put back with ``seek``.
+
+Committing goes through a :class:`Committer`: plain ``commit()`` by default; a
+transactional user (the job runner) commits each message's records and its offset
+in one Kafka transaction (``send_offsets_to_transaction``) instead. A handler that
+raises :class:`Unfinished` leaves its message uncommitted (abandoned on a stop:
+the partition's next owner runs it again).
+
+:class:`LoopApp` is the lifecycle of an agent built on one loop (the router, the
+pipeline agent): a publisher, the loop as a task, a stop that raises its failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import (
     OFFSET_END,
@@ -55,14 +67,58 @@ from confluent_kafka import (
 from dspex.agents.plumbing.messages import Consumed
 from dspex.agents.plumbing.offsets import OffsetTracker
 from dspex.agents.plumbing.offsets import TopicPartition as TP
+from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.streams import kafka, tracing
 from dspex.streams.errors import BrokerUnavailable
+from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 Handle = Callable[[Consumed], Awaitable[None]]
+HandleBatch = Callable[[list[Consumed]], Awaitable[None]]
+"""Handles every message of one fetch at once (batch-aware processing, e.g. the router's)."""
+Released = Callable[[set[TP]], None]
+"""Told the partitions revoked or lost, from inside the rebalance callback: must not block."""
+
+
+class Unfinished(Exception):
+    """Raised by a handler: leave this message uncommitted (e.g. a job abandoned on a stop).
+
+    The loop keeps running; the message keeps its slot, and commits of its partition
+    stay below it, until the partition is revoked or the loop stops.
+    """
+
+
+class Committer(Protocol):
+    """How a loop commits the offsets that are done (on its Kafka thread).
+
+    ``commit`` may run inside a rebalance callback: it must not wait for the event
+    loop. It raises ``KafkaException`` when the commit was refused (the loop tries
+    again later); any other exception stops the loop. ``forget`` drops whatever it
+    holds for partitions revoked or lost; ``discard`` for one message that finished
+    after its partition moved.
+    """
+
+    def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None: ...
+
+    def forget(self, partitions: set[TP]) -> None: ...
+
+    def discard(self, tp: TP, offset: int) -> None: ...
+
+
+class PlainCommit:
+    """The default :class:`Committer`: a synchronous ``commit()`` of the offsets."""
+
+    def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
+        consumer.commit(offsets=offsets, asynchronous=False)
+
+    def forget(self, partitions: set[TP]) -> None:
+        return None
+
+    def discard(self, tp: TP, offset: int) -> None:
+        return None
 
 MAX_RENEWALS = 10
 """Fatal consumer errors in a row a loop recovers from by a new consumer; then it ends
@@ -89,13 +145,19 @@ class LoopConfig:
     drain_timeout_s: float = 30.0
     poll_timeout_s: float = 0.1
     keepalive_s: float = 5.0
+    consumer_conf: Mapping[str, Any] = field(default_factory=dict)
+    """More librdkafka settings (e.g. ``isolation.level``, ``max.poll.interval.ms``)."""
 
 
 class ConsumerLoop:
     """A consumer-group member that runs ``handle`` for each message, concurrently.
 
     ``busy`` (default: the messages in flight) says how many messages hold a slot;
-    a worker subtracts those only waiting for acknowledgements.
+    a worker subtracts those only waiting for acknowledgements. ``committer``
+    (default :class:`PlainCommit`) commits; ``on_released`` hears of revoked and lost
+    partitions (e.g. to abandon work there). With ``handle_batch`` the messages of one
+    fetch are handled by one call in one task instead of a task per message; each
+    holds its slot until the whole batch is done.
     """
 
     def __init__(
@@ -105,11 +167,17 @@ class ConsumerLoop:
         handle: Handle,
         *,
         busy: Callable[[], int] | None = None,
+        committer: Committer | None = None,
+        on_released: Released | None = None,
+        handle_batch: HandleBatch | None = None,
     ) -> None:
         self.config = config
         self._settings = settings
         self._handle = handle
         self._busy = busy or self.in_flight
+        self._committer = committer or PlainCommit()
+        self._on_released = on_released
+        self._handle_batch = handle_batch
         self._tracker = OffsetTracker()
         self._lock = threading.Lock()  # the tracker is shared with the rebalance callbacks
         self._tasks: dict[asyncio.Task[None], tuple[TP, int]] = {}
@@ -161,6 +229,7 @@ class ConsumerLoop:
             "heartbeat.interval.ms": max(500, session_ms // 5),
             # only partitions that move are revoked: the rest keep answering
             "partition.assignment.strategy": "cooperative-sticky",
+            **self.config.consumer_conf,
         }
         if self.config.instance_id:
             conf["group.instance.id"] = self.config.instance_id
@@ -194,7 +263,7 @@ class ConsumerLoop:
                 await self._wait_for_a_slot()
             else:  # long jobs: keep calling consume() so the group keeps us, but take nothing
                 await self._set_paused(True)
-                await self._fetch(1)
+                await self._fetch(0)
 
     def _free_slots(self) -> int:
         """Up to ``limit`` messages holding a slot, and at most ``2 * limit`` held in all."""
@@ -202,17 +271,42 @@ class ConsumerLoop:
         return min(limit - self._busy(), 2 * limit - self.in_flight())
 
     async def _fetch(self, wanted: int) -> None:
-        for message in await self._in_kafka_thread(partial(self._take, wanted)):
+        messages = await self._in_kafka_thread(partial(self._take, wanted))
+        if self._handle_batch is not None and len(messages) > 1:
+            self._dispatch_batch(self._handle_batch, messages)
+            return
+        for message in messages:
             self._dispatch(message)
 
     def _take(self, wanted: int) -> list[Message]:
         # consume(n, t) returns only when n messages arrived or t passed: wait for one,
         # then take what else is already fetched without waiting
         first: list[Message] = self._consumer.consume(1, self.config.poll_timeout_s)
-        if not first or wanted <= 1:
+        if wanted <= 0:
+            return self._put_back(first)
+        if not first or wanted == 1:
             return first
         rest: list[Message] = self._consumer.consume(wanted - 1, 0)
         return [*first, *rest]
+
+    def _put_back(self, messages: list[Message]) -> list[Message]:
+        """Polled at the limit: seek each message back and pause again; keep only errors.
+
+        A message that cannot be put back (its partition just moved) is kept and run:
+        one over the limit rather than one skipped.
+        """
+        kept = [m for m in messages if m.error() is not None]
+        for message in (m for m in messages if m.error() is None):
+            where = (message.topic() or "", message.partition() or 0, message.offset() or 0)
+            tp = TopicPartition(*where)
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as exc:
+                logger.info("cannot put back %s[%d]: %s", tp.topic, tp.partition, exc)
+                kept.append(message)
+        if len(kept) < len(messages):
+            self._pause_assigned(True)  # e.g. a partition assigned since the pause
+        return kept
 
     async def _wait_for_a_slot(self) -> None:
         if not self._tasks:
@@ -244,18 +338,10 @@ class ConsumerLoop:
             self._consumer.resume(assigned)
 
     def _dispatch(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            # consume() hands a fatal error over as code _FATAL with fatal() unset
-            if error.fatal() or error.code() == KafkaError._FATAL:
-                self._broken = self._broken or error
-            elif error.code() != KafkaError._PARTITION_EOF:
-                logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
+        consumed = self._consumed(message)
+        if consumed is None:
             return
-        tp = (message.topic() or "", message.partition() or 0)
-        with self._lock:
-            redo_below = self._redo_below.get(tp, 0)
-        consumed = Consumed.from_message(message, maybe_redone=(message.offset() or 0) < redo_below)
+        tp = (consumed.topic, consumed.partition)
         with self._lock:
             self._tracker.started(tp, consumed.offset)
             generation = self._generation.get(tp, 0)
@@ -263,14 +349,60 @@ class ConsumerLoop:
         self._tasks[task] = (tp, consumed.offset)
         task.add_done_callback(self._on_task_done)
 
+    def _dispatch_batch(self, handle: HandleBatch, messages: list[Message]) -> None:
+        batch = [c for c in map(self._consumed, messages) if c is not None]
+        if not batch:
+            return
+        with self._lock:
+            started = []
+            for c in batch:
+                tp = (c.topic, c.partition)
+                self._tracker.started(tp, c.offset)
+                started.append((tp, c.offset, self._generation.get(tp, 0)))
+        task = asyncio.create_task(self._run_batch(handle, batch, started), name="batch")
+        self._tasks[task] = started[0][:2]
+        task.add_done_callback(self._on_task_done)
+
+    async def _run_batch(
+        self, handle: HandleBatch, batch: list[Consumed], started: list[tuple[TP, int, int]]
+    ) -> None:
+        await handle(batch)  # traces each message itself
+        with self._lock:
+            for tp, offset, generation in started:
+                if self._generation.get(tp, 0) == generation:
+                    self._tracker.finished(tp, offset)
+                else:
+                    self._committer.discard(tp, offset)
+
+    def _consumed(self, message: Message) -> Consumed | None:
+        """The message as consumed; None for an error (logged, or fatal: the loop stops)."""
+        error = message.error()
+        if error is not None:
+            # consume() hands a fatal error over as code _FATAL with fatal() unset
+            if error.fatal() or error.code() == KafkaError._FATAL:
+                self._broken = self._broken or error
+            elif error.code() != KafkaError._PARTITION_EOF:
+                logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
+            return None
+        tp = (message.topic() or "", message.partition() or 0)
+        with self._lock:
+            redo_below = self._redo_below.get(tp, 0)
+        return Consumed.from_message(message, maybe_redone=(message.offset() or 0) < redo_below)
+
     async def _run(self, consumed: Consumed, tp: TP, generation: int) -> None:
-        with tracing.processing(consumed, group=self.config.group_id):
-            await self._handle(consumed)
+        try:
+            with tracing.processing(consumed, group=self.config.group_id):
+                await self._handle(consumed)
+        except Unfinished:
+            logger.info("left unfinished %s", consumed.where())
+            return
         # in the handler's last step (no await since its records were delivered), so
         # busy() never counts a finished message for a loop turn
         with self._lock:
             if self._generation.get(tp, 0) == generation:  # not revoked since it started
                 self._tracker.finished(tp, consumed.offset)
+            else:
+                self._committer.discard(tp, consumed.offset)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         tp, offset = self._tasks.pop(task)
@@ -311,7 +443,7 @@ class ConsumerLoop:
             self.renewals,
         )
         with self._lock:
-            known = self._tracker.partitions()
+            known = {*self._tracker.partitions(), *self._generation}
         self._forget(known)
         old = self._consumer
         await self._in_kafka_thread(partial(_close_quietly, old, self.config.group_id))
@@ -337,11 +469,15 @@ class ConsumerLoop:
         """Commit ``offsets`` on the kafka thread (or inside a rebalance callback)."""
         tps = [TopicPartition(topic, part, off) for (topic, part), off in offsets.items()]
         try:
-            self._consumer.commit(offsets=tps, asynchronous=False)
+            self._committer.commit(self._consumer, tps)
         except KafkaException as exc:  # e.g. a partition just moved: its new owner redoes it
             logger.warning(
                 "commit failed group=%s offsets=%s: %s", self.config.group_id, offsets, exc
             )
+            return
+        except Exception as exc:  # the committer is broken (e.g. a fenced producer): stop
+            logger.error("committer failed group=%s: %s; stopping", self.config.group_id, exc)
+            self._fatal = self._fatal or exc
             return
         with self._lock:
             self._tracker.committed(offsets)
@@ -383,12 +519,15 @@ class ConsumerLoop:
         logger.warning("lost group=%s partitions=%s", self.config.group_id, _names(partitions))
         self._forget({(p.topic, p.partition) for p in partitions})
 
-    def _forget(self, tps: Iterable[TP]) -> None:
+    def _forget(self, tps: set[TP]) -> None:
         with self._lock:
             self._tracker.forget(tps)
+            self._committer.forget(tps)
             for tp in tps:
                 self._generation[tp] = self._generation.get(tp, 0) + 1
                 self._redo_below.pop(tp, None)
+        if self._on_released is not None:
+            self._on_released(tps)
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -434,6 +573,84 @@ def _end_offsets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[T
         (tp.topic, tp.partition): tp.offset if tp.offset >= 0 and tp.error is None else sys.maxsize
         for tp in found
     }
+
+
+class LoopApp:
+    """An agent process around one :class:`ConsumerLoop`: its lifecycle, written once.
+
+    ``start`` makes a producer (a :class:`~dspex.agents.plumbing.publisher.Publisher`
+    whose delivery reports a task serves) and runs the loop as a task; ``stop``
+    stops consuming (drain, commit), flushes, stops the helpers and raises what
+    made consuming fail. A subclass defines ``handle``, readies its own readers in
+    ``start`` before ``await super().start()``, and closes them in ``close``.
+    """
+
+    flush_timeout_s = 10.0
+
+    def __init__(self, settings: Settings, serde: Serde, config: LoopConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self._serde = serde
+        self._publisher: Publisher | None = None  # made in start(), on the running loop
+        self._deliveries: asyncio.Task[None] | None = None
+        self._consuming: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def handle(self, consumed: Consumed) -> None:
+        """One consumed message; returns once everything it caused is on the broker."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start producing and consuming."""
+        producer = kafka.producer(self.settings, **{"client.id": self.config.client_id})
+        self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
+        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
+        consumer = ConsumerLoop(
+            self.settings, self.config, self.handle, handle_batch=self.batch_handler()
+        )
+        self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+
+    def batch_handler(self) -> HandleBatch | None:
+        """The batch-aware handler, when the subclass has one (None: a task per message)."""
+        return None
+
+    async def close(self) -> None:
+        """After consuming stopped and the producer flushed: stop what the subclass runs."""
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start, consume until ``stop`` is set (or consuming fails), then stop."""
+        await self.start()
+        try:
+            await until_stopped(stop, self._consuming)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop consuming (drain, commit), flush, close; raise what made consuming fail."""
+        self._stopping.set()
+        failure: BaseException | None = None
+        if self._consuming is not None:
+            try:
+                await self._consuming
+            except Exception as exc:  # reported after the rest is stopped
+                failure = exc
+        if self._publisher is not None:
+            left = await self._publisher.flush(self.flush_timeout_s)
+            if left:
+                logger.warning(
+                    "%s stopped with %d records not acknowledged", self.config.client_id, left
+                )
+        if self._deliveries is not None:
+            self._deliveries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deliveries
+        await self.close()
+        if failure is not None:
+            raise failure
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (an agent's entry point)."""
+        asyncio.run(serve_until_signalled(self.serve))
 
 
 async def until_stopped(stop: asyncio.Event, consuming: asyncio.Future[Any] | None) -> None:

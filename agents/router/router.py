@@ -29,7 +29,6 @@ bad retry header, or an unknown pool, becomes a DeadLetter (stage ``retry``). St
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Container
@@ -44,14 +43,8 @@ from dspex.agents.plumbing.catalog import (
     RoutingCatalog,
 )
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, status_of
-from dspex.agents.plumbing.loop import (
-    ConsumerLoop,
-    LoopConfig,
-    serve_until_signalled,
-    until_stopped,
-)
+from dspex.agents.plumbing.loop import HandleBatch, LoopApp, LoopConfig
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
-from dspex.agents.plumbing.publisher import Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response, tenant_of_request
 from dspex.agents.plumbing.retry import RETRY_POOL, retry_due
 from dspex.agents.router.cache import (
@@ -389,8 +382,10 @@ def with_program_metric(request: Record, registered: Record | None) -> dict[str,
     return metadata
 
 
-class RouterApp:
+class RouterApp(LoopApp):
     """The router process: the handler on the shared consumer loop, plus the compacted views."""
+
+    flush_timeout_s = FLUSH_TIMEOUT_S
 
     def __init__(
         self,
@@ -453,7 +448,7 @@ class RouterApp:
         )
         self._retry_topic = topics.name("retry")
         self._own_topics = frozenset(name for name, _ in topics.all())
-        self.config = LoopConfig(
+        config = LoopConfig(
             # every tenant's requests topic too, one created later included (a regex
             # subscription, re-matched at each metadata refresh)
             topics=(
@@ -468,12 +463,7 @@ class RouterApp:
             instance_id=f"{app_id}-{instance_id}" if instance_id else None,
             drain_timeout_s=DRAIN_TIMEOUT_S,
         )
-        self._app_id = app_id
-        self._serde = serde
-        self._publisher: Publisher | None = None  # made in start(), on the running loop
-        self._deliveries: asyncio.Task[None] | None = None
-        self._consuming: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+        super().__init__(settings, serde, config)
 
     def _list_topics(self) -> list[str]:
         # a short-lived admin handle: one kept across a broker restart can abort the
@@ -497,6 +487,37 @@ class RouterApp:
             if consumed.maybe_redone:
                 outs = await self._unless_answered_before(consumed, outs)
         await self.deliver(consumed, outs)
+
+    def batch_handler(self) -> HandleBatch | None:
+        """:meth:`handle_batch` when ``router.batch_processing`` is on."""
+        return self.handle_batch if self.settings.router.batch_processing else None
+
+    async def handle_batch(self, batch: list[Consumed]) -> None:
+        """Route one fetch's requests together: decide each in order, produce every record,
+        then wait for the broker once. Retries and possible redos go one by one (:meth:`handle`).
+        """
+        alone = [c.topic == self._retry_topic or c.maybe_redone for c in batch]
+        others = [
+            asyncio.create_task(self._traced(c)) for c, one in zip(batch, alone, strict=True) if one
+        ]
+        sent: list[tuple[Consumed, list[Outgoing], list[asyncio.Future[Any]]]] = []
+        for consumed in (c for c, one in zip(batch, alone, strict=True) if not one):
+            with tracing.processing(consumed, group=self.config.group_id):
+                outs = self.handler.handle_request(consumed)
+                sent.append((consumed, outs, [await self._send(out) for out in outs]))
+        waiting = [f for _, _, futures in sent for f in futures]
+        if waiting:
+            await asyncio.wait(waiting)
+        resends = [
+            self.deliver(consumed, failed)  # as deliver() resends: with backoff, concurrently
+            for consumed, outs, futures in sent
+            if (failed := [o for o, f in zip(outs, futures, strict=True) if _failed(f)])
+        ]
+        await asyncio.gather(*resends, *others)
+
+    async def _traced(self, consumed: Consumed) -> None:
+        with tracing.processing(consumed, group=self.config.group_id):
+            await self.handle(consumed)
 
     async def _unless_answered_before(
         self, consumed: Consumed, outs: list[Outgoing]
@@ -567,48 +588,12 @@ class RouterApp:
             raise ConfigError(
                 f"router: programs/routing/variables topics not read within {READY_TIMEOUT_S}s"
             ) from exc
-        producer = kafka.producer(self.settings, **{"client.id": self._app_id})
-        self._publisher = Publisher(producer, self._serde, asyncio.get_running_loop())
-        self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
-        consumer = ConsumerLoop(self.settings, self.config, self.handle)
-        self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+        await super().start()
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Start, route until ``stop`` is set (or consuming fails), then stop."""
-        await self.start()
-        try:
-            await until_stopped(stop, self._consuming)
-        finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        """Stop consuming (drain, commit), flush the producer, stop following the views.
-
-        Raises what made consuming fail, if anything did.
-        """
-        self._stopping.set()
-        failure: BaseException | None = None
-        if self._consuming is not None:
-            try:
-                await self._consuming
-            except Exception as exc:  # reported after the rest is stopped
-                failure = exc
-        if self._publisher is not None:
-            left = await self._publisher.flush(FLUSH_TIMEOUT_S)
-            if left:
-                logger.warning("router stopped with %d records not acknowledged", left)
-        if self._deliveries is not None:
-            self._deliveries.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._deliveries
+    async def close(self) -> None:
+        """Stop following the views; send the refused updates' dead letters."""
         await self.reader.stop()
         await self._refused.flush()
-        if failure is not None:
-            raise failure
-
-    def run(self) -> None:
-        """Serve until SIGINT/SIGTERM (the ``python -m dspex.agents router`` entry point)."""
-        asyncio.run(serve_until_signalled(self.serve))
 
     def _check_topics(self) -> dict[str, int]:
         """Partition counts of the live topics; every catalog topic must exist."""

@@ -69,7 +69,9 @@ def _local_pid(bootstrap: str) -> int | None:
     return listening_pid(int(port))
 
 
-def bench_settings(bootstrap: str, prefix: str | None = None) -> Settings:
+def bench_settings(
+    bootstrap: str, prefix: str | None = None, partitions: dict[str, int] | None = None
+) -> Settings:
     """Settings for this run's uuid topic prefix on ``bootstrap``.
 
     The benchmarks measure DSPex, not a model: the general and optimizer pools answer
@@ -78,7 +80,7 @@ def bench_settings(bootstrap: str, prefix: str | None = None) -> Settings:
     prefix = prefix or f"bench{uuid.uuid4().hex[:8]}."
     return load_settings(
         kafka={"bootstrap_servers": bootstrap},
-        topics={"prefix": prefix},
+        topics={"prefix": prefix, "partitions": partitions or {}},
         lm={"default_variant": "echo", "pool_variants": {"gpu": "local"}},
     )
 

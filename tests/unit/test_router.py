@@ -8,13 +8,14 @@ import math
 import random
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import KafkaException
 
 from dspex.agents.plumbing.catalog import PipelineCatalog, ProgramCatalog, RoutingCatalog
 from dspex.agents.plumbing.deadlines import DeadlineExceeded, Overloaded
+from dspex.agents.plumbing.loop import LoopConfig
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher, serve_deliveries
 from dspex.agents.plumbing.records import dead_letter, error_response
@@ -549,3 +550,44 @@ async def test_a_reply_topic_that_keeps_failing_is_given_up_after_the_attempts()
     finally:
         server.cancel()
     assert producer.topics() == ["app.gone"] * SEND_ATTEMPTS
+
+
+class _Decide:
+    """A router handler stand-in: each request is forwarded to one topic named by its value."""
+
+    def handle_request(self, consumed: Consumed) -> list[Outgoing]:
+        return [Outgoing((consumed.value or b"").decode(), consumed.key, b"v")]
+
+
+async def test_a_batch_is_produced_in_order_and_awaited_once_and_only_failures_are_resent() -> None:
+    producer = FakeProducer()
+    producer.failing["app.flaky"] = 1
+    router = RouterApp.__new__(RouterApp)
+    router._publisher = Publisher(producer, SERDE, asyncio.get_running_loop())
+    router._own_topics = frozenset()
+    router._retry_topic = "dspex.retry"
+    router.config = LoopConfig(topics=(), group_id="g", client_id="c", limit=10)
+    router.handler = cast(RouterHandler, _Decide())
+    alone: list[int] = []
+
+    async def handle(consumed: Consumed) -> None:  # the one-by-one path
+        alone.append(consumed.offset)
+
+    router.handle = handle  # type: ignore[method-assign]
+    batch = [
+        Consumed("dspex.requests", 0, 1, b"a", b"app.a"),
+        Consumed("dspex.retry", 0, 2, b"r", b"ignored"),
+        Consumed("dspex.requests", 0, 3, b"f", b"app.flaky"),
+        Consumed("dspex.requests", 0, 4, b"b", b"app.b", maybe_redone=True),
+        Consumed("dspex.requests", 1, 5, b"c", b"app.c"),
+    ]
+    server = asyncio.create_task(serve_deliveries(router._publisher))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            real_sleep = asyncio.sleep
+            patch.setattr(asyncio, "sleep", lambda _: real_sleep(0))
+            await asyncio.wait_for(router.handle_batch(batch), 5)
+    finally:
+        server.cancel()
+    assert producer.topics() == ["app.a", "app.flaky", "app.c", "app.flaky"]
+    assert sorted(alone) == [2, 4]  # the retry record and the possible redo
