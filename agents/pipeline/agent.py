@@ -83,7 +83,7 @@ class PipelineApp(LoopApp):
         self.states = RunStates()
         self.answers = StageAnswers()
         self._plans: dict[tuple[str, int | None], Plan] = {}
-        self.sessions = RunSessions(settings, self._serde, app_id)
+        self.sessions = RunSessions(settings, serde, app_id)
         self._active: dict[str, asyncio.Future[None]] = {}  # run id -> set when it is done
         self.reader = CompactedReader(
             settings,

@@ -120,6 +120,7 @@ class PlainCommit:
     def discard(self, tp: TP, offset: int) -> None:
         return None
 
+
 MAX_RENEWALS = 10
 """Fatal consumer errors in a row a loop recovers from by a new consumer; then it ends
 (and the agent exits for its supervisor). Errors RENEW_RESET_S apart are not in a row."""
