@@ -1,0 +1,122 @@
+"""What makes the local broker a secured one (``dspex broker start --secure``).
+
+The node serves clients on one ``SASL_SSL`` listener (SCRAM-SHA-512 over TLS from a
+local CA, :mod:`dspex.streams.ops.tls`), authorises with ``StandardAuthorizer`` and
+``allow.everyone.if.no.acl.found=false``: a principal may do only what an ACL grants,
+except the super users
+
+- ``User:dspex-admin``: DSPex's own processes and its operator (CLI, ``dspex up``);
+- ``User:dspex-broker``: the node talking to itself on the ``SASL_SSL`` listener;
+- ``User:CN=dspex-broker``: the node on its controller listener, which is TLS with
+  required client certificates (mTLS) on 127.0.0.1 — not PLAINTEXT, since an
+  unauthenticated controller listener would have to be a super user too and
+  anyone on the host could reach it with ``bootstrap.controllers``.
+
+The SCRAM users are seeded when storage is formatted (``--add-scram``); tenants are
+added later through the Admin API (:mod:`dspex.streams.ops.tenants`). The material
+lives in ``<data_dir>/security/``::
+
+    ca.pem                the CA certificate clients trust (ssl_ca_location)
+    ca-key.pem            the CA key (0600): signs the broker's and client certificates
+    broker.pem            the broker's key and certificate: its PEM key store (0600)
+    users/<user>.password generated SCRAM passwords (0600)
+    dspex.toml            settings for DSPex as dspex-admin (DSPEX_SETTINGS_FILE)
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from dspex.streams.ops import tls
+
+ADMIN = "dspex-admin"
+BROKER = "dspex-broker"
+MECHANISM = "SCRAM-SHA-512"
+USERS = (ADMIN, BROKER)
+SUPER_USERS = (f"User:{ADMIN}", f"User:{BROKER}", f"User:CN={BROKER}")
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule"
+
+
+class Material:
+    """The CA, the broker's key store and the SCRAM passwords in ``<data_dir>/security``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir / "security"
+        self.ca = self.dir / "ca.pem"
+        self.ca_key = self.dir / "ca-key.pem"
+        self.keystore = self.dir / "broker.pem"
+        self.settings_file = self.dir / "dspex.toml"
+
+    def exists(self) -> bool:
+        """Whether this data dir was set up for a secured broker."""
+        return self.ca.is_file()
+
+    def ensure(self) -> None:
+        """Create what is missing; never replace what exists (clients already trust the CA)."""
+        (self.dir / "users").mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
+        if not (self.ca.is_file() and self.ca_key.is_file()):
+            ca = tls.issue_ca()
+            tls.write_private(self.ca_key, ca.key_pem)
+            self.ca.write_bytes(ca.cert_pem)
+        if not self.keystore.is_file():
+            leaf = self.issue(BROKER)
+            tls.write_private(self.keystore, leaf.key_pem + leaf.cert_pem)
+        for user in USERS:
+            if not self.password_file(user).is_file():
+                tls.write_private(self.password_file(user), secrets.token_urlsafe(24).encode())
+
+    def issue(self, common_name: str) -> tls.Issued:
+        """A certificate signed by this CA (principal ``User:CN=<common_name>`` under mTLS)."""
+        ca = tls.Issued(self.ca.read_bytes(), self.ca_key.read_bytes())
+        return tls.issue_cert(ca, common_name)
+
+    def password_file(self, user: str) -> Path:
+        return self.dir / "users" / f"{user}.password"
+
+    def password(self, user: str) -> str:
+        return self.password_file(user).read_text(encoding="utf-8").strip()
+
+    def scram_args(self) -> list[str]:
+        """``StorageTool format`` arguments seeding the SCRAM users."""
+        args: list[str] = []
+        for user in USERS:
+            args += ["--add-scram", f"{MECHANISM}=[name={user},password={self.password(user)}]"]
+        return args
+
+    def server_properties(self, listener: str, controller: str) -> dict[str, str]:
+        """Listener, TLS, SASL and authorizer keys for ``server.properties`` (host:port each)."""
+        jaas = f'{SCRAM_LOGIN} required username="{BROKER}" password="{self.password(BROKER)}";'
+        return {
+            "listeners": f"SASL_SSL://{listener},CONTROLLER://{controller}",
+            "advertised.listeners": f"SASL_SSL://{listener},CONTROLLER://{controller}",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:SSL",
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.enabled.mechanisms": MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": MECHANISM,
+            f"listener.name.sasl_ssl.{MECHANISM.lower()}.sasl.jaas.config": jaas,
+            "listener.name.controller.ssl.client.auth": "required",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca),
+            "authorizer.class.name": AUTHORIZER,
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": ";".join(SUPER_USERS),
+        }
+
+    def client_settings(self, bootstrap: str, local_broker_toml: str) -> str:
+        """A DSPex TOML settings file connecting as ``dspex-admin`` (the password by file)."""
+        return (
+            "# Written by `dspex broker start --secure` on every start: DSPex as dspex-admin.\n"
+            "[kafka]\n"
+            f'bootstrap_servers = "{bootstrap}"\n'
+            'security_protocol = "SASL_SSL"\n'
+            f'sasl_mechanism = "{MECHANISM}"\n'
+            f'sasl_username = "{ADMIN}"\n'
+            f'sasl_password_file = "{self.password_file(ADMIN)}"\n'
+            f'ssl_ca_location = "{self.ca}"\n'
+            f"\n[local_broker]\n{local_broker_toml}"
+        )

@@ -1,0 +1,69 @@
+"""The secured local broker: DSPex connects over SASL_SSL, and is refused clearly otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dspex.streams import kafka
+from dspex.streams.errors import AccessRefused
+from dspex.streams.ops import tls
+from dspex.streams.ops.admin import ensure_topics
+from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import Topics
+from tests.integration.brokers import SecureBroker
+
+
+def test_dspex_admin_creates_topics_and_round_trips_a_record(secure_settings: Settings) -> None:
+    admin = kafka.admin_client(secure_settings)
+    topic = Topics(secure_settings.topics).name("requests")
+    reports = ensure_topics(admin, [(topic, Topics(secure_settings.topics).spec("requests"))])
+    assert [r.status for r in reports] == ["created"]
+    producer = kafka.producer(secure_settings)
+    producer.produce(topic, key=b"k", value=b"over TLS")
+    assert producer.flush(30) == 0
+    consumer = kafka.consumer(secure_settings, f"{secure_settings.topics.prefix}probe")
+    consumer.subscribe([topic])
+    try:
+        message = None
+        for _ in range(300):
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                break
+        assert message is not None and message.value() == b"over TLS"
+    finally:
+        consumer.close()
+
+
+def _refusal(settings: Settings) -> AccessRefused:
+    with pytest.raises(AccessRefused) as refused:
+        kafka.check_reachable(settings, timeout_s=5)
+    print(f"refused: cause={refused.value.cause}: {refused.value}")
+    return refused.value
+
+
+def test_a_wrong_password_is_refused_naming_the_credentials(secure_broker: SecureBroker) -> None:
+    wrong = secure_broker.kafka(password="not-the-password")  # noqa: S106
+    settings = load_settings(kafka=wrong)
+    refused = _refusal(settings)
+    assert refused.cause == "credentials"
+    assert "SASL authentication failed" in str(refused)
+
+
+def test_a_plaintext_client_is_refused_naming_tls(secure_broker: SecureBroker) -> None:
+    settings = load_settings(kafka={"bootstrap_servers": secure_broker.bootstrap})
+    refused = _refusal(settings)
+    assert refused.cause == "plaintext"
+    assert "SASL_SSL" in str(refused)
+
+
+def test_an_untrusted_certificate_is_refused_naming_the_ca(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(tls.issue_ca("not the broker's CA").cert_pem)
+    settings = load_settings(kafka={**secure_broker.kafka(), "ssl_ca_location": other_ca})
+    refused = _refusal(settings)
+    assert refused.cause == "certificate"
+    assert "ssl_ca_location" in str(refused)
