@@ -80,7 +80,12 @@ def secure_local_broker(data_dir: Path) -> Iterator[SecureBroker]:
     """The local KRaft broker with ``--secure``: always this, whatever else is available
     (neither KAFKA_BOOTSTRAP_SERVERS nor the container is secured)."""
     settings = LocalBrokerSettings(
-        port=free_port(), controller_port=free_port(), data_dir=data_dir, heap="768m", secure=True
+        port=free_port(),
+        controller_port=free_port(),
+        data_dir=data_dir,
+        heap="768m",
+        secure=True,
+        start_timeout_s=300.0,  # a busy shared machine: TLS makes the JVM start slower still
     )
     broker = LocalBroker(settings)
     info = broker.start()
