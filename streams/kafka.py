@@ -123,11 +123,12 @@ def classify(code: int | None, text: str, servers: str, protocol: str) -> Access
 
     None when it is not one (a broker that is down, a timeout...).
     """
-    where = f"Kafka at {servers} refused this client"
+    where = f"Kafka at {servers} refused this client" if servers else "Kafka refused this client"
     if code in _AUTHORIZATION:
         return AccessRefused(
             "authorization",
-            f"{where}: not authorised: {text} (no ACL grants this principal the operation)",
+            f"{where}: not authorised: {_shortened(text)} "
+            "(no ACL grants this principal the operation)",
         )
     if code == KafkaError._AUTHENTICATION or "SASL authentication error" in text:
         return AccessRefused(
@@ -152,6 +153,11 @@ def classify(code: int | None, text: str, servers: str, protocol: str) -> Access
     return None
 
 
+def _shortened(text: str, limit: int = 200) -> str:
+    """The broker's own words, without the request dump a forwarded request appends."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _last_clause(text: str) -> str:
     """librdkafka's message without its ``host:port/bootstrap:`` prefix."""
     return text.rsplit("/bootstrap: ", 1)[-1].strip()
@@ -174,7 +180,7 @@ def explain(exc: Exception, servers: str | None = None) -> Exception:
     refusal a client of ``servers`` met lately (a timeout after a wrong password...)."""
     error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
     if isinstance(error, KafkaError) and error.code() in _AUTHORIZATION:
-        return classify(error.code(), error.str(), servers or "the cluster", "") or exc
+        return classify(error.code(), error.str(), servers or "", "") or exc
     refused = refusal(servers)
     return refused if refused is not None else exc
 

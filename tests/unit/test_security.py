@@ -121,3 +121,38 @@ def test_issue_cert_marks_client_and_server_use() -> None:
     leaf = x509.load_pem_x509_certificate(tls.issue_cert(ca, "client-1").cert_pem)
     usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert len(list(usages)) == 2
+
+
+def test_a_tenant_is_granted_its_two_topics_and_its_groups_only() -> None:
+    from confluent_kafka.admin import AclOperation, ResourcePatternType, ResourceType
+
+    from dspex.streams.ops.tenants import acl_bindings
+
+    grants = {
+        (b.restype, b.name, b.resource_pattern_type, b.operation, b.principal)
+        for b in acl_bindings("acme", "dspex.")
+    }
+    who = "User:dspex-tenant-acme"
+    literal, prefixed = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
+    requests, responses = "dspex.tenant.acme.requests", "dspex.tenant.acme.responses"
+    assert grants == {
+        (ResourceType.TOPIC, requests, literal, AclOperation.WRITE, who),
+        (ResourceType.TOPIC, requests, literal, AclOperation.DESCRIBE, who),
+        (ResourceType.TOPIC, responses, literal, AclOperation.READ, who),
+        (ResourceType.TOPIC, responses, literal, AclOperation.DESCRIBE, who),
+        (ResourceType.GROUP, "dspex.tenant.acme.", prefixed, AclOperation.READ, who),
+    }
+
+
+def test_quota_tool_properties_carry_the_settings_credentials(tmp_path: Path) -> None:
+    from dspex.streams.ops import quotas
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": "b:9093", "security_protocol": "SASL_SSL",
+               "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "ops",
+               "sasl_password": "pw", "ssl_ca_location": tmp_path / "ca.pem"},
+    )  # fmt: skip
+    props = quotas.client_properties(settings)
+    assert props["ssl.truststore.type"] == "PEM"
+    assert 'username="ops" password="pw";' in props["sasl.jaas.config"]
+    assert quotas._number(1_048_576.0) == "1048576" and quotas._number(12.5) == "12.5"
