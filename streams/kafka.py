@@ -26,9 +26,9 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from dspex.streams.errors import AccessRefused, BrokerUnavailable, ConfigError
+from dspex.streams.errors import AccessRefused, BrokerUnavailable, ConfigError, InvalidRequest
 from dspex.streams.ops.cluster import local_bootstrap
-from dspex.streams.settings import KafkaSettings, Settings
+from dspex.streams.settings import MAX_MESSAGE_BYTES, KafkaSettings, Settings
 
 _librdkafka_logger = logging.getLogger("librdkafka")
 logger = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
         # Java's and aiokafka's (faust's) key hashing: a key lands on the same partition
         # whoever produces it (librdkafka's default, CRC32, would split compacted topics)
         "partitioner": "murmur2_random",
+        # what every DSPex topic takes (its max.message.bytes): a bigger record is refused
+        # here, at once, and explain() says so instead of the broker after a round trip
+        "message.max.bytes": MAX_MESSAGE_BYTES,
     }
     return Producer(client_conf(settings, **{**defaults, **overrides}))
 
@@ -110,6 +113,7 @@ _refusals: dict[str, tuple[float, AccessRefused]] = {}
 _refusals_lock = threading.Lock()
 _PLAINTEXT = ("PLAINTEXT", "SASL_PLAINTEXT")
 _TLS = ("SSL", "SASL_SSL")
+_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 _AUTHORIZATION = (
     KafkaError.TOPIC_AUTHORIZATION_FAILED,
     KafkaError.GROUP_AUTHORIZATION_FAILED,
@@ -179,6 +183,12 @@ def explain(exc: Exception, servers: str | None = None) -> Exception:
     """``exc``, or the security refusal that explains it: an ACL denial it carries, or a
     refusal a client of ``servers`` met lately (a timeout after a wrong password...)."""
     error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(error, KafkaError) and error.code() in _TOO_LARGE:
+        return InvalidRequest(
+            "request",
+            f"the record is larger than any DSPex topic takes (max.message.bytes="
+            f"{MAX_MESSAGE_BYTES}); a request's inputs must fit router.max_request_bytes",
+        )
     if isinstance(error, KafkaError) and error.code() in _AUTHORIZATION:
         return classify(error.code(), error.str(), servers or "", "") or exc
     refused = refusal(servers)

@@ -33,6 +33,15 @@ from pydantic_settings import (
 from dspex.streams.errors import ConfigError
 from dspex.streams.programs import BUILTIN_MODULES, check_import_path
 
+MAX_MESSAGE_BYTES = 1_048_588
+"""The largest record (batch) DSPex sends or a DSPex topic takes: every catalog topic's
+``max.message.bytes`` and every DSPex producer's librdkafka ``message.max.bytes``. One
+number so they agree; it is Kafka's own default, so topics made before it was pinned
+do not differ from the catalog."""
+RECORD_ENVELOPE_BYTES = 16_384
+"""Room a request's key, headers and batch framing take around its value: the router's
+``max_request_bytes`` may be at most ``MAX_MESSAGE_BYTES`` minus this."""
+
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
@@ -268,7 +277,11 @@ class LMSettings(_Section):
 class RouterSettings(_Section):
     """The router agent: validation limits and the result cache."""
 
-    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    # the router's own check on a Request's value; a bigger record never reaches a topic
+    # (MAX_MESSAGE_BYTES), so the bound keeps this check the one that answers
+    max_request_bytes: int = Field(
+        default=1_000_000, ge=1024, le=MAX_MESSAGE_BYTES - RECORD_ENVELOPE_BYTES
+    )
     cache_enabled: bool = True
     cache_max_entries: int = Field(default=100_000, ge=1)
     """Result-cache entries each router keeps in memory (least recently used dropped)."""

@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import ConfigResource, ResourceType
 
 from dspex.streams import kafka
-from dspex.streams.errors import AccessRefused
+from dspex.streams.client.client import AsyncClient, Program
+from dspex.streams.errors import AccessRefused, InvalidRequest
 from dspex.streams.ops import tls
 from dspex.streams.ops.admin import ensure_topics
-from dspex.streams.settings import Settings, load_settings
+from dspex.streams.settings import (
+    MAX_MESSAGE_BYTES,
+    RECORD_ENVELOPE_BYTES,
+    Settings,
+    load_settings,
+)
 from dspex.streams.topics import Topics
 from tests.integration.brokers import SecureBroker
 
@@ -67,3 +74,21 @@ def test_an_untrusted_certificate_is_refused_naming_the_ca(
     refused = _refusal(settings)
     assert refused.cause == "certificate"
     assert "ssl_ca_location" in str(refused)
+
+
+async def test_limits_agree_and_an_oversize_request_is_refused_at_the_client(
+    secure_settings: Settings,
+) -> None:
+    admin = kafka.admin_client(secure_settings)
+    topics = Topics(secure_settings.topics)
+    ensure_topics(admin, topics.all())
+    resource = ConfigResource(ResourceType.TOPIC, topics.name("requests"))
+    configs = admin.describe_configs([resource])[resource].result()
+    topic_max = int(configs["max.message.bytes"].value)
+    assert topic_max == MAX_MESSAGE_BYTES
+    assert secure_settings.router.max_request_bytes + RECORD_ENVELOPE_BYTES <= topic_max
+    async with AsyncClient(secure_settings) as client:
+        with pytest.raises(InvalidRequest) as refused:
+            await client.submit(Program.inline("question -> answer"), {"question": "x" * 1_200_000})
+    print(f"refused at the client: {refused.value}")
+    assert refused.value.field == "request" and "max.message.bytes" in str(refused.value)

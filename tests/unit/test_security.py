@@ -156,3 +156,22 @@ def test_quota_tool_properties_carry_the_settings_credentials(tmp_path: Path) ->
     assert props["ssl.truststore.type"] == "PEM"
     assert 'username="ops" password="pw";' in props["sasl.jaas.config"]
     assert quotas._number(1_048_576.0) == "1048576" and quotas._number(12.5) == "12.5"
+
+
+def test_payload_limits_agree() -> None:
+    from dspex.streams.settings import MAX_MESSAGE_BYTES, RECORD_ENVELOPE_BYTES
+    from dspex.streams.topics import CATALOG
+
+    assert {spec.configs()["max.message.bytes"] for spec in CATALOG} == {str(MAX_MESSAGE_BYTES)}
+    assert load_settings().router.max_request_bytes + RECORD_ENVELOPE_BYTES <= MAX_MESSAGE_BYTES
+    with pytest.raises(ConfigError, match="max_request_bytes"):
+        load_settings(router={"max_request_bytes": MAX_MESSAGE_BYTES})
+
+
+def test_an_oversize_record_is_explained_as_an_invalid_request() -> None:
+    from confluent_kafka import KafkaException
+
+    from dspex.streams.errors import InvalidRequest
+
+    error = kafka.explain(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)))
+    assert isinstance(error, InvalidRequest) and error.field == "request"
