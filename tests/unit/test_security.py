@@ -175,3 +175,18 @@ def test_an_oversize_record_is_explained_as_an_invalid_request() -> None:
 
     error = kafka.explain(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)))
     assert isinstance(error, InvalidRequest) and error.field == "request"
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_storage_of_the_other_kind_is_refused(tmp_path: Path, secure: bool) -> None:
+    from dspex.streams.errors import LocalBrokerError
+    from dspex.streams.ops.broker import LocalBroker
+    from dspex.streams.settings import LocalBrokerSettings
+
+    (tmp_path / "kraft").mkdir()
+    (tmp_path / "kraft" / "meta.properties").write_text("node.id=1\n")
+    if not secure:  # storage formatted secured, started plain
+        Material(tmp_path).ensure()
+    broker = LocalBroker(LocalBrokerSettings(data_dir=tmp_path, secure=secure))
+    with pytest.raises(LocalBrokerError, match="--secure"):
+        broker._check_security()
