@@ -190,3 +190,16 @@ def test_storage_of_the_other_kind_is_refused(tmp_path: Path, secure: bool) -> N
     broker = LocalBroker(LocalBrokerSettings(data_dir=tmp_path, secure=secure))
     with pytest.raises(LocalBrokerError, match="--secure"):
         broker._check_security()
+
+
+def test_dspex_settings_masks_the_sasl_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dspex.streams.cli import app
+
+    monkeypatch.setenv("DSPEX_KAFKA__SASL_PASSWORD", "hunter2-very-secret")
+    monkeypatch.setenv("DSPEX_KAFKA__SASL_USERNAME", "dspex-admin")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    assert "dspex-admin" in result.output
+    assert "hunter2-very-secret" not in result.output and "**********" in result.output
