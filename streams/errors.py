@@ -108,7 +108,8 @@ class AccessRefused(PermanentError):
 
     ``cause`` is one of :data:`REFUSALS`: ``credentials`` (wrong SASL user, password or
     mechanism), ``plaintext`` (a plaintext client at a TLS listener), ``certificate``
-    (the broker's certificate is not trusted), ``tls`` (another TLS failure), or
+    (the broker's certificate is not trusted), ``client_certificate`` (an mTLS listener
+    wants a client certificate its CA signed), ``tls`` (another TLS failure), or
     ``authorization`` (an ACL denies this principal the operation).
     """
 
@@ -117,7 +118,7 @@ class AccessRefused(PermanentError):
         super().__init__(message)
 
 
-REFUSALS = ("credentials", "plaintext", "certificate", "tls", "authorization")
+REFUSALS = ("credentials", "plaintext", "certificate", "client_certificate", "tls", "authorization")
 
 
 class LocalBrokerError(PermanentError):

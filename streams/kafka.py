@@ -140,6 +140,12 @@ def classify(code: int | None, text: str, servers: str, protocol: str) -> Access
             f"{where}: SASL authentication failed (wrong kafka.sasl_username, password or "
             f"kafka.sasl_mechanism): {_last_clause(text)}".split(" (after ")[0],
         )
+    if "alert bad certificate" in text or "alert certificate required" in text:
+        return AccessRefused(
+            "client_certificate",
+            f"{where}: the listener requires a client certificate signed by its CA (mTLS): "
+            "set kafka.ssl_certificate_location and kafka.ssl_key_location",
+        )
     if "certificate verify failed" in text:
         return AccessRefused(
             "certificate",

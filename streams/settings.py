@@ -490,6 +490,8 @@ class LocalBrokerSettings(_Section):
     # One SASL_SSL listener (SCRAM-SHA-512, TLS from a local CA) and ACLs: see
     # dspex.streams.ops.security. A single node only; the plain broker stays the default.
     secure: bool = False
+    # the secured broker's mTLS (SSL, client certificate required) listener
+    mtls_port: int = Field(default=9094, ge=1, le=65535)
     # The JDK convention (mvn honours it too): $JAVA_HOME/bin/java when set, else java on PATH.
     java_home: Path | None = Field(default_factory=lambda: _env_path("JAVA_HOME"))
 

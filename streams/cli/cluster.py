@@ -74,10 +74,11 @@ def broker_start(
         info = cluster.start()
     print_broker(info, cluster.controller())
     if local.secure:
-        settings_file = Material(cluster.data_dir).settings_file
+        material = Material(cluster.data_dir)
         out.print(
-            f"  secured: SASL_SSL, SCRAM-SHA-512, ACLs; connect DSPex with\n"
-            f"    export DSPEX_SETTINGS_FILE={settings_file}"
+            f"  secured: SASL_SSL (SCRAM-SHA-512) and mTLS listeners, ACLs; connect DSPex with\n"
+            f"    export DSPEX_SETTINGS_FILE={material.settings_file}\n"
+            f"  or, over mTLS: DSPEX_SETTINGS_FILE={material.mtls_settings_file}"
         )
 
 

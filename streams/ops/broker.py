@@ -161,10 +161,12 @@ class LocalBroker:
         node_id, voters = (self.node.node_id, self.node.voters) if self.node else (1, None)
         self._check_security()
         listener, controller = f"{_kraft.HOST}:{port}", f"{_kraft.HOST}:{controller_port}"
-        security = None
+        security, mtls = None, ""
         if self.security is not None:
             self.security.ensure()
-            security = self.security.server_properties(listener, controller)
+            wanted = self.settings.mtls_port
+            mtls = f"{_kraft.HOST}:{_kraft.choose_port(wanted, taken=(port, controller_port))}"
+            security = self.security.server_properties(listener, controller, mtls)
         self.config.write_text(
             _kraft.server_properties(
                 self.log_dir, port, controller_port, node_id=node_id, voters=voters,
@@ -178,6 +180,8 @@ class LocalBroker:
             toml = f'data_dir = "{self.data_dir}"\nsecure = true\n'
             text = self.security.client_settings(listener, toml)
             self.security.settings_file.write_text(text, encoding="utf-8")
+            text = self.security.mtls_client_settings(mtls, toml)
+            self.security.mtls_settings_file.write_text(text, encoding="utf-8")
         return info
 
     def _check_security(self) -> None:

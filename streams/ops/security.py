@@ -1,11 +1,14 @@
 """What makes the local broker a secured one (``dspex broker start --secure``).
 
-The node serves clients on one ``SASL_SSL`` listener (SCRAM-SHA-512 over TLS from a
-local CA, :mod:`dspex.streams.ops.tls`), authorises with ``StandardAuthorizer`` and
+The node serves clients on a ``SASL_SSL`` listener (SCRAM-SHA-512 over TLS from a
+local CA, :mod:`dspex.streams.ops.tls`) and, for mTLS, an ``SSL`` listener that
+requires a client certificate signed by that CA (the principal is the certificate's
+subject, ``User:CN=<name>``); it authorises with ``StandardAuthorizer`` and
 ``allow.everyone.if.no.acl.found=false``: a principal may do only what an ACL grants,
 except the super users
 
-- ``User:dspex-admin``: DSPex's own processes and its operator (CLI, ``dspex up``);
+- ``User:dspex-admin``: DSPex's own processes and its operator (CLI, ``dspex up``),
+  and ``User:CN=dspex-admin``, the same over mTLS;
 - ``User:dspex-broker``: the node talking to itself on the ``SASL_SSL`` listener;
 - ``User:CN=dspex-broker``: the node on its controller listener, which is TLS with
   required client certificates (mTLS) on 127.0.0.1 — not PLAINTEXT, since an
@@ -19,8 +22,11 @@ lives in ``<data_dir>/security/``::
     ca.pem                the CA certificate clients trust (ssl_ca_location)
     ca-key.pem            the CA key (0600): signs the broker's and client certificates
     broker.pem            the broker's key and certificate: its PEM key store (0600)
+    admin-cert.pem        dspex-admin's client certificate for the mTLS listener
+    admin-key.pem         its key (0600)
     users/<user>.password generated SCRAM passwords (0600)
     dspex.toml            settings for DSPex as dspex-admin (DSPEX_SETTINGS_FILE)
+    dspex-mtls.toml       the same over mTLS (SSL with the client certificate)
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ ADMIN = "dspex-admin"
 BROKER = "dspex-broker"
 MECHANISM = "SCRAM-SHA-512"
 USERS = (ADMIN, BROKER)
-SUPER_USERS = (f"User:{ADMIN}", f"User:{BROKER}", f"User:CN={BROKER}")
+SUPER_USERS = (f"User:{ADMIN}", f"User:CN={ADMIN}", f"User:{BROKER}", f"User:CN={BROKER}")
 AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
 SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule"
 
@@ -48,6 +54,9 @@ class Material:
         self.ca_key = self.dir / "ca-key.pem"
         self.keystore = self.dir / "broker.pem"
         self.settings_file = self.dir / "dspex.toml"
+        self.mtls_settings_file = self.dir / "dspex-mtls.toml"
+        self.admin_cert = self.dir / "admin-cert.pem"
+        self.admin_key = self.dir / "admin-key.pem"
 
     def exists(self) -> bool:
         """Whether this data dir was set up for a secured broker."""
@@ -64,6 +73,10 @@ class Material:
         if not self.keystore.is_file():
             leaf = self.issue(BROKER)
             tls.write_private(self.keystore, leaf.key_pem + leaf.cert_pem)
+        if not self.admin_cert.is_file():
+            client = self.issue(ADMIN)
+            tls.write_private(self.admin_key, client.key_pem)
+            self.admin_cert.write_bytes(client.cert_pem)
         for user in USERS:
             if not self.password_file(user).is_file():
                 tls.write_private(self.password_file(user), secrets.token_urlsafe(24).encode())
@@ -86,18 +99,20 @@ class Material:
             args += ["--add-scram", f"{MECHANISM}=[name={user},password={self.password(user)}]"]
         return args
 
-    def server_properties(self, listener: str, controller: str) -> dict[str, str]:
+    def server_properties(self, listener: str, controller: str, mtls: str) -> dict[str, str]:
         """Listener, TLS, SASL and authorizer keys for ``server.properties`` (host:port each)."""
         jaas = f'{SCRAM_LOGIN} required username="{BROKER}" password="{self.password(BROKER)}";'
+        listeners = f"SASL_SSL://{listener},SSL://{mtls},CONTROLLER://{controller}"
         return {
-            "listeners": f"SASL_SSL://{listener},CONTROLLER://{controller}",
-            "advertised.listeners": f"SASL_SSL://{listener},CONTROLLER://{controller}",
-            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:SSL",
+            "listeners": listeners,
+            "advertised.listeners": listeners,
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,SSL:SSL,CONTROLLER:SSL",
             "inter.broker.listener.name": "SASL_SSL",
             "sasl.enabled.mechanisms": MECHANISM,
             "sasl.mechanism.inter.broker.protocol": MECHANISM,
             f"listener.name.sasl_ssl.{MECHANISM.lower()}.sasl.jaas.config": jaas,
             "listener.name.controller.ssl.client.auth": "required",
+            "listener.name.ssl.ssl.client.auth": "required",
             "ssl.keystore.type": "PEM",
             "ssl.keystore.location": str(self.keystore),
             "ssl.truststore.type": "PEM",
@@ -106,6 +121,19 @@ class Material:
             "allow.everyone.if.no.acl.found": "false",
             "super.users": ";".join(SUPER_USERS),
         }
+
+    def mtls_client_settings(self, bootstrap: str, local_broker_toml: str) -> str:
+        """A DSPex TOML settings file connecting over mTLS as ``User:CN=dspex-admin``."""
+        return (
+            "# Written by `dspex broker start --secure` on every start: DSPex over mTLS.\n"
+            "[kafka]\n"
+            f'bootstrap_servers = "{bootstrap}"\n'
+            'security_protocol = "SSL"\n'
+            f'ssl_ca_location = "{self.ca}"\n'
+            f'ssl_certificate_location = "{self.admin_cert}"\n'
+            f'ssl_key_location = "{self.admin_key}"\n'
+            f"\n[local_broker]\n{local_broker_toml}"
+        )
 
     def client_settings(self, bootstrap: str, local_broker_toml: str) -> str:
         """A DSPex TOML settings file connecting as ``dspex-admin`` (the password by file)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from dspex.streams.ops import _kraft
 from dspex.streams.ops.broker import LocalBroker
 from dspex.streams.ops.security import ADMIN, MECHANISM, Material
 from dspex.streams.settings import LocalBrokerSettings
@@ -61,6 +62,7 @@ class SecureBroker:
 
     bootstrap: str
     material: Material
+    mtls_bootstrap: str  # the SSL listener that requires a client certificate
 
     def kafka(self, user: str = ADMIN, password: str | None = None) -> dict[str, object]:
         """``kafka`` settings for ``user`` (its generated password unless ``password``)."""
@@ -82,6 +84,7 @@ def secure_local_broker(data_dir: Path) -> Iterator[SecureBroker]:
     settings = LocalBrokerSettings(
         port=free_port(),
         controller_port=free_port(),
+        mtls_port=free_port(),
         data_dir=data_dir,
         heap="768m",
         secure=True,
@@ -90,7 +93,9 @@ def secure_local_broker(data_dir: Path) -> Iterator[SecureBroker]:
     broker = LocalBroker(settings)
     info = broker.start()
     try:
-        yield SecureBroker(info.bootstrap_servers, Material(broker.data_dir))
+        listeners = _kraft.read_properties(broker.config)["listeners"].split(",")
+        (mtls,) = [item.removeprefix("SSL://") for item in listeners if item.startswith("SSL://")]
+        yield SecureBroker(info.bootstrap_servers, Material(broker.data_dir), mtls)
     finally:
         broker.stop()
 

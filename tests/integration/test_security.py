@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError
 from confluent_kafka.admin import ConfigResource, ResourceType
 
 from dspex.streams import kafka
@@ -92,3 +94,43 @@ async def test_limits_agree_and_an_oversize_request_is_refused_at_the_client(
             await client.submit(Program.inline("question -> answer"), {"question": "x" * 1_200_000})
     print(f"refused at the client: {refused.value}")
     assert refused.value.field == "request" and "max.message.bytes" in str(refused.value)
+
+
+def test_mtls_a_client_certificate_authenticates_and_none_is_refused(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    material = secure_broker.material
+    mtls = {
+        "bootstrap_servers": secure_broker.mtls_bootstrap,
+        "security_protocol": "SSL",
+        "ssl_ca_location": material.ca,
+    }
+    with_cert = load_settings(
+        kafka={**mtls, "ssl_certificate_location": material.admin_cert,
+               "ssl_key_location": material.admin_key},
+        topics={"prefix": f"m{uuid.uuid4().hex[:10]}."},
+    )  # fmt: skip
+    assert kafka.check_reachable(with_cert, timeout_s=30) == 1
+    admin = kafka.admin_client(with_cert)  # User:CN=dspex-admin may create topics
+    topic = Topics(with_cert.topics).name("requests")
+    reports = ensure_topics(admin, [(topic, Topics(with_cert.topics).spec("requests"))])
+    assert [r.status for r in reports] == ["created"]
+    stranger = material.issue("stranger")  # signed by the CA, but no ACL names it
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(stranger.cert_pem)
+    key.write_bytes(stranger.key_pem)
+    as_stranger = with_cert.model_copy(
+        update={"kafka": with_cert.kafka.model_copy(
+            update={"ssl_certificate_location": cert, "ssl_key_location": key})}
+    )  # fmt: skip
+    producer = kafka.producer(as_stranger)
+    outcome: list[object] = []
+    producer.produce(topic, b"v", on_delivery=lambda error, _m: outcome.append(error))
+    producer.flush(60)
+    print(f"CN=stranger: {outcome}")
+    assert outcome and getattr(outcome[0], "code", lambda: None)() == (
+        KafkaError.TOPIC_AUTHORIZATION_FAILED
+    )
+    no_cert = load_settings(kafka=mtls)
+    refused = _refusal(no_cert)
+    assert refused.cause == "client_certificate"

@@ -48,10 +48,12 @@ def test_server_properties_secure_every_listener_and_deny_by_default(tmp_path: P
     material.ensure()
     text = _kraft.server_properties(
         tmp_path / "kraft", 9092, 9093,
-        security=material.server_properties("127.0.0.1:9092", "127.0.0.1:9093"),
+        security=material.server_properties("127.0.0.1:9092", "127.0.0.1:9093", "127.0.0.1:9094"),
     )  # fmt: skip
     props = dict(line.split("=", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert props["listeners"] == "SASL_SSL://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
+    listeners = "SASL_SSL://127.0.0.1:9092,SSL://127.0.0.1:9094,CONTROLLER://127.0.0.1:9093"
+    assert props["listeners"] == listeners
+    assert props["listener.name.ssl.ssl.client.auth"] == "required"
     assert "PLAINTEXT" not in props["listener.security.protocol.map"]
     assert props["allow.everyone.if.no.acl.found"] == "false"
     assert props["listener.name.controller.ssl.client.auth"] == "required"
