@@ -177,11 +177,8 @@ class LocalBroker:
         self._ensure_formatted(java, jars)
         info = self._spawn(java, jars, listener)
         if self.security is not None:
-            toml = f'data_dir = "{self.data_dir}"\nsecure = true\n'
-            text = self.security.client_settings(listener, toml)
-            self.security.settings_file.write_text(text, encoding="utf-8")
-            text = self.security.mtls_client_settings(mtls, toml)
-            self.security.mtls_settings_file.write_text(text, encoding="utf-8")
+            for name, text in self.security.client_settings(listener, mtls).items():
+                (self.security.dir / name).write_text(text, encoding="utf-8")
         return info
 
     def _check_security(self) -> None:

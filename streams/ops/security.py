@@ -31,6 +31,7 @@ lives in ``<data_dir>/security/``::
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -122,29 +123,36 @@ class Material:
             "super.users": ";".join(SUPER_USERS),
         }
 
-    def mtls_client_settings(self, bootstrap: str, local_broker_toml: str) -> str:
-        """A DSPex TOML settings file connecting over mTLS as ``User:CN=dspex-admin``."""
-        return (
-            "# Written by `dspex broker start --secure` on every start: DSPex over mTLS.\n"
-            "[kafka]\n"
-            f'bootstrap_servers = "{bootstrap}"\n'
-            'security_protocol = "SSL"\n'
-            f'ssl_ca_location = "{self.ca}"\n'
-            f'ssl_certificate_location = "{self.admin_cert}"\n'
-            f'ssl_key_location = "{self.admin_key}"\n'
-            f"\n[local_broker]\n{local_broker_toml}"
-        )
+    def client_settings(self, sasl_bootstrap: str, mtls_bootstrap: str) -> dict[str, str]:
+        """DSPex TOML settings files (by name) connecting as ``dspex-admin``: by SCRAM
+        (the password by file) and by client certificate (mTLS)."""
+        sasl = {
+            "bootstrap_servers": sasl_bootstrap,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": MECHANISM,
+            "sasl_username": ADMIN,
+            "sasl_password_file": str(self.password_file(ADMIN)),
+            "ssl_ca_location": str(self.ca),
+        }
+        mtls = {
+            "bootstrap_servers": mtls_bootstrap,
+            "security_protocol": "SSL",
+            "ssl_ca_location": str(self.ca),
+            "ssl_certificate_location": str(self.admin_cert),
+            "ssl_key_location": str(self.admin_key),
+        }
+        broker: dict[str, str | bool] = {"data_dir": str(self.dir.parent), "secure": True}
+        return {
+            self.settings_file.name: _toml("DSPex as dspex-admin", sasl, broker),
+            self.mtls_settings_file.name: _toml("DSPex over mTLS", mtls, broker),
+        }
 
-    def client_settings(self, bootstrap: str, local_broker_toml: str) -> str:
-        """A DSPex TOML settings file connecting as ``dspex-admin`` (the password by file)."""
-        return (
-            "# Written by `dspex broker start --secure` on every start: DSPex as dspex-admin.\n"
-            "[kafka]\n"
-            f'bootstrap_servers = "{bootstrap}"\n'
-            'security_protocol = "SASL_SSL"\n'
-            f'sasl_mechanism = "{MECHANISM}"\n'
-            f'sasl_username = "{ADMIN}"\n'
-            f'sasl_password_file = "{self.password_file(ADMIN)}"\n'
-            f'ssl_ca_location = "{self.ca}"\n'
-            f"\n[local_broker]\n{local_broker_toml}"
-        )
+
+def _toml(what: str, kafka: dict[str, str], local_broker: dict[str, str | bool]) -> str:
+    """A settings file with a ``[kafka]`` and a ``[local_broker]`` section (json quoting is
+    valid TOML for these strings and booleans)."""
+    lines = [f"# Written by `dspex broker start --secure` on every start: {what}.", "[kafka]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in kafka.items()]
+    lines += ["", "[local_broker]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in local_broker.items()]
+    return "\n".join(lines) + "\n"

@@ -205,3 +205,16 @@ def test_dspex_settings_masks_the_sasl_password(monkeypatch: pytest.MonkeyPatch)
     assert result.exit_code == 0, result.output
     assert "dspex-admin" in result.output
     assert "hunter2-very-secret" not in result.output and "**********" in result.output
+
+
+def test_the_client_settings_files_load_as_dspex_settings(tmp_path: Path) -> None:
+    material = Material(tmp_path)
+    material.ensure()
+    for name, text in material.client_settings("127.0.0.1:1", "127.0.0.1:2").items():
+        (material.dir / name).write_text(text)
+    sasl = load_settings(material.settings_file)
+    assert (sasl.kafka.security_protocol, sasl.kafka.sasl_username) == ("SASL_SSL", ADMIN)
+    assert sasl.kafka.password() is not None and sasl.local_broker.secure
+    mtls = load_settings(material.mtls_settings_file)
+    assert mtls.kafka.ssl_certificate_location == material.admin_cert
+    assert mtls.local_broker.data_dir == tmp_path
