@@ -16,6 +16,7 @@ logger), which logs one clear line per cause and remembers the refusal for
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import threading
@@ -52,7 +53,7 @@ def client_conf(settings: Settings, **overrides: Any) -> dict[str, Any]:
     conf: dict[str, Any] = settings.kafka.to_librdkafka(bootstrap_servers(settings))
     # librdkafka's own log lines go through Python logging, so one config governs them all;
     # the watch reads them (and the error callback) for a security refusal on the way.
-    watch = _Watch(conf["bootstrap.servers"], conf["security.protocol"])
+    watch = _Watch(conf["bootstrap.servers"], conf["security.protocol"], _identity(conf))
     conf["logger"] = watch
     conf["error_cb"] = watch.error
     conf.update(overrides)
@@ -99,7 +100,7 @@ def check_reachable(settings: Settings, timeout_s: float = 10.0) -> int:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         admin.poll(0.5)  # serve the error callbacks and log lines that name the cause
-        refused = refusal(servers)
+        refused = refusal(settings)
         if refused is not None:
             raise refused from exc
         raise BrokerUnavailable(f"bootstrap={servers}: no metadata in {timeout_s}s: {exc}") from exc
@@ -173,21 +174,33 @@ def _last_clause(text: str) -> str:
     return text.rsplit("/bootstrap: ", 1)[-1].strip()
 
 
-def refusal(servers: str | None = None) -> AccessRefused | None:
-    """The security refusal a client of ``servers`` (None: of any cluster) met lately, if any."""
+def _identity(conf: dict[str, Any]) -> str:
+    """Who a client is to the cluster: where, how, as whom (the password as a digest).
+
+    Refusals are remembered per identity: another client of the same cluster with
+    other credentials or another CA must not inherit this one's refusal.
+    """
+    keys = ("bootstrap.servers", "security.protocol", "sasl.mechanism", "sasl.username",
+            "ssl.ca.location", "ssl.certificate.location")  # fmt: skip
+    password = str(conf.get("sasl.password", "")).encode()
+    parts = [str(conf.get(key, "")) for key in keys]
+    return "|".join([*parts, hashlib.sha256(password).hexdigest()[:16]])
+
+
+def refusal(settings: Settings) -> AccessRefused | None:
+    """The security refusal a client with these settings met lately in this process, if any."""
+    identity = _identity(settings.kafka.to_librdkafka(bootstrap_servers(settings)))
     with _refusals_lock:
-        if servers is not None:
-            seen = _refusals.get(servers)
-        else:
-            seen = max(_refusals.values(), key=lambda pair: pair[0], default=None)
+        seen = _refusals.get(identity)
     if seen is None or time.monotonic() - seen[0] > REFUSAL_TTL_S:
         return None
     return seen[1]
 
 
-def explain(exc: Exception, servers: str | None = None) -> Exception:
-    """``exc``, or the security refusal that explains it: an ACL denial it carries, or a
-    refusal a client of ``servers`` met lately (a timeout after a wrong password...)."""
+def explain(exc: Exception, settings: Settings | None = None) -> Exception:
+    """``exc``, or what explains it as a DSPex error: an ACL denial or an over-size record
+    it carries, else a refusal a client with ``settings`` met lately (a timeout after a
+    wrong password...)."""
     error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
     if isinstance(error, KafkaError) and error.code() in _TOO_LARGE:
         return InvalidRequest(
@@ -196,17 +209,18 @@ def explain(exc: Exception, servers: str | None = None) -> Exception:
             f"{MAX_MESSAGE_BYTES}); a request's inputs must fit router.max_request_bytes",
         )
     if isinstance(error, KafkaError) and error.code() in _AUTHORIZATION:
-        return classify(error.code(), error.str(), servers or "", "") or exc
-    refused = refusal(servers)
+        return classify(error.code(), error.str(), "", "") or exc
+    refused = refusal(settings) if settings is not None else None
     return refused if refused is not None else exc
 
 
 class _Watch:
     """librdkafka's error callback and logger for one client: a security refusal, named once."""
 
-    def __init__(self, servers: str, protocol: str) -> None:
+    def __init__(self, servers: str, protocol: str, identity: str) -> None:
         self.servers = servers
         self.protocol = protocol
+        self.identity = identity
         self.reported: set[str] = set()
 
     def error(self, error: KafkaError) -> None:
@@ -228,7 +242,7 @@ class _Watch:
         if refused is None:
             return False
         with _refusals_lock:
-            _refusals[self.servers] = (time.monotonic(), refused)
+            _refusals[self.identity] = (time.monotonic(), refused)
         if refused.cause not in self.reported:
             self.reported.add(refused.cause)
             logger.error("%s", refused)

@@ -14,6 +14,7 @@ from dspex.streams.client.client import AsyncClient, Program
 from dspex.streams.errors import AccessRefused, InvalidRequest
 from dspex.streams.ops import tls
 from dspex.streams.ops.admin import ensure_topics
+from dspex.streams.reader import watermarks
 from dspex.streams.settings import (
     MAX_MESSAGE_BYTES,
     RECORD_ENVELOPE_BYTES,
@@ -87,6 +88,12 @@ async def test_limits_agree_and_an_oversize_request_is_refused_at_the_client(
     resource = ConfigResource(ResourceType.TOPIC, topics.name("requests"))
     configs = admin.describe_configs([resource])[resource].result()
     topic_max = int(configs["max.message.bytes"].value)
+    # a busy broker may take a while to elect leaders of new topics: the client waits 10 s
+    probe = kafka.consumer(secure_settings, f"{secure_settings.topics.prefix}probe")
+    try:
+        watermarks(probe, topics.name("responses"), 120.0)
+    finally:
+        probe.close()
     assert topic_max == MAX_MESSAGE_BYTES
     assert secure_settings.router.max_request_bytes + RECORD_ENVELOPE_BYTES <= topic_max
     async with AsyncClient(secure_settings) as client:

@@ -218,3 +218,15 @@ def test_the_client_settings_files_load_as_dspex_settings(tmp_path: Path) -> Non
     mtls = load_settings(material.mtls_settings_file)
     assert mtls.kafka.ssl_certificate_location == material.admin_cert
     assert mtls.local_broker.data_dir == tmp_path
+
+
+def test_a_refusal_is_remembered_for_the_client_identity_that_met_it() -> None:
+    base = {"bootstrap_servers": "b:9093", "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u"}  # fmt: skip
+    wrong = load_settings(kafka={**base, "sasl_password": "wrong"})
+    right = load_settings(kafka={**base, "sasl_password": "right"})
+    report = kafka.client_conf(wrong)["error_cb"]
+    report(KafkaError(KafkaError._AUTHENTICATION, "b/bootstrap: SASL authentication error: no"))
+    refused = kafka.refusal(wrong)
+    assert refused is not None and refused.cause == "credentials"
+    assert kafka.refusal(right) is None  # same cluster, other credentials: not its refusal
