@@ -22,6 +22,8 @@ what the caller should do with it::
         │                            (dspex.streams.pipelines.problems)
         ├── ProgramError             a program could not be built or its LM output not parsed
         ├── TopicConfigError         a topic exists with a config that differs from the catalog
+        ├── AccessRefused            the cluster refused this client: credentials, TLS, or an ACL
+        │                            (``cause`` says which; mapped in dspex.streams.kafka)
         └── LocalBrokerError         the local KRaft broker cannot be resolved, formatted or started
 
 Foreign exceptions (fastavro, struct, confluent-kafka, subprocess) are mapped
@@ -113,6 +115,24 @@ class ProgramError(PermanentError):
 
 class TopicConfigError(PermanentError):
     """A topic exists with partitions or configs that differ from the catalog."""
+
+
+class AccessRefused(PermanentError):
+    """The cluster refused this client, and retrying with the same settings cannot help.
+
+    ``cause`` is one of :data:`REFUSALS`: ``credentials`` (wrong SASL user, password or
+    mechanism), ``plaintext`` (a plaintext client at a TLS listener), ``certificate``
+    (the broker's certificate is not trusted), ``client_certificate`` (an mTLS listener
+    wants a client certificate its CA signed), ``tls`` (another TLS failure), or
+    ``authorization`` (an ACL denies this principal the operation).
+    """
+
+    def __init__(self, cause: str, message: str) -> None:
+        self.cause = cause
+        super().__init__(message)
+
+
+REFUSALS = ("credentials", "plaintext", "certificate", "client_certificate", "tls", "authorization")
 
 
 class LocalBrokerError(PermanentError):

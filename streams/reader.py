@@ -380,6 +380,9 @@ def _decode(serde: Serde, schema: str, message: Message) -> Record | None:
 def _offsets_error(topic: str, code: int | None, exc: KafkaException) -> DSPexError:
     if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
         return ConfigError(f"topic {topic} does not exist: create it first")
+    refused = kafka.explain(exc)
+    if isinstance(refused, DSPexError):  # a wrong password, an untrusted certificate, an ACL...
+        return refused
     error = exc.args[0] if exc.args else None
     cause = error.str() if isinstance(error, KafkaError) else str(exc)
     return BrokerUnavailable(f"topic={topic}: cannot read offsets: {cause}")

@@ -34,6 +34,15 @@ from dspex.streams.errors import ConfigError
 from dspex.streams.programs import BUILTIN_MODULES, check_import_path
 from dspex.streams.tenants import check_name
 
+MAX_MESSAGE_BYTES = 1_048_588
+"""The largest record (batch) DSPex sends or a DSPex topic takes: every catalog topic's
+``max.message.bytes`` and every DSPex producer's librdkafka ``message.max.bytes``. One
+number so they agree; it is Kafka's own default, so topics made before it was pinned
+do not differ from the catalog."""
+RECORD_ENVELOPE_BYTES = 16_384
+"""Room a request's key, headers and batch framing take around its value: the router's
+``max_request_bytes`` may be at most ``MAX_MESSAGE_BYTES`` minus this."""
+
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
@@ -61,6 +70,9 @@ class KafkaSettings(_Section):
     sasl_mechanism: SaslMechanism | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # the password read from this file when a client is made (a mounted secret), instead
+    # of sasl_password; the file, not its content, is what `dspex settings` shows
+    sasl_password_file: Path | None = None
     ssl_ca_location: Path | None = None
     ssl_certificate_location: Path | None = None
     ssl_key_location: Path | None = None
@@ -73,6 +85,22 @@ class KafkaSettings(_Section):
     # librdkafka sends one produce request per partition, and per request the broker
     # spends far more CPU than per record.
     audit_linger_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
+
+    @model_validator(mode="after")
+    def _one_password(self) -> KafkaSettings:
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("set kafka.sasl_password or kafka.sasl_password_file, not both")
+        return self
+
+    def password(self) -> SecretStr | None:
+        """The SASL password: ``sasl_password``, else the content of ``sasl_password_file``."""
+        if self.sasl_password_file is None:
+            return self.sasl_password
+        try:
+            text = self.sasl_password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"kafka.sasl_password_file: cannot read it: {exc}") from exc
+        return SecretStr(text.strip())
 
     def to_librdkafka(self, bootstrap_servers: str | None = None) -> dict[str, str]:
         """Dotted librdkafka keys for confluent-kafka clients (secrets revealed here only)."""
@@ -87,7 +115,7 @@ class KafkaSettings(_Section):
         optional: dict[str, str | Path | SecretStr | None] = {
             "sasl.mechanism": self.sasl_mechanism,
             "sasl.username": self.sasl_username,
-            "sasl.password": self.sasl_password,
+            "sasl.password": self.password(),
             "ssl.ca.location": self.ssl_ca_location,
             "ssl.certificate.location": self.ssl_certificate_location,
             "ssl.key.location": self.ssl_key_location,
@@ -250,7 +278,11 @@ class LMSettings(_Section):
 class RouterSettings(_Section):
     """The router agent: validation limits and the result cache."""
 
-    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    # the router's own check on a Request's value; a bigger record never reaches a topic
+    # (MAX_MESSAGE_BYTES), so the bound keeps this check the one that answers
+    max_request_bytes: int = Field(
+        default=1_000_000, ge=1024, le=MAX_MESSAGE_BYTES - RECORD_ENVELOPE_BYTES
+    )
     cache_enabled: bool = True
     cache_max_entries: int = Field(default=100_000, ge=1)
     """Result-cache entries each router keeps in memory (least recently used dropped)."""
@@ -521,6 +553,11 @@ class LocalBrokerSettings(_Section):
         default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "dspex" / "broker"
     )
     start_timeout_s: float = Field(default=90.0, gt=0)
+    # One SASL_SSL listener (SCRAM-SHA-512, TLS from a local CA) and ACLs: see
+    # dspex.streams.ops.security. A single node only; the plain broker stays the default.
+    secure: bool = False
+    # the secured broker's mTLS (SSL, client certificate required) listener
+    mtls_port: int = Field(default=9094, ge=1, le=65535)
     # The JDK convention (mvn honours it too): $JAVA_HOME/bin/java when set, else java on PATH.
     java_home: Path | None = Field(default_factory=lambda: _env_path("JAVA_HOME"))
 

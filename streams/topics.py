@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dspex.streams.errors import ConfigError
-from dspex.streams.settings import TopicSettings
+from dspex.streams.settings import MAX_MESSAGE_BYTES, TopicSettings
 
 DAY_MS = 24 * 60 * 60 * 1000
 
@@ -31,7 +31,12 @@ class TopicSpec:
 
     def configs(self) -> dict[str, str]:
         """Topic-level Kafka configs this spec pins (compared against the live topic)."""
-        conf = {"cleanup.policy": self.cleanup_policy, **self.extra}
+        conf = {
+            "cleanup.policy": self.cleanup_policy,
+            # what every DSPex producer may send (message.max.bytes): the two agree
+            "max.message.bytes": str(MAX_MESSAGE_BYTES),
+            **self.extra,
+        }
         if self.retention_ms is not None:
             conf["retention.ms"] = str(self.retention_ms)
         return conf

@@ -20,6 +20,7 @@ from dspex.streams.cli import (  # noqa: F401 - importing them registers their c
     records,
     runs,
     sessions,
+    tenants,
     top,
     up,
     variables,

@@ -11,6 +11,7 @@ from dspex.streams import kafka
 from dspex.streams.cli._app import app, err, out, settings_of
 from dspex.streams.ops.admin import TopicReport, ensure_topics
 from dspex.streams.ops.cluster import ClusterInfo, LocalCluster
+from dspex.streams.ops.security import Material
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
 
@@ -48,18 +49,37 @@ def broker_start(
             min=1, max=9, help="Nodes, each broker and controller voter (local_broker.nodes)."
         ),
     ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="SASL_SSL (SCRAM-SHA-512, local CA) and ACLs (local_broker.secure); one node.",
+        ),
+    ] = False,
 ) -> None:
     """Resolve Kafka's jars (cached), format storage once, start and wait until it answers.
 
     With --nodes 3: three JVMs, each a broker and a voter of a three-node controller
     quorum; topics get 3 replicas and min.insync.replicas=2. Nodes that are already
     running are left alone, so this also restarts a node that died.
+
+    With --secure: one node whose only client listener is SASL_SSL; it prints the
+    settings file that connects DSPex to it (README, "Security").
     """
-    settings = settings_of(ctx)
-    cluster = LocalCluster(settings.local_broker, nodes=nodes)
+    local = settings_of(ctx).local_broker
+    if secure:
+        local = local.model_copy(update={"secure": True})
+    cluster = LocalCluster(local, nodes=nodes)
     with err.status("starting the local Kafka broker (the first run downloads its jars)..."):
         info = cluster.start()
     print_broker(info, cluster.controller())
+    if local.secure:
+        material = Material(cluster.data_dir)
+        out.print(
+            f"  secured: SASL_SSL (SCRAM-SHA-512) and mTLS listeners, ACLs; connect DSPex with\n"
+            f"    export DSPEX_SETTINGS_FILE={material.settings_file}\n"
+            f"  or, over mTLS: DSPEX_SETTINGS_FILE={material.mtls_settings_file}"
+        )
 
 
 @broker_app.command("status")

@@ -16,7 +16,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Unpack
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dspex.streams import kafka, tracing
 from dspex.streams.client import jobs as _jobs
@@ -515,6 +515,8 @@ class AsyncClient:
                     topic, value, key, headers=headers, on_delivery=callback
                 )
                 return sent
+            except KafkaException as exc:  # one Kafka will not take (too large...): say why
+                raise kafka.explain(exc) from exc
             except BufferError:  # librdkafka's local queue is full: let deliveries drain
                 await asyncio.sleep(_PRODUCE_BACKOFF_S)
         raise BrokerUnavailable(f"topic={topic}: producer queue still full, message not sent")

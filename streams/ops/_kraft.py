@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from dspex.streams.errors import LocalBrokerError
@@ -41,6 +41,7 @@ def server_properties(
     *,
     node_id: int = 1,
     voters: Mapping[int, int] | None = None,
+    security: Mapping[str, str] | None = None,
 ) -> str:
     """A combined broker+controller config on 127.0.0.1.
 
@@ -50,7 +51,8 @@ def server_properties(
     every node is a voter; internal topics and new topics default to
     ``replication_factor(len(voters))`` replicas and ``min_insync(...)``.
     ``.properties`` values allow no trailing ``#`` comment, so comments stay on
-    their own lines.
+    their own lines. ``security`` (:meth:`dspex.streams.ops.security.Material.server_properties`)
+    replaces the listeners and adds TLS, SASL and the authorizer.
     """
     plaintext, controller = f"{HOST}:{port}", f"{HOST}:{controller_port}"
     replicas = replication_factor(len(voters)) if voters else 1
@@ -86,6 +88,7 @@ def server_properties(
         "min.insync.replicas": min_isr,
         # The default 3 s delay slows every consumer group's first join.
         "group.initial.rebalance.delay.ms": "0",
+        **(security or {}),
     }
     header = "# Written by DSPex (streams/ops/broker.py) on every start; edits are overwritten.\n"
     return header + "".join(f"{key}={value}\n" for key, value in settings.items())
@@ -204,17 +207,26 @@ def run_mvn(pom: Path, out_dir: Path, kafka_version: str) -> None:
 
 
 def format_storage(
-    java: str, jars: Path, config: Path, cluster_id: str, *, standalone: bool
+    java: str,
+    jars: Path,
+    config: Path,
+    cluster_id: str,
+    *,
+    standalone: bool,
+    extra: Sequence[str] = (),
 ) -> None:
     """``StorageTool format``: ``--standalone`` for a single node (the controller is the only
-    voter); without it for a node of a static quorum (``controller.quorum.voters``)."""
+    voter); without it for a node of a static quorum (``controller.quorum.voters``).
+    ``extra``: more arguments (``--add-scram`` seeds SCRAM users); never logged, they may
+    hold passwords."""
     cmd = [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format",
-           *(["--standalone"] if standalone else []),
+           *(["--standalone"] if standalone else []), *extra,
            "-t", cluster_id, "-c", str(config)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
     if proc.returncode != 0:
         output = "\n".join((proc.stdout + proc.stderr).splitlines()[-TAIL_LINES:])
-        raise LocalBrokerError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output}")
+        shown = " ".join(cmd[: len(cmd) - len(extra) - 4] + cmd[len(cmd) - 4 :])
+        raise LocalBrokerError(f"`{shown}` failed (exit {proc.returncode}):\n{output}")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 
 from dspex.streams.errors import BrokerUnavailable, LocalBrokerError
 from dspex.streams.ops import _kraft
+from dspex.streams.ops.security import ADMIN, MECHANISM, Material
 from dspex.streams.settings import LocalBrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class LocalBroker:
         self.out_file = self.data_dir / "broker.out"
         self.state_file = self.data_dir / STATE_FILE
         self.log_dir = self.data_dir / "kraft"
+        # a secured node (dspex.streams.ops.security): its CA, key store and SCRAM users
+        self.security = Material(self.data_dir) if settings.secure else None
 
     def ensure_jars(self) -> Path:
         """Kafka's runtime classpath in ``cache_dir/kafka-<version>/``, fetched once.
@@ -156,14 +159,46 @@ class LocalBroker:
         java = _kraft.java_executable(str(java_home) if java_home else None)
         port, controller_port = self._choose_ports()
         node_id, voters = (self.node.node_id, self.node.voters) if self.node else (1, None)
+        self._check_security()
+        listener, controller = f"{_kraft.HOST}:{port}", f"{_kraft.HOST}:{controller_port}"
+        security, mtls = None, ""
+        if self.security is not None:
+            self.security.ensure()
+            wanted = self.settings.mtls_port
+            mtls = f"{_kraft.HOST}:{_kraft.choose_port(wanted, taken=(port, controller_port))}"
+            security = self.security.server_properties(listener, controller, mtls)
         self.config.write_text(
             _kraft.server_properties(
-                self.log_dir, port, controller_port, node_id=node_id, voters=voters
+                self.log_dir, port, controller_port, node_id=node_id, voters=voters,
+                security=security,
             ),
             encoding="utf-8",
-        )
+        )  # fmt: skip
         self._ensure_formatted(java, jars)
-        return self._spawn(java, jars, f"{_kraft.HOST}:{port}")
+        info = self._spawn(java, jars, listener)
+        if self.security is not None:
+            for name, text in self.security.client_settings(listener, mtls).items():
+                (self.security.dir / name).write_text(text, encoding="utf-8")
+        return info
+
+    def _check_security(self) -> None:
+        """Refuse to start formatted storage with the other kind of listener than it was made for.
+
+        A plain node's storage has no SCRAM users (nobody could log in), and a secured
+        node's data must not become readable by anyone on a plaintext port.
+        """
+        if self.node is not None and self.security is not None:
+            raise LocalBrokerError("a secured local broker is a single node: use --nodes 1")
+        if not (self.log_dir / "meta.properties").is_file():
+            return
+        was_secure = Material(self.data_dir).exists()
+        if was_secure != (self.security is not None):
+            kind = "a secured" if was_secure else "a plain"
+            raise LocalBrokerError(
+                f"{self.data_dir} holds {kind} broker's storage: start it "
+                f"{'with' if was_secure else 'without'} --secure (local_broker.secure), "
+                "or choose another local_broker.data_dir"
+            )
 
     def _choose_ports(self) -> tuple[int, int]:
         """The configured ports where free, else free ones (fine for formatted storage too).
@@ -206,7 +241,10 @@ class LocalBroker:
             )
         cluster_id = self.node.cluster_id if self.node else _kraft.new_cluster_id()
         logger.info("formatting storage dir=%s cluster_id=%s", self.log_dir, cluster_id)
-        _kraft.format_storage(java, jars, self.config, cluster_id, standalone=self.node is None)
+        extra = self.security.scram_args() if self.security is not None else []
+        _kraft.format_storage(
+            java, jars, self.config, cluster_id, standalone=self.node is None, extra=extra
+        )
 
     def _spawn(self, java: str, jars: Path, bootstrap: str) -> BrokerInfo:
         log4j2 = self.data_dir / "log4j2.properties"
@@ -231,7 +269,7 @@ class LocalBroker:
 
     def wait_ready(self, info: BrokerInfo, deadline: float) -> None:
         """Poll metadata until the broker answers; fail with the log tail."""
-        admin = AdminClient(probe_conf(info.bootstrap_servers))
+        admin = AdminClient(probe_conf(info.bootstrap_servers, self.security))
         while True:
             if not _kraft.is_broker_process(info.pid, self.config):
                 self.state_file.unlink(missing_ok=True)
@@ -321,15 +359,27 @@ class LocalBroker:
         return _kraft.file_lock(self.data_dir / ".broker.lock")
 
 
-def probe_conf(bootstrap: str) -> dict[str, str | int | float | bool]:
+def probe_conf(
+    bootstrap: str, security: Material | None = None
+) -> dict[str, str | int | float | bool]:
+    """An AdminClient config to ask a local node for metadata (as dspex-admin when secured)."""
     # log_level 0: refused connections while the broker boots are expected, not news.
-    return {
+    conf: dict[str, str | int | float | bool] = {
         "bootstrap.servers": bootstrap,
         "log_level": 0,
         "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 500,
         "socket.connection.setup.timeout.ms": 2000,
     }
+    if security is not None:
+        conf |= {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": MECHANISM,
+            "sasl.username": ADMIN,
+            "sasl.password": security.password(ADMIN),
+            "ssl.ca.location": str(security.ca),
+        }
+    return conf
 
 
 def _answers(admin: AdminClient, timeout: float) -> bool:

@@ -13,11 +13,14 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from dspex.streams.ops import _kraft
 from dspex.streams.ops.broker import LocalBroker
+from dspex.streams.ops.security import ADMIN, MECHANISM, Material
 from dspex.streams.settings import LocalBrokerSettings
 
 KAFKA_IMAGE = "apache/kafka:4.1.2"
@@ -49,6 +52,50 @@ def local_broker(data_dir: Path) -> Iterator[str]:
     info = broker.start()
     try:
         yield info.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    """The session's secured local broker: where it listens and its CA and passwords."""
+
+    bootstrap: str
+    material: Material
+    mtls_bootstrap: str  # the SSL listener that requires a client certificate
+
+    def kafka(self, user: str = ADMIN, password: str | None = None) -> dict[str, object]:
+        """``kafka`` settings for ``user`` (its generated password unless ``password``)."""
+        secret = password if password is not None else self.material.password(user)
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": MECHANISM,
+            "sasl_username": user,
+            "sasl_password": secret,
+            "ssl_ca_location": self.material.ca,
+        }
+
+
+@contextlib.contextmanager
+def secure_local_broker(data_dir: Path) -> Iterator[SecureBroker]:
+    """The local KRaft broker with ``--secure``: always this, whatever else is available
+    (neither KAFKA_BOOTSTRAP_SERVERS nor the container is secured)."""
+    settings = LocalBrokerSettings(
+        port=free_port(),
+        controller_port=free_port(),
+        mtls_port=free_port(),
+        data_dir=data_dir,
+        heap="768m",
+        secure=True,
+        start_timeout_s=300.0,  # a busy shared machine: TLS makes the JVM start slower still
+    )
+    broker = LocalBroker(settings)
+    info = broker.start()
+    try:
+        listeners = _kraft.read_properties(broker.config)["listeners"].split(",")
+        (mtls,) = [item.removeprefix("SSL://") for item in listeners if item.startswith("SSL://")]
+        yield SecureBroker(info.bootstrap_servers, Material(broker.data_dir), mtls)
     finally:
         broker.stop()
 

@@ -12,7 +12,7 @@ from dspex.streams import kafka
 from dspex.streams.ops.admin import TopicReport, ensure_topics
 from dspex.streams.settings import Settings, load_settings
 from dspex.streams.topics import Topics
-from tests.integration.brokers import any_broker
+from tests.integration.brokers import SecureBroker, any_broker, secure_local_broker
 from tests.integration.tail import OpenTail, Tail
 
 
@@ -31,6 +31,28 @@ def kafka_bootstrap(
         if reporter:
             reporter.write_line(f"\nintegration broker: {bootstrap} ({source})")
         yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def secure_broker(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[SecureBroker]:
+    """ONE secured local broker (SASL_SSL, SCRAM-SHA-512, ACLs) for the whole session."""
+    with secure_local_broker(tmp_path_factory.mktemp("kafka-secure")) as broker:
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter:
+            reporter.write_line(f"\nsecured broker: {broker.bootstrap} (SASL_SSL)")
+        yield broker
+
+
+@pytest.fixture
+def secure_settings(secure_broker: SecureBroker) -> Settings:
+    """Settings for DSPex (as dspex-admin) on the secured broker, with a prefix for this test."""
+    return load_settings(
+        kafka=secure_broker.kafka(),
+        topics={"prefix": f"s{uuid.uuid4().hex[:10]}."},
+        lm={"pool_variants": {"gpu": "local"}},
+    )
 
 
 @pytest.fixture

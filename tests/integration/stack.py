@@ -100,6 +100,11 @@ def agent_env(settings: Settings) -> dict[str, str]:
     )
     if settings.traces_file is not None:
         env["DSPEX_TRACES_FILE"] = str(settings.traces_file)
+    if settings.kafka.security_protocol != "PLAINTEXT":  # a secured broker: the whole section
+        secured = settings.kafka.model_dump(mode="json", exclude_none=True)
+        if settings.kafka.sasl_password is not None:
+            secured["sasl_password"] = settings.kafka.sasl_password.get_secret_value()
+        env["DSPEX_KAFKA"] = json.dumps(secured)
     with mock.patch.dict(os.environ, env, clear=True):
         seen = load_settings().model_copy(update={"log_level": settings.log_level})
     if seen.model_dump() != settings.model_dump():

@@ -51,6 +51,7 @@ LIGHT = {
     "rich",
     "pyyaml",
     "opentelemetry-api",
+    "cryptography",  # the secured local broker's CA (dspex broker start --secure)
 }
 HEAVY = {
     "faust-streaming",
