@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dspex.agents.learner.stats import TINY, ArmStats, ProgramStats, clean
 from dspex.schemas.records import Record
@@ -32,6 +32,10 @@ class Decision:
     demoted: dict[str, str]
     reason: str
     learned_from: list[Record]
+    cooling: dict[str, str] = field(default_factory=dict)
+    """Variants cooling down (failures in a row, breaker open) and why."""
+    wake_at: float | None = None
+    """When the first of those cooldowns ends: the decision is due again then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,29 +66,72 @@ def decide(
     now_s: float,
     previous: Mapping[str, float] | None = None,
     previously_demoted: Iterable[str] = (),
+    previously_cooling: Iterable[str] = (),
+    since_s: float | None = None,
 ) -> Decision:
-    """Weights by Thompson sampling over ``candidates`` (variant -> pool) and every seen arm."""
+    """Weights by Thompson sampling over ``candidates`` (variant -> pool) and every seen arm.
+
+    ``since_s`` is when the previous table was decided: change points after it are
+    named in the reason.
+    """
     arms = _arms_at(stats, candidates, now_s, cfg)
     pools = {name: candidates.get(name) or arm.pool for name, arm in arms.items()}
     learned = [arm.summary(name, cfg) for name, arm in arms.items()]
     demoted = {name: arm.demoted for name, arm in arms.items() if arm.demoted}
+    cooling = {name: arm.cooling(now_s) for name, arm in arms.items() if arm.cooling(now_s)}
+    wake = min((arms[name].cooldown_until for name in cooling), default=None)
     total = sum(arm.n for arm in arms.values())
     if total < 1e-6:
         even = dict.fromkeys(arms, 1.0 / len(arms)) if arms else {}
         reason = f"cold start: uniform over {len(arms)} variants (no executions yet)"
-        return Decision(even, even, sorted(arms), pools, {}, reason, learned)
+        if cooling:
+            reason += "; " + "; ".join(_cooling_notes(cooling, arms, now_s))
+        return Decision(even, even, sorted(arms), pools, {}, reason, learned, cooling, wake)
     posteriors = _posteriors(arms, objective, cfg)
-    wins, means = _thompson(posteriors, set(demoted), cfg.samples, rng, objective.weights())
+    out = set(demoted) | set(cooling)
+    wins, means = _thompson(posteriors, out, cfg.samples, rng, objective.weights())
     p_best = {name: wins[name] / cfg.samples for name in arms}
-    weights = _floor_mix(p_best, cfg.min_weight)
-    fallback = sorted(arms, key=lambda name: (name in demoted, -means[name], name))
+    weights = _floor_mix(p_best, {name: floor(arm, cfg) for name, arm in arms.items()})
+    fallback = sorted(arms, key=lambda name: (name in out, -means[name], name))
     notes = [
         f"variant {n} penalized: breaks {objective.label()}"
         for n, p in posteriors.items()
         if p.penalty
     ]
+    changes = [
+        f"variant {name} change point: {arm.change}"
+        for name, arm in sorted(arms.items())
+        if arm.change and (since_s is None or arm.change_at > since_s)
+    ]
     why = _reason(weights, p_best, demoted, previous, set(previously_demoted), total)
-    return Decision(weights, p_best, fallback, pools, demoted, "; ".join([*why, *notes]), learned)
+    over = [
+        f"variant {name} cooldown over" for name in sorted(set(previously_cooling) - set(cooling))
+    ]
+    parts = [*_cooling_notes(cooling, arms, now_s), *over, *changes, *why, *notes]
+    return Decision(
+        weights, p_best, fallback, pools, demoted, "; ".join(parts), learned, cooling, wake
+    )
+
+
+def floor(arm: ArmStats, cfg: BanditConfig) -> float:
+    """A variant's exploration floor: ``min_weight`` with no evidence, down to ``min_floor``.
+
+    ``min_weight * k / (k + n)`` with ``k = confident_events`` and ``n`` the variant's
+    decayed count: certain evidence needs few probes, and evidence that decays away
+    (or that a change point dropped) brings the probes back by itself.
+    """
+    high = max(cfg.min_weight, cfg.min_floor)
+    shrunk = cfg.min_weight * cfg.confident_events / (cfg.confident_events + arm.n)
+    return min(max(shrunk, cfg.min_floor), high)
+
+
+def _cooling_notes(
+    cooling: Mapping[str, str], arms: Mapping[str, ArmStats], now_s: float
+) -> list[str]:
+    return [
+        f"variant {name} cooling down {arms[name].cooldown_until - now_s:.0f} s: {why}"
+        for name, why in sorted(cooling.items())
+    ]
 
 
 def _arms_at(
@@ -156,14 +203,15 @@ def _finite(utility: float) -> float:
     return utility if math.isfinite(utility) else -1e9
 
 
-def _floor_mix(p_best: Mapping[str, float], floor: float) -> dict[str, float]:
-    """``floor + (1 - k*floor) * p_best``: sums to 1, nobody below the floor."""
+def _floor_mix(p_best: Mapping[str, float], floors: Mapping[str, float]) -> dict[str, float]:
+    """``floor_i + (1 - sum(floors)) * p_best_i``: sums to 1, nobody below their floor."""
     k = len(p_best)
     if k == 0:
         return {}
-    if k * floor >= 1.0:
+    spent = sum(floors[name] for name in p_best)
+    if spent >= 1.0:
         return dict.fromkeys(p_best, 1.0 / k)
-    mixed = {name: round(floor + (1.0 - k * floor) * p, 4) for name, p in p_best.items()}
+    mixed = {name: round(floors[name] + (1.0 - spent) * p, 4) for name, p in p_best.items()}
     if any(not math.isfinite(w) or w <= 0 for w in mixed.values()):
         return dict.fromkeys(p_best, 1.0 / k)  # unreachable by construction; never ship NaN
     return mixed

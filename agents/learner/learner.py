@@ -82,8 +82,11 @@ class _Published:
     version: int = 0
     weights: dict[str, float] | None = None
     demoted: frozenset[str] = frozenset()
+    cooling: frozenset[str] = frozenset()
     published_at: float = 0.0
     decided_at: float = 0.0
+    wake_at: float | None = None
+    """When a cooldown in the last decision ends: decide again then, telemetry or not."""
 
 
 @dataclass
@@ -135,15 +138,18 @@ class Learner:
         if kind not in ("execution", "attempt") or record.get("error_class") == "Overloaded":
             return  # an overloaded request never ran: it says nothing about its variant
         emitted = to_ms(record.get("emitted_at"))
+        # an attempt's latency is the whole request's (fallback included), not its variant's
+        timed = kind == "execution"
         obs = Observation.of(
             record.get("variant"),
             record.get("pool"),
             None if emitted is None else emitted / 1000.0,
             record.get("success"),
-            record.get("latency_ms"),
-            record.get("queue_wait_ms"),
+            record.get("latency_ms") if timed else None,
+            record.get("queue_wait_ms") if timed else None,
             record.get("quality"),
             record.get("cost_usd"),
+            record.get("error_class"),
         )
         if obs is None:
             return
@@ -194,6 +200,7 @@ class Learner:
         now = self.clock()
         refresh = self.config.refresh_interval_s
         due = {p for p in self.stale if now - self._state(p).published_at >= refresh}
+        due |= {p for p, s in self.state.items() if s.wake_at is not None and now >= s.wake_at}
         tables = []
         for program_id in sorted(self.dirty | due):
             state = self._state(program_id)
@@ -223,15 +230,20 @@ class Learner:
             now,
             state.weights,
             state.demoted,
+            state.cooling,
+            state.published_at,
         )
         state.decided_at = now
+        state.wake_at = decision.wake_at
         threshold = self.config.material_change
         moved = changed(state.weights, decision.weights, threshold)
         moved |= now - state.published_at >= self.config.refresh_interval_s
+        moved |= frozenset(decision.cooling) != state.cooling
         if not moved and frozenset(decision.demoted) == state.demoted:
             return None
         state.version = max(state.version, int((previous or {}).get("version") or 0)) + 1
         state.weights, state.demoted = decision.weights, frozenset(decision.demoted)
+        state.cooling = frozenset(decision.cooling)
         state.published_at = now
         return self._record(program_id, state.version, decision, previous, now)
 
