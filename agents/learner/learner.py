@@ -101,6 +101,9 @@ class Learner:
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     dirty: set[str] = field(default_factory=set)
+    urgent: set[str] = field(default_factory=set)
+    """Programs where a variant just started cooling down or was demoted: published without
+    waiting for ``publish_interval_s`` (a cooldown lasts longer, so this cannot flap)."""
     stale: set[str] = field(default_factory=set)
     """Programs whose newest evidence is not in a published table: no material move yet.
     They get a table once ``refresh_interval_s`` has passed since their last one."""
@@ -154,7 +157,13 @@ class Learner:
         if obs is None:
             return
         stats = ProgramStats.from_json(self.stats.get(program_id))
-        stats.observe(obs, self.clock(), self.config.bandit)
+        now = self.clock()
+        before = stats.arms.get(obs.variant)
+        was = (before.cooling(now), before.demoted) if before else ("", "")
+        stats.observe(obs, now, self.config.bandit)
+        arm = stats.arms[obs.variant]
+        if (arm.cooling(now) and not was[0]) or (arm.demoted and not was[1]):
+            self.urgent.add(program_id)
         self.stats[program_id] = stats.to_json()
         self.dirty.add(program_id)
         if record.get("request_id") and kind == "execution":  # who answered, for feedback
@@ -204,8 +213,10 @@ class Learner:
         tables = []
         for program_id in sorted(self.dirty | due):
             state = self._state(program_id)
-            if now - max(state.decided_at, state.published_at) < self.config.publish_interval_s:
+            since = now - max(state.decided_at, state.published_at)
+            if since < self.config.publish_interval_s and program_id not in self.urgent:
                 continue
+            self.urgent.discard(program_id)
             self.dirty.discard(program_id)
             self.stale.discard(program_id)
             table = self._decide(program_id, state, now)

@@ -125,3 +125,18 @@ def test_an_attempt_lends_no_latency_to_the_variant_that_gave_up() -> None:
     arm = ProgramStats.from_json(learner.stats["qa"]).arms["bad"]
     assert arm.n == 2 and arm.successes == 1
     assert arm.mean_latency_ms == 100.0  # the 9 s were the whole request, fallback included
+
+
+def test_a_cooldown_is_published_at_once_not_after_the_publish_interval() -> None:
+    clock = Clock()
+    learner = _learner(clock)
+    for i in range(100):
+        learner.observe(_execution("good" if i % 2 == 0 else "bad", 0.9))
+    assert learner.due_tables()
+    clock.now += 0.1  # well inside publish_interval_s (0.5 s)
+    for _ in range(3):
+        learner.observe({**_execution("good", 0.0), "success": False, "error_class": "APIError"})
+    ((_, table),) = learner.due_tables()
+    assert "variant good cooling down" in table["reason"]
+    learner.observe(_execution("bad", 0.9))
+    assert learner.due_tables() == []  # ordinary evidence still waits for the interval
