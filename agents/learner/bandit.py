@@ -247,11 +247,17 @@ def _normalized(weights: Mapping[str, float]) -> dict[str, float]:
 
 
 def changed(old: Mapping[str, float] | None, new: Mapping[str, float], threshold: float) -> bool:
-    """True when a variant appeared or vanished, or any share moved more than ``threshold``."""
+    """True when a variant appeared or vanished, or any share moved more than ``threshold``,
+    or a share of at least 0.01 moved to or from half or double (small shares are the
+    exploration floors: 0.06 -> 0.02 is a third of the probes, not noise)."""
     if old is None or set(old) != set(new):
         return True
     before, after = _normalized(old), _normalized(new)
-    return any(abs(before[name] - after[name]) > threshold for name in after)
+    for name in after:
+        low, high = sorted((before[name], after[name]))
+        if high - low > threshold or (high - low >= 0.01 and high >= 2 * low):
+            return True
+    return False
 
 
 def pool_hints(

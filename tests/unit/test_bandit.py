@@ -260,6 +260,11 @@ def test_material_change() -> None:
     assert changed({"a": 0.5, "b": 0.5}, {"a": 0.5, "c": 0.5}, 0.05)
     assert changed({"a": 0.5, "b": 0.5}, {"a": 0.6, "b": 0.4}, 0.05)
     assert not changed({"a": 0.5, "b": 0.5}, {"a": 0.53, "b": 0.47}, 0.05)
+    # a floor that shrank to a third is worth a table: 4 % of traffic back to the best
+    assert changed({"a": 0.9, "b": 0.06, "c": 0.04}, {"a": 0.96, "b": 0.02, "c": 0.02}, 0.05)
+    assert not changed(
+        {"a": 0.985, "b": 0.01, "c": 0.005}, {"a": 0.99, "b": 0.006, "c": 0.004}, 0.05
+    )
     assert not changed({"a": 2.0, "b": 2.0}, {"a": 0.5, "b": 0.5}, 0.05)  # shares, not raw
     assert changed({"a": math.nan, "b": 1.0}, {"a": 0.5, "b": 0.5}, 0.05)
 
