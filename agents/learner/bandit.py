@@ -91,7 +91,7 @@ def decide(
     out = set(demoted) | set(cooling)
     wins, means = _thompson(posteriors, out, cfg.samples, rng, objective.weights())
     p_best = {name: wins[name] / cfg.samples for name in arms}
-    weights = _floor_mix(p_best, {name: floor(arm, cfg) for name, arm in arms.items()})
+    weights = _floor_mix(p_best, _floors(arms, cfg))
     fallback = sorted(arms, key=lambda name: (name in out, -means[name], name))
     notes = [
         f"variant {n} penalized: breaks {objective.label()}"
@@ -125,6 +125,23 @@ def floor(arm: ArmStats, cfg: BanditConfig) -> float:
     return min(max(shrunk, cfg.min_floor), high)
 
 
+def _floors(arms: Mapping[str, ArmStats], cfg: BanditConfig) -> dict[str, float]:
+    """Each variant's floor, scaled down for a slow variant by the fastest's mean latency
+    over its own (to a fifth at most): probes are paid in callers' time, not in requests."""
+    means = {name: arm.mean_latency_ms for name, arm in arms.items() if arm.lat_n >= 1.0}
+    fastest = min(means.values(), default=0.0)
+    floors = {}
+    for name, arm in arms.items():
+        mean = means.get(name, 0.0)
+        speed = fastest / mean if fastest > TINY and mean > TINY else 1.0
+        floors[name] = floor(arm, cfg) * min(max(speed, SLOW_FLOOR_SCALE), 1.0)
+    return floors
+
+
+SLOW_FLOOR_SCALE = 0.2
+"""A slow variant's floor is scaled by at most this: it never drops below min_floor / 5."""
+
+
 def _cooling_notes(
     cooling: Mapping[str, str], arms: Mapping[str, ArmStats], now_s: float
 ) -> list[str]:
@@ -146,7 +163,8 @@ def _posteriors(
     arms: Mapping[str, ArmStats], objective: Objective, cfg: BanditConfig
 ) -> dict[str, _Posterior]:
     lat_n = sum(arm.lat_n for arm in arms.values())
-    prior_mu = sum(arm.log_sum for arm in arms.values()) / lat_n if lat_n > TINY else math.log(1e3)
+    lat_sum = sum(arm.lat_sum for arm in arms.values())
+    prior_mu = math.log(max(lat_sum / lat_n, 1e-3)) if lat_n > TINY else math.log(1e3)
     costs = [arm.c_sum / arm.c_n for arm in arms.values() if arm.c_n > TINY]
     # costs under a tenth of the priciest count as about equal: free must not dominate
     floor = 0.1 * max(costs) if costs and max(costs) > 0 else 1.0
@@ -160,8 +178,11 @@ def _posterior(
     arm: ArmStats, prior_mu: float, floor: float, fill: float, obj: Objective, cfg: BanditConfig
 ) -> _Posterior:
     k = arm.lat_n
-    mean = arm.log_sum / k if k > TINY else prior_mu
-    var = max(arm.log_sq / k - mean * mean, 0.0) if k > TINY else 1.0
+    # the log of the MEAN latency: answers per second of a caller's time go with the mean
+    # (a variant fast 90 % of the time and very slow otherwise is not as fast as its median)
+    log_mean = arm.log_sum / k if k > TINY else prior_mu
+    mean = math.log(max(arm.lat_sum / k, 1e-3)) if k > TINY else prior_mu
+    var = max(arm.log_sq / k - log_mean * log_mean, 0.0) if k > TINY else 1.0
     mu = (prior_mu + k * mean) / (1.0 + k)  # a Normal prior worth one observation, sd e
     sd = math.sqrt((1.0 + k * var) / (1.0 + k) / (1.0 + k))
     cost = arm.c_sum / arm.c_n if arm.c_n > TINY else fill

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from dspex.agents.learner.bandit import (
+    SLOW_FLOOR_SCALE,
     Decision,
     changed,
     decide,
@@ -120,7 +121,7 @@ def test_degraded_variant_is_demoted_quickly_and_recovers() -> None:
     assert sim.decision.fallback[-1] == "a"
 
     sim.run(100)  # still degraded: the floor keeps probing it
-    assert CFG.min_floor <= sim.decision.weights["a"] <= CFG.min_weight
+    assert CFG.min_floor * SLOW_FLOOR_SCALE <= sim.decision.weights["a"] <= CFG.min_weight
     sim.specs["a"] = (0.98, 200.0)
     sim.run(3_000)
     print(f"recovered: weights={sim.decision.weights} routed={sim.routed}")
@@ -220,7 +221,8 @@ def test_poisoned_stored_statistics_are_sanitized() -> None:
 
 def _assert_sane(decision: Decision) -> None:
     weights = list(decision.weights.values())
-    assert weights and all(math.isfinite(w) and w >= CFG.min_floor - 1e-9 for w in weights)
+    lowest = CFG.min_floor * SLOW_FLOOR_SCALE - 1e-9
+    assert weights and all(math.isfinite(w) and w >= lowest for w in weights)
     assert sum(weights) == pytest.approx(1.0, abs=1e-3)
     for row in decision.learned_from:
         for key, value in row.items():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from dspex.agents.learner.bandit import decide, floor
 from dspex.agents.learner.stats import ArmStats, Observation, ProgramStats
 from dspex.streams.settings import BanditConfig, Objective
@@ -132,3 +134,34 @@ def test_a_stationary_best_is_not_flapped_by_change_points() -> None:
     print(f"\nbest's weight over 4000 stationary events: min {min(shares):.3f}")
     assert min(shares) >= 1.0 - 2 * cfg.min_weight
     assert isinstance(cfg, BanditConfig)
+
+
+def test_the_latency_objective_judges_a_variant_by_its_mean_latency_not_its_median() -> None:
+    # "spiky" answers in 100 ms nine times in ten and in 2 s otherwise: mean 290 ms,
+    # geometric mean 134 ms; "even" always takes 200 ms. Per second of a caller's time
+    # "even" answers more (1/0.2 vs 1/0.29); the mean of log-latency preferred "spiky".
+    stats = ProgramStats()
+    for i in range(400):
+        t = 1_000.0 + i * 0.1
+        spiky = Observation.of("spiky", "general", t, True, 2_000.0 if i % 10 == 0 else 100.0)
+        even = Observation.of("even", "general", t, True, 200.0)
+        assert spiky is not None and even is not None
+        stats.observe(spiky, t, CFG)
+        stats.observe(even, t, CFG)
+    decision = decide(stats, {}, LATENCY, CFG, random.Random(2), 1_040.0)
+    print(f"\nspiky vs even: {decision.weights}")
+    assert decision.weights["even"] > 0.9
+
+
+def test_a_slow_variant_is_probed_less_than_a_fast_one_with_the_same_evidence() -> None:
+    stats = ProgramStats()
+    for i in range(30):
+        t = 1_000.0 + i
+        for name, ms in (("fast", 100.0), ("best", 100.0), ("slow", 1_000.0)):
+            obs = Observation.of(name, "general", t, name == "best" or i % 2 == 0, ms)
+            assert obs is not None
+            stats.observe(obs, t, CFG)
+    decision = decide(stats, {}, Objective(kind="quality"), CFG, random.Random(2), 1_030.0)
+    print(f"\nfloors by speed: {decision.weights}")
+    # the same count and success rate, ten times slower: a fifth of the floor
+    assert decision.weights["slow"] == pytest.approx(decision.weights["fast"] / 5, abs=0.002)
