@@ -290,7 +290,8 @@ class Objective(_Section):
     breaks a constraint loses ``penalty`` (log2 units: 10 = 1024 times worse).
     """
 
-    kind: Literal["quality", "latency", "cost", "balanced"] = "balanced"
+    # latency (answers per second of a caller's time) by default: docs/learning.md, issue 20
+    kind: Literal["quality", "latency", "cost", "balanced"] = "latency"
     quality_weight: float | None = Field(default=None, ge=0)
     latency_weight: float | None = Field(default=None, ge=0)
     cost_weight: float | None = Field(default=None, ge=0)

@@ -165,3 +165,10 @@ def test_a_slow_variant_is_probed_less_than_a_fast_one_with_the_same_evidence() 
     print(f"\nfloors by speed: {decision.weights}")
     # the same count and success rate, ten times slower: a fifth of the floor
     assert decision.weights["slow"] == pytest.approx(decision.weights["fast"] / 5, abs=0.002)
+
+
+def test_the_default_objective_is_answers_per_second_of_a_callers_time() -> None:
+    from dspex.streams.settings import LearnerSettings
+
+    objective = LearnerSettings().objective_for("any.program")
+    assert objective.kind == "latency" and objective.weights() == (1.0, 1.0, 0.0)
