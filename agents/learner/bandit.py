@@ -89,7 +89,11 @@ def decide(
         return Decision(even, even, sorted(arms), pools, {}, reason, learned, cooling, wake)
     posteriors = _posteriors(arms, objective, cfg)
     out = set(demoted) | set(cooling)
-    wins, means = _thompson(posteriors, out, cfg.samples, rng, objective.weights())
+    # who may win a draw: healthy variants, else demoted ones, else (all cooling) anyone
+    eligible = [n for n in arms if n not in out] or [n for n in arms if n not in cooling]
+    wins, means = _thompson(
+        posteriors, eligible or list(arms), cfg.samples, rng, objective.weights()
+    )
     p_best = {name: wins[name] / cfg.samples for name in arms}
     weights = _floor_mix(p_best, _floors(arms, cfg))
     fallback = sorted(arms, key=lambda name: (name in out, -means[name], name))
@@ -203,13 +207,12 @@ def _posterior(
 
 def _thompson(
     posteriors: Mapping[str, _Posterior],
-    demoted: set[str],
+    eligible: list[str],
     samples: int,
     rng: random.Random,
     weights: tuple[float, float, float],
 ) -> tuple[dict[str, int], dict[str, float]]:
     """How often each arm wins a joint posterior draw, and its mean drawn utility."""
-    eligible = [name for name in posteriors if name not in demoted] or list(posteriors)
     wins = dict.fromkeys(posteriors, 0)
     totals = dict.fromkeys(posteriors, 0.0)
     for _ in range(samples):

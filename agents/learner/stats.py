@@ -169,7 +169,9 @@ class ArmStats:
         self.demoted = _anomaly(self, cfg)
         if change is not None:
             self._rebase(change[0], change[1], t, cfg)
-            if change[2] and not self.demoted:  # for the worse: out of the draws at once
+            # fewer good answers: out of the draws at once (a latency change only rebuilds
+            # the statistics: the objective decides what latency is worth)
+            if change[2] and change[1] == "reward" and not self.demoted:
                 self.demoted = f"change point: {self.change}"
         self.fails_in_row = 0.0 if ok else self.fails_in_row + 1.0
         if self.fails_in_row >= _surprising_run(base_error, cfg):

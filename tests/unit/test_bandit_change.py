@@ -172,3 +172,16 @@ def test_the_default_objective_is_answers_per_second_of_a_callers_time() -> None
 
     objective = LearnerSettings().objective_for("any.program")
     assert objective.kind == "latency" and objective.weights() == (1.0, 1.0, 0.0)
+
+
+def test_a_cooling_variant_never_wins_even_when_every_other_is_demoted() -> None:
+    stats = ProgramStats()
+    for i in range(60):
+        _observe(stats, "cool", 1_000.0 + i * 0.1, True)
+        _observe(stats, "slow", 1_000.0 + i * 0.1, True)
+    stats.arms["slow"].demoted = "latency 900 ms vs 300 ms"
+    _observe(stats, "cool", 1_006.0, False, error_class="CircuitOpen")
+    decision = decide(stats, {}, LATENCY, CFG, random.Random(4), 1_007.0)
+    print(f"\ncooling vs demoted: {decision.weights} ({decision.reason})")
+    assert decision.p_best["cool"] == 0.0
+    assert decision.weights["cool"] < 0.05 < decision.weights["slow"]
