@@ -82,7 +82,8 @@ class _Published:
     version: int = 0
     weights: dict[str, float] | None = None
     demoted: frozenset[str] = frozenset()
-    cooling: frozenset[str] = frozenset()
+    cooling: dict[str, str] = field(default_factory=dict)
+    """Variants cooling down in the last table, and why (a new why is a new table)."""
     published_at: float = 0.0
     decided_at: float = 0.0
     wake_at: float | None = None
@@ -162,7 +163,7 @@ class Learner:
         was = (before.cooling(now), before.demoted) if before else ("", "")
         stats.observe(obs, now, self.config.bandit)
         arm = stats.arms[obs.variant]
-        if (arm.cooling(now) and not was[0]) or (arm.demoted and not was[1]):
+        if (arm.cooling(now) and arm.cooling(now) != was[0]) or (arm.demoted and not was[1]):
             self.urgent.add(program_id)
         self.stats[program_id] = stats.to_json()
         self.dirty.add(program_id)
@@ -249,12 +250,12 @@ class Learner:
         threshold = self.config.material_change
         moved = changed(state.weights, decision.weights, threshold)
         moved |= now - state.published_at >= self.config.refresh_interval_s
-        moved |= frozenset(decision.cooling) != state.cooling
+        moved |= decision.cooling != state.cooling
         if not moved and frozenset(decision.demoted) == state.demoted:
             return None
         state.version = max(state.version, int((previous or {}).get("version") or 0)) + 1
         state.weights, state.demoted = decision.weights, frozenset(decision.demoted)
-        state.cooling = frozenset(decision.cooling)
+        state.cooling = dict(decision.cooling)
         state.published_at = now
         return self._record(program_id, state.version, decision, previous, now)
 

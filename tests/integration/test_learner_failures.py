@@ -6,8 +6,8 @@ servers on 127.0.0.1, nothing is a model): ``flaky`` fails 30 % of its calls wit
 500, ``steady`` never fails; each falls back to the other. The worker retries a call
 once and then hands over to the fallback, so the client sees an answer either way;
 only the worker's "attempt" Telemetry tells the learner that ``flaky`` gave up.
-Then ``flaky`` fails every call: its circuit breaker opens in the worker and the
-published table says so.
+Then ``steady``, which by then carries the traffic, fails every call: its circuit
+breaker opens in the worker and the published table says so.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def _tables(watcher: Tail) -> list[dict[str, Any]]:
 
 
 def _row(table: dict[str, Any], variant: str) -> dict[str, Any]:
-    return next(r for r in table["learned_from"] if r["variant"] == variant)
+    """The table's statistics of ``variant`` (none in the hand-written first table)."""
+    empty = {"variant": variant, "count": 0.0, "successes": 0.0}
+    return next((r for r in table["learned_from"] if r["variant"] == variant), empty)
 
 
 def _weight(table: dict[str, Any], variant: str) -> float:
@@ -142,37 +144,39 @@ async def test_a_flaky_variant_behind_retries_and_a_fallback_loses_weight_and_sh
                 assert steady["successes"] == steady["count"]
                 assert _weight(table, "flaky") < _weight(table, "steady")
 
+                # now the backend carrying the traffic fails every call: its breaker opens
                 fleet.degrade(
                     Degradation(latency_factor=1.0, error_rate=1.0, error_status=500),
                     window=0,
-                    backend="flaky",
+                    backend="steady",
                 )
                 broke = time.monotonic()
                 seen = len(_tables(watcher))
+
+                def breaker_table() -> dict[str, Any] | None:
+                    return next(
+                        (
+                            t
+                            for t in _tables(watcher)[seen:]
+                            if "variant steady cooling down" in t["reason"]
+                            and "breaker open" in t["reason"]
+                        ),
+                        None,
+                    )
+
                 sent = 0
-                while sent < 200:
+                while sent < 200 and breaker_table() is None:
                     await _ask(client, 20, 1_000 + sent)
                     sent += 20
-                    opened = [t for t in _tables(watcher)[seen:] if "breaker open" in t["reason"]]
-                    if opened:
-                        break
-                opened_table = await until(
-                    lambda: next(
-                        (t for t in _tables(watcher)[seen:] if "breaker open" in t["reason"]),
-                        None,
-                    ),
-                    30,
-                    "a table saying flaky's breaker is open",
-                )
+                opened = await until(breaker_table, 30, "a table saying steady's breaker is open")
                 print(
-                    f"flaky fails every call: breaker-open table v{opened_table['version']} "
-                    f"{time.monotonic() - broke:.1f} s and <= {sent} requests later: "
-                    f"weights flaky {_weight(opened_table, 'flaky')}; "
-                    f"reason: {opened_table['reason']}"
+                    f"steady fails every call: breaker-open table v{opened['version']} "
+                    f"{time.monotonic() - broke:.1f} s and <= {sent} requests later: weights "
+                    f"steady {_weight(opened, 'steady')} flaky {_weight(opened, 'flaky')}; "
+                    f"reason: {opened['reason']}"
                 )
-                assert "variant flaky cooling down" in opened_table["reason"]
-                assert _weight(opened_table, "flaky") <= 0.05
-                assert opened_table["fallback"][-1] == "flaky"
+                assert _weight(opened, "steady") <= 0.05
+                assert opened["fallback"][-1] == "steady"
         finally:
             await learner.stop()
             stack.stop()
