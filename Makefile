@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test test-loaded test-soak lint unit integration bench bench-routing tools lock clean
+.PHONY: up test test-loaded test-soak lint unit integration bench bench-routing bench-routing-scenarios tools lock clean
 
 DEVTREE := build/dev/dspex/__init__.py
 
@@ -58,6 +58,10 @@ bench: $(STAMP) $(DEVTREE)
 ## bench-routing: learned vs static vs LiteLLM routing on simulated LM backends (bench-results/routing.json)
 bench-routing: $(STAMP) $(DEVTREE)
 	$(BIN)/python -m tests.bench.routing_run --out bench-results
+
+## bench-routing-scenarios: the routing decision under issue 20's scenarios, simulated clock, 3 runs
+bench-routing-scenarios: $(STAMP) $(DEVTREE)
+	$(BIN)/python -m tests.bench.routing_decide --runs 3 --out bench-results
 
 
 lint: $(STAMP) $(DEVTREE)

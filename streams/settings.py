@@ -388,7 +388,8 @@ class Objective(_Section):
     breaks a constraint loses ``penalty`` (log2 units: 10 = 1024 times worse).
     """
 
-    kind: Literal["quality", "latency", "cost", "balanced"] = "balanced"
+    # latency (answers per second of a caller's time) by default: docs/learning.md, issue 20
+    kind: Literal["quality", "latency", "cost", "balanced"] = "latency"
     quality_weight: float | None = Field(default=None, ge=0)
     latency_weight: float | None = Field(default=None, ge=0)
     cost_weight: float | None = Field(default=None, ge=0)
@@ -432,6 +433,19 @@ class BanditConfig(_Section):
     p95_min_count: float = Field(default=10.0, ge=1)
     max_consumers: int = Field(default=16, ge=1)
     target_utilization: float = Field(default=0.7, gt=0, le=1)
+    # exploration: a variant's floor decays from min_weight to min_floor as its evidence grows
+    min_floor: float = Field(default=0.01, gt=0, le=0.5)
+    confident_events: float = Field(default=40.0, gt=0)
+    # change points (two-sided Page-Hinkley per variant): reward in [0, 1], log-latency
+    change_reward_delta: float = Field(default=0.15, ge=0)
+    change_reward_h: float = Field(default=4.0, gt=0)
+    change_latency_delta: float = Field(default=0.4, ge=0)
+    change_latency_h: float = Field(default=3.0, gt=0)
+    # cooldown: failures in a row, or a worker's breaker open, take a variant out this long
+    cooldown_failures: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=10.0, gt=0)
+    # ... at least so many that the variant's own error rate gives them this probability
+    cooldown_surprise: float = Field(default=1e-4, gt=0, lt=1)
 
 
 class LearnerSettings(_Section):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dspex.agents.learner.stats import TINY, ArmStats, ProgramStats, clean
 from dspex.schemas.records import Record
@@ -32,6 +32,10 @@ class Decision:
     demoted: dict[str, str]
     reason: str
     learned_from: list[Record]
+    cooling: dict[str, str] = field(default_factory=dict)
+    """Variants cooling down (failures in a row, breaker open) and why."""
+    wake_at: float | None = None
+    """When the first of those cooldowns ends: the decision is due again then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,29 +66,93 @@ def decide(
     now_s: float,
     previous: Mapping[str, float] | None = None,
     previously_demoted: Iterable[str] = (),
+    previously_cooling: Iterable[str] = (),
+    since_s: float | None = None,
 ) -> Decision:
-    """Weights by Thompson sampling over ``candidates`` (variant -> pool) and every seen arm."""
+    """Weights by Thompson sampling over ``candidates`` (variant -> pool) and every seen arm.
+
+    ``since_s`` is when the previous table was decided: change points after it are
+    named in the reason.
+    """
     arms = _arms_at(stats, candidates, now_s, cfg)
     pools = {name: candidates.get(name) or arm.pool for name, arm in arms.items()}
     learned = [arm.summary(name, cfg) for name, arm in arms.items()]
     demoted = {name: arm.demoted for name, arm in arms.items() if arm.demoted}
+    cooling = {name: arm.cooling(now_s) for name, arm in arms.items() if arm.cooling(now_s)}
+    wake = min((arms[name].cooldown_until for name in cooling), default=None)
     total = sum(arm.n for arm in arms.values())
     if total < 1e-6:
         even = dict.fromkeys(arms, 1.0 / len(arms)) if arms else {}
         reason = f"cold start: uniform over {len(arms)} variants (no executions yet)"
-        return Decision(even, even, sorted(arms), pools, {}, reason, learned)
+        if cooling:
+            reason += "; " + "; ".join(_cooling_notes(cooling, arms, now_s))
+        return Decision(even, even, sorted(arms), pools, {}, reason, learned, cooling, wake)
     posteriors = _posteriors(arms, objective, cfg)
-    wins, means = _thompson(posteriors, set(demoted), cfg.samples, rng, objective.weights())
+    out = set(demoted) | set(cooling)
+    # who may win a draw: healthy variants, else demoted ones, else (all cooling) anyone
+    eligible = [n for n in arms if n not in out] or [n for n in arms if n not in cooling]
+    wins, means = _thompson(
+        posteriors, eligible or list(arms), cfg.samples, rng, objective.weights()
+    )
     p_best = {name: wins[name] / cfg.samples for name in arms}
-    weights = _floor_mix(p_best, cfg.min_weight)
-    fallback = sorted(arms, key=lambda name: (name in demoted, -means[name], name))
+    weights = _floor_mix(p_best, _floors(arms, cfg))
+    fallback = sorted(arms, key=lambda name: (name in out, -means[name], name))
     notes = [
         f"variant {n} penalized: breaks {objective.label()}"
         for n, p in posteriors.items()
         if p.penalty
     ]
+    changes = [
+        f"variant {name} change point: {arm.change}"
+        for name, arm in sorted(arms.items())
+        if arm.change and (since_s is None or arm.change_at > since_s)
+    ]
     why = _reason(weights, p_best, demoted, previous, set(previously_demoted), total)
-    return Decision(weights, p_best, fallback, pools, demoted, "; ".join([*why, *notes]), learned)
+    over = [
+        f"variant {name} cooldown over" for name in sorted(set(previously_cooling) - set(cooling))
+    ]
+    parts = [*_cooling_notes(cooling, arms, now_s), *over, *changes, *why, *notes]
+    return Decision(
+        weights, p_best, fallback, pools, demoted, "; ".join(parts), learned, cooling, wake
+    )
+
+
+def floor(arm: ArmStats, cfg: BanditConfig) -> float:
+    """A variant's exploration floor: ``min_weight`` with no evidence, down to ``min_floor``.
+
+    ``min_weight * k / (k + n)`` with ``k = confident_events`` and ``n`` the variant's
+    decayed count: certain evidence needs few probes, and evidence that decays away
+    (or that a change point dropped) brings the probes back by itself.
+    """
+    high = max(cfg.min_weight, cfg.min_floor)
+    shrunk = cfg.min_weight * cfg.confident_events / (cfg.confident_events + arm.n)
+    return min(max(shrunk, cfg.min_floor), high)
+
+
+def _floors(arms: Mapping[str, ArmStats], cfg: BanditConfig) -> dict[str, float]:
+    """Each variant's floor, scaled down for a slow variant by the fastest's mean latency
+    over its own (to a fifth at most): probes are paid in callers' time, not in requests."""
+    means = {name: arm.mean_latency_ms for name, arm in arms.items() if arm.lat_n >= 1.0}
+    fastest = min(means.values(), default=0.0)
+    floors = {}
+    for name, arm in arms.items():
+        mean = means.get(name, 0.0)
+        speed = fastest / mean if fastest > TINY and mean > TINY else 1.0
+        floors[name] = floor(arm, cfg) * min(max(speed, SLOW_FLOOR_SCALE), 1.0)
+    return floors
+
+
+SLOW_FLOOR_SCALE = 0.2
+"""A slow variant's floor is scaled by at most this: it never drops below min_floor / 5."""
+
+
+def _cooling_notes(
+    cooling: Mapping[str, str], arms: Mapping[str, ArmStats], now_s: float
+) -> list[str]:
+    return [
+        f"variant {name} cooling down {arms[name].cooldown_until - now_s:.0f} s: {why}"
+        for name, why in sorted(cooling.items())
+    ]
 
 
 def _arms_at(
@@ -99,7 +167,8 @@ def _posteriors(
     arms: Mapping[str, ArmStats], objective: Objective, cfg: BanditConfig
 ) -> dict[str, _Posterior]:
     lat_n = sum(arm.lat_n for arm in arms.values())
-    prior_mu = sum(arm.log_sum for arm in arms.values()) / lat_n if lat_n > TINY else math.log(1e3)
+    lat_sum = sum(arm.lat_sum for arm in arms.values())
+    prior_mu = math.log(max(lat_sum / lat_n, 1e-3)) if lat_n > TINY else math.log(1e3)
     costs = [arm.c_sum / arm.c_n for arm in arms.values() if arm.c_n > TINY]
     # costs under a tenth of the priciest count as about equal: free must not dominate
     floor = 0.1 * max(costs) if costs and max(costs) > 0 else 1.0
@@ -113,8 +182,11 @@ def _posterior(
     arm: ArmStats, prior_mu: float, floor: float, fill: float, obj: Objective, cfg: BanditConfig
 ) -> _Posterior:
     k = arm.lat_n
-    mean = arm.log_sum / k if k > TINY else prior_mu
-    var = max(arm.log_sq / k - mean * mean, 0.0) if k > TINY else 1.0
+    # the log of the MEAN latency: answers per second of a caller's time go with the mean
+    # (a variant fast 90 % of the time and very slow otherwise is not as fast as its median)
+    log_mean = arm.log_sum / k if k > TINY else prior_mu
+    mean = math.log(max(arm.lat_sum / k, 1e-3)) if k > TINY else prior_mu
+    var = max(arm.log_sq / k - log_mean * log_mean, 0.0) if k > TINY else 1.0
     mu = (prior_mu + k * mean) / (1.0 + k)  # a Normal prior worth one observation, sd e
     sd = math.sqrt((1.0 + k * var) / (1.0 + k) / (1.0 + k))
     cost = arm.c_sum / arm.c_n if arm.c_n > TINY else fill
@@ -135,13 +207,12 @@ def _posterior(
 
 def _thompson(
     posteriors: Mapping[str, _Posterior],
-    demoted: set[str],
+    eligible: list[str],
     samples: int,
     rng: random.Random,
     weights: tuple[float, float, float],
 ) -> tuple[dict[str, int], dict[str, float]]:
     """How often each arm wins a joint posterior draw, and its mean drawn utility."""
-    eligible = [name for name in posteriors if name not in demoted] or list(posteriors)
     wins = dict.fromkeys(posteriors, 0)
     totals = dict.fromkeys(posteriors, 0.0)
     for _ in range(samples):
@@ -156,14 +227,15 @@ def _finite(utility: float) -> float:
     return utility if math.isfinite(utility) else -1e9
 
 
-def _floor_mix(p_best: Mapping[str, float], floor: float) -> dict[str, float]:
-    """``floor + (1 - k*floor) * p_best``: sums to 1, nobody below the floor."""
+def _floor_mix(p_best: Mapping[str, float], floors: Mapping[str, float]) -> dict[str, float]:
+    """``floor_i + (1 - sum(floors)) * p_best_i``: sums to 1, nobody below their floor."""
     k = len(p_best)
     if k == 0:
         return {}
-    if k * floor >= 1.0:
+    spent = sum(floors[name] for name in p_best)
+    if spent >= 1.0:
         return dict.fromkeys(p_best, 1.0 / k)
-    mixed = {name: round(floor + (1.0 - k * floor) * p, 4) for name, p in p_best.items()}
+    mixed = {name: round(floors[name] + (1.0 - spent) * p, 4) for name, p in p_best.items()}
     if any(not math.isfinite(w) or w <= 0 for w in mixed.values()):
         return dict.fromkeys(p_best, 1.0 / k)  # unreachable by construction; never ship NaN
     return mixed
@@ -199,11 +271,17 @@ def _normalized(weights: Mapping[str, float]) -> dict[str, float]:
 
 
 def changed(old: Mapping[str, float] | None, new: Mapping[str, float], threshold: float) -> bool:
-    """True when a variant appeared or vanished, or any share moved more than ``threshold``."""
+    """True when a variant appeared or vanished, or any share moved more than ``threshold``,
+    or a share of at least 0.01 moved to or from half or double (small shares are the
+    exploration floors: 0.06 -> 0.02 is a third of the probes, not noise)."""
     if old is None or set(old) != set(new):
         return True
     before, after = _normalized(old), _normalized(new)
-    return any(abs(before[name] - after[name]) > threshold for name in after)
+    for name in after:
+        low, high = sorted((before[name], after[name]))
+        if high - low > threshold or (high - low >= 0.01 and high >= 2 * low):
+            return True
+    return False
 
 
 def pool_hints(

@@ -82,8 +82,12 @@ class _Published:
     version: int = 0
     weights: dict[str, float] | None = None
     demoted: frozenset[str] = frozenset()
+    cooling: dict[str, str] = field(default_factory=dict)
+    """Variants cooling down in the last table, and why (a new why is a new table)."""
     published_at: float = 0.0
     decided_at: float = 0.0
+    wake_at: float | None = None
+    """When a cooldown in the last decision ends: decide again then, telemetry or not."""
 
 
 @dataclass
@@ -98,6 +102,9 @@ class Learner:
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     dirty: set[str] = field(default_factory=set)
+    urgent: set[str] = field(default_factory=set)
+    """Programs where a variant just started cooling down or was demoted: published without
+    waiting for ``publish_interval_s`` (a cooldown lasts longer, so this cannot flap)."""
     stale: set[str] = field(default_factory=set)
     """Programs whose newest evidence is not in a published table: no material move yet.
     They get a table once ``refresh_interval_s`` has passed since their last one."""
@@ -135,20 +142,29 @@ class Learner:
         if kind not in ("execution", "attempt") or record.get("error_class") == "Overloaded":
             return  # an overloaded request never ran: it says nothing about its variant
         emitted = to_ms(record.get("emitted_at"))
+        # an attempt's latency is the whole request's (fallback included), not its variant's
+        timed = kind == "execution"
         obs = Observation.of(
             record.get("variant"),
             record.get("pool"),
             None if emitted is None else emitted / 1000.0,
             record.get("success"),
-            record.get("latency_ms"),
-            record.get("queue_wait_ms"),
+            record.get("latency_ms") if timed else None,
+            record.get("queue_wait_ms") if timed else None,
             record.get("quality"),
             record.get("cost_usd"),
+            record.get("error_class"),
         )
         if obs is None:
             return
         stats = ProgramStats.from_json(self.stats.get(program_id))
-        stats.observe(obs, self.clock(), self.config.bandit)
+        now = self.clock()
+        before = stats.arms.get(obs.variant)
+        was = (before.cooling(now), before.demoted) if before else ("", "")
+        stats.observe(obs, now, self.config.bandit)
+        arm = stats.arms[obs.variant]
+        if (arm.cooling(now) and arm.cooling(now) != was[0]) or (arm.demoted and not was[1]):
+            self.urgent.add(program_id)
         self.stats[program_id] = stats.to_json()
         self.dirty.add(program_id)
         if record.get("request_id") and kind == "execution":  # who answered, for feedback
@@ -194,11 +210,14 @@ class Learner:
         now = self.clock()
         refresh = self.config.refresh_interval_s
         due = {p for p in self.stale if now - self._state(p).published_at >= refresh}
+        due |= {p for p, s in self.state.items() if s.wake_at is not None and now >= s.wake_at}
         tables = []
         for program_id in sorted(self.dirty | due):
             state = self._state(program_id)
-            if now - max(state.decided_at, state.published_at) < self.config.publish_interval_s:
+            since = now - max(state.decided_at, state.published_at)
+            if since < self.config.publish_interval_s and program_id not in self.urgent:
                 continue
+            self.urgent.discard(program_id)
             self.dirty.discard(program_id)
             self.stale.discard(program_id)
             table = self._decide(program_id, state, now)
@@ -223,15 +242,20 @@ class Learner:
             now,
             state.weights,
             state.demoted,
+            state.cooling,
+            state.published_at,
         )
         state.decided_at = now
+        state.wake_at = decision.wake_at
         threshold = self.config.material_change
         moved = changed(state.weights, decision.weights, threshold)
         moved |= now - state.published_at >= self.config.refresh_interval_s
+        moved |= decision.cooling != state.cooling
         if not moved and frozenset(decision.demoted) == state.demoted:
             return None
         state.version = max(state.version, int((previous or {}).get("version") or 0)) + 1
         state.weights, state.demoted = decision.weights, frozenset(decision.demoted)
+        state.cooling = dict(decision.cooling)
         state.published_at = now
         return self._record(program_id, state.version, decision, previous, now)
 

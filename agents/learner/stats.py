@@ -22,6 +22,8 @@ _LOG2 = math.log(2)
 _HIST_BASE = 1.25  # latency histogram: bucket i >= 1 holds [1.25**(i-1), 1.25**i) ms
 _HIST_BUCKETS = 64  # the last bucket (>= 1.25**62 ms, about 18 min) is open-ended
 TINY = 1e-9
+BREAKER_OPEN = "CircuitOpen"
+"""The error class a worker reports for a variant it skipped because its breaker is open."""
 _MAX = 1e12  # stored statistics beyond this are corrupt, not traffic
 
 
@@ -44,6 +46,8 @@ class Observation:
     service_ms: float | None = None
     quality: float | None = None
     cost_usd: float | None = None
+    breaker_open: bool = False
+    """The variant was not called: its circuit breaker in a worker is open (no measurement)."""
 
     @classmethod
     def of(
@@ -56,6 +60,7 @@ class Observation:
         queue_wait_ms: object = None,
         quality: object = None,
         cost_usd: object = None,
+        error_class: object = None,
     ) -> Observation | None:
         """``None`` when the record cannot teach anything (no variant, no outcome)."""
         if not isinstance(variant, str) or not variant or not isinstance(success, bool):
@@ -72,6 +77,7 @@ class Observation:
             service_ms=service,
             quality=clean(quality, 0.0, 1.0),
             cost_usd=clean(cost_usd),
+            breaker_open=not success and error_class == BREAKER_OPEN,
         )
 
 
@@ -106,6 +112,15 @@ class ArmStats:
     fast_lat_n: float = 0.0
     fast_lat_sum: float = 0.0
     demoted: str = ""  # why the variant is demoted; empty = healthy
+    recent: list[list[float]] = field(default_factory=list)
+    """The last ``fast_window_events`` outcomes as [ok, reward, latency ms or -1], oldest first."""
+    cusum: list[float] = field(default_factory=lambda: [0.0] * 8)
+    """Page-Hinkley sums and run lengths: reward up, reward down, log-latency up, down."""
+    fails_in_row: float = 0.0
+    cooldown_until: float = 0.0
+    cooldown: str = ""  # why the variant cools down (until cooldown_until)
+    change_at: float = 0.0
+    change: str = ""  # the last change point: what moved, and from what to what
 
     def decay_to(self, t: float, half_life_s: float) -> None:
         """Age the slow statistics to time ``t`` (never backwards: late events just count)."""
@@ -121,12 +136,27 @@ class ArmStats:
         self.updated_at = t
 
     def observe(self, obs: Observation, t: float, cfg: BanditConfig) -> None:
-        """Add one outcome at time ``t`` and re-check the anomaly state."""
+        """Add one outcome at time ``t``: change points, cooldown and anomaly state follow.
+
+        A skipped call (breaker open) measures nothing about the backend: it only
+        starts or extends the variant's cooldown.
+        """
         self.decay_to(t, cfg.half_life_s)
+        if obs.breaker_open:
+            self._cool(t, cfg, "breaker open in a worker")
+            return
         ok = 1.0 if obs.success else 0.0
+        reward = ok * (1.0 if obs.quality is None else obs.quality)
+        base_error = self.error_rate
+        change = self._change_point(ok, reward, obs.quality is not None, obs.latency_ms, cfg)
+        self.recent = [
+            *self.recent,
+            [ok, reward, -1.0 if obs.latency_ms is None else obs.latency_ms],
+        ]
+        self.recent = self.recent[-cfg.fast_window_events :]
         self.n += 1.0
         self.successes += ok
-        self.reward += ok * (1.0 if obs.quality is None else obs.quality)
+        self.reward += reward
         keep = 1.0 - 1.0 / cfg.fast_window_events
         self.fast_n = self.fast_n * keep + 1.0
         self.fast_fail = self.fast_fail * keep + (1.0 - ok)
@@ -137,6 +167,93 @@ class ArmStats:
         if obs.cost_usd is not None:
             self.c_n, self.c_sum = self.c_n + 1.0, self.c_sum + obs.cost_usd
         self.demoted = _anomaly(self, cfg)
+        if change is not None:
+            self._rebase(change[0], change[1], t, cfg)
+            # fewer good answers: out of the draws at once (a latency change only rebuilds
+            # the statistics: the objective decides what latency is worth)
+            if change[2] and change[1] == "reward" and not self.demoted:
+                self.demoted = f"change point: {self.change}"
+        self.fails_in_row = 0.0 if ok else self.fails_in_row + 1.0
+        if self.fails_in_row >= _surprising_run(base_error, cfg):
+            self._cool(t, cfg, f"{self.fails_in_row:.0f} failures in a row")
+
+    def cooling(self, now_s: float) -> str:
+        """Why the variant is cooling down at ``now_s``; "" when it is not."""
+        return self.cooldown if now_s < self.cooldown_until else ""
+
+    def _cool(self, t: float, cfg: BanditConfig, why: str) -> None:
+        self.cooldown_until = max(self.cooldown_until, t + cfg.cooldown_s)
+        self.cooldown = why
+
+    def _change_point(
+        self, ok: float, reward: float, scored: bool, latency_ms: float | None, cfg: BanditConfig
+    ) -> tuple[int, str, bool] | None:
+        """Two-sided Page-Hinkley tests of this outcome against the slow means.
+
+        An unscored outcome (its quality may come later, as feedback) is tested by
+        its success against the success rate, a scored one by its reward against
+        the mean reward. Returns (outcomes since the change began, what changed)
+        and whether it is for the worse) when a sum crosses its threshold, else None.
+        Nothing is tested before
+        ``min_baseline_events``.
+        """
+        if self.n < cfg.min_baseline_events:
+            self.cusum = [0.0] * 8
+            return None
+        cusum = self.cusum
+        deviation = reward - self.reward / self.n if scored else ok - self.successes / self.n
+        _page_hinkley(cusum, 0, deviation, cfg.change_reward_delta)
+        if latency_ms is not None and self.lat_n >= 1.0:
+            log_mean = self.log_sum / self.lat_n
+            _page_hinkley(
+                cusum, 4, math.log(max(latency_ms, 1e-3)) - log_mean, cfg.change_latency_delta
+            )
+        limits = (
+            cfg.change_reward_h,
+            cfg.change_reward_h,
+            cfg.change_latency_h,
+            cfg.change_latency_h,
+        )
+        for which, limit in enumerate(limits):
+            if cusum[2 * which] > limit:
+                what = ("reward", "reward", "latency", "latency")[which]
+                return int(cusum[2 * which + 1]), what, which in (1, 2)
+        return None
+
+    def _rebase(self, length: int, what: str, t: float, cfg: BanditConfig) -> None:
+        """A change point: the evidence since the change replaces everything before it."""
+        length = max(length, int(cfg.min_fast_events))
+        segment = self.recent[-length:]
+        old_reward = self.reward / self.n if self.n > TINY else 0.0
+        old_log = self.log_sum / self.lat_n if self.lat_n > TINY else 0.0
+        old_n, n = self.n, float(len(segment))
+        scale = n / old_n if old_n > TINY else 0.0
+        for name in ("svc_n", "svc_sum", "q_n", "q_sum", "c_n", "c_sum"):
+            setattr(self, name, getattr(self, name) * scale)
+        self.n = n
+        self.successes = sum(row[0] for row in segment)
+        self.reward = sum(row[1] for row in segment)
+        if self.q_n > TINY:
+            self.q_n, self.q_sum = self.successes, self.reward
+        latencies = [row[2] for row in segment if row[2] >= 0.0]
+        self.hist = [0.0] * _HIST_BUCKETS
+        self.lat_n = self.lat_sum = self.log_sum = self.log_sq = 0.0
+        for latency in latencies:
+            log = math.log(max(latency, 1e-3))
+            self.lat_n, self.lat_sum = self.lat_n + 1.0, self.lat_sum + latency
+            self.log_sum, self.log_sq = self.log_sum + log, self.log_sq + log * log
+            self.hist[_bucket(latency)] += 1.0
+        self.cusum = [0.0] * 8
+        if what == "reward":
+            new = self.reward / n if n > TINY else 0.0
+            self.change = f"reward {new:.2f} vs {old_reward:.2f} over the last {len(segment)}"
+        else:
+            new_ms = math.exp(self.log_sum / self.lat_n) if self.lat_n > TINY else 0.0
+            self.change = (
+                f"latency {new_ms:.0f} ms vs {math.exp(old_log):.0f} ms"
+                f" over the last {len(segment)}"
+            )
+        self.change_at = t
 
     def feedback(self, quality: float, t: float, cfg: BanditConfig) -> None:
         """A client's late quality score for one answered request of this arm.
@@ -146,6 +263,10 @@ class ArmStats:
         """
         self.decay_to(t, cfg.half_life_s)
         self.reward = min(max(self.reward + quality - 1.0, 0.0), self.successes)
+        for row in reversed(self.recent):  # the newest unscored answer takes the score
+            if row[0] == 1.0 and row[1] == 1.0:
+                row[1] = quality
+                break
         self.q_n, self.q_sum = self.q_n + 1.0, self.q_sum + quality
 
     def _latency(self, latency: float, service: float | None, keep: float) -> None:
@@ -209,11 +330,17 @@ class ArmStats:
         """Load stored statistics; any non-finite or negative number becomes 0."""
         arm = cls()
         for f in fields(cls):
-            if f.name in ("pool", "demoted", "hist"):
+            if f.name in _NOT_NUMBERS:
                 continue
             setattr(arm, f.name, clean(data.get(f.name), 0.0, _MAX) or 0.0)
         arm.pool = str(data.get("pool") or "general")
         arm.demoted = str(data.get("demoted") or "")
+        arm.cooldown = str(data.get("cooldown") or "")
+        arm.change = str(data.get("change") or "")
+        arm.recent = _rows(data.get("recent"))
+        cusum = data.get("cusum")
+        if isinstance(cusum, list) and len(cusum) == 8:
+            arm.cusum = [clean(value, 0.0, _MAX) or 0.0 for value in cusum]
         hist = data.get("hist")
         for key, value in hist.items() if isinstance(hist, Mapping) else ():
             if str(key).isdigit() and int(key) < _HIST_BUCKETS:
@@ -221,6 +348,43 @@ class ArmStats:
         arm.successes = min(arm.successes, arm.n)
         arm.reward = min(arm.reward, arm.successes)
         return arm
+
+
+_NOT_NUMBERS = frozenset({"pool", "demoted", "hist", "recent", "cusum", "cooldown", "change"})
+
+
+def _rows(value: object) -> list[list[float]]:
+    """Stored recent outcomes: rows of three finite numbers, anything else dropped."""
+    rows = []
+    for row in value if isinstance(value, list) else ():
+        if isinstance(row, list) and len(row) == 3:
+            ok, reward, latency = (clean(v, -1.0, _MAX) for v in row)
+            if ok is not None and reward is not None and latency is not None:
+                rows.append([min(max(ok, 0.0), 1.0), min(max(reward, 0.0), 1.0), latency])
+    return rows[-1000:]
+
+
+def _surprising_run(error_rate: float, cfg: BanditConfig) -> float:
+    """Failures in a row that the variant's own error rate makes unlikely (``cooldown_surprise``).
+
+    At least ``cooldown_failures``: a variant that often fails anyway is not cooled
+    down by its usual runs of failures (it already gets little traffic).
+    """
+    if error_rate <= TINY:
+        return float(cfg.cooldown_failures)
+    if error_rate >= 0.99:
+        return math.inf
+    return max(
+        float(cfg.cooldown_failures),
+        math.ceil(math.log(cfg.cooldown_surprise) / math.log(error_rate)),
+    )
+
+
+def _page_hinkley(cusum: list[float], at: int, deviation: float, delta: float) -> None:
+    """Update the upward (``at``) and downward (``at + 2``) sums and their run lengths."""
+    for index, step in ((at, deviation - delta), (at + 2, -deviation - delta)):
+        cusum[index] = max(0.0, cusum[index] + step)
+        cusum[index + 1] = cusum[index + 1] + 1.0 if cusum[index] > 0.0 else 0.0
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -86,3 +86,57 @@ def test_a_failed_attempt_teaches_its_variant_but_feedback_goes_to_who_answered(
     assert arms["bad"].n == 1 and arms["bad"].successes == 0
     assert arms["good"].successes == 1
     assert learner.answered.get("r-1") == "good"
+
+
+def test_an_open_breaker_is_published_at_once_and_its_end_without_new_telemetry() -> None:
+    clock = Clock()
+    learner = _learner(clock)
+    for i in range(100):
+        learner.observe(_execution("good" if i % 2 == 0 else "bad", 0.9))
+    clock.now += 1.0
+    assert learner.due_tables()
+    skipped = {
+        **_execution("good", 0.0),
+        "kind": "attempt",
+        "success": False,
+        "error_class": "CircuitOpen",
+    }
+    learner.observe(skipped)
+    clock.now += 1.0
+    ((_, table),) = learner.due_tables()
+    print(f"\nbreaker open: {table['reason']}")
+    assert "variant good cooling down 9 s: breaker open in a worker" in table["reason"]
+    good = next(v for v in table["variants"] if v["name"] == "good")
+    assert good["weight"] <= 0.05
+    assert table["fallback"][-1] == "good"
+    clock.now += 10.0  # no telemetry at all: the cooldown's end is a table of its own
+    ((_, after),) = learner.due_tables()
+    print(f"after the cooldown: {after['reason']}")
+    assert "variant good cooldown over" in after["reason"]
+
+
+def test_an_attempt_lends_no_latency_to_the_variant_that_gave_up() -> None:
+    from dspex.agents.learner.stats import ProgramStats
+
+    learner = _learner(Clock())
+    learner.observe(_execution("bad", 1.0))  # 100 ms
+    slow_request = {**_execution("bad", 0.0), "kind": "attempt", "success": False}
+    learner.observe({**slow_request, "latency_ms": 9_000.0, "error_class": "APIError"})
+    arm = ProgramStats.from_json(learner.stats["qa"]).arms["bad"]
+    assert arm.n == 2 and arm.successes == 1
+    assert arm.mean_latency_ms == 100.0  # the 9 s were the whole request, fallback included
+
+
+def test_a_cooldown_is_published_at_once_not_after_the_publish_interval() -> None:
+    clock = Clock()
+    learner = _learner(clock)
+    for i in range(100):
+        learner.observe(_execution("good" if i % 2 == 0 else "bad", 0.9))
+    assert learner.due_tables()
+    clock.now += 0.1  # well inside publish_interval_s (0.5 s)
+    for _ in range(3):
+        learner.observe({**_execution("good", 0.0), "success": False, "error_class": "APIError"})
+    ((_, table),) = learner.due_tables()
+    assert "variant good cooling down" in table["reason"]
+    learner.observe(_execution("bad", 0.9))
+    assert learner.due_tables() == []  # ordinary evidence still waits for the interval
