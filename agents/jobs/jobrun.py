@@ -37,6 +37,7 @@ from dspex.agents.jobs.optimize import (
     PipelineEvaluator,
     Progress,
 )
+from dspex.agents.jobs.versions import Built, Versioned
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Producer
 from dspex.agents.plumbing.records import dead_letter
@@ -66,6 +67,8 @@ class JobOutcome:
     status: str
     records: list[Outgoing] = field(default_factory=list)
     summary: str = ""
+    versioned: Versioned | None = None
+    """Set when the result is a new program version: its records depend on the number."""
 
 
 class Emitter:
@@ -278,12 +281,30 @@ class JobExecution:
     def _completed(
         self, spec: JobSpec, result: OptimizationResult, store: VariableStore
     ) -> JobOutcome:
+        seq = self._seq()
+        if result.improved and result.compiled:
+            # the version number is picked when the result is published, inside a
+            # transaction fenced per program (versions.py): a racing job takes the next one
+            def build(latest: int) -> Built:
+                return self._completed_records(spec, result, store, seq, latest)
+
+            return JobOutcome("completed", versioned=Versioned(spec.program_id, build))
+        built = self._completed_records(spec, result, store, seq, None)
+        return JobOutcome("completed", built.records, built.summary)
+
+    def _completed_records(
+        self,
+        spec: JobSpec,
+        result: OptimizationResult,
+        store: VariableStore,
+        seq: int,
+        latest: int | None,
+    ) -> Built:
+        """The job's records; with ``latest``, its compiled program becomes version latest+1."""
         out: list[Outgoing] = []
         version = None
-        if result.improved and result.compiled:
+        if latest is not None:
             topic = self._topics.name("programs")
-            versions = read_versions(self._settings, self._serde, topic, program_id=spec.program_id)
-            latest = max((int(r["version"]) for r in versions.get(spec.program_id, [])), default=0)
             record = jr.result_version(
                 result,
                 job_id=spec.job_id,
@@ -302,12 +323,10 @@ class JobExecution:
             result, optimizer=spec.optimizer, metric=spec.metric_name, version=version
         )
         outputs["canary_weight"] = spec.canary_weight
-        final = jr.final_response(
-            self._head_or_job(), self._seq(), "ok", outputs=outputs, version=version
-        )
+        final = jr.final_response(self._head_or_job(), seq, "ok", outputs=outputs, version=version)
         quality = result.score_after
         summary = f"{spec.metric_name} {result.score_before:.4f} -> {quality:.4f} version={version}"
-        return JobOutcome("completed", [*out, *self._final(final, quality, True)], summary)
+        return Built([*out, *self._final(final, quality, True)], version or 0, summary)
 
     def _canary(self, spec: JobSpec, parent: int, version: int, weight: float) -> Outgoing:
         """The routing table that canaries ``version`` beside ``parent``."""

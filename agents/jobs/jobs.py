@@ -42,6 +42,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from dspex.agents.jobs.jobrun import JobExecution, JobOutcome
 from dspex.agents.jobs.txn import Completion
+from dspex.agents.jobs.versions import VersionedCompletion
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.records import dead_letter
 from dspex.streams import kafka
@@ -129,6 +130,9 @@ class JobRunner:
         self._control = self._follow_control()
         self._progress = kafka.producer(self._settings, **{"client.id": self.worker_id})
         self._completion = Completion(
+            self._settings, worker_id=self.worker_id, group_id=self.group_id
+        )
+        self._versions = VersionedCompletion(
             self._settings, worker_id=self.worker_id, group_id=self.group_id
         )
         logger.info("job runner started worker_id=%s group=%s", self.worker_id, self.group_id)
@@ -243,15 +247,12 @@ class JobRunner:
             self._put_back(running.origin, RETRY_BACKOFF_S)
             return
         self._progress.flush(5.0)  # progress first, so the final chunk comes last
-        if self._commit(running.origin, outcome.records):
+        summary = self._complete(running.origin, outcome)
+        if summary is not None:
             self._attempts.pop(job_id, None)
             self.completed += 1
             logger.info(
-                "job %s job_id=%s worker_id=%s %s",
-                outcome.status,
-                job_id,
-                self.worker_id,
-                outcome.summary,
+                "job %s job_id=%s worker_id=%s %s", outcome.status, job_id, self.worker_id, summary
             )
         elif self._owns(running.origin):
             self._put_back(running.origin, RETRY_BACKOFF_S)
@@ -308,6 +309,15 @@ class JobRunner:
         )
 
     # -- completing ---------------------------------------------------------------------
+
+    def _complete(self, origin: Consumed, outcome: JobOutcome) -> str | None:
+        """Publish a finished job's result; its summary, or None when that was refused."""
+        if outcome.versioned is None:
+            return outcome.summary if self._commit(origin, outcome.records) else None
+        built = self._versions.commit(
+            self._consumer, origin, outcome.versioned, lambda: self._owns(origin)
+        )
+        return built.summary if built is not None else None
 
     def _commit(self, origin: Consumed, records: list[Outgoing]) -> bool:
         """Publish ``records`` with the job's offset in one transaction (see ``txn``)."""

@@ -29,14 +29,21 @@ ATTEMPTS = 3
 class Completion:
     """A transactional producer that completes jobs atomically (see the module doc)."""
 
-    def __init__(self, settings: Settings, *, worker_id: str, group_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker_id: str,
+        group_id: str,
+        transactional_id: str | None = None,
+    ) -> None:
         self._timeout_s = settings.jobs.transaction_timeout_s
         self._worker_id = worker_id
         self._producer = kafka.producer(
             settings,
             **{
                 "client.id": worker_id,
-                "transactional.id": f"{group_id}-{worker_id}",
+                "transactional.id": transactional_id or f"{group_id}-{worker_id}",
                 "transaction.timeout.ms": int(self._timeout_s * 1000),
             },
         )
