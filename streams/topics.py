@@ -239,6 +239,17 @@ CATALOG: tuple[TopicSpec, ...] = (
         3,
         "The final Response of every finished optimizer job (completed, failed, cancelled).",
     ),
+    TopicSpec(
+        "jobs.checkpoints",
+        "JobCheckpoint",
+        "job id",
+        3,
+        "compact,delete",
+        7 * DAY_MS,
+        "How far each running optimizer job has got (baseline, compiled state, trials done):"
+        " a restarted job resumes from it. Entries expire after a week.",
+        {"min.cleanable.dirty.ratio": "0.1", "segment.ms": str(DAY_MS)},
+    ),
 )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import dspy
 
 from dspex.agents.jobs import jobrecords as jr
+from dspex.agents.jobs.checkpoints import Checkpoint, fingerprint
 from dspex.agents.jobs.datasets import examples_from_json, examples_from_topic, split
 from dspex.agents.jobs.jobspec import SEARCHABLE, JobSpec, parse_job
 from dspex.agents.jobs.optimize import (
@@ -136,6 +137,7 @@ class JobExecution:
         self._origin = origin
         self._record = dict(record)
         self._worker_id = worker_id
+        self._producer = producer
         self._attempt = attempt
         self._max_attempts = max_attempts
         self._lms = dict(lms or {})
@@ -202,12 +204,25 @@ class JobExecution:
                 current=current,
                 cancel=self.cancel,
                 progress=self.emitter.progress,
+                checkpoint=self._checkpoint(base, train, val),
             )
             result = await optimization.run(train, val)
         self._check_cancel()
         return await asyncio.to_thread(self._completed, spec, result, store)
 
     # -- the steps ------------------------------------------------------------------------
+
+    def _checkpoint(
+        self, base: ProgramSpec, train: list[dspy.Example], val: list[dspy.Example]
+    ) -> Checkpoint:
+        return Checkpoint(
+            self._settings,
+            self._serde,
+            self._producer,
+            job_id=self.job_id,
+            fingerprint=fingerprint(self._record, base, train, val),
+            worker_id=self._worker_id,
+        )
 
     def _already_finished(self) -> bool:
         return job_status(self._settings, self._serde, self.job_id) is not None
