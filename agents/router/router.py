@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Container
 from typing import Any
@@ -60,6 +61,7 @@ from dspex.agents.router.cache import (
     decode_outputs,
     is_cacheable,
 )
+from dspex.agents.router.retrier import Retrier
 from dspex.agents.router.routing import (
     KnownTopics,
     ProgramResolver,
@@ -86,7 +88,7 @@ from dspex.streams.pipelines.spec import Pipeline
 from dspex.streams.pipelines.validate import check
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
-from dspex.streams.topics import AGENT_REPLY_TOPICS, Topics
+from dspex.streams.topics import AGENT_REPLY_TOPICS, RETRY_TIERS, Topics
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +424,21 @@ class RouterApp:
         self._deliveries: asyncio.Task[None] | None = None
         self._consuming: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # the durable retry waits: a consumer of the delay tiers in a thread of its own
+        self._retrier_stop = threading.Event()
+        self._retrier_thread = threading.Thread(
+            target=Retrier(
+                settings,
+                self.handler.handle_retry,
+                topics=[topics.name(f"retry.{label}") for label in RETRY_TIERS],
+                group_id=f"{app_id}-retrier",
+                client_id=f"{app_id}-retrier",
+                instance_id=f"{app_id}-{instance_id}-retrier" if instance_id else None,
+            ).run,
+            args=(self._retrier_stop,),
+            name="dspex-retrier",
+            daemon=True,
+        )
 
     def _list_topics(self) -> list[str]:
         # a short-lived admin handle: one kept across a broker restart can abort the
@@ -520,6 +537,7 @@ class RouterApp:
         self._deliveries = asyncio.create_task(serve_deliveries(self._publisher), name="deliveries")
         consumer = ConsumerLoop(self.settings, self.config, self.handle)
         self._consuming = asyncio.create_task(consumer.run(self._stopping), name="consume")
+        self._retrier_thread.start()
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Start, route until ``stop`` is set (or consuming fails), then stop."""
@@ -535,6 +553,7 @@ class RouterApp:
         Raises what made consuming fail, if anything did.
         """
         self._stopping.set()
+        self._retrier_stop.set()
         failure: BaseException | None = None
         if self._consuming is not None:
             try:
@@ -549,6 +568,8 @@ class RouterApp:
             self._deliveries.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._deliveries
+        if self._retrier_thread.is_alive():
+            await asyncio.to_thread(self._retrier_thread.join, FLUSH_TIMEOUT_S)
         await self.reader.stop()
         await self._refused.flush()
         if failure is not None:

@@ -28,6 +28,7 @@ from confluent_kafka import KafkaException
 
 from dspex.streams import kafka
 from dspex.streams.settings import POOLS, Settings, load_settings
+from dspex.streams.topics import RETRY_TIERS
 from tests.integration.tail import lag
 
 __all__ = ["POOLS", "REPO", "Stack", "agent_env"]
@@ -104,9 +105,10 @@ class Stack:
 
     @property
     def groups(self) -> dict[str, str]:
-        """Consumer group per process name."""
+        """Consumer group per process name (and the router's retrier's own group)."""
         prefix = self.settings.topics.prefix
-        groups = {"router": f"{prefix}router"} | {p: f"{prefix}pool.{p}" for p in self.pools}
+        groups = {"router": f"{prefix}router", "retrier": f"{prefix}router-retrier"}
+        groups |= {p: f"{prefix}pool.{p}" for p in self.pools}
         return groups | ({"pipeline": f"{prefix}pipeline"} if self.pipeline else {})
 
     def start(self, ready_timeout_s: float = 90.0) -> None:
@@ -176,7 +178,8 @@ class Stack:
     @property
     def inputs(self) -> dict[str, list[str]]:
         """The topics each process's consumer group consumes (short names)."""
-        inputs = {"router": ["requests", "retry"]} | {p: [f"pool.{p}"] for p in self.pools}
+        inputs = {"router": ["requests", "retry"], "retrier": [f"retry.{t}" for t in RETRY_TIERS]}
+        inputs |= {p: [f"pool.{p}"] for p in self.pools}
         return inputs | ({"pipeline": ["pipeline.runs"]} if self.pipeline else {})
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:
