@@ -106,7 +106,12 @@ def _ms(value: Any) -> int:
 
 
 @pytest.mark.parametrize(
-    "restarts", [3, pytest.param(10, marks=pytest.mark.soak)], ids=lambda n: f"{n}-restarts"
+    "restarts",
+    [
+        pytest.param(3, marks=pytest.mark.timeout(600)),
+        pytest.param(10, marks=[pytest.mark.soak, pytest.mark.timeout(1800)]),
+    ],
+    ids=lambda n: f"{n}-restarts",
 )
 def test_the_metrics_agent_survives_repeated_broker_restarts(
     own_broker: LocalBroker,  # noqa: F811 - the fixture imported above
