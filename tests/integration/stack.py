@@ -159,8 +159,12 @@ class Stack:
                 self.launch(name)
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
-        """Until every process's consumer group is stable with partitions assigned."""
-        admin = kafka.admin_client(self.settings)
+        """Until every process's consumer group is stable with partitions assigned.
+
+        One short-lived admin handle per check, with a generous request timeout: a
+        request that timed out while its answer was arriving aborted the test process
+        inside librdkafka (``rd_kafka_enq_once_del_source_return``) on a loaded machine.
+        """
         waiting = dict(self.groups)
         deadline = time.monotonic() + timeout_s
         while waiting:
@@ -169,7 +173,8 @@ class Stack:
                 raise AssertionError(
                     f"not ready after {timeout_s}s: {sorted(waiting)}\n{self.log_tails()}"
                 )
-            futures = admin.describe_consumer_groups(list(waiting.values()), request_timeout=5)
+            admin = kafka.admin_client(self.settings)
+            futures = admin.describe_consumer_groups(list(waiting.values()), request_timeout=30)
             for name, group in list(waiting.items()):
                 if _stable_and_assigned(futures[group]):
                     del waiting[name]
