@@ -513,6 +513,19 @@ def optimization_job(
     return _record(locals())
 
 
+def job_checkpoint(
+    *,
+    job_id: str,
+    fingerprint: str,
+    phase: str,
+    state_json: str,
+    written_at: Timestamp,
+    written_by: str = "",
+) -> Record:
+    """A ``JobCheckpoint``: how far a running optimizer job has got."""
+    return _record(locals())
+
+
 def job_control(
     *,
     job_id: str,

@@ -367,6 +367,17 @@ def _optimization_job() -> Record:
     )
 
 
+def _job_checkpoint() -> Record:
+    return records.job_checkpoint(
+        job_id=str(uuid.uuid4()),
+        fingerprint="3f2a9c0d1e4b5a6f",
+        phase="search",
+        state_json=_j({"baseline": {"score": 0.5, "answered": 8, "failed": 0}, "trials": []}),
+        written_at=times.now(),
+        written_by="jobs-host-1a2b:4242",
+    )
+
+
 def _job_control() -> Record:
     return records.job_control(
         job_id=str(uuid.uuid4()),
@@ -409,6 +420,7 @@ def _session_state() -> Record:
 _BUILDERS: dict[str, Callable[[], Record]] = {
     "DeadLetter": _dead_letter,
     "Execution": _execution,
+    "JobCheckpoint": _job_checkpoint,
     "JobControl": _job_control,
     "MetricSnapshot": _metric_snapshot,
     "OptimizationJob": _optimization_job,

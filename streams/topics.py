@@ -15,6 +15,9 @@ from dspex.streams.settings import MAX_MESSAGE_BYTES, TopicSettings
 
 DAY_MS = 24 * 60 * 60 * 1000
 
+RETRY_TIERS: dict[str, float] = {"1s": 1.0, "5s": 5.0, "30s": 30.0}
+"""The delay-tier retry topics (``retry.<label>``) and the longest backoff each holds."""
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -212,7 +215,21 @@ CATALOG: tuple[TopicSpec, ...] = (
         3,
         1,
         "Requests that failed transiently, with their attempt, pool and not-before headers;"
-        " the router's retrier sends each back to its pool after its backoff.",
+        " the router sends each back to its pool after its backoff (records of workers that"
+        " predate the delay tiers below).",
+    ),
+    *(
+        _delete(
+            f"retry.{label}",
+            "Request",
+            "request id",
+            3,
+            1,
+            f"Delay tier for retries whose backoff is at most {label} (the longest tier takes"
+            " the rest), headers as on retry; the router's retrier pauses a partition until its"
+            " first record is due, then sends it back to its pool.",
+        )
+        for label in RETRY_TIERS
     ),
     _delete(
         "dlq",
@@ -243,6 +260,17 @@ CATALOG: tuple[TopicSpec, ...] = (
         "job id",
         3,
         "The final Response of every finished optimizer job (completed, failed, cancelled).",
+    ),
+    TopicSpec(
+        "jobs.checkpoints",
+        "JobCheckpoint",
+        "job id",
+        3,
+        "compact,delete",
+        7 * DAY_MS,
+        "How far each running optimizer job has got (baseline, compiled state, trials done):"
+        " a restarted job resumes from it. Entries expire after a week.",
+        {"min.cleanable.dirty.ratio": "0.1", "segment.ms": str(DAY_MS)},
     ),
 )
 

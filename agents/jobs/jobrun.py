@@ -28,6 +28,7 @@ from typing import Any
 import dspy
 
 from dspex.agents.jobs import jobrecords as jr
+from dspex.agents.jobs.checkpoints import Checkpoint, fingerprint
 from dspex.agents.jobs.datasets import examples_from_json, examples_from_topic, split
 from dspex.agents.jobs.jobspec import SEARCHABLE, JobSpec, parse_job
 from dspex.agents.jobs.optimize import (
@@ -38,6 +39,7 @@ from dspex.agents.jobs.optimize import (
     Progress,
 )
 from dspex.agents.jobs.pipeline_opt import PipelineJob, encode_records, is_pipeline_job
+from dspex.agents.jobs.versions import Built, Versioned
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Producer
 from dspex.agents.plumbing.records import dead_letter
@@ -67,6 +69,8 @@ class JobOutcome:
     status: str
     records: list[Outgoing] = field(default_factory=list)
     summary: str = ""
+    versioned: Versioned | None = None
+    """Set when the result is a new program version: its records depend on the number."""
 
 
 class Emitter:
@@ -134,6 +138,7 @@ class JobExecution:
         self._origin = origin
         self._record = dict(record)
         self._worker_id = worker_id
+        self._producer = producer
         self._attempt = attempt
         self._max_attempts = max_attempts
         self._lms = dict(lms or {})
@@ -202,6 +207,7 @@ class JobExecution:
                 current=current,
                 cancel=self.cancel,
                 progress=self.emitter.progress,
+                checkpoint=self._checkpoint(base, train, val),
             )
             result = await optimization.run(train, val)
         self._check_cancel()
@@ -226,6 +232,18 @@ class JobExecution:
         return JobOutcome("completed", records, done.summary(spec))
 
     # -- the steps ------------------------------------------------------------------------
+
+    def _checkpoint(
+        self, base: ProgramSpec, train: list[dspy.Example], val: list[dspy.Example]
+    ) -> Checkpoint:
+        return Checkpoint(
+            self._settings,
+            self._serde,
+            self._producer,
+            job_id=self.job_id,
+            fingerprint=fingerprint(self._record, base, train, val),
+            worker_id=self._worker_id,
+        )
 
     def _already_finished(self) -> bool:
         return job_status(self._settings, self._serde, self.job_id) is not None
@@ -299,12 +317,30 @@ class JobExecution:
     def _completed(
         self, spec: JobSpec, result: OptimizationResult, store: VariableStore
     ) -> JobOutcome:
+        seq = self._seq()
+        if result.improved and result.compiled:
+            # the version number is picked when the result is published, inside a
+            # transaction fenced per program (versions.py): a racing job takes the next one
+            def build(latest: int) -> Built:
+                return self._completed_records(spec, result, store, seq, latest)
+
+            return JobOutcome("completed", versioned=Versioned(spec.program_id, build))
+        built = self._completed_records(spec, result, store, seq, None)
+        return JobOutcome("completed", built.records, built.summary)
+
+    def _completed_records(
+        self,
+        spec: JobSpec,
+        result: OptimizationResult,
+        store: VariableStore,
+        seq: int,
+        latest: int | None,
+    ) -> Built:
+        """The job's records; with ``latest``, its compiled program becomes version latest+1."""
         out: list[Outgoing] = []
         version = None
-        if result.improved and result.compiled:
+        if latest is not None:
             topic = self._topics.name("programs")
-            versions = read_versions(self._settings, self._serde, topic, program_id=spec.program_id)
-            latest = max((int(r["version"]) for r in versions.get(spec.program_id, [])), default=0)
             record = jr.result_version(
                 result,
                 job_id=spec.job_id,
@@ -323,12 +359,10 @@ class JobExecution:
             result, optimizer=spec.optimizer, metric=spec.metric_name, version=version
         )
         outputs["canary_weight"] = spec.canary_weight
-        final = jr.final_response(
-            self._head_or_job(), self._seq(), "ok", outputs=outputs, version=version
-        )
+        final = jr.final_response(self._head_or_job(), seq, "ok", outputs=outputs, version=version)
         quality = result.score_after
         summary = f"{spec.metric_name} {result.score_before:.4f} -> {quality:.4f} version={version}"
-        return JobOutcome("completed", [*out, *self._final(final, quality, True)], summary)
+        return Built([*out, *self._final(final, quality, True)], version or 0, summary)
 
     def _canary(self, spec: JobSpec, parent: int, version: int, weight: float) -> Outgoing:
         """The routing table that canaries ``version`` beside ``parent``."""

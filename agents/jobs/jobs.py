@@ -198,7 +198,9 @@ class JobRunner:
             raise Unfinished
         await asyncio.to_thread(self._progress.flush, 5.0)  # progress before the final chunk
         note = f"job {outcome.status} job_id={record.get('job_id')} worker_id={self.worker_id}"
-        self._completion.stage(origin, outcome.records, f"{note} {outcome.summary}")
+        self._completion.stage(
+            origin, outcome.records, f"{note} {outcome.summary}", versioned=outcome.versioned
+        )
 
     async def _attempts(self, job: _Job, record: dict[str, Any]) -> JobOutcome:
         """The job's outcome, trying again (after a backoff) while it says ``retry``."""

@@ -12,6 +12,10 @@ their own:
    grid, in the order given) scored with the compiled program;
 4. the best trial (ties: fewest changed variables, then grid order) is the result.
 
+With a :class:`Checkpointer` (:mod:`dspex.agents.jobs.checkpoints`), each step's
+result is saved when it is done and a restarted job skips the steps already saved
+(the baseline, the compile, the trials done).
+
 Scoring goes through an :class:`Evaluator`. In production it is
 :class:`PipelineEvaluator`: every example becomes a Request through the router to
 the general pool, all sent at once (``AsyncClient.submit_many``), so an
@@ -82,7 +86,7 @@ class Trial:
 class Progress:
     """A progress event for the job's Response chunks and Telemetry."""
 
-    phase: str  # "baseline" | "compile" | "search"
+    phase: str  # "baseline" | "compile" | "search" | "resume" (from a checkpoint)
     trial: int = 0
     trials: int = 0
     score: float | None = None
@@ -136,6 +140,14 @@ class Evaluator(Protocol):
     ) -> Evaluation: ...
 
 
+class Checkpointer(Protocol):
+    """Where a job's progress is kept between attempts (JSON-able state)."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, phase: str, state: Mapping[str, Any]) -> None: ...
+
+
 class Optimization:
     """The steps of one job (see the module doc); ``run`` returns the result or raises."""
 
@@ -149,7 +161,10 @@ class Optimization:
         current: Mapping[str, Any],
         cancel: threading.Event,
         progress: Callable[[Progress], None],
+        checkpoint: Checkpointer | None = None,
     ) -> None:
+        self._checkpoint = checkpoint
+        self._saved: dict[str, Any] = {}
         self._spec = spec
         self._base = base
         self._evaluator = evaluator
@@ -162,13 +177,11 @@ class Optimization:
         self, train: Sequence[dspy.Example], val: Sequence[dspy.Example]
     ) -> OptimizationResult:
         """Baseline, compile, search; :class:`JobCancelled` when cancelled on the way."""
-        before = await self._evaluate(self._base, self._current, val)
-        self._progress(Progress("baseline", score=before.score, best=before.score))
+        await self._resume()
+        before = await self._baseline(val)
         candidate = self._base
         if self._spec.optimizer is not None:
-            self._check_cancel()
-            candidate = await asyncio.to_thread(self._compile, list(train))
-            candidate = await self._earned_instructions(candidate, val)
+            candidate = await self._compiled(train, val)
         trials = await self._search(candidate, val)
         return OptimizationResult(
             base=self._base,
@@ -180,13 +193,57 @@ class Optimization:
             current=self._current,
         )
 
+    async def _resume(self) -> None:
+        if self._checkpoint is None:
+            return
+        saved = await asyncio.to_thread(self._checkpoint.load)
+        self._saved = saved or {}
+        if self._saved:
+            done = len(self._saved.get("trials", []))
+            steps = "baseline" + (", compile" if "state_json" in self._saved else "")
+            message = f"resumed from checkpoint: {steps}, {done} trial(s) done"
+            self._progress(Progress("resume", message=message))
+
+    async def _save(self, phase: str) -> None:
+        if self._checkpoint is not None:
+            await asyncio.to_thread(self._checkpoint.save, phase, self._saved)
+
+    async def _baseline(self, val: Sequence[dspy.Example]) -> Evaluation:
+        if "baseline" in self._saved:
+            before = Evaluation(**self._saved["baseline"])
+        else:
+            before = await self._evaluate(self._base, self._current, val)
+            self._saved["baseline"] = dataclasses.asdict(before)
+            await self._save("baseline")
+        self._progress(Progress("baseline", score=before.score, best=before.score))
+        return before
+
+    async def _compiled(
+        self, train: Sequence[dspy.Example], val: Sequence[dspy.Example]
+    ) -> ProgramSpec:
+        if "state_json" in self._saved:
+            return dataclasses.replace(self._base, state_json=self._saved["state_json"])
+        self._check_cancel()
+        candidate = await asyncio.to_thread(self._compile, list(train))
+        candidate = await self._earned_instructions(candidate, val)
+        self._saved["state_json"] = candidate.state_json
+        await self._save("compile")
+        return candidate
+
     async def _search(self, candidate: ProgramSpec, val: Sequence[dspy.Example]) -> list[Trial]:
         grid = self._spec.trials()
-        trials: list[Trial] = []
+        trials = [
+            Trial(int(t["index"]), dict(t["variables"]), Evaluation(**t["evaluation"]))
+            for t in self._saved.get("trials", [])
+        ]
         for index, overrides in enumerate(grid):
+            if index < len(trials):
+                continue
             self._check_cancel()
             evaluation = await self._evaluate(candidate, {**self._current, **overrides}, val)
             trials.append(Trial(index, overrides, evaluation))
+            self._saved["trials"] = [dataclasses.asdict(t) for t in trials]
+            await self._save("search")
             best = max(t.evaluation.score for t in trials)
             shown = " ".join(f"{k}={v}" for k, v in overrides.items()) or "no variables"
             self._progress(

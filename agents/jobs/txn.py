@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from dspex.agents.jobs.versions import Versioned, commit_versioned
 from dspex.agents.plumbing.messages import Consumed, Outgoing
 from dspex.streams import kafka
 from dspex.streams.errors import BrokerUnavailable
@@ -36,12 +37,20 @@ TP = tuple[str, int]
 class _Staged:
     records: Sequence[Outgoing]
     note: str
+    versioned: Versioned | None = None
 
 
 class Completion:
     """A transactional producer that completes jobs atomically (see the module doc)."""
 
-    def __init__(self, settings: Settings, *, worker_id: str, group_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker_id: str,
+        group_id: str,
+    ) -> None:
+        self._settings = settings
         self._timeout_s = settings.jobs.transaction_timeout_s
         self._worker_id = worker_id
         self._lock = threading.Lock()  # staged on the event loop, committed on the kafka thread
@@ -56,11 +65,21 @@ class Completion:
         )
         self._producer.init_transactions(30.0)
 
-    def stage(self, origin: Consumed, records: Sequence[Outgoing], note: str = "") -> None:
-        """Publish ``records`` with ``origin``'s offset; ``note`` is logged once committed."""
+    def stage(
+        self,
+        origin: Consumed,
+        records: Sequence[Outgoing],
+        note: str = "",
+        versioned: Versioned | None = None,
+    ) -> None:
+        """Publish ``records`` with ``origin``'s offset; ``note`` is logged once committed.
+
+        A ``versioned`` result becomes its program's next version, its number picked
+        when it is committed (:func:`~dspex.agents.jobs.versions.commit_versioned`).
+        """
         with self._lock:
             by_offset = self._staged.setdefault((origin.topic, origin.partition), {})
-            by_offset[origin.offset] = _Staged(tuple(records), note)
+            by_offset[origin.offset] = _Staged(tuple(records), note, versioned)
 
     def commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
         """Produce what is staged below ``offsets`` and commit those offsets, atomically.
@@ -70,6 +89,10 @@ class Completion:
         producer is fatally broken (the process must restart with a new one).
         """
         due = self._due(offsets)
+        for key, staged in sorted(due.items()):
+            if staged.versioned is not None:  # its own transaction, fenced per program
+                self._commit_versioned(consumer, key, staged)
+                del due[key]
         try:
             self._producer.begin_transaction()
             for staged in due.values():
@@ -86,6 +109,25 @@ class Completion:
                 self._staged.get((topic, partition), {}).pop(offset, None)
                 if staged.note:
                     logger.info("%s", staged.note)
+
+    def _commit_versioned(
+        self, consumer: Consumer, key: tuple[str, int, int], staged: _Staged
+    ) -> None:
+        """Publish one versioned job with its own offset (+1), under the next free version."""
+        topic, partition, offset = key
+        assert staged.versioned is not None  # noqa: S101 - the caller checked
+        built = commit_versioned(
+            self._settings,
+            consumer,
+            staged.versioned,
+            staged.records,
+            [TopicPartition(topic, partition, offset + 1)],
+            worker_id=self._worker_id,
+            timeout_s=self._timeout_s,
+        )
+        with self._lock:
+            self._staged.get((topic, partition), {}).pop(offset, None)
+        logger.info("%s %s", staged.note, built.summary)
 
     def forget(self, partitions: set[TP]) -> None:
         """Drop what is staged for ``partitions`` (revoked or lost: the new owner redoes it)."""

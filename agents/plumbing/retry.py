@@ -8,6 +8,14 @@ Both halves of the path, free of Kafka so they are unit-tested with fakes:
 * the router's side, :func:`retry_due`: where a ``retry`` record goes back to and
   how long to wait first.
 
+Waits are durable: a worker writes a failed attempt to the delay tier that holds
+its backoff (:func:`tier_topic`: ``retry.1s``, ``retry.5s``, ``retry.30s``, as
+Spring Kafka's and Kafka Connect's retry topics do), and the router's retrier
+(:mod:`dspex.agents.router.retrier`) pauses a tier partition until its first
+record is due instead of holding the wait in memory. In one tier, records are
+due roughly in the order written, so waiting for the first one delays the
+others by at most the tier's width.
+
 The pool record's bytes travel unchanged; the bookkeeping is in headers:
 
 =====================  ==================================================================
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 from dspex.agents.plumbing.messages import ErrorInfo
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.settings import ReliabilitySettings
+from dspex.streams.topics import RETRY_TIERS
 
 ATTEMPT = "dspex-attempt"
 RETRY_POOL = "dspex-retry-pool"
@@ -57,6 +66,12 @@ def attempt_of(headers: Iterable[Header]) -> int:
 def without_retry_headers(headers: Iterable[Header]) -> tuple[Header, ...]:
     """``headers`` minus the retry bookkeeping: what the request carried before any retry."""
     return tuple((k, v) for k, v in headers if k not in RETRY_HEADERS)
+
+
+def tier_topic(retry_topic: str, backoff_s: float) -> str:
+    """The delay tier of ``retry_topic`` for ``backoff_s``: the shortest that holds it."""
+    label = next((label for label, most in RETRY_TIERS.items() if backoff_s <= most), None)
+    return f"{retry_topic}.{label or next(reversed(RETRY_TIERS))}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Container
 from typing import Any
@@ -55,6 +56,7 @@ from dspex.agents.router.cache import (
     is_cacheable,
 )
 from dspex.agents.router.pipelines import CheckedPipelines
+from dspex.agents.router.retrier import Retrier
 from dspex.agents.router.routing import (
     KnownTopics,
     ProgramResolver,
@@ -87,7 +89,7 @@ from dspex.streams.ops.admin import require_topics
 from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.tenants import request_topic_pattern, response_topic
-from dspex.streams.topics import AGENT_REPLY_TOPICS, Topics
+from dspex.streams.topics import AGENT_REPLY_TOPICS, RETRY_TIERS, Topics
 
 logger = logging.getLogger(__name__)
 
@@ -464,6 +466,21 @@ class RouterApp(LoopApp):
             drain_timeout_s=DRAIN_TIMEOUT_S,
         )
         super().__init__(settings, serde, config)
+        # the durable retry waits: a consumer of the delay tiers in a thread of its own
+        self._retrier_stop = threading.Event()
+        self._retrier_thread = threading.Thread(
+            target=Retrier(
+                settings,
+                self.handler.handle_retry,
+                topics=[topics.name(f"retry.{label}") for label in RETRY_TIERS],
+                group_id=f"{app_id}-retrier",
+                client_id=f"{app_id}-retrier",
+                instance_id=f"{app_id}-{instance_id}-retrier" if instance_id else None,
+            ).run,
+            args=(self._retrier_stop,),
+            name="dspex-retrier",
+            daemon=True,
+        )
 
     def _list_topics(self) -> list[str]:
         # a short-lived admin handle: one kept across a broker restart can abort the
@@ -589,9 +606,13 @@ class RouterApp(LoopApp):
                 f"router: programs/routing/variables topics not read within {READY_TIMEOUT_S}s"
             ) from exc
         await super().start()
+        self._retrier_thread.start()
 
     async def close(self) -> None:
-        """Stop following the views; send the refused updates' dead letters."""
+        """Stop the retrier and following the views; send the refused updates' dead letters."""
+        self._retrier_stop.set()
+        if self._retrier_thread.is_alive():
+            await asyncio.to_thread(self._retrier_thread.join, FLUSH_TIMEOUT_S)
         await self.reader.stop()
         await self._refused.flush()
 

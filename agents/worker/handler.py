@@ -33,7 +33,13 @@ from dspex.agents.plumbing.messages import Consumed, ErrorInfo
 from dspex.agents.plumbing.offsets import RecentIds
 from dspex.agents.plumbing.publisher import DeliveryFailed, Publisher
 from dspex.agents.plumbing.records import ExecutionResult
-from dspex.agents.plumbing.retry import Retry, RetryTopicPolicy, attempt_of, without_retry_headers
+from dspex.agents.plumbing.retry import (
+    Retry,
+    RetryTopicPolicy,
+    attempt_of,
+    tier_topic,
+    without_retry_headers,
+)
 from dspex.agents.runtime.history import session_history
 from dspex.agents.worker.execution import Executor, Outcome, classify
 from dspex.agents.worker.sessions import Sessions, Turn
@@ -282,8 +288,9 @@ class WorkerHandler:
     async def _send_retry(
         self, origin: Consumed, request: Mapping[str, Any], retry: Retry
     ) -> asyncio.Future[None]:
-        """The pool record's bytes, unchanged, to ``retry`` with the next attempt's headers."""
+        """The pool record's bytes, unchanged, to the retry delay tier of its backoff."""
         assert self._to.retry is not None  # noqa: S101 - no retry policy without the topic
+        topic = tier_topic(self._to.retry, retry.backoff_s)
         logger.info(
             "retry via topic %s request_id=%s next_attempt=%d backoff_s=%s",
             origin.where(),
@@ -292,7 +299,7 @@ class WorkerHandler:
             retry.backoff_s,
         )
         key, value = request["request_id"], origin.value or b""
-        return await self._publisher.send_bytes(self._to.retry, key, value, retry.headers)
+        return await self._publisher.send_bytes(topic, key, value, retry.headers)
 
     async def _run(
         self, origin: Consumed, request: dict[str, Any], replies: _Replies, received_at: datetime

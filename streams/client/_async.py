@@ -39,7 +39,11 @@ from dspex.streams.client._requests import (
     request_headers,
     request_key,
 )
-from dspex.streams.client.programs import latest_version, program_version_record
+from dspex.streams.client.programs import (
+    latest_version,
+    program_version_record,
+    publish_next_version,
+)
 from dspex.streams.client.sessions import AsyncSession
 from dspex.streams.errors import BrokerUnavailable, ConfigError, DSPexError
 from dspex.streams.programs import check_program
@@ -263,9 +267,9 @@ class AsyncClient:
         The program is checked first with the router's own rules (signature, module
         type — built in or allowlisted in ``settings.modules`` —, module config,
         adapter): ``InvalidRequest`` naming the field, and nothing is produced.
-        ``version=None`` reads the topic from the start and takes the latest + 1. Two
-        publishers racing on one program id can pick the same number: publish a
-        program from one place (or pass ``version``).
+        ``version=None`` takes the latest + 1, read and published inside a transaction
+        fenced per program, so publishers racing on one program id (another put, an
+        optimizer job) never take the same number.
         """
         check_program(
             signature,
@@ -276,27 +280,41 @@ class AsyncClient:
         )
         await self.start()
         serde = self._require_serde()
-        latest = await asyncio.to_thread(
-            latest_version, self._settings, serde, self._programs_topic, program_id
-        )
-        record = program_version_record(
-            program_id,
-            signature,
-            version=version or latest + 1,
-            parent_version=latest or None,
-            module_type=module_type,
-            state_json=state_json,
-            module_config_json=module_config_json,
-            tools=tools,
-            metric=metric,
-            description=description,
-            created_by=created_by,
-            adapter=adapter,
-        )
-        value = serde.encode("ProgramVersion", record, topic=self._programs_topic)
-        await (await self._send(self._programs_topic, program_id.encode(), value, []))
-        logger.info("published program_id=%s version=%s", program_id, record["version"])
-        return int(record["version"])
+
+        def build(latest: int) -> dict[str, Any]:
+            return program_version_record(
+                program_id,
+                signature,
+                version=version or latest + 1,
+                parent_version=latest or None,
+                module_type=module_type,
+                state_json=state_json,
+                module_config_json=module_config_json,
+                tools=tools,
+                metric=metric,
+                description=description,
+                created_by=created_by,
+                adapter=adapter,
+            )
+
+        if version is None:
+            published = await asyncio.to_thread(
+                publish_next_version,
+                self._settings,
+                serde,
+                self._programs_topic,
+                program_id,
+                build,
+            )
+        else:
+            latest = await asyncio.to_thread(
+                latest_version, self._settings, serde, self._programs_topic, program_id
+            )
+            value = serde.encode("ProgramVersion", build(latest), topic=self._programs_topic)
+            await (await self._send(self._programs_topic, program_id.encode(), value, []))
+            published = version
+        logger.info("published program_id=%s version=%s", program_id, published)
+        return published
 
     async def send_feedback(
         self,

@@ -4,21 +4,36 @@ The programs topic is compacted and keyed by program id, so the latest version
 of a program is found by reading every partition from its start to its current
 end (a compacted topic may have holes in its offsets: positions, not offsets,
 say when a partition is done).
+
+:func:`publish_next_version` picks the next number inside a Kafka transaction
+whose ``transactional.id`` belongs to the program (:func:`version_txn_id`): it
+fences any other publisher of that program (a job runner completing an
+optimization, another ``dspex programs put``) between reading the latest version
+and committing the new one, so two publishers never take the same number
+(``dspex.agents.jobs.versions`` has the full argument).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from dspex.schemas import records
 from dspex.schemas.times import now
+from dspex.streams import kafka
+from dspex.streams.errors import BrokerUnavailable
 from dspex.streams.reader import read_to_end
 from dspex.streams.serde import Serde
 from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+PUBLISH_ATTEMPTS = 8
 
 
 def program_version_record(
@@ -85,3 +100,53 @@ def read_versions(
         if record is not None:
             found.setdefault(record["program_id"], []).append(record)
     return {pid: sorted(rs, key=lambda r: int(r["version"])) for pid, rs in found.items()}
+
+
+def version_txn_id(settings: Settings, program_id: str) -> str:
+    """The ``transactional.id`` every publisher of ``program_id``'s versions uses."""
+    return f"{settings.topics.prefix}programs-{program_id}"
+
+
+def publish_next_version(
+    settings: Settings,
+    serde: Serde,
+    topic: str,
+    program_id: str,
+    build: Callable[[int], dict[str, Any]],
+) -> int:
+    """Publish ``build(latest)`` as ``program_id``'s next version, fenced (see the module doc)."""
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            return _publish_fenced(settings, serde, topic, program_id, build)
+        except KafkaException as exc:  # fenced by a racing publisher: re-read and renumber
+            logger.info(
+                "version publish fenced program_id=%s attempt=%d: %s", program_id, attempt, exc
+            )
+            time.sleep(random.uniform(0, 0.5 * attempt))  # noqa: S311 - jitter, not security
+    raise BrokerUnavailable(f"topic={topic} program_id={program_id}: no version published")
+
+
+def _publish_fenced(
+    settings: Settings,
+    serde: Serde,
+    topic: str,
+    program_id: str,
+    build: Callable[[int], dict[str, Any]],
+) -> int:
+    producer = kafka.producer(
+        settings, **{"transactional.id": version_txn_id(settings, program_id)}
+    )
+    producer.init_transactions(30.0)  # fences the id's other holders; waits out their commits
+    record = build(latest_version(settings, serde, topic, program_id))
+    producer.begin_transaction()
+    producer.produce(
+        topic, serde.encode("ProgramVersion", record, topic=topic), program_id.encode()
+    )
+    try:
+        producer.commit_transaction(30.0)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        if not getattr(error, "fatal", lambda: True)():
+            producer.abort_transaction(30.0)
+        raise
+    return int(record["version"])

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
@@ -201,12 +201,36 @@ def _differences(
     return diffs
 
 
+WAIT_MAX_S = 30.0
+
+
+def _wait_for_topics(admin: AdminClient, who: str) -> dict[str, Any]:
+    """The cluster's topic metadata, waiting (with back-off) while it cannot be reached."""
+    started, pause, warned = time.monotonic(), 1.0, False
+    while True:
+        try:
+            live: dict[str, Any] = admin.list_topics(timeout=10).topics
+        except KafkaException as exc:
+            if not warned:
+                logger.warning("%s: Kafka cluster unreachable, waiting for it: %s", who, exc)
+                warned = True
+            time.sleep(pause)
+            pause = min(pause * 2, WAIT_MAX_S)
+            continue
+        if warned:
+            logger.info("%s: Kafka cluster reachable after %.1fs", who, time.monotonic() - started)
+        return live
+
+
 def require_topics(admin: AdminClient, names: Iterable[str], who: str) -> dict[str, int]:
     """Partition counts of every live topic; a ConfigError naming those of ``names`` missing.
 
-    ``who`` (e.g. ``router``) starts the message, which says how to fix it.
+    ``who`` (e.g. ``router``) starts the message, which says how to fix it. A
+    cluster that does not answer is waited for (back-off up to 30 s, one warning
+    line, one line when it answers): a process started before its broker serves
+    once the broker is up, instead of exiting for its supervisor to retry.
     """
-    live = admin.list_topics(timeout=10).topics
+    live = _wait_for_topics(admin, who)
     missing = [name for name in names if name not in live]
     if missing:
         raise ConfigError(f"{who}: topics missing: {', '.join(missing)}; run `dspex topics create`")

@@ -28,6 +28,7 @@ from confluent_kafka import KafkaException
 
 from dspex.streams import kafka
 from dspex.streams.settings import POOLS, Settings, load_settings
+from dspex.streams.topics import RETRY_TIERS
 from tests.integration.tail import lag
 
 __all__ = ["POOLS", "REPO", "Stack", "agent_env"]
@@ -130,9 +131,10 @@ class Stack:
 
     @property
     def groups(self) -> dict[str, str]:
-        """Consumer group per process name."""
+        """Consumer group per process name (and the router's retrier's own group)."""
         prefix = self.settings.topics.prefix
-        groups = {"router": f"{prefix}router"} | {p: f"{prefix}pool.{p}" for p in self.pools}
+        groups = {"router": f"{prefix}router", "retrier": f"{prefix}router-retrier"}
+        groups |= {p: f"{prefix}pool.{p}" for p in self.pools}
         return groups | ({"pipeline": f"{prefix}pipeline"} if self.pipeline else {})
 
     def start(self, ready_timeout_s: float = 90.0) -> None:
@@ -183,8 +185,12 @@ class Stack:
                 self.launch(name)
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
-        """Until every process's consumer group is stable with partitions assigned."""
-        admin = kafka.admin_client(self.settings)
+        """Until every process's consumer group is stable with partitions assigned.
+
+        One short-lived admin handle per check, with a generous request timeout: a
+        request that timed out while its answer was arriving aborted the test process
+        inside librdkafka (``rd_kafka_enq_once_del_source_return``) on a loaded machine.
+        """
         waiting = dict(self.groups)
         deadline = time.monotonic() + timeout_s
         while waiting:
@@ -193,7 +199,8 @@ class Stack:
                 raise AssertionError(
                     f"not ready after {timeout_s}s: {sorted(waiting)}\n{self.log_tails()}"
                 )
-            futures = admin.describe_consumer_groups(list(waiting.values()), request_timeout=5)
+            admin = kafka.admin_client(self.settings)
+            futures = admin.describe_consumer_groups(list(waiting.values()), request_timeout=30)
             for name, group in list(waiting.items()):
                 if _stable_and_assigned(futures[group]):
                     del waiting[name]
@@ -202,7 +209,8 @@ class Stack:
     @property
     def inputs(self) -> dict[str, list[str]]:
         """The topics each process's consumer group consumes (short names)."""
-        inputs = {"router": ["requests", "retry"]} | {p: [f"pool.{p}"] for p in self.pools}
+        inputs = {"router": ["requests", "retry"], "retrier": [f"retry.{t}" for t in RETRY_TIERS]}
+        inputs |= {p: [f"pool.{p}"] for p in self.pools}
         return inputs | ({"pipeline": ["pipeline.runs"]} if self.pipeline else {})
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:

@@ -214,8 +214,10 @@ async def _under_load(
     """A router and a general worker on the cluster, ``RATE`` requests/s from before
     ``fault`` starts until ``TAIL_S`` after it ends; then every answer and final Response
     read (the agents committed all they consumed, so nothing more is redone)."""
-    admin = kafka.admin_client(settings)
-    ensure_topics(admin, Topics(settings.topics).all(), settings=settings.topics)
+    # no admin handle kept across the fault (see _topic_metadata)
+    ensure_topics(
+        kafka.admin_client(settings), Topics(settings.topics).all(), settings=settings.topics
+    )
     stack = Stack(settings, ["general"], tmp_path)
     tail = Tail(settings, ["requests", "responses"])
     run = _Run()
@@ -293,12 +295,11 @@ async def test_kill_9_of_a_broker_under_load_loses_nothing(
 ) -> None:
     """SIGKILL one broker ``KILL_AT_S`` into the load, restart it ``RESTART_AFTER_S`` later
     (``cluster.start`` starts only the missing node), wait until it is in every ISR again."""
-    admin = kafka.admin_client(settings)
     requests = Topics(settings.topics).name("requests")
 
     async def kill_and_restart(run: _Run) -> None:
         await asyncio.sleep(KILL_AT_S)
-        run.victim, run.led = _victim(cluster, admin, requests, role)
+        run.victim, run.led = _victim(cluster, settings, requests, role)
         pid = next(n.pid for n in _running(cluster) if n.node_id == run.victim)
         os.kill(pid, signal.SIGKILL)
         run.killed_at = time.monotonic()
@@ -308,7 +309,7 @@ async def test_kill_9_of_a_broker_under_load_loses_nothing(
         await asyncio.to_thread(cluster.start)
         prefix = settings.topics.prefix
         run.rejoined_s = await asyncio.to_thread(
-            _wait_in_sync, admin, prefix, run.victim, run.restarted_at
+            _wait_in_sync, settings, prefix, run.victim, run.restarted_at
         )
 
     run = await _under_load(cluster, settings, tmp_path, kill_and_restart)
@@ -334,7 +335,6 @@ async def test_rolling_restart_of_every_broker_under_load_loses_nothing(
     start again, wait until it is back in every ISR, then the next, as an operator rolls
     an upgrade. Measured: each node's stop and its restart-to-ISR seconds, and the
     longest pause in answers over the whole roll."""
-    admin = kafka.admin_client(settings)
     steps: dict[int, tuple[float, float]] = {}
 
     async def roll(run: _Run) -> None:
@@ -347,7 +347,9 @@ async def test_rolling_restart_of_every_broker_under_load_loses_nothing(
             restarted_at = time.monotonic()
             await asyncio.to_thread(cluster.start)
             prefix = settings.topics.prefix
-            in_sync_s = await asyncio.to_thread(_wait_in_sync, admin, prefix, node_id, restarted_at)
+            in_sync_s = await asyncio.to_thread(
+                _wait_in_sync, settings, prefix, node_id, restarted_at
+            )
             steps[node_id] = (round(stopped_s, 1), round(in_sync_s, 1))
         run.restarted_at = time.monotonic()
 
@@ -385,7 +387,7 @@ def _reap(pid: int) -> int:
 
 
 def _victim(
-    cluster: LocalCluster, admin: AdminClient, requests: str, role: str
+    cluster: LocalCluster, settings: Settings, requests: str, role: str
 ) -> tuple[int, list[int]]:
     """The node to kill and the ``requests`` partitions it leads.
 
@@ -394,7 +396,7 @@ def _victim(
     are spread over three brokers: every consumer group then loses its coordinator
     as well. ``controller``: the quorum's active controller.
     """
-    topics = admin.list_topics(timeout=10).topics
+    topics = _topic_metadata(settings)
     partitions = topics[requests].partitions
     leaders = Counter(p.leader for p in partitions.values())
     if role == "controller":
@@ -422,12 +424,19 @@ def _first_answer_after(run: _Run, placed: dict[str, int]) -> dict[int, float]:
     return {p: round(at - run.killed_at, 2) for p, at in sorted(first.items())}
 
 
-def _wait_in_sync(admin: AdminClient, prefix: str, node: int, since: float) -> float:
+def _topic_metadata(settings: Settings) -> dict[str, Any]:
+    """Topic metadata through an admin handle made for this call: one kept across a broker
+    kill can abort the process inside librdkafka (``rd_kafka_enq_once_del_source_return``)."""
+    topics: dict[str, Any] = kafka.admin_client(settings).list_topics(timeout=10).topics
+    return topics
+
+
+def _wait_in_sync(settings: Settings, prefix: str, node: int, since: float) -> float:
     """Seconds from ``since`` until ``node`` is in the ISR of every partition of the test's
     topics (with 3 replicas on 3 brokers it holds a copy of each)."""
     deadline = time.monotonic() + 180
     while True:
-        topics = admin.list_topics(timeout=10).topics
+        topics = _topic_metadata(settings)
         behind = [
             (name, p.id)
             for name, meta in topics.items()

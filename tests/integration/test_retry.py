@@ -6,9 +6,10 @@ later ones answer. In-process retries are off (``retry_attempts=1``) and the
 breaker never opens (``breaker_fail_max=1000``), so each failed call fails its
 attempt and the request goes through ``retry`` -> router -> ``pool.general``.
 Counted (run with ``-s``): sent, answered ok/error, executions per attempt,
-retry records, dead letters. A third test stops the router (``kill -9``, then
-SIGTERM) while a retry waits in its memory, and starts a new one: the retry is
-forwarded either way, once.
+retry records (on the delay tiers ``retry.1s``/``retry.5s``/``retry.30s``), dead
+letters. A third test stops the router (``kill -9``, then SIGTERM) while a retry
+waits on its tier (the retrier's partition paused until it is due), and starts a
+new one: the retry is forwarded either way, once, and the timing is printed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 
 import pytest
 
-from dspex.agents.plumbing.retry import RETRY_HEADERS
+from dspex.agents.plumbing.messages import Consumed
+from dspex.agents.plumbing.retry import NOT_BEFORE, RETRY_HEADERS, header
 from dspex.streams.client.client import AsyncClient, Program, RequestFailed, Result
 from dspex.streams.settings import Settings, load_settings
+from dspex.streams.topics import RETRY_TIERS
 from tests.integration.stack import REPO, agent_env
 from tests.integration.tail import OpenTail, Tail
 from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is used by name
@@ -37,6 +40,13 @@ from tests.integration.test_end_to_end import (  # noqa: F401 - the fixture is u
 
 PROGRAM = Program.inline("question -> answer")
 ATTEMPTS = 3
+TIERS = [f"retry.{label}" for label in RETRY_TIERS]
+WATCHED = ["executions", "retry", *TIERS, "dlq", "responses"]
+
+
+def _retries(tail: Tail) -> list[str]:
+    """The tier of every retry record read (the old ``retry`` topic must stay empty)."""
+    return [short for short in ["retry", *TIERS] for _ in tail.of(short)]
 
 
 def flaky_settings(
@@ -87,7 +97,7 @@ def _report(name: str, outcomes: list[Any], tail: Tail) -> None:
     print(
         f"\nretry topic, {name}: sent {len(outcomes)}, answered {dict(statuses)}; executions "
         f"by (attempt, outcome) {dict(sorted(per_attempt.items()))}; retry records "
-        f"{len(tail.of('retry'))}; dead letters {len(tail.of('dlq'))}"
+        f"{Counter(_retries(tail))}; dead letters {len(tail.of('dlq'))}"
     )
 
 
@@ -98,7 +108,7 @@ async def test_a_request_whose_first_call_fails_is_answered_ok_on_its_retry(
 ) -> None:
     settings = flaky_settings(settings, fail=1)
     stack = start_stack(settings, ["general"])
-    tail = tails(["executions", "retry", "dlq", "responses"], settings=settings)
+    tail = tails(WATCHED, settings=settings)
     questions = [f"retry me {n} {uuid.uuid4().hex[:6]}" for n in range(4)]
     outcomes = await _ask(settings, questions)
     tail.wait(lambda t: len(t.of("executions")) >= 5, 30, "five executions")
@@ -114,7 +124,7 @@ async def test_a_request_whose_first_call_fails_is_answered_ok_on_its_retry(
     retried = [h for h in histories.values() if len(h) > 1]
     assert retried == [[(1, "BackendsExhausted"), (2, None)]]
     assert sorted(h for h in histories.values() if len(h) == 1) == [[(1, None)]] * 3
-    assert len(tail.of("retry")) == 1
+    assert _retries(tail) == ["retry.1s"]  # backoff 0.2 s: the 1 s tier
     assert tail.of("dlq") == []
     assert len([r for r in tail.of("responses") if r["final"]]) == 4
 
@@ -126,7 +136,7 @@ async def test_a_request_that_always_fails_is_dead_lettered_once_after_every_att
 ) -> None:
     settings = flaky_settings(settings, fail=1_000_000)
     stack = start_stack(settings, ["general"])
-    tail = tails(["executions", "retry", "dlq", "responses"], settings=settings)
+    tail = tails(WATCHED, settings=settings)
     outcomes = await _ask(settings, [f"doomed {uuid.uuid4().hex[:6]}"])
     tail.wait(lambda t: len(t.of("dlq")) >= 1, 30, "the dead letter")
     stack.wait_idle()
@@ -143,7 +153,7 @@ async def test_a_request_that_always_fails_is_dead_lettered_once_after_every_att
     assert _attempts(tail) == {
         failed.request_id: [(n, "BackendsExhausted") for n in range(1, ATTEMPTS + 1)]
     }
-    assert len(tail.of("retry")) == ATTEMPTS - 1
+    assert _retries(tail) == ["retry.1s"] * (ATTEMPTS - 1)
     (letter,) = tail.of("dlq")
     assert (letter["attempts"], letter["stage"], letter["request_id"]) == (
         ATTEMPTS,
@@ -163,25 +173,29 @@ def _wait_for_line(log: Path, text: str, timeout_s: float) -> None:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
+async def test_a_retry_waiting_on_its_delay_tier_survives_a_router_stop(
     settings: Settings,
     start_stack: StartStack,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
     stop: signal.Signals,
     tails: OpenTail,
 ) -> None:
-    """kill -9: the retry was never acked, so the next router reads and forwards it.
+    """The wait is on Kafka: the retry record sits on ``retry.5s``, its offset uncommitted.
 
-    SIGTERM: the router forwards it when due (faust waits for unacked records), then exits 0.
+    kill -9 or SIGTERM while the retrier waits for it (its partition paused): nothing
+    was forwarded or committed, so the next router's retrier reads it again and
+    forwards it once it is due — not before (the order of the timestamps says so).
     """
     settings = flaky_settings(settings, fail=1, backoff_s=(4.0,))
     stack = start_stack(settings, ["general"])
-    tail = tails(["executions", "retry", "dlq"], settings=settings)
+    tail = tails(WATCHED, settings=settings)
     asking = asyncio.create_task(_ask(settings, [f"survive {uuid.uuid4().hex[:6]}"]))
     await asyncio.to_thread(_wait_for_line, tmp_path / "router.log", "retry scheduled", 30)
     old = stack.processes["router"]
     old.send_signal(stop)
+    stopped_ms = time.time() * 1000
     exit_code = await asyncio.to_thread(old.wait, 45)
+    exited_ms = time.time() * 1000
     log = (tmp_path / "router2.log").open("wb")
     with log:
         stack.processes["router"] = subprocess.Popen(
@@ -191,12 +205,10 @@ async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    outcomes = await asyncio.wait_for(asking, 60)
+    outcomes = await asyncio.wait_for(asking, 90)
     tail.wait(lambda t: len(t.of("executions")) >= 2, 30, "two executions")
-    # after SIGTERM the old router forwarded the retry itself: the new one may still be
-    # importing, and the teardown's SIGTERM must find it running (it checks exit 0)
-    await asyncio.to_thread(stack.wait_ready)
-    stack.wait_idle()  # the new router committed the retry, the worker its pool record
+    await asyncio.to_thread(stack.wait_ready)  # the teardown's SIGTERM must find it running
+    stack.wait_idle()  # the new retrier committed the retry, the worker its pool record
     tail.catch_up()
     _report(f"router stopped ({stop.name}) while a retry waited", outcomes, tail)
 
@@ -204,4 +216,15 @@ async def test_a_retry_waiting_in_the_routers_memory_survives_its_stop(
     (answer,) = outcomes
     assert isinstance(answer, Result), answer
     assert _attempts(tail) == {answer.request_id: [(1, "BackendsExhausted"), (2, None)]}
-    assert len(tail.of("retry")) == 1 and tail.of("dlq") == []
+    assert _retries(tail) == ["retry.5s"] and tail.of("dlq") == []
+    (waiting,) = tail.messages("retry.5s")
+    due_ms = int(header(Consumed.from_message(waiting).headers, NOT_BEFORE) or b"0")
+    second = [m for m in tail.messages("executions") if m.timestamp()[1] > waiting.timestamp()[1]]
+    executed_ms = min(m.timestamp()[1] for m in second)
+    print(
+        f"retry written at 0 ms, due at +{due_ms - waiting.timestamp()[1]:.0f} ms; router "
+        f"{stop.name} at +{stopped_ms - waiting.timestamp()[1]:.0f} ms, exited at "
+        f"+{exited_ms - waiting.timestamp()[1]:.0f} ms; attempt 2 executed at "
+        f"+{executed_ms - waiting.timestamp()[1]:.0f} ms ({executed_ms - due_ms:.0f} ms after due)"
+    )
+    assert stopped_ms < due_ms <= executed_ms  # stopped during the wait; forwarded once due

@@ -11,11 +11,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from dspex.streams.errors import ConfigError, LocalBrokerError, TopicConfigError
 from dspex.streams.ops import _kraft
+from dspex.streams.ops import admin as admin_module
 from dspex.streams.ops.admin import Replication, replication_for
 from dspex.streams.ops.cluster import LocalCluster, local_bootstrap
 from dspex.streams.settings import LocalBrokerSettings, TopicSettings, load_settings
@@ -207,3 +211,29 @@ def test_an_unreadable_layout_names_the_file(settings: LocalBrokerSettings) -> N
     cluster.layout_file.write_text("{not json")
     with pytest.raises(LocalBrokerError, match=r"cluster\.json is unreadable"):
         cluster.status()
+
+
+class _SlowCluster:
+    """An admin client whose cluster answers only from the third metadata request on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def list_topics(self, timeout: float) -> Any:
+        self.calls += 1
+        if self.calls < 3:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
+        return SimpleNamespace(topics={"dspex.requests": SimpleNamespace(partitions={0: 0, 1: 1})})
+
+
+def test_required_topics_wait_for_an_unreachable_cluster_then_answer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("dspex.streams.ops.admin.time.sleep", slept.append)
+    cluster = _SlowCluster()
+    found = admin_module.require_topics(cast(Any, cluster), ["dspex.requests"], "router")
+    assert found == {"dspex.requests": 2} and cluster.calls == 3
+    assert slept == [1.0, 2.0]  # back-off, not a busy loop
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1  # logged once, however long the wait

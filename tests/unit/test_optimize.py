@@ -108,12 +108,29 @@ class LocalEvaluator:
         return Evaluation(sum(scores) / len(scores), len(scores), 0)
 
 
+class MemoryCheckpoint:
+    """A checkpoint kept in memory, round-tripped through JSON as the topic's would be."""
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+        self.phases: list[str] = []
+
+    def load(self) -> dict[str, Any] | None:
+        return json.loads(self.saved) if self.saved is not None else None
+
+    def save(self, phase: str, state: Mapping[str, Any]) -> None:
+        self.phases.append(phase)
+        self.saved = json.dumps(state, allow_nan=False)
+
+
 def optimize(
     spec: JobSpec,
     backend: LMBackend,
     *,
     cancel: threading.Event | None = None,
     models: Mapping[str, LMBackend] | None = None,
+    checkpoint: MemoryCheckpoint | None = None,
+    evaluator: LocalEvaluator | None = None,
 ) -> tuple[OptimizationResult, list[Progress]]:
     examples = examples_from_json(DATASET, parse_signature(BASE.signature))
     train, val = split(examples, spec.val_fraction, spec.job_id)
@@ -121,11 +138,12 @@ def optimize(
     optimization = Optimization(
         spec,
         BASE,
-        LocalEvaluator(backend, spec, models),
+        evaluator or LocalEvaluator(backend, spec, models),
         compile_lm=build_lm(backend),
         current={},
         cancel=cancel or threading.Event(),
         progress=events.append,
+        checkpoint=checkpoint,
     )
     return asyncio.run(optimization.run(train, val)), events
 
@@ -339,6 +357,24 @@ def test_variable_search_picks_the_low_temperature() -> None:
     assert result.changed_variables() == {"temperature": 0.0}
     assert (result.score_before, result.score_after, result.compiled) == (0.0, 1.0, False)
     assert [(e.trial, e.trials) for e in events if e.phase == "search"] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_a_job_resumed_from_its_checkpoint_skips_the_steps_done() -> None:
+    search = {"temperature": {"min": 0, "max": 1, "steps": 3}}
+    spec = spec_of(search_json=json.dumps(search))
+    checkpoint = MemoryCheckpoint()
+    first, _ = optimize(spec, FEWSHOT, checkpoint=checkpoint)
+    assert checkpoint.phases == ["baseline", "compile", "search", "search", "search"]
+    state = json.loads(checkpoint.saved or "{}")
+    state["trials"] = state["trials"][:1]  # as if the runner died during the second trial
+    checkpoint.saved = json.dumps(state)
+    evaluator = LocalEvaluator(FEWSHOT, spec)
+    resumed, events = optimize(spec, FEWSHOT, checkpoint=checkpoint, evaluator=evaluator)
+    assert evaluator.calls == [{"temperature": 0.5}, {"temperature": 1.0}]  # trials 2 and 3 only
+    assert events[0].phase == "resume" and "1 trial(s) done" in events[0].message
+    assert [e.trial for e in events if e.phase == "search"] == [2, 3]
+    assert resumed.candidate.state_json == first.candidate.state_json
+    assert (resumed.score_before, resumed.trials) == (first.score_before, first.trials)
 
 
 def test_model_search_picks_the_backend_that_knows_the_task() -> None:

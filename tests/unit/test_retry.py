@@ -31,6 +31,7 @@ from dspex.agents.plumbing.retry import (
     RetryTopicPolicy,
     attempt_of,
     retry_due,
+    tier_topic,
     without_retry_headers,
 )
 from dspex.agents.router.cache import ResultCache
@@ -45,7 +46,7 @@ from dspex.schemas.samples import sample
 from dspex.streams.errors import ConfigError, InvalidRequest
 from dspex.streams.serde import SingleObjectSerde
 from dspex.streams.settings import LMBackend, Settings, load_settings
-from tests.fakes import FakeExecutor, FakeProducer, FakeResolver
+from tests.fakes import FakeExecutor, FakeProducer, FakeResolver, Produced
 
 SERDE = SingleObjectSerde()
 POOL_TOPIC = "dspex.pool.general"
@@ -56,6 +57,11 @@ TO = Destinations(
 NOW_S = 1_800_000_000.0
 RETRYABLE = ErrorInfo("BackendsExhausted", "every LM backend failed", None, "execute", True)
 PERMANENT = ErrorInfo("InvalidRequest", "bad input", "inputs.question", "execute", False)
+
+
+def _retries(producer: FakeProducer) -> list[Produced]:
+    """The records a worker wrote to the retry delay tiers, in order."""
+    return [p for p in producer.produced if p.topic.startswith(f"{RETRY_TOPIC}.")]
 
 
 def _policy(attempts: int = 3, backoff: Sequence[float] = (1.0, 5.0)) -> RetryTopicPolicy:
@@ -164,7 +170,7 @@ class Worker:
 
     def retried(self, offset: int) -> Consumed:
         """The last retry record as the pool worker receives it after the retrier forwarded it."""
-        last = self.producer.raw(RETRY_TOPIC)[-1]
+        last = _retries(self.producer)[-1]
         assert isinstance(last.key, str)
         return Consumed(POOL_TOPIC, 1, offset, last.key.encode(), last.value, tuple(last.headers))
 
@@ -213,7 +219,7 @@ async def test_a_transient_failure_goes_to_the_retry_topic_and_the_retry_is_answ
     worker = _worker(FakeExecutor(fails=1))
     await worker.handle(first)
 
-    ((_, key, value, headers),) = worker.producer.raw(RETRY_TOPIC)
+    ((_, key, value, headers),) = _retries(worker.producer)
     assert key == request["request_id"] and value == first.value  # the bytes, unchanged
     assert dict(headers)[ATTEMPT] == b"2" and dict(headers)[RETRY_POOL] == b"general"
     assert ("trace", b"abc") in headers
@@ -236,7 +242,7 @@ async def test_exhausted_attempts_answer_the_error_and_dead_letter_once_with_the
     await worker.handle(worker.retried(offset=3))
     await worker.handle(worker.retried(offset=4))
 
-    assert len(worker.producer.raw(RETRY_TOPIC)) == 2
+    assert len(_retries(worker.producer)) == 2
     (response,) = worker.producer.records(TO.responses)
     assert response["status"] == "error" and response["error"]["retryable"] is True
     (letter,) = worker.producer.records(TO.dlq)
@@ -250,7 +256,7 @@ async def test_exhausted_attempts_answer_the_error_and_dead_letter_once_with_the
 async def test_a_streamed_chunk_means_no_retry() -> None:
     worker = _worker(FakeExecutor(fails=1))
     await worker.handle(_origin(_request(stream=True)))
-    assert worker.producer.raw(RETRY_TOPIC) == []
+    assert _retries(worker.producer) == []
     chunks = worker.producer.records(TO.responses)
     assert [c["final"] for c in chunks] == [False, True] and chunks[-1]["status"] == "error"
     assert len(worker.producer.records(TO.dlq)) == 1
@@ -260,7 +266,7 @@ async def test_a_deadline_shorter_than_the_backoff_answers_now() -> None:
     soon = _request(deadline_at=times.now() + timedelta(seconds=30))
     worker = _worker(FakeExecutor(fails=1), RetryTopicPolicy(3, (60.0,)))
     await worker.handle(_origin(soon))
-    assert worker.producer.raw(RETRY_TOPIC) == []
+    assert _retries(worker.producer) == []
     assert worker.producer.records(TO.responses)[0]["error"]["retryable"] is True
 
 
@@ -270,7 +276,7 @@ async def test_permanent_errors_are_never_sent_round_again() -> None:
 
     worker = _worker(FakeExecutor(broken))
     await worker.handle(_origin(_request()))
-    assert worker.producer.raw(RETRY_TOPIC) == []
+    assert _retries(worker.producer) == []
     assert worker.producer.records(TO.dlq)[0]["attempts"] == 1
 
 
@@ -282,15 +288,15 @@ async def test_a_redelivered_attempt_is_skipped_but_its_retry_is_not() -> None:
     await worker.handle(first)
     await worker.handle(first)  # the same pool record again (a rebalance): skipped
     assert executor.calls == Counter({request["request_id"]: 1})
-    assert len(worker.producer.raw(RETRY_TOPIC)) == 1
+    assert len(_retries(worker.producer)) == 1
     await worker.handle(worker.retried(offset=3))
     assert executor.calls == Counter({request["request_id"]: 2})
     assert len(worker.producer.records(TO.responses)) == 1
 
 
 async def test_a_retry_record_the_broker_refuses_fails_the_message() -> None:
-    worker = _worker(FakeExecutor(fails=1), fail=(RETRY_TOPIC,))
-    with pytest.raises(DeliveryFailed, match=r"dspex\.retry"):
+    worker = _worker(FakeExecutor(fails=1), fail=(f"{RETRY_TOPIC}.1s",))
+    with pytest.raises(DeliveryFailed, match=r"dspex\.retry\.1s"):
         await worker.handle(_origin(_request()))
 
 
@@ -308,7 +314,7 @@ async def test_without_a_retry_topic_a_transient_failure_is_answered_at_once() -
         retry_topic=RetryTopicPolicy(3, (1.0,)),
     )
     await Worker(handler, producer, publisher).handle(_origin(_request()))
-    assert producer.raw(RETRY_TOPIC) == [] and len(producer.records(TO.dlq)) == 1
+    assert _retries(producer) == [] and len(producer.records(TO.dlq)) == 1
 
 
 # -- the retrier (router side) ------------------------------------------------------------
@@ -412,3 +418,11 @@ def test_settings_default_to_three_attempts_with_growing_backoff() -> None:
     reliability = Settings().reliability
     assert reliability.retry_topic_attempts == 3
     assert reliability.retry_topic_backoff_s == (1.0, 5.0)
+
+
+def test_a_backoff_goes_to_the_shortest_delay_tier_that_holds_it() -> None:
+    assert tier_topic("p.retry", 0.2) == "p.retry.1s"
+    assert tier_topic("p.retry", 1.0) == "p.retry.1s"
+    assert tier_topic("p.retry", 4.0) == "p.retry.5s"
+    assert tier_topic("p.retry", 30.0) == "p.retry.30s"
+    assert tier_topic("p.retry", 60.0) == "p.retry.30s"  # longer: the longest tier, due later

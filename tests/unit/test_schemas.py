@@ -21,6 +21,7 @@ from dspex.schemas.samples import sample
 EXPECTED = [
     "DeadLetter",
     "Execution",
+    "JobCheckpoint",
     "JobControl",
     "MetricSnapshot",
     "OptimizationJob",

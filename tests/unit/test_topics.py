@@ -22,10 +22,14 @@ DESIGN_TOPICS = {
     "routing",
     "metrics",
     "retry",
+    "retry.1s",
+    "retry.5s",
+    "retry.30s",
     "dlq",
     "jobs",
     "jobs.control",
     "jobs.status",
+    "jobs.checkpoints",
     "cache",
     "pipelines",
     "pipeline.runs",
@@ -48,7 +52,11 @@ def test_catalog_is_the_design_table() -> None:
         "sessions",
     }
     expiring = {spec.name for spec in CATALOG if spec.cleanup_policy == "compact,delete"}
-    assert expiring == {"cache", "pipeline.state"}  # the latest entry per key, for a week
+    assert expiring == {
+        "cache",
+        "pipeline.state",
+        "jobs.checkpoints",
+    }  # the latest entry per key, for a week
 
 
 def test_compacted_topics_keep_values_forever_and_delete_topics_expire() -> None:
