@@ -115,6 +115,4 @@ def commit_versioned(
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(timeout_s)
             time.sleep(random.uniform(0, BACKOFF_S * attempt))  # noqa: S311 - jitter
-        finally:
-            producer.flush(0)
     raise error
