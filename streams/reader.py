@@ -156,10 +156,14 @@ class StallGuard:
     Every ``interval_s`` while ``wanted()``, the guard reads each assigned partition's
     position and high-water mark (one ListOffsets request per partition); a partition
     behind its end whose position has not moved since the previous check is sought to
-    that position again, which restarts its fetcher (no record is skipped or repeated).
-    A healthy partition behind its end moves between two checks and is never touched;
-    positions count transaction markers, so a transactional topic raises no false
-    alarm. Call :meth:`check` from the thread that polls the consumer.
+    that position again, which restarts its fetcher (no record is skipped or repeated);
+    a partition is restarted at one position once, and again only after
+    ``RESTART_AGAIN_CHECKS`` checks.
+    A healthy partition behind its end moves between two checks and is never touched.
+    The end is the high-water mark for a read-uncommitted consumer and the last
+    stable offset for a read-committed one (librdkafka asks with the consumer's
+    isolation level), and positions count transaction markers. Call :meth:`check` from
+    the thread that polls the consumer.
     """
 
     def __init__(
@@ -176,6 +180,7 @@ class StallGuard:
         self._clock = clock
         self._starts: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
+        self._restarted: dict[tuple[str, int], tuple[int, float]] = {}  # position, when
         self._due = clock() + interval_s
         self.restarts = 0
         """Partition fetches restarted so far (logs and tests)."""
@@ -214,8 +219,18 @@ class StallGuard:
             marks = self._consumer.get_watermark_offsets(
                 TopicPartition(tp.topic, tp.partition), timeout=STALL_CHECK_TIMEOUT_S, cached=False
             )
-            if marks is not None and marks[1] > position:
-                stalled.append(TopicPartition(tp.topic, tp.partition, position))
+            if marks is None or marks[1] <= position:
+                continue
+            # once per position, then again only after a while: a read-committed
+            # position does not move past aborted records nobody receives, and a seek
+            # every check would make the fetcher read them again and again
+            before = self._restarted.get(key)
+            now = self._clock()
+            if before is not None and before[0] == position:
+                if now - before[1] < RESTART_AGAIN_CHECKS * self._interval_s:
+                    continue
+            self._restarted[key] = (position, now)
+            stalled.append(TopicPartition(tp.topic, tp.partition, position))
         return stalled
 
     def _restart(self, stalled: list[TopicPartition]) -> list[tuple[str, int]]:
@@ -232,6 +247,7 @@ class StallGuard:
 
 
 STALL_CHECK_TIMEOUT_S = 2.0
+RESTART_AGAIN_CHECKS = 6
 
 
 Apply = Callable[[str, str, Record | None], None]

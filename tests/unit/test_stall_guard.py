@@ -92,3 +92,16 @@ def test_nothing_is_checked_while_nothing_is_wanted() -> None:
     assert stalls.check() == []  # the first look after a pause only records positions
     clock.now = 50
     assert stalls.check() == [("t", 0)]
+
+
+def test_a_partition_is_restarted_at_one_position_once_then_only_after_a_while() -> None:
+    """A read-committed position stays before aborted records nobody receives: seeking it
+    at every check would make the fetcher read them again and again."""
+    consumer, clock = FakeConsumer({0: 5}, {0: 9}), Clock()
+    stalls = guard(consumer, clock)
+    restarted = []
+    for n in range(1, 10):
+        clock.now = 10 * n
+        restarted += stalls.check()
+    assert consumer.seeks == [(0, 5), (0, 5)]  # at 20 s, then 60 s later (6 checks)
+    assert restarted == [("t", 0), ("t", 0)]
