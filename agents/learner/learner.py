@@ -127,16 +127,22 @@ class Learner:
         except SerdeError as exc:
             logger.warning("undecodable telemetry %s error=%s", original.where(), exc)
             return [self._dead_letter(original, exc)]
-        self.observe(record.record)
+        self.observe(
+            record.record, source=f"{original.topic}:{original.partition}", offset=original.offset
+        )
         return []
 
-    def observe(self, record: Record) -> None:
-        """Learn from one decoded Telemetry record (kinds other than execution are ignored)."""
+    def observe(self, record: Record, *, source: str = "", offset: int = -1) -> None:
+        """Learn from one decoded Telemetry record (kinds other than execution are ignored).
+
+        ``source`` and ``offset`` (the record's partition and offset) make a redelivered
+        record count once: see :attr:`ProgramStats.seen`.
+        """
         program_id = record.get("program_id")
         if not program_id or record.get("cache_hit"):
             return
         if record.get("kind") == "feedback":
-            self._feedback(program_id, record)
+            self._feedback(program_id, record, source, offset)
             return
         kind = record.get("kind")
         if kind not in ("execution", "attempt") or record.get("error_class") == "Overloaded":
@@ -158,6 +164,9 @@ class Learner:
         if obs is None:
             return
         stats = ProgramStats.from_json(self.stats.get(program_id))
+        if source and stats.counted(source, offset):
+            logger.debug("telemetry counted already %s@%d", source, offset)
+            return
         now = self.clock()
         before = stats.arms.get(obs.variant)
         was = (before.cooling(now), before.demoted) if before else ("", "")
@@ -170,7 +179,7 @@ class Learner:
         if record.get("request_id") and kind == "execution":  # who answered, for feedback
             self.answered.remember(str(record["request_id"]), obs.variant)
 
-    def _feedback(self, program_id: str, record: Record) -> None:
+    def _feedback(self, program_id: str, record: Record, source: str, offset: int) -> None:
         """A client's quality score for an answered request, credited to its variant.
 
         The variant is the record's own, else the one this learner saw run the
@@ -181,6 +190,8 @@ class Learner:
         variant = record.get("variant") or self.answered.get(request_id)
         emitted = to_ms(record.get("emitted_at"))
         stats = ProgramStats.from_json(self.stats.get(program_id))
+        if source and stats.counted(source, offset):
+            return
         applied = isinstance(variant, str) and stats.feedback(
             variant,
             record.get("quality"),

@@ -422,11 +422,26 @@ def _anomaly(arm: ArmStats, cfg: BanditConfig) -> str:
     return ""
 
 
+SEEN_KEY = "__offsets__"
+"""The key of the counted offsets in a program's stored statistics (never a variant name)."""
+
+
 @dataclass
 class ProgramStats:
     """Every arm of one program; serialized as JSON into the learner's table."""
 
     arms: dict[str, ArmStats] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+    """Per telemetry partition (``topic:partition``), the last offset counted here: a
+    record redelivered after a rebalance or a restart is not counted twice, because
+    the offsets travel in the same table value (and changelog record) as the counts."""
+
+    def counted(self, source: str, offset: int) -> bool:
+        """Whether the record at ``offset`` of ``source`` is counted already (else note it)."""
+        if self.seen.get(source, -1) >= offset:
+            return True
+        self.seen[source] = offset
+        return False
 
     def observe(self, obs: Observation, now_s: float, cfg: BanditConfig) -> None:
         """Add ``obs`` at its own time (a missing or future time counts as ``now_s``)."""
@@ -447,7 +462,10 @@ class ProgramStats:
         return True
 
     def to_json(self) -> str:
-        return json.dumps({name: arm.to_dict() for name, arm in self.arms.items()})
+        data: dict[str, object] = {name: arm.to_dict() for name, arm in self.arms.items()}
+        if self.seen:
+            data[SEEN_KEY] = self.seen
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str | None) -> ProgramStats:
@@ -458,8 +476,10 @@ class ProgramStats:
             data = {}
         if not isinstance(data, dict):
             return cls()
+        seen = data.pop(SEEN_KEY, {})
         arms = {str(k): ArmStats.from_dict(v) for k, v in data.items() if isinstance(v, dict)}
-        return cls(arms)
+        offsets = {str(k): int(v) for k, v in seen.items()} if isinstance(seen, dict) else {}
+        return cls(arms, offsets)
 
     def at(self, now_s: float, cfg: BanditConfig) -> ProgramStats:
         """A copy with every arm aged to ``now_s`` (the stored statistics stay untouched)."""

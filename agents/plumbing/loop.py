@@ -188,7 +188,10 @@ class ConsumerLoop:
         self._redo_below: dict[TP, int] = {}
         self._paused = False
         self._fatal: BaseException | None = None
-        self._broken: KafkaError | None = None  # a fatal consumer error: renew the consumer
+        self._broken: KafkaError | None = None
+        self._patterns = any(
+            topic.startswith("^") for topic in config.topics
+        )  # a fatal consumer error: renew the consumer
         self.renewals = 0
         """Consumers replaced after a fatal consumer error (logs and tests)."""
         self._renewed_in_a_row = 0
@@ -382,6 +385,9 @@ class ConsumerLoop:
             # consume() hands a fatal error over as code _FATAL with fatal() unset
             if error.fatal() or error.code() == KafkaError._FATAL:
                 self._broken = self._broken or error
+            elif error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART and self._patterns:
+                # a pattern (tenants' request topics) that matches no topic yet
+                logger.debug("consumer group=%s: %s", self.config.group_id, error.str())
             elif error.code() != KafkaError._PARTITION_EOF:
                 logger.warning("consumer error group=%s error=%s", self.config.group_id, error)
             return None

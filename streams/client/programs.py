@@ -33,6 +33,7 @@ from dspex.streams.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+VISIBLE_TIMEOUT_S = 10.0
 PUBLISH_ATTEMPTS = 8
 
 
@@ -117,13 +118,38 @@ def publish_next_version(
     """Publish ``build(latest)`` as ``program_id``'s next version, fenced (see the module doc)."""
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
         try:
-            return _publish_fenced(settings, serde, topic, program_id, build)
+            version = _publish_fenced(settings, serde, topic, program_id, build)
         except KafkaException as exc:  # fenced by a racing publisher: re-read and renumber
             logger.info(
                 "version publish fenced program_id=%s attempt=%d: %s", program_id, attempt, exc
             )
             time.sleep(random.uniform(0, 0.5 * attempt))  # noqa: S311 - jitter, not security
+            continue
+        _until_visible(settings, serde, topic, program_id, version)
+        return version
     raise BrokerUnavailable(f"topic={topic} program_id={program_id}: no version published")
+
+
+def _until_visible(
+    settings: Settings, serde: Serde, topic: str, program_id: str, version: int
+) -> None:
+    """Wait until read-committed readers (the routers) can see ``version``.
+
+    A commit returns once the coordinator has decided it; the markers reach the
+    partition a moment later, and until then a router would still answer "no program
+    registered" to a request sent right after ``put``.
+    """
+    give_up = time.monotonic() + VISIBLE_TIMEOUT_S
+    while latest_version(settings, serde, topic, program_id) < version:
+        if time.monotonic() > give_up:
+            logger.warning(
+                "program_id=%s version=%d not yet visible after %.0fs",
+                program_id,
+                version,
+                VISIBLE_TIMEOUT_S,
+            )
+            return
+        time.sleep(0.05)
 
 
 def _publish_fenced(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dspex.agents.learner.learner import Learner
+from dspex.agents.learner.stats import ProgramStats
 from dspex.agents.plumbing.catalog import RoutingCatalog
 from dspex.schemas import records
 from dspex.streams.serde import make_serde
@@ -140,3 +141,19 @@ def test_a_cooldown_is_published_at_once_not_after_the_publish_interval() -> Non
     assert "variant good cooling down" in table["reason"]
     learner.observe(_execution("bad", 0.9))
     assert learner.due_tables() == []  # ordinary evidence still waits for the interval
+
+
+def test_a_telemetry_record_redelivered_after_a_rebalance_counts_once() -> None:
+    """faust redelivers what was not committed when a rebalance moves the partition; the
+    counts live in the table's changelog, so without the offsets beside them a redelivery
+    counted twice (the learner-kill test on a busy machine: 20 fresh events, 39.9 counted)."""
+    learner = _learner(Clock())
+    for offset in range(5):
+        learner.observe(_execution("good", 0.9), source="telemetry:0", offset=offset)
+    for offset in range(5):  # the same five again, then one new
+        learner.observe(_execution("good", 0.9), source="telemetry:0", offset=offset)
+    learner.observe(_execution("good", 0.9), source="telemetry:0", offset=5)
+    learner.observe(_execution("good", 0.9), source="telemetry:1", offset=0)  # another partition
+    stats = ProgramStats.from_json(learner.stats["qa"])
+    assert round(stats.arms["good"].n) == 7
+    assert stats.seen == {"telemetry:0": 5, "telemetry:1": 0}
