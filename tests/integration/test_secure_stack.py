@@ -109,7 +109,14 @@ async def test_request_path_learner_and_optimizer_job_run_over_sasl_ssl(
         print(f"\nover SASL_SSL: exact_match {result.score_before} -> {result.score_after}")
         assert result.ok, result.error
         assert (result.score_before, result.score_after, result.program_version) == (0.0, 1.0, 2)
-        answer = await client.submit("toy", {"word": "stream"}, cache=False, deadline_s=120)
+        # the same known defect for the job's version 2: measured, not hidden
+        optimized_at = time.monotonic()
+        while True:
+            answer = await client.submit("toy", {"word": "stream"}, cache=False, deadline_s=120)
+            if answer.program_version == 2 or time.monotonic() - optimized_at > 60:
+                break
+            await asyncio.sleep(1.0)
+        print(f"router served toy v2 {time.monotonic() - optimized_at:.1f}s after the job")
     assert (first.status, first.program_version) == ("ok", 1)
     assert (answer.program_version, answer.outputs["answer"]) == (2, "maerts")
     # the learning agent (faust, SCRAM over TLS) consumed and committed every Telemetry record
