@@ -89,14 +89,20 @@ def decide(
         return Decision(even, even, sorted(arms), pools, {}, reason, learned, cooling, wake)
     posteriors = _posteriors(arms, objective, cfg)
     out = set(demoted) | set(cooling)
-    # who may win a draw: healthy variants, else demoted ones, else (all cooling) anyone
+    # who may win a draw: healthy variants, else demoted ones, else (every variant
+    # cooling) the one whose cooldown ends first: it failed longest ago, and a variant
+    # with a long good history that fails every call right now must not keep the traffic
     eligible = [n for n in arms if n not in out] or [n for n in arms if n not in cooling]
-    wins, means = _thompson(
-        posteriors, eligible or list(arms), cfg.samples, rng, objective.weights()
-    )
+    all_cooling = not eligible
+    if all_cooling:
+        first = min(arms[name].cooldown_until for name in arms)
+        eligible = [name for name in arms if arms[name].cooldown_until <= first + 1e-9]
+    wins, means = _thompson(posteriors, eligible, cfg.samples, rng, objective.weights())
     p_best = {name: wins[name] / cfg.samples for name in arms}
     weights = _floor_mix(p_best, _floors(arms, cfg))
-    fallback = sorted(arms, key=lambda name: (name in out, -means[name], name))
+    fallback = sorted(
+        arms, key=lambda name: (name not in eligible, name in out, -means[name], name)
+    )
     notes = [
         f"variant {n} penalized: breaks {objective.label()}"
         for n, p in posteriors.items()
@@ -111,6 +117,8 @@ def decide(
     over = [
         f"variant {name} cooldown over" for name in sorted(set(previously_cooling) - set(cooling))
     ]
+    if all_cooling:
+        why.insert(0, f"every variant cooling: {', '.join(sorted(eligible))} wakes first")
     parts = [*_cooling_notes(cooling, arms, now_s), *over, *changes, *why, *notes]
     return Decision(
         weights, p_best, fallback, pools, demoted, "; ".join(parts), learned, cooling, wake

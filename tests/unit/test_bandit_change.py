@@ -185,3 +185,26 @@ def test_a_cooling_variant_never_wins_even_when_every_other_is_demoted() -> None
     print(f"\ncooling vs demoted: {decision.weights} ({decision.reason})")
     assert decision.p_best["cool"] == 0.0
     assert decision.weights["cool"] < 0.05 < decision.weights["slow"]
+
+
+def test_when_every_variant_cools_the_one_that_wakes_first_takes_the_traffic() -> None:
+    # the CI run that found this: flaky's breaker had opened, then steady (a long good
+    # history) failed 3 in a row; both cooling, steady's history kept 0.96 of the traffic
+    stats = ProgramStats()
+    t = 1_000.0
+    for i in range(150):
+        _observe(stats, "steady", t, True)
+        _observe(stats, "flaky", t, i % 3 != 0)
+        t += 0.05
+    _observe(stats, "flaky", t, False, error_class="CircuitOpen")
+    t += 2.0
+    for _ in range(CFG.cooldown_failures):
+        _observe(stats, "steady", t, False)
+        t += 0.1
+    names = {"steady": "general", "flaky": "general"}
+    decision = decide(stats, names, LATENCY, CFG, random.Random(2), t)
+    print(f"\nevery variant cooling: {decision.weights} ({decision.reason})")
+    assert set(decision.cooling) == {"steady", "flaky"}
+    assert decision.weights["steady"] <= CFG.min_weight < decision.weights["flaky"]
+    assert decision.fallback == ["flaky", "steady"]
+    assert "every variant cooling: flaky wakes first" in decision.reason
