@@ -222,6 +222,8 @@ class CompactedReader:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._stalls is not None:
+            await self._call(self._stalls.close)
         if self._consumer is not None:
             await self._call(self._consumer.close)
         self._thread.shutdown(wait=False)

@@ -222,6 +222,7 @@ class Invalidator:
     def _follow(self) -> None:
         group = f"dspex-sessions-follow-{uuid.uuid4().hex}"
         consumer = kafka.consumer(self._settings, group, **{"fetch.wait.max.ms": 20})
+        stalls: StallGuard | None = None
         try:
             start = end_offsets(consumer, self._topic, READ_TIMEOUT_S)
             consumer.assign(start)
@@ -245,6 +246,8 @@ class Invalidator:
             logger.exception("sessions follower stopped topic=%s", self._topic)
         finally:
             self._ready.set()
+            if stalls is not None:
+                stalls.close()
             consumer.close()
 
     def _hand_over(self, dropped: list[str], positions: dict[int, int]) -> None:

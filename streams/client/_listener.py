@@ -72,6 +72,7 @@ class ReplyListener:
         """Stop the poll thread and close the consumer (blocking call)."""
         self._stop.set()
         if self._thread.ident is None:  # never started: the consumer is still ours to close
+            self._stalls.close()
             self._consumer.close()
         else:
             self._thread.join(timeout_s)
@@ -81,6 +82,7 @@ class ReplyListener:
             while not self._stop.is_set():
                 self._poll_once()
         finally:
+            self._stalls.close()
             self._consumer.close()
             logger.info("stopped listening for replies topic=%s", self.topic)
 

@@ -157,6 +157,7 @@ class Tail:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._stalls.close()
         self._consumer.close()
 
     def _timed_out(self, timeout_s: float, what: str) -> str:
