@@ -147,6 +147,13 @@ class AsyncClient:
         )
         try:
             await asyncio.to_thread(listener.start)
+        except BrokerUnavailable as exc:  # a refused client sees a broker that "is down"
+            await asyncio.to_thread(listener.stop)
+            await asyncio.to_thread(producer.poll, 0.5)  # serve callbacks naming a refusal
+            refused = kafka.refusal(self._settings)
+            if refused is not None:
+                raise refused from exc
+            raise
         except BaseException:
             await asyncio.to_thread(listener.stop)
             raise

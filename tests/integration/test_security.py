@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -141,3 +142,19 @@ def test_mtls_a_client_certificate_authenticates_and_none_is_refused(
     no_cert = load_settings(kafka=mtls)
     refused = _refusal(no_cert)
     assert refused.cause == "client_certificate"
+
+
+async def test_a_client_with_a_wrong_password_fails_at_start_naming_the_credentials(
+    secure_broker: SecureBroker, secure_settings: Settings
+) -> None:
+    """What an application sees, not only `check_reachable`: the client's first call."""
+    wrong = secure_broker.kafka(password="not-the-password")  # noqa: S106
+    settings = load_settings(kafka=wrong, topics={"prefix": secure_settings.topics.prefix})
+    started = time.monotonic()
+    with pytest.raises(AccessRefused) as refused:
+        async with AsyncClient(settings) as client:
+            await client.submit(Program.inline("word -> answer"), {"word": "x"}, deadline_s=30)
+    waited = time.monotonic() - started
+    print(f"\nclient refused after {waited:.1f}s: {refused.value}")
+    assert refused.value.cause == "credentials"
+    assert waited < 30  # refused, not left to time out
