@@ -15,13 +15,15 @@ and committing the new one, so two publishers never take the same number
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Message, TopicPartition
 
 from dspex.schemas import records
 from dspex.schemas.times import now
@@ -118,38 +120,51 @@ def publish_next_version(
     """Publish ``build(latest)`` as ``program_id``'s next version, fenced (see the module doc)."""
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
         try:
-            version = _publish_fenced(settings, serde, topic, program_id, build)
+            version, where = _publish_fenced(settings, serde, topic, program_id, build)
         except KafkaException as exc:  # fenced by a racing publisher: re-read and renumber
             logger.info(
                 "version publish fenced program_id=%s attempt=%d: %s", program_id, attempt, exc
             )
             time.sleep(random.uniform(0, 0.5 * attempt))  # noqa: S311 - jitter, not security
             continue
-        _until_visible(settings, serde, topic, program_id, version)
+        _until_visible(settings, where, program_id, version)
         return version
     raise BrokerUnavailable(f"topic={topic} program_id={program_id}: no version published")
 
 
 def _until_visible(
-    settings: Settings, serde: Serde, topic: str, program_id: str, version: int
+    settings: Settings, where: TopicPartition, program_id: str, version: int
 ) -> None:
-    """Wait until read-committed readers (the routers) can see ``version``.
+    """Wait until read-committed readers (the routers) can see ``version`` at ``where``.
 
     A commit returns once the coordinator has decided it; the markers reach the
     partition a moment later, and until then a router would still answer "no program
-    registered" to a request sent right after ``put``.
+    registered" to a request sent right after ``put``. A read-committed reader sees
+    the record once the partition's last stable offset is past it: one ListOffsets
+    request per look, not a re-read of the topic.
     """
-    give_up = time.monotonic() + VISIBLE_TIMEOUT_S
-    while latest_version(settings, serde, topic, program_id) < version:
-        if time.monotonic() > give_up:
-            logger.warning(
-                "program_id=%s version=%d not yet visible after %.0fs",
-                program_id,
-                version,
-                VISIBLE_TIMEOUT_S,
-            )
-            return
-        time.sleep(0.05)
+    consumer = kafka.consumer(
+        settings, f"dspex-visible-{uuid.uuid4().hex}", **{"isolation.level": "read_committed"}
+    )
+    try:
+        give_up = time.monotonic() + VISIBLE_TIMEOUT_S
+        latest = TopicPartition(where.topic, where.partition, -1)  # timestamp -1: the end
+        while True:
+            with contextlib.suppress(KafkaException):  # a moment without a leader: look again
+                (end,) = consumer.offsets_for_times([latest], timeout=VISIBLE_TIMEOUT_S)
+                if end.offset > where.offset:
+                    return
+            if time.monotonic() > give_up:
+                logger.warning(
+                    "program_id=%s version=%d not yet visible after %.0fs",
+                    program_id,
+                    version,
+                    VISIBLE_TIMEOUT_S,
+                )
+                return
+            time.sleep(0.02)
+    finally:
+        consumer.close()
 
 
 def _publish_fenced(
@@ -158,21 +173,28 @@ def _publish_fenced(
     topic: str,
     program_id: str,
     build: Callable[[int], dict[str, Any]],
-) -> int:
+) -> tuple[int, TopicPartition]:
+    """Publish the next version in a transaction fenced per program: (version, where)."""
     producer = kafka.producer(
         settings, **{"transactional.id": version_txn_id(settings, program_id)}
     )
     producer.init_transactions(30.0)  # fences the id's other holders; waits out their commits
     record = build(latest_version(settings, serde, topic, program_id))
     producer.begin_transaction()
+    delivered: list[Message] = []
     producer.produce(
-        topic, serde.encode("ProgramVersion", record, topic=topic), program_id.encode()
+        topic,
+        serde.encode("ProgramVersion", record, topic=topic),
+        program_id.encode(),
+        on_delivery=lambda _error, message: delivered.append(message),
     )
     try:
-        producer.commit_transaction(30.0)
+        producer.commit_transaction(30.0)  # flushes: the delivery report has been served
     except KafkaException as exc:
         error = exc.args[0] if exc.args else None
         if not getattr(error, "fatal", lambda: True)():
             producer.abort_transaction(30.0)
         raise
-    return int(record["version"])
+    (message,) = delivered
+    where = TopicPartition(topic, message.partition() or 0, message.offset() or 0)
+    return int(record["version"]), where
