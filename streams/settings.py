@@ -435,7 +435,7 @@ class BanditConfig(_Section):
     target_utilization: float = Field(default=0.7, gt=0, le=1)
     # exploration: a variant's floor decays from min_weight to min_floor as its evidence grows
     min_floor: float = Field(default=0.01, gt=0, le=0.5)
-    confident_events: float = Field(default=40.0, gt=0)
+    confident_events: float = Field(default=10.0, gt=0)
     # change points (two-sided Page-Hinkley per variant): reward in [0, 1], log-latency
     change_reward_delta: float = Field(default=0.15, ge=0)
     change_reward_h: float = Field(default=4.0, gt=0)
@@ -460,7 +460,7 @@ class LearnerSettings(_Section):
     publish_interval_s: float = Field(default=1.0, gt=0)
     material_change: float = Field(default=0.05, gt=0, lt=1)
     # republish unchanged weights this often (while data arrives) so learned_from stays fresh
-    refresh_interval_s: float = Field(default=300.0, gt=0)
+    refresh_interval_s: float = Field(default=10.0, gt=0)
     # how often `dspex up` resizes its pools to the newest tables' pool_hints
     hints_check_s: float = Field(default=15.0, gt=0)
     seed: int | None = None

@@ -79,6 +79,7 @@ def decide(
     learned = [arm.summary(name, cfg) for name, arm in arms.items()]
     demoted = {name: arm.demoted for name, arm in arms.items() if arm.demoted}
     cooling = {name: arm.cooling(now_s) for name, arm in arms.items() if arm.cooling(now_s)}
+    probing = sorted(name for name, arm in arms.items() if arm.probing(now_s))
     wake = min((arms[name].cooldown_until for name in cooling), default=None)
     total = sum(arm.n for arm in arms.values())
     if total < 1e-6:
@@ -88,8 +89,8 @@ def decide(
             reason += "; " + "; ".join(_cooling_notes(cooling, arms, now_s))
         return Decision(even, even, sorted(arms), pools, {}, reason, learned, cooling, wake)
     posteriors = _posteriors(arms, objective, cfg)
-    out = set(demoted) | set(cooling)
-    # who may win a draw: healthy variants, else demoted ones, else (every variant
+    out = set(demoted) | set(cooling) | set(probing)
+    # who may win a draw: healthy variants, else demoted or half-open ones, else (every variant
     # cooling) the one whose cooldown ends first: it failed longest ago, and a variant
     # with a long good history that fails every call right now must not keep the traffic
     eligible = [n for n in arms if n not in out] or [n for n in arms if n not in cooling]
@@ -99,7 +100,10 @@ def decide(
         eligible = [name for name in arms if arms[name].cooldown_until <= first + 1e-9]
     wins, means = _thompson(posteriors, eligible, cfg.samples, rng, objective.weights())
     p_best = {name: wins[name] / cfg.samples for name in arms}
-    weights = _floor_mix(p_best, _floors(arms, cfg))
+    floors = _floors(arms, cfg)
+    for name in probing:  # half-open: probed at the full floor, so it proves itself soon
+        floors[name] = max(floors[name], cfg.min_weight)
+    weights = _floor_mix(p_best, floors)
     fallback = sorted(
         arms, key=lambda name: (name not in eligible, name in out, -means[name], name)
     )
@@ -119,7 +123,11 @@ def decide(
     ]
     if all_cooling:
         why.insert(0, f"every variant cooling: {', '.join(sorted(eligible))} wakes first")
-    parts = [*_cooling_notes(cooling, arms, now_s), *over, *changes, *why, *notes]
+    half = [
+        f"variant {name} half-open: {arms[name].half_open:.0f} more successes to win draws"
+        for name in probing
+    ]
+    parts = [*_cooling_notes(cooling, arms, now_s), *over, *half, *changes, *why, *notes]
     return Decision(
         weights, p_best, fallback, pools, demoted, "; ".join(parts), learned, cooling, wake
     )
@@ -138,20 +146,22 @@ def floor(arm: ArmStats, cfg: BanditConfig) -> float:
 
 
 def _floors(arms: Mapping[str, ArmStats], cfg: BanditConfig) -> dict[str, float]:
-    """Each variant's floor, scaled down for a slow variant by the fastest's mean latency
-    over its own (to a fifth at most): probes are paid in callers' time, not in requests."""
+    """Each variant's floor, scaled down for a slow variant by the square of the fastest's
+    mean latency over its own (to SLOW_FLOOR_SCALE at most): probes are paid in callers'
+    time, not in requests, so the caller-time a slow variant's probes take still falls
+    with its slowness (a variant 5x slower gets 1/25 of the floor, 1/5 of the time)."""
     means = {name: arm.mean_latency_ms for name, arm in arms.items() if arm.lat_n >= 1.0}
     fastest = min(means.values(), default=0.0)
     floors = {}
     for name, arm in arms.items():
         mean = means.get(name, 0.0)
         speed = fastest / mean if fastest > TINY and mean > TINY else 1.0
-        floors[name] = floor(arm, cfg) * min(max(speed, SLOW_FLOOR_SCALE), 1.0)
+        floors[name] = floor(arm, cfg) * min(max(speed * speed, SLOW_FLOOR_SCALE), 1.0)
     return floors
 
 
-SLOW_FLOOR_SCALE = 0.2
-"""A slow variant's floor is scaled by at most this: it never drops below min_floor / 5."""
+SLOW_FLOOR_SCALE = 0.04
+"""A slow variant's floor is scaled by at most this: it never drops below min_floor / 25."""
 
 
 def _cooling_notes(

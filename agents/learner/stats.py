@@ -119,6 +119,8 @@ class ArmStats:
     fails_in_row: float = 0.0
     cooldown_until: float = 0.0
     cooldown: str = ""  # why the variant cools down (until cooldown_until)
+    half_open: float = 0.0
+    """Successes still needed after a cooldown before the variant may win draws again."""
     change_at: float = 0.0
     change: str = ""  # the last change point: what moved, and from what to what
 
@@ -174,6 +176,8 @@ class ArmStats:
             if change[2] and change[1] == "reward" and not self.demoted:
                 self.demoted = f"change point: {self.change}"
         self.fails_in_row = 0.0 if ok else self.fails_in_row + 1.0
+        if ok and t >= self.cooldown_until:
+            self.half_open = max(self.half_open - 1.0, 0.0)
         if self.fails_in_row >= _surprising_run(base_error, cfg):
             self._cool(t, cfg, f"{self.fails_in_row:.0f} failures in a row")
 
@@ -181,9 +185,14 @@ class ArmStats:
         """Why the variant is cooling down at ``now_s``; "" when it is not."""
         return self.cooldown if now_s < self.cooldown_until else ""
 
+    def probing(self, now_s: float) -> bool:
+        """Half-open: the cooldown is over but too few calls since have succeeded."""
+        return self.half_open > 0 and now_s >= self.cooldown_until
+
     def _cool(self, t: float, cfg: BanditConfig, why: str) -> None:
         self.cooldown_until = max(self.cooldown_until, t + cfg.cooldown_s)
         self.cooldown = why
+        self.half_open = float(cfg.cooldown_failures)
 
     def _change_point(
         self, ok: float, reward: float, scored: bool, latency_ms: float | None, cfg: BanditConfig

@@ -163,8 +163,9 @@ def test_a_slow_variant_is_probed_less_than_a_fast_one_with_the_same_evidence() 
             stats.observe(obs, t, CFG)
     decision = decide(stats, {}, Objective(kind="quality"), CFG, random.Random(2), 1_030.0)
     print(f"\nfloors by speed: {decision.weights}")
-    # the same count and success rate, ten times slower: a fifth of the floor
-    assert decision.weights["slow"] == pytest.approx(decision.weights["fast"] / 5, abs=0.002)
+    # the same count and success rate, ten times slower: (1/10)^2, capped at a 25th of
+    # the floor, so its probes take 10/25 of the caller-time of the fast one's
+    assert decision.weights["slow"] == pytest.approx(decision.weights["fast"] / 25, abs=0.0005)
 
 
 def test_the_default_objective_is_answers_per_second_of_a_callers_time() -> None:
@@ -208,3 +209,29 @@ def test_when_every_variant_cools_the_one_that_wakes_first_takes_the_traffic() -
     assert decision.weights["steady"] <= CFG.min_weight < decision.weights["flaky"]
     assert decision.fallback == ["flaky", "steady"]
     assert "every variant cooling: flaky wakes first" in decision.reason
+
+
+def test_after_a_cooldown_a_variant_is_half_open_until_its_probes_succeed() -> None:
+    """The cooldown ending must not hand a still-broken variant its old share back on
+    its history (then fail a few more calls, cool again, and so on every 10 s)."""
+    stats = ProgramStats()
+    t = 1_000.0
+    for _ in range(300):
+        _observe(stats, "a", t, True)
+        _observe(stats, "b", t, True)
+        t += 0.05
+    names = {"a": "general", "b": "general"}
+    for _ in range(CFG.cooldown_failures):
+        _observe(stats, "a", t, False)
+        t += 0.05
+    t = stats.arms["a"].cooldown_until + 0.1  # the cooldown is over, nothing proven yet
+    half = decide(stats, names, LATENCY, CFG, random.Random(3), t)
+    print(f"\nhalf-open: {half.weights} ({half.reason})")
+    assert "variant a half-open: 3 more successes to win draws" in half.reason
+    assert CFG.min_weight * 0.9 <= half.weights["a"] <= CFG.min_weight * 1.1  # probed, not led
+    for _ in range(CFG.cooldown_failures):
+        _observe(stats, "a", t, True)
+        t += 0.05
+    back = decide(stats, names, LATENCY, CFG, random.Random(3), t)
+    print(f"after {CFG.cooldown_failures} good probes: {back.weights} ({back.reason})")
+    assert "half-open" not in back.reason and back.p_best["a"] > 0.05  # in the draws again
