@@ -21,31 +21,20 @@ A runner fenced between 1 and 3 sees a fatal producer error, waits a random
 moment (so two runners do not keep fencing each other) and starts again at 1
 with a fresh producer: by then the winner's version is committed and visible, so
 the loser takes the next number. The same id guards ``publish_program`` in the
-client, so a program put by hand and a job result cannot collide either.
+client, so a program put by hand and a job result cannot collide either: both run
+through :func:`dspex.streams.client.programs.fenced_by_program`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from dspex.agents.plumbing.messages import Outgoing
-from dspex.streams import kafka
-from dspex.streams.client.programs import latest_version, version_txn_id
-from dspex.streams.serde import make_serde
+from dspex.streams.client.programs import fenced_by_program
 from dspex.streams.settings import Settings
-from dspex.streams.topics import Topics
-
-logger = logging.getLogger(__name__)
-
-ATTEMPTS = 8
-BACKOFF_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,39 +69,15 @@ def commit_versioned(
     Raises ``KafkaException`` when every attempt was fenced or refused (the caller tries
     again at its next commit).
     """
-    serde = make_serde(settings)
-    topic = Topics(settings.topics).name("programs")
-    error = KafkaException("no attempt made")
-    for attempt in range(1, ATTEMPTS + 1):
-        producer = kafka.producer(
-            settings,
-            **{
-                "client.id": worker_id,
-                "transactional.id": version_txn_id(settings, versioned.program_id),
-                "transaction.timeout.ms": int(timeout_s * 1000),
-            },
-        )
-        try:
-            producer.init_transactions(timeout_s)  # fences any other holder of the id
-            built = versioned.build(latest_version(settings, serde, topic, versioned.program_id))
-            producer.begin_transaction()
-            for out in [*records, *built.records]:
-                producer.produce(out.topic, out.value, out.key)
-            producer.send_offsets_to_transaction(
-                offsets, consumer.consumer_group_metadata(), timeout_s
-            )
-            producer.commit_transaction(timeout_s)
-            return built
-        except KafkaException as exc:  # fenced by a racing completion on this program
-            error = exc
-            logger.info(
-                "version commit fenced program_id=%s attempt=%d worker_id=%s: %s",
-                versioned.program_id,
-                attempt,
-                worker_id,
-                exc,
-            )
-            with contextlib.suppress(KafkaException):
-                producer.abort_transaction(timeout_s)
-            time.sleep(random.uniform(0, BACKOFF_S * attempt))  # noqa: S311 - jitter
-    raise error
+
+    def attempt(producer: Producer, latest: int) -> Built:
+        built = versioned.build(latest)
+        for out in [*records, *built.records]:
+            producer.produce(out.topic, out.value, out.key)
+        producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), timeout_s)
+        return built
+
+    conf = {"client.id": worker_id, "transaction.timeout.ms": int(timeout_s * 1000)}
+    return fenced_by_program(
+        settings, versioned.program_id, attempt, timeout_s=timeout_s, producer_conf=conf
+    )

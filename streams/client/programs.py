@@ -20,23 +20,26 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
-from confluent_kafka import KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaException, Message, Producer, TopicPartition
 
 from dspex.schemas import records
 from dspex.schemas.times import now
 from dspex.streams import kafka
 from dspex.streams.errors import BrokerUnavailable
 from dspex.streams.reader import read_to_end
-from dspex.streams.serde import Serde
+from dspex.streams.serde import Serde, make_serde
 from dspex.streams.settings import Settings
+from dspex.streams.topics import Topics
 
 logger = logging.getLogger(__name__)
 
 VISIBLE_TIMEOUT_S = 10.0
-PUBLISH_ATTEMPTS = 8
+ATTEMPTS = 8
+BACKOFF_S = 0.5
+T = TypeVar("T")
 
 
 def program_version_record(
@@ -110,6 +113,49 @@ def version_txn_id(settings: Settings, program_id: str) -> str:
     return f"{settings.topics.prefix}programs-{program_id}"
 
 
+def fenced_by_program(
+    settings: Settings,
+    program_id: str,
+    attempt: Callable[[Producer, int], T],
+    *,
+    timeout_s: float = 30.0,
+    producer_conf: Mapping[str, Any] | None = None,
+    serde: Serde | None = None,
+) -> T:
+    """``attempt(producer, latest)`` inside a transaction fenced per program, committed.
+
+    The one implementation of the module doc's argument, for ``publish_program`` and the
+    job runners: a producer under :func:`version_txn_id` fences every other holder of
+    the id (``init_transactions`` also waits out their commits), the latest version is
+    read only then, ``attempt`` produces in the open transaction, and the commit makes
+    it visible. A fenced or refused attempt is aborted and made again, after a random
+    wait, with a fresh producer (``ATTEMPTS`` in all); the last ``KafkaException`` is
+    raised when none succeeded.
+    """
+    serde = serde or make_serde(settings)
+    topic = Topics(settings.topics).name("programs")
+    error = KafkaException("no attempt made")
+    conf = {"transactional.id": version_txn_id(settings, program_id), **(producer_conf or {})}
+    for number in range(1, ATTEMPTS + 1):
+        producer = kafka.producer(settings, **conf)
+        try:
+            producer.init_transactions(timeout_s)
+            latest = latest_version(settings, serde, topic, program_id)
+            producer.begin_transaction()
+            result = attempt(producer, latest)
+            producer.commit_transaction(timeout_s)  # flushes: delivery reports are served
+            return result
+        except KafkaException as exc:  # fenced by a racing publisher: re-read and renumber
+            error = exc
+            logger.info(
+                "version publish fenced program_id=%s attempt=%d: %s", program_id, number, exc
+            )
+            with contextlib.suppress(KafkaException):  # a fenced producer cannot abort: fine
+                producer.abort_transaction(timeout_s)
+            time.sleep(random.uniform(0, BACKOFF_S * number))  # noqa: S311 - jitter
+    raise error
+
+
 def publish_next_version(
     settings: Settings,
     serde: Serde,
@@ -117,19 +163,31 @@ def publish_next_version(
     program_id: str,
     build: Callable[[int], dict[str, Any]],
 ) -> int:
-    """Publish ``build(latest)`` as ``program_id``'s next version, fenced (see the module doc)."""
-    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-        try:
-            version, where = _publish_fenced(settings, serde, topic, program_id, build)
-        except KafkaException as exc:  # fenced by a racing publisher: re-read and renumber
-            logger.info(
-                "version publish fenced program_id=%s attempt=%d: %s", program_id, attempt, exc
-            )
-            time.sleep(random.uniform(0, 0.5 * attempt))  # noqa: S311 - jitter, not security
-            continue
-        _until_visible(settings, where, program_id, version)
-        return version
-    raise BrokerUnavailable(f"topic={topic} program_id={program_id}: no version published")
+    """Publish ``build(latest)`` as ``program_id``'s next version, fenced (see the module doc),
+    and return once routers can see it."""
+    delivered: list[Message] = []
+
+    def attempt(producer: Producer, latest: int) -> int:
+        delivered.clear()
+        record = build(latest)
+        producer.produce(
+            topic,
+            serde.encode("ProgramVersion", record, topic=topic),
+            program_id.encode(),
+            on_delivery=lambda _error, message: delivered.append(message),
+        )
+        return int(record["version"])
+
+    try:
+        version = fenced_by_program(settings, program_id, attempt, serde=serde)
+    except KafkaException as exc:
+        raise BrokerUnavailable(
+            f"topic={topic} program_id={program_id}: no version published: {exc}"
+        ) from exc
+    (message,) = delivered
+    where = TopicPartition(topic, message.partition() or 0, message.offset() or 0)
+    _until_visible(settings, where, program_id, version)
+    return version
 
 
 def _until_visible(
@@ -165,36 +223,3 @@ def _until_visible(
             time.sleep(0.02)
     finally:
         consumer.close()
-
-
-def _publish_fenced(
-    settings: Settings,
-    serde: Serde,
-    topic: str,
-    program_id: str,
-    build: Callable[[int], dict[str, Any]],
-) -> tuple[int, TopicPartition]:
-    """Publish the next version in a transaction fenced per program: (version, where)."""
-    producer = kafka.producer(
-        settings, **{"transactional.id": version_txn_id(settings, program_id)}
-    )
-    producer.init_transactions(30.0)  # fences the id's other holders; waits out their commits
-    record = build(latest_version(settings, serde, topic, program_id))
-    producer.begin_transaction()
-    delivered: list[Message] = []
-    producer.produce(
-        topic,
-        serde.encode("ProgramVersion", record, topic=topic),
-        program_id.encode(),
-        on_delivery=lambda _error, message: delivered.append(message),
-    )
-    try:
-        producer.commit_transaction(30.0)  # flushes: the delivery report has been served
-    except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        if not getattr(error, "fatal", lambda: True)():
-            producer.abort_transaction(30.0)
-        raise
-    (message,) = delivered
-    where = TopicPartition(topic, message.partition() or 0, message.offset() or 0)
-    return int(record["version"]), where
