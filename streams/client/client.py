@@ -125,7 +125,7 @@ class Client:
     def pipelines(self) -> Pipelines:
         """Pipeline versions on the pipelines topic: ``put`` (validated), ``list``, ``get``."""
         client = self._client
-        return Pipelines(client._settings, client._require_serde(), self._produce)
+        return Pipelines(client._settings, client._require_serde())
 
     def submit(
         self, program: Target, inputs: Mapping[str, Any], **options: Unpack[RequestOptions]
@@ -258,14 +258,6 @@ class Client:
         finally:
             if not self._loop.is_closed():
                 self._call(chunks.aclose())
-
-    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
-        """Produce one message with the client's producer; return once the broker has it."""
-
-        async def send() -> None:
-            await (await self._client._send(topic, key, value, []))
-
-        self._call(send())
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():

@@ -2,7 +2,9 @@
 
 The pipelines topic is compacted and keyed by pipeline id, like programs: the
 latest version is found by reading every partition to its current end, and a
-``put`` takes the latest + 1. Before anything is produced the pipeline is checked
+``put`` takes the latest + 1 inside a transaction fenced per pipeline
+(:mod:`dspex.streams.client.fenced`: two puts at once never take the same number),
+then returns once readers can see it. Before anything is produced the pipeline is checked
 against the programs registered on the programs topic, with the rules the
 pipeline agent applies (:mod:`dspex.streams.pipelines.validate`): an invalid one
 raises :class:`~dspex.streams.pipelines.problems.InvalidPipeline` and nothing is sent.
@@ -13,12 +15,17 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException, Producer
+
+from dspex.schemas.records import Record
+from dspex.streams.client.fenced import Delivered, fenced_publish, until_visible
 from dspex.streams.client.programs import read_versions
 from dspex.streams.client.variables import default_author
+from dspex.streams.errors import BrokerUnavailable
 from dspex.streams.pipelines import files
 from dspex.streams.pipelines.problems import InvalidPipeline, Problem
 from dspex.streams.pipelines.spec import Pipeline, PublishedPipeline
@@ -33,17 +40,14 @@ __all__ = ["Pipelines", "program_resolver", "read_pipelines"]
 logger = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 10.0
-Produce = Callable[[str, bytes, bytes], None]
-"""Produce one message (topic, key, value) and return once the broker has it."""
 
 
 class Pipelines:
     """Pipeline versions on the compacted pipelines topic (``client.pipelines``)."""
 
-    def __init__(self, settings: Settings, serde: Serde, produce: Produce) -> None:
+    def __init__(self, settings: Settings, serde: Serde) -> None:
         self._settings = settings
         self._serde = serde
-        self._produce = produce
         self._topic = Topics(settings.topics).name("pipelines")
 
     def put(
@@ -63,11 +67,30 @@ class Pipelines:
         pipeline = _pipeline_of(source, pipeline_id, description)
         resolver = program_resolver(self._settings, self._serde)
         check(pipeline, resolver)
-        latest = max((p.version for p in self.versions(pipeline.pipeline_id)), default=0)
-        record = pipeline.to_record(version=latest + 1, created_by=created_by or default_author())
-        value = self._serde.encode("PipelineVersion", record, topic=self._topic)
-        self._produce(self._topic, pipeline.pipeline_id.encode("utf-8"), value)
-        logger.info("published pipeline_id=%s version=%s", pipeline.pipeline_id, latest + 1)
+        author = created_by or default_author()
+        delivered = Delivered()
+
+        def attempt(producer: Producer, latest: int) -> Record:
+            delivered.clear()
+            record = pipeline.to_record(version=latest + 1, created_by=author)
+            value = self._serde.encode("PipelineVersion", record, topic=self._topic)
+            key = pipeline.pipeline_id.encode("utf-8")
+            producer.produce(self._topic, value, key, on_delivery=delivered)
+            return record
+
+        def latest() -> int:
+            return max((p.version for p in self.versions(pipeline.pipeline_id)), default=0)
+
+        txn_id = pipeline_txn_id(self._settings, pipeline.pipeline_id)
+        try:
+            record = fenced_publish(self._settings, txn_id, latest, attempt)
+        except KafkaException as exc:
+            raise BrokerUnavailable(
+                f"topic={self._topic} pipeline_id={pipeline.pipeline_id}: not published: {exc}"
+            ) from exc
+        what = f"pipeline_id={pipeline.pipeline_id} version={record['version']}"
+        until_visible(self._settings, delivered.where(), what)
+        logger.info("published %s", what)
         return PublishedPipeline.from_record(record)
 
     def list(self) -> builtins.list[PublishedPipeline]:
@@ -87,6 +110,11 @@ class Pipelines:
         """Every version of ``pipeline_id`` still on the topic, oldest first."""
         found = read_pipelines(self._settings, self._serde, self._topic, pipeline_id=pipeline_id)
         return found.get(pipeline_id, [])
+
+
+def pipeline_txn_id(settings: Settings, pipeline_id: str) -> str:
+    """The ``transactional.id`` every publisher of ``pipeline_id``'s versions uses."""
+    return f"{settings.topics.prefix}pipelines-{pipeline_id}"
 
 
 def _pipeline_of(

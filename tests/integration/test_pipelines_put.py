@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,15 @@ def _dspex(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return run_dspex(cli_env(settings, COLUMNS="100"), *args)
 
 
+def _triage(pipeline_id: str) -> Pipeline:
+    """One registered stage (``classify``): the smallest valid pipeline."""
+    return (
+        Pipeline(pipeline_id, inputs="question")
+        .stage("classify", program="classify", inputs={"question": "$input.question"})
+        .output(label="$stage.classify.label")
+    )
+
+
 @pytest.fixture
 def registered(settings: Settings, create_topics: Callable[[], list[TopicReport]]) -> Settings:
     create_topics()
@@ -144,11 +155,7 @@ def test_put_numbers_versions_and_list_and_get_show_them(
 def test_client_pipelines_put_validates_then_publishes_the_next_version(
     registered: Settings,
 ) -> None:
-    pipeline = (
-        Pipeline("triage", inputs="question")
-        .stage("classify", program="classify", inputs={"question": "$input.question"})
-        .output(label="$stage.classify.label")
-    )
+    pipeline = _triage("triage")
     with Client(registered) as client:
         assert client.pipelines.put(pipeline).version == 1
         with pytest.raises(InvalidPipeline) as refused:
@@ -166,3 +173,30 @@ def test_client_pipelines_put_validates_then_publishes_the_next_version(
         assert [p.pipeline.pipeline_id for p in client.pipelines.list()] == ["triage"]
     loaded = yaml.safe_load(files.dumps(published.pipeline))
     assert loaded["description"] == "again"
+
+
+def test_puts_racing_on_one_pipeline_publish_distinct_versions(registered: Settings) -> None:
+    """Four clients put the same pipeline at once: four distinct version numbers, all on the
+    topic (a put is fenced per pipeline like a program's; before, each read the latest
+    and two could publish the same number, one replacing the other after compaction)."""
+    pipeline = _triage("raced")
+    with Client(registered) as client:
+        assert client.pipelines.put(pipeline).version == 1
+    start = threading.Barrier(4)
+
+    def put(who: str) -> int:
+        with Client(registered) as client:
+            start.wait(30)
+            return client.pipelines.put(pipeline, created_by=who).version
+
+    with ThreadPoolExecutor(4) as pool:
+        published = dict(zip("abcd", pool.map(put, "abcd"), strict=True))
+    found = read_pipelines(
+        registered, make_serde(registered), Topics(registered.topics).name("pipelines"),
+        pipeline_id="raced",
+    )["raced"]  # fmt: skip
+    print(f"\nracing puts: {published}; on the topic {[(p.version, p.created_by) for p in found]}")
+    assert sorted(published.values()) == [2, 3, 4, 5]
+    assert sorted((p.version, p.created_by) for p in found)[1:] == sorted(
+        (v, who) for who, v in published.items()
+    )
