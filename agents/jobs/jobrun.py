@@ -38,7 +38,12 @@ from dspex.agents.jobs.optimize import (
     PipelineEvaluator,
     Progress,
 )
-from dspex.agents.jobs.pipeline_opt import PipelineJob, encode_records, is_pipeline_job
+from dspex.agents.jobs.pipeline_opt import (
+    PipelineJob,
+    PipelineResult,
+    encode_records,
+    is_pipeline_job,
+)
 from dspex.agents.jobs.versions import Built, Versioned
 from dspex.agents.plumbing.messages import Consumed, ErrorInfo, Outgoing
 from dspex.agents.plumbing.publisher import Producer
@@ -225,11 +230,27 @@ class JobExecution:
         )
         done = await job.run()
         self._check_cancel()
-        outputs = done.outputs(spec)
-        final = jr.final_response(self._head_or_job(), self._seq(), "ok", outputs=outputs)
-        published = encode_records(self._serde, done.records)
-        records = [*published, *self._final(final, done.score_after, True)]
-        return JobOutcome("completed", records, done.summary(spec))
+        head, seq = self._head_or_job(), self._seq()
+
+        def built(result: PipelineResult) -> Built:
+            outputs = result.outputs(spec)
+            final = jr.final_response(head, seq, "ok", outputs=outputs)
+            published = encode_records(self._serde, result.records)
+            records = [*published, *self._final(final, result.score_after, True)]
+            return Built(records, result.pipeline_version or 0, result.summary(spec))
+
+        republish = done.republish
+        if republish is None:  # nothing improved: nothing to number
+            nothing = built(done)
+            return JobOutcome("completed", nothing.records, nothing.summary)
+        # the pipeline version is numbered when the result is committed, inside a
+        # transaction fenced per pipeline (versions.py): a racing put or job takes the next
+        return JobOutcome(
+            "completed",
+            versioned=Versioned(
+                spec.program_id, lambda latest: built(republish(latest)), job.pipeline_id
+            ),
+        )
 
     # -- the steps ------------------------------------------------------------------------
 

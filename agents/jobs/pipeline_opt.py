@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
@@ -49,6 +49,7 @@ from dspex.agents.runtime.programs import ProgramSpec
 from dspex.agents.runtime.scoring import Metric
 from dspex.agents.runtime.signatures import parse_signature
 from dspex.schemas.records import Record
+from dspex.streams.client.pipelines import latest_pipeline_version
 from dspex.streams.client.programs import program_version_record, read_versions
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.optimizers import pipeline_target
@@ -81,6 +82,10 @@ class PipelineResult:
     programs: dict[str, int]
     """Program id -> the version the new pipeline version pins."""
     pipeline_version: int | None
+    republish: Callable[[int], PipelineResult] | None = field(default=None, compare=False)
+    """On improvement: the same result numbered after the pipeline's latest version then,
+    with the stage programs' versions read again (the job runner calls it inside the
+    transaction fenced per pipeline)."""
 
     @property
     def improved(self) -> bool:
@@ -147,9 +152,16 @@ class PipelineJob:
         if after <= before:
             return PipelineResult(before, after, [], {}, None)
         scores = (before, after)
-        return await asyncio.to_thread(
-            self._publish, record, programs, (base, compiled), scores, versions
+
+        def republish(latest: int) -> PipelineResult:
+            current = self._program_versions()
+            result = self._publish(record, programs, (base, compiled), scores, current, latest)
+            return dataclasses.replace(result, republish=republish)
+
+        latest = await asyncio.to_thread(
+            latest_pipeline_version, self._settings, self._serde, self.pipeline_id
         )
+        return await asyncio.to_thread(republish, latest)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -245,8 +257,10 @@ class PipelineJob:
         modules: tuple[PipelineModule, PipelineModule],
         scores: tuple[float, float],
         versions: Mapping[str, list[Record]],
+        latest: int,
     ) -> PipelineResult:
-        """Next versions of the changed stage programs and a pipeline version pinning them."""
+        """Next versions of the changed stage programs and a pipeline version pinning them
+        (``latest``: the pipeline's latest version)."""
         spec, job_id = self._spec, self._spec.job_id
         (base, compiled), (before, after) = modules, scores
         what = f"{spec.optimizer} pipeline job {job_id} ({self.pipeline_id}): {spec.metric_name}"
@@ -260,9 +274,9 @@ class PipelineJob:
             if state == export_state(base.stage_module(stage)):  # nothing learnt for it
                 pins[program_id] = int(program.version or 0)
                 continue
-            latest = max((int(r["version"]) for r in versions.get(program_id, [])), default=0)
-            pins[program_id] = latest + 1
-            new = _version(program, state, latest + 1, spec, after, description)
+            newest = max((int(r["version"]) for r in versions.get(program_id, [])), default=0)
+            pins[program_id] = newest + 1
+            new = _version(program, state, newest + 1, spec, after, description)
             out.append((programs_topic, program_id, "ProgramVersion", new))
         pipeline = Pipeline.from_record(record)
         stages = tuple(
@@ -270,17 +284,10 @@ class PipelineJob:
             for s in pipeline.stages
         )
         pipelines_topic = self._topics.name("pipelines")
-        latest = self._latest_pipeline_version(pipelines_topic)
         pinned = dataclasses.replace(pipeline, stages=stages, description=description)
         new = pinned.to_record(version=latest + 1, created_by=job_id)
         out.append((pipelines_topic, self.pipeline_id, "PipelineVersion", new))
         return PipelineResult(before, after, out, pins, latest + 1)
-
-    def _latest_pipeline_version(self, topic: str) -> int:
-        found = read_to_end(
-            self._settings, self._serde, topic, "PipelineVersion", key=self.pipeline_id
-        )
-        return max((int(r["version"]) for _, r in found if r is not None), default=0)
 
 
 def encode_records(serde: Serde, records: Sequence[tuple[str, str, str, Record]]) -> list[Outgoing]:

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from dspex.agents.plumbing.messages import Outgoing
+from dspex.streams.client.fenced import fenced_publish
+from dspex.streams.client.pipelines import latest_pipeline_version, pipeline_txn_id
 from dspex.streams.client.programs import fenced_by_program
+from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 
 
@@ -52,6 +55,8 @@ class Versioned:
 
     program_id: str
     build: Callable[[int], Built]
+    pipeline_id: str | None = None
+    """A pipeline job's: fenced per pipeline, and ``build`` gets the pipeline's latest version."""
 
 
 def commit_versioned(
@@ -78,6 +83,17 @@ def commit_versioned(
         return built
 
     conf = {"client.id": worker_id, "transaction.timeout.ms": int(timeout_s * 1000)}
-    return fenced_by_program(
-        settings, versioned.program_id, attempt, timeout_s=timeout_s, producer_conf=conf
+    pipeline_id = versioned.pipeline_id
+    if pipeline_id is None:
+        return fenced_by_program(
+            settings, versioned.program_id, attempt, timeout_s=timeout_s, producer_conf=conf
+        )
+    serde = make_serde(settings)
+    return fenced_publish(
+        settings,
+        pipeline_txn_id(settings, pipeline_id),
+        lambda: latest_pipeline_version(settings, serde, pipeline_id),
+        attempt,
+        timeout_s=timeout_s,
+        producer_conf=conf,
     )

@@ -79,7 +79,7 @@ class Pipelines:
             return record
 
         def latest() -> int:
-            return max((p.version for p in self.versions(pipeline.pipeline_id)), default=0)
+            return latest_pipeline_version(self._settings, self._serde, pipeline.pipeline_id)
 
         txn_id = pipeline_txn_id(self._settings, pipeline.pipeline_id)
         try:
@@ -110,6 +110,13 @@ class Pipelines:
         """Every version of ``pipeline_id`` still on the topic, oldest first."""
         found = read_pipelines(self._settings, self._serde, self._topic, pipeline_id=pipeline_id)
         return found.get(pipeline_id, [])
+
+
+def latest_pipeline_version(settings: Settings, serde: Serde, pipeline_id: str) -> int:
+    """The highest version of ``pipeline_id`` on the pipelines topic; 0 when there is none."""
+    topic = Topics(settings.topics).name("pipelines")
+    found = read_pipelines(settings, serde, topic, pipeline_id=pipeline_id)
+    return max((p.version for p in found.get(pipeline_id, [])), default=0)
 
 
 def pipeline_txn_id(settings: Settings, pipeline_id: str) -> str:

@@ -20,12 +20,15 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from dspex.agents.jobs.versions import Built, Versioned, commit_versioned
 from dspex.agents.plumbing.messages import Consumed, Outgoing
 from dspex.streams import kafka
+from dspex.streams.client.client import Client
+from dspex.streams.client.pipelines import read_pipelines
 from dspex.streams.client.programs import (
     program_version_record,
     publish_next_version,
     read_versions,
 )
 from dspex.streams.ops.admin import TopicReport
+from dspex.streams.pipelines.spec import Pipeline
 from dspex.streams.serde import make_serde
 from dspex.streams.settings import Settings
 from dspex.streams.topics import Topics
@@ -104,16 +107,9 @@ def test_two_job_completions_racing_on_one_program_publish_distinct_versions(
     create_topics()
     _publish_first(settings)
     topics = Topics(settings.topics)
-    producer = kafka.producer(settings)
-    for job in ("job-a", "job-b"):
-        producer.produce(topics.name("jobs"), b"job", job.encode(), partition=0)
-    assert producer.flush(10) == 0
     serde = make_serde(settings)
     racing = RacingBuilds()
-    runners: dict[str, tuple[Consumer, Consumed]] = {}
-    for n, job in enumerate(("job-a", "job-b")):  # one runner (and group) per job
-        consumer = kafka.consumer(settings, f"{settings.topics.prefix}jobs-{job}")
-        runners[job] = (consumer, Consumed.from_message(_nth_message(consumer, topics, n)))
+    runners = _two_job_runners(settings, topics)
 
     def complete(job: str) -> Built | None:
         consumer, origin = runners[job]
@@ -175,6 +171,19 @@ def test_two_programs_puts_racing_on_one_program_publish_distinct_versions(
     assert versions == {1: "seed", **{v: who for who, v in published.items()}}
 
 
+def _two_job_runners(settings: Settings, topics: Topics) -> dict[str, tuple[Consumer, Consumed]]:
+    """Two jobs on the jobs topic, each taken by a runner (a consumer group) of its own."""
+    producer = kafka.producer(settings)
+    for job in ("job-a", "job-b"):
+        producer.produce(topics.name("jobs"), b"job", job.encode(), partition=0)
+    assert producer.flush(10) == 0
+    runners: dict[str, tuple[Consumer, Consumed]] = {}
+    for n, job in enumerate(("job-a", "job-b")):
+        consumer = kafka.consumer(settings, f"{settings.topics.prefix}jobs-{job}")
+        runners[job] = (consumer, Consumed.from_message(_nth_message(consumer, topics, n)))
+    return runners
+
+
 def _creator(built: dict[str, Built | None], version: int) -> str:
     (who,) = [job for job, b in built.items() if b is not None and b.version == version]
     return who
@@ -191,3 +200,56 @@ def _nth_message(consumer: Consumer, topics: Topics, n: int, timeout_s: float = 
                 return message
             seen += 1
     raise AssertionError(f"no message {n} from jobs within {timeout_s}s")
+
+
+def test_two_pipeline_job_completions_racing_on_one_pipeline_publish_distinct_versions(
+    settings: Settings, create_topics: Callable[[], list[TopicReport]]
+) -> None:
+    """The same race for a pipeline job: its PipelineVersion is numbered inside a
+    transaction fenced per pipeline (the one a ``pipelines put`` takes too)."""
+    create_topics()
+    pipeline = (
+        Pipeline("raced", inputs="question")
+        .stage("answer", signature="question -> answer", inputs={"question": "$input.question"})
+        .output(answer="$stage.answer.answer")
+    )
+    with Client(settings) as client:
+        assert client.pipelines.put(pipeline, created_by="seed").version == 1
+    topics = Topics(settings.topics)
+    serde = make_serde(settings)
+    barrier, seen = threading.Barrier(2, timeout=120), {}
+    runners = _two_job_runners(settings, topics)
+
+    def complete(job: str) -> Built:
+        consumer, origin = runners[job]
+
+        def build(latest: int) -> Built:
+            if job not in seen:
+                seen[job] = latest
+                barrier.wait()  # both have read the latest version now
+            topic = topics.name("pipelines")
+            record = pipeline.to_record(version=latest + 1, created_by=job)
+            value = serde.encode("PipelineVersion", record, topic=topic)
+            return Built([Outgoing(topic, b"raced", value)], latest + 1, job)
+
+        return commit_versioned(
+            settings,
+            consumer,
+            Versioned("pipeline:raced", build, pipeline_id="raced"),
+            [],
+            [TopicPartition(origin.topic, origin.partition, origin.offset + 1)],
+            worker_id=job,
+            timeout_s=settings.jobs.transaction_timeout_s,
+        )
+
+    try:
+        built = _race({job: functools.partial(complete, job) for job in runners})
+    finally:
+        for consumer, _ in runners.values():
+            consumer.close()
+    found = read_pipelines(settings, serde, topics.name("pipelines"), pipeline_id="raced")
+    versions = {p.version: p.created_by for p in found["raced"]}
+    print(f"\nracing pipeline jobs: first latest seen {seen}, published {versions}")
+    assert seen == {"job-a": 1, "job-b": 1}  # the race really happened
+    assert sorted(b.version for b in built.values()) == [2, 3]
+    assert versions == {1: "seed", **{b.version: job for job, b in built.items()}}
