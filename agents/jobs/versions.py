@@ -1,28 +1,14 @@
-"""Picking a program's next version number safely when several job runners finish at once.
+"""A job's result as the next version of its program (or pipeline), numbered safely.
 
-Two optimizer jobs on one program, finishing on two runners, used to read the
-latest version (N) and both publish N + 1. Kafka has no compare-and-set, so the
-number is picked *inside* a transaction whose ``transactional.id`` belongs to the
-program (:func:`dspex.streams.client.programs.version_txn_id`), not to the runner:
-
-1. ``init_transactions`` with that id bumps its producer epoch: any other process
-   holding the same id (another runner completing a job on this program) is
-   fenced — its open transaction is aborted and its commit fails. The call returns
-   only once an earlier transaction of that id is fully committed or aborted, so
-   its markers are on the programs partition.
-2. Re-read the programs topic (read-committed) for the program's latest version,
-   and build the job's records with latest + 1.
-3. Produce them and the job's consumer offset in that transaction (the offset
-   commit is still fenced by the consumer group, KIP-447) and commit. The job
-   runner's committer (:class:`~dspex.agents.jobs.txn.Completion`) calls
-   :func:`commit_versioned` for a staged job whose result is a new version.
-
-A runner fenced between 1 and 3 sees a fatal producer error, waits a random
-moment (so two runners do not keep fencing each other) and starts again at 1
-with a fresh producer: by then the winner's version is committed and visible, so
-the loser takes the next number. The same id guards ``publish_program`` in the
-client, so a program put by hand and a job result cannot collide either: both run
-through :func:`dspex.streams.client.programs.fenced_by_program`.
+Two optimizer jobs on one program, finishing on two runners, used to read the latest
+version (N) and both publish N + 1. :func:`commit_versioned` numbers the result inside
+a transaction fenced per program — per pipeline for a pipeline job — together with the
+job's records and its consumer offset (still fenced by the consumer group, KIP-447):
+:mod:`dspex.streams.client.fenced` has the argument, and ``publish_program`` and
+``pipelines put`` take the same fences, so a version put by hand and a job result
+cannot collide either. The job runner's committer
+(:class:`~dspex.agents.jobs.txn.Completion`) calls it for a staged job whose result
+is a new version.
 """
 
 from __future__ import annotations
