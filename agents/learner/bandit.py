@@ -90,14 +90,18 @@ def decide(
         return Decision(even, even, sorted(arms), pools, {}, reason, learned, cooling, wake)
     posteriors = _posteriors(arms, objective, cfg)
     out = set(demoted) | set(cooling) | set(probing)
-    # who may win a draw: healthy variants, else demoted or half-open ones, else (every variant
-    # cooling) the one whose cooldown ends first: it failed longest ago, and a variant
-    # with a long good history that fails every call right now must not keep the traffic
+    # who may win a draw: healthy variants, else demoted or half-open ones, else (every
+    # variant cooling) the one failing the fewest calls in a row right now, then the one
+    # whose cooldown ends first: a variant with a long good history that fails every call
+    # now must not keep the traffic on that history (an open breaker skips calls: it
+    # extends a cooldown but adds no failure in a row)
     eligible = [n for n in arms if n not in out] or [n for n in arms if n not in cooling]
     all_cooling = not eligible
     if all_cooling:
-        first = min(arms[name].cooldown_until for name in arms)
-        eligible = [name for name in arms if arms[name].cooldown_until <= first + 1e-9]
+        fewest = min(arm.fails_in_row for arm in arms.values())
+        least = [name for name, arm in arms.items() if arm.fails_in_row <= fewest]
+        first = min(arms[name].cooldown_until for name in least)
+        eligible = [name for name in least if arms[name].cooldown_until <= first + 1e-9]
     wins, means = _thompson(posteriors, eligible, cfg.samples, rng, objective.weights())
     p_best = {name: wins[name] / cfg.samples for name in arms}
     floors = _floors(arms, cfg)
@@ -122,7 +126,7 @@ def decide(
         f"variant {name} cooldown over" for name in sorted(set(previously_cooling) - set(cooling))
     ]
     if all_cooling:
-        why.insert(0, f"every variant cooling: {', '.join(sorted(eligible))} wakes first")
+        why.insert(0, f"every variant cooling: {', '.join(sorted(eligible))} fails least now")
     half = [
         f"variant {name} half-open: {arms[name].half_open:.0f} more successes to win draws"
         for name in probing

@@ -188,9 +188,11 @@ def test_a_cooling_variant_never_wins_even_when_every_other_is_demoted() -> None
     assert decision.weights["cool"] < 0.05 < decision.weights["slow"]
 
 
-def test_when_every_variant_cools_the_one_that_wakes_first_takes_the_traffic() -> None:
+def test_when_every_variant_cools_the_one_failing_least_now_takes_the_traffic() -> None:
     # the CI run that found this: flaky's breaker had opened, then steady (a long good
-    # history) failed 3 in a row; both cooling, steady's history kept 0.96 of the traffic
+    # history) failed 3 in a row; both cooling, steady's history kept 0.96 of the traffic.
+    # Not "the cooldown that ends first": requests that skip flaky's open breaker and fail
+    # on steady extend both cooldowns at the same moments (a second CI run had a tie)
     stats = ProgramStats()
     t = 1_000.0
     for i in range(150):
@@ -208,7 +210,11 @@ def test_when_every_variant_cools_the_one_that_wakes_first_takes_the_traffic() -
     assert set(decision.cooling) == {"steady", "flaky"}
     assert decision.weights["steady"] <= CFG.min_weight < decision.weights["flaky"]
     assert decision.fallback == ["flaky", "steady"]
-    assert "every variant cooling: flaky wakes first" in decision.reason
+    assert "every variant cooling: flaky fails least now" in decision.reason
+    _observe(stats, "flaky", t, False, error_class="CircuitOpen")  # flaky's cooldown: later
+    again = decide(stats, names, LATENCY, CFG, random.Random(2), t)
+    assert stats.arms["flaky"].cooldown_until > stats.arms["steady"].cooldown_until
+    assert again.weights["steady"] <= CFG.min_weight < again.weights["flaky"]
 
 
 def test_after_a_cooldown_a_variant_is_half_open_until_its_probes_succeed() -> None:
