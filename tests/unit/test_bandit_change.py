@@ -7,6 +7,7 @@ ageing, demotion only after the fast window filled).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -22,6 +23,17 @@ def _observe(stats: ProgramStats, variant: str, t: float, ok: bool, **extra: obj
     obs = Observation.of(variant, "general", t, ok, 200.0, **extra)
     assert obs is not None
     stats.observe(obs, t, CFG)
+
+
+def _history(steps: int, dt: float, **good: Callable[[int], bool]) -> tuple[ProgramStats, float]:
+    """``steps`` rounds ``dt`` apart from t = 1000, one outcome per variant each (``good(i)``
+    says whether round ``i`` succeeded); the statistics and the time after the last."""
+    stats, t = ProgramStats(), 1_000.0
+    for i in range(steps):
+        for name, ok in good.items():
+            _observe(stats, name, t, ok(i))
+        t += dt
+    return stats, t
 
 
 def test_exploration_shrinks_as_evidence_becomes_certain() -> None:
@@ -73,12 +85,7 @@ def test_a_rarely_chosen_variant_that_improves_is_found_within_a_bounded_number_
 
 
 def test_failures_in_a_row_cool_a_variant_down_at_once_and_the_cooldown_ends() -> None:
-    stats = ProgramStats()
-    t = 1_000.0
-    for i in range(200):
-        _observe(stats, "a", t, True)
-        _observe(stats, "b", t, i % 5 != 0)
-        t += 0.1
+    stats, t = _history(200, 0.1, a=lambda _: True, b=lambda i: i % 5 != 0)
     names = {"a": "general", "b": "general"}
     before = decide(stats, names, LATENCY, CFG, random.Random(1), t)
     assert before.weights["a"] > 0.9
@@ -193,12 +200,7 @@ def test_when_every_variant_cools_the_one_failing_least_now_takes_the_traffic() 
     # history) failed 3 in a row; both cooling, steady's history kept 0.96 of the traffic.
     # Not "the cooldown that ends first": requests that skip flaky's open breaker and fail
     # on steady extend both cooldowns at the same moments (a second CI run had a tie)
-    stats = ProgramStats()
-    t = 1_000.0
-    for i in range(150):
-        _observe(stats, "steady", t, True)
-        _observe(stats, "flaky", t, i % 3 != 0)
-        t += 0.05
+    stats, t = _history(150, 0.05, steady=lambda _: True, flaky=lambda i: i % 3 != 0)
     _observe(stats, "flaky", t, False, error_class="CircuitOpen")
     t += 2.0
     for _ in range(CFG.cooldown_failures):
@@ -220,12 +222,7 @@ def test_when_every_variant_cools_the_one_failing_least_now_takes_the_traffic() 
 def test_after_a_cooldown_a_variant_is_half_open_until_its_probes_succeed() -> None:
     """The cooldown ending must not hand a still-broken variant its old share back on
     its history (then fail a few more calls, cool again, and so on every 10 s)."""
-    stats = ProgramStats()
-    t = 1_000.0
-    for _ in range(300):
-        _observe(stats, "a", t, True)
-        _observe(stats, "b", t, True)
-        t += 0.05
+    stats, t = _history(300, 0.05, a=lambda _: True, b=lambda _: True)
     names = {"a": "general", "b": "general"}
     for _ in range(CFG.cooldown_failures):
         _observe(stats, "a", t, False)
