@@ -49,7 +49,6 @@ from dspex.agents.runtime.programs import ProgramSpec
 from dspex.agents.runtime.scoring import Metric
 from dspex.agents.runtime.signatures import parse_signature
 from dspex.schemas.records import Record
-from dspex.streams.client.pipelines import latest_pipeline_version
 from dspex.streams.client.programs import program_version_record, read_versions
 from dspex.streams.errors import InvalidRequest
 from dspex.streams.optimizers import pipeline_target
@@ -73,7 +72,8 @@ def is_pipeline_job(spec: JobSpec) -> bool:
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """What a pipeline job found and the records that publish it (empty without improvement)."""
+    """What a pipeline job found and the records that publish it (empty until numbered by
+    :attr:`republish`, and without improvement)."""
 
     score_before: float
     score_after: float
@@ -83,8 +83,8 @@ class PipelineResult:
     """Program id -> the version the new pipeline version pins."""
     pipeline_version: int | None
     republish: Callable[[int], PipelineResult] | None = field(default=None, compare=False)
-    """On improvement: the same result numbered after the pipeline's latest version then,
-    with the stage programs' versions read again (the job runner calls it inside the
+    """On improvement: the result numbered after the pipeline's latest version ``latest``,
+    with the stage programs' versions read then (the job runner calls it inside the
     transaction fenced per pipeline)."""
 
     @property
@@ -158,10 +158,8 @@ class PipelineJob:
             result = self._publish(record, programs, (base, compiled), scores, current, latest)
             return dataclasses.replace(result, republish=republish)
 
-        latest = await asyncio.to_thread(
-            latest_pipeline_version, self._settings, self._serde, self.pipeline_id
-        )
-        return await asyncio.to_thread(republish, latest)
+        # numbered only when committed, inside the pipeline's fence (the job runner)
+        return PipelineResult(before, after, [], {}, None, republish=republish)
 
     # -- reading ------------------------------------------------------------------------
 
